@@ -1,0 +1,90 @@
+"""The task contract between the operator (producer) and the workers (consumers). Torch-free.
+
+A task's arguments are plain JSON data: where the shard is, where its outputs go, which model and
+settings. Never credentials: workers read those from their own environment.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from embedjob.spec import InferenceSpec, JobSpec, ModelSpec
+
+TASK_NAME = "embedjob.embed_shard"
+# Bumped whenever the task's argument shape changes incompatibly.
+CONTRACT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class EmbedOptions:
+    """Per-shard processing options (everything except where the shard and outputs live)."""
+
+    dtype: str = "float16"
+    batch_size: int = 32
+    precision: str = "auto"
+    device: str = "auto"
+    num_threads: int = 4
+    max_image_pixels: int = InferenceSpec().maxImagePixels
+    overwrite: bool = False
+
+    @classmethod
+    def from_spec(cls, spec: JobSpec) -> EmbedOptions:
+        i = spec.inference
+        return cls(
+            dtype=spec.output.dtype,
+            batch_size=i.batchSize,
+            precision=i.precision,
+            device=i.device,
+            num_threads=i.numThreads,
+            max_image_pixels=i.maxImagePixels,
+            overwrite=spec.output.overwrite,
+        )
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """Arguments of one ``embedjob.embed_shard`` task."""
+
+    job: str  # progress namespace in Redis (the resource's uid, or a local job id)
+    shard: str  # input URI of the .tar
+    stem: str  # output stem (see embedjob.layout)
+    output: str  # output root URI
+    model: dict[str, Any] = field(default_factory=lambda: asdict(ModelSpec()))
+    options: dict[str, Any] = field(default_factory=lambda: asdict(EmbedOptions()))
+    storage: dict[str, Any] = field(default_factory=dict)  # endpoint/region only
+    attempt: int = 1
+    version: int = CONTRACT_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ShardTask:
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    @classmethod
+    def build(cls, job_id: str, spec: JobSpec, shard_uri: str, stem: str, attempt: int = 1) -> ShardTask:
+        return cls(
+            job=job_id,
+            shard=shard_uri,
+            stem=stem,
+            output=spec.output.uri,
+            model=asdict(spec.model),
+            options=asdict(EmbedOptions.from_spec(spec)),
+            storage={"endpoint": spec.storage.endpoint, "region": spec.storage.region},
+            attempt=attempt,
+        )
+
+
+def task_id(job_id: str, stem: str, attempt: int) -> str:
+    """Deterministic Celery task id: enqueueing the same (job, shard, attempt) twice names the same
+    task, so an operator restart mid-enqueue is recognisable."""
+    digest = hashlib.sha1(stem.encode()).hexdigest()[:20]
+    return f"ej-{job_id}-{digest}-{attempt}"
+
+
+def task_id_prefix(job_id: str) -> str:
+    return f"ej-{job_id}-"

@@ -1,0 +1,157 @@
+"""Per-shard progress and leases in Redis, shared by workers (writers) and the operator (reader).
+Torch-free.
+
+Keys, all under ``embedjob:<job>:`` (``<job>`` is the resource uid or a local job id)::
+
+    state           hash  stem -> pending | queued | running | succeeded | failed
+    info            hash  stem -> JSON {attempts, leaseExpiries, error, images, failedImages, ...}
+    lease:<stem>    str   worker id, with a TTL the worker renews by heartbeat
+    executions      hash  stem -> how many times a worker actually started embedding it
+    control         str   "" | "suspended" | "deleted" (workers drop tasks of a stopped job)
+
+The object store stays the source of truth (a shard is done when its manifest exists); this is
+the fast view, and it can be rebuilt from the manifests if Redis loses it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import Counter
+from typing import Any
+
+PREFIX = "embedjob"
+STATES = ("pending", "queued", "running", "succeeded", "failed")
+DEFAULT_LEASE_SECONDS = 120
+
+_RENEW = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+  return redis.call('pexpire', KEYS[1], ARGV[2])
+end
+return 0
+"""
+_RELEASE = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+  return redis.call('del', KEYS[1])
+end
+return 0
+"""
+
+
+def redis_url() -> str:
+    return os.environ.get("EMBEDJOB_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def redis_client(url: str | None = None):  # noqa: ANN201 - redis.Redis
+    import redis
+
+    return redis.Redis.from_url(url or redis_url(), decode_responses=True, socket_timeout=30,
+                                socket_connect_timeout=5, health_check_interval=30)
+
+
+def lease_seconds() -> int:
+    return int(os.environ.get("EMBEDJOB_LEASE_SECONDS", DEFAULT_LEASE_SECONDS))
+
+
+class ProgressStore:
+    """Read and write one job's shard states, info and leases."""
+
+    def __init__(self, client, job_id: str) -> None:  # noqa: ANN001
+        self.r = client
+        self.job = job_id
+        self.prefix = f"{PREFIX}:{job_id}:"
+
+    def key(self, name: str) -> str:
+        return self.prefix + name
+
+    # -- state -----------------------------------------------------------------------------------
+    def set_state(self, stem: str, state: str, **info: Any) -> None:
+        assert state in STATES, state
+        pipe = self.r.pipeline()
+        pipe.hset(self.key("state"), stem, state)
+        if info:
+            current = self.info(stem)
+            current.update(info)
+            current["updated"] = time.time()
+            pipe.hset(self.key("info"), stem, json.dumps(current))
+        pipe.execute()
+
+    def set_states(self, states: dict[str, str]) -> None:
+        """Bulk state write (planning 100,000 shards must not be 100,000 round trips)."""
+        items = list(states.items())
+        for i in range(0, len(items), 5000):
+            self.r.hset(self.key("state"), mapping=dict(items[i : i + 5000]))
+
+    def states(self) -> dict[str, str]:
+        return self.r.hgetall(self.key("state"))
+
+    def state(self, stem: str) -> str | None:
+        return self.r.hget(self.key("state"), stem)
+
+    def counts(self) -> Counter:
+        return Counter(self.r.hvals(self.key("state")))
+
+    def info(self, stem: str) -> dict[str, Any]:
+        raw = self.r.hget(self.key("info"), stem)
+        return json.loads(raw) if raw else {}
+
+    def all_info(self) -> dict[str, dict[str, Any]]:
+        return {k: json.loads(v) for k, v in self.r.hgetall(self.key("info")).items()}
+
+    def update_info(self, stem: str, **info: Any) -> dict[str, Any]:
+        current = self.info(stem)
+        current.update(info)
+        current["updated"] = time.time()
+        self.r.hset(self.key("info"), stem, json.dumps(current))
+        return current
+
+    def count_execution(self, stem: str) -> int:
+        return int(self.r.hincrby(self.key("executions"), stem, 1))
+
+    def executions(self) -> dict[str, int]:
+        return {k: int(v) for k, v in self.r.hgetall(self.key("executions")).items()}
+
+    # -- leases ----------------------------------------------------------------------------------
+    def acquire_lease(self, stem: str, owner: str, ttl: float | None = None) -> bool:
+        ms = int((ttl or lease_seconds()) * 1000)
+        return bool(self.r.set(self.key(f"lease:{stem}"), owner, nx=True, px=ms))
+
+    def renew_lease(self, stem: str, owner: str, ttl: float | None = None) -> bool:
+        ms = int((ttl or lease_seconds()) * 1000)
+        return bool(self.r.eval(_RENEW, 1, self.key(f"lease:{stem}"), owner, ms))
+
+    def release_lease(self, stem: str, owner: str) -> None:
+        self.r.eval(_RELEASE, 1, self.key(f"lease:{stem}"), owner)
+
+    def lease_owner(self, stem: str) -> str | None:
+        return self.r.get(self.key(f"lease:{stem}"))
+
+    def live_leases(self, stems: list[str]) -> set[str]:
+        """The subset of ``stems`` whose lease is alive (one round trip per 1000 stems)."""
+        alive: set[str] = set()
+        for i in range(0, len(stems), 1000):
+            chunk = stems[i : i + 1000]
+            vals = self.r.mget([self.key(f"lease:{s}") for s in chunk])
+            alive.update(s for s, v in zip(chunk, vals, strict=True) if v)
+        return alive
+
+    # -- control ---------------------------------------------------------------------------------
+    def set_control(self, value: str) -> None:
+        self.r.set(self.key("control"), value)
+
+    def control(self) -> str:
+        return self.r.get(self.key("control")) or ""
+
+    def delete_all(self) -> int:
+        """Remove every key of this job."""
+        n = 0
+        batch = []
+        for k in self.r.scan_iter(match=self.prefix + "*", count=1000):
+            batch.append(k)
+            if len(batch) >= 1000:
+                n += self.r.delete(*batch)
+                batch = []
+        if batch:
+            n += self.r.delete(*batch)
+        return n

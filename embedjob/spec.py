@@ -1,0 +1,340 @@
+"""The EmbeddingJob spec: one loader and validator for ``embedjob run`` and the operator.
+
+The CRD's OpenAPI schema rejects what it can at ``kubectl apply``; this module applies the same
+rules (and the semantic ones a schema cannot express) to a job file or a resource's spec, and names
+the offending field in every error.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+API_GROUP = "embedjob.io"
+API_VERSION = "v1alpha1"
+KIND = "EmbeddingJob"
+PLURAL = "embeddingjobs"
+
+DEFAULT_MODEL = "openai/clip-vit-large-patch14"
+# Pinned revision of openai/clip-vit-large-patch14 (model.safetensors is 1,710,540,580 bytes).
+DEFAULT_REVISION = "32bd64288804d66eefd0ccbe215aa642df71cc41"
+DTYPES = ("float16", "float32")
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+DEVICES = ("auto", "cpu", "cuda")
+# Pillow's own decompression-bomb threshold; larger images are skipped and recorded.
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
+
+S3_URI = re.compile(r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?$")
+QUEUE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,62}$")
+DNS_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+
+
+class SpecError(ValueError):
+    """A job spec is invalid. ``field`` is the dotted path of the offending field."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    uri: str | None = None
+    shards: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    uri: str
+    dtype: str = "float16"
+    overwrite: bool = False
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str = DEFAULT_MODEL
+    revision: str | None = DEFAULT_REVISION
+    path: str | None = None
+
+    @property
+    def ident(self) -> str:
+        return self.path or self.name
+
+
+@dataclass(frozen=True)
+class InferenceSpec:
+    batchSize: int = 32  # noqa: N815 - mirrors the CRD field name
+    precision: str = "auto"
+    device: str = "auto"
+    numThreads: int = 4  # noqa: N815
+    maxImagePixels: int = DEFAULT_MAX_IMAGE_PIXELS  # noqa: N815
+
+
+@dataclass(frozen=True)
+class StorageSpec:
+    endpoint: str | None = None
+    region: str | None = None
+
+
+@dataclass(frozen=True)
+class RetrySpec:
+    perShard: int = 3  # noqa: N815
+    backoffSeconds: int = 30  # noqa: N815
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    input: InputSpec
+    output: OutputSpec
+    model: ModelSpec = field(default_factory=ModelSpec)
+    inference: InferenceSpec = field(default_factory=InferenceSpec)
+    storage: StorageSpec = field(default_factory=StorageSpec)
+    queue: str = "embedjob"
+    retries: RetrySpec = field(default_factory=RetrySpec)
+    maxFailedShards: int = 0  # noqa: N815
+    parallelism: int = 0  # max shards queued+running at once (0 = no limit)
+    suspend: bool = False
+    ttlSecondsAfterFinished: int | None = None  # noqa: N815
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["input"]["shards"] = list(self.input.shards)
+        return d
+
+
+@dataclass(frozen=True)
+class Job:
+    name: str
+    namespace: str
+    spec: JobSpec
+
+
+# -- validation helpers ------------------------------------------------------------------------------
+def _mapping(value: Any, path: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise SpecError(path, f"must be a mapping, got {type(value).__name__}")
+    return value
+
+
+def _unknown(d: dict, allowed: set[str], path: str) -> None:
+    extra = sorted(set(d) - allowed)
+    if extra:
+        raise SpecError(f"{path}.{extra[0]}", f"unknown field (allowed: {', '.join(sorted(allowed))})")
+
+
+def _int(d: dict, key: str, path: str, default: int | None, lo: int, hi: int | None = None) -> int | None:
+    if key not in d or d[key] is None:
+        return default
+    v = d[key]
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise SpecError(f"{path}.{key}", f"must be an integer, got {v!r}")
+    if v < lo or (hi is not None and v > hi):
+        bound = f"between {lo} and {hi}" if hi is not None else f">= {lo}"
+        raise SpecError(f"{path}.{key}", f"must be {bound}, got {v}")
+    return v
+
+
+def _bool(d: dict, key: str, path: str, default: bool) -> bool:
+    v = d.get(key, default)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise SpecError(f"{path}.{key}", f"must be true or false, got {v!r}")
+    return v
+
+
+def _str(d: dict, key: str, path: str, default: str | None, choices: tuple[str, ...] | None = None) -> str | None:
+    v = d.get(key, default)
+    if v is None:
+        return default
+    if not isinstance(v, str) or not v:
+        raise SpecError(f"{path}.{key}", f"must be a non-empty string, got {v!r}")
+    if choices and v not in choices:
+        raise SpecError(f"{path}.{key}", f"must be one of {', '.join(choices)}, got {v!r}")
+    return v
+
+
+def check_location(uri: str, path: str, allow_local: bool) -> str:
+    """``s3://bucket/...`` always; a local path only where allowed (``embedjob run``)."""
+    if uri.startswith("s3://"):
+        if not S3_URI.match(uri):
+            raise SpecError(path, f"invalid S3 URI {uri!r} (want s3://<bucket>/<prefix>, DNS-style bucket name)")
+        return uri
+    if "://" in uri:
+        raise SpecError(path, f"unsupported scheme in {uri!r}: use s3:// or a local path")
+    if not allow_local:
+        raise SpecError(path, f"must be an s3:// URI, got {uri!r}")
+    return uri
+
+
+def parse_spec(spec: Any, allow_local: bool = True, base_dir: Path | None = None) -> JobSpec:
+    """Validate a spec mapping and fill defaults. Raises :class:`SpecError` naming the field."""
+    spec = _mapping(spec, "spec")
+    _unknown(
+        spec,
+        {"input", "output", "model", "inference", "storage", "queue", "retries", "maxFailedShards",
+         "parallelism", "suspend", "ttlSecondsAfterFinished"},
+        "spec",
+    )
+
+    def local(p: str) -> str:
+        if p.startswith("s3://") or base_dir is None or Path(p).is_absolute():
+            return p
+        return str((base_dir / p).resolve())
+
+    # input
+    if "input" not in spec:
+        raise SpecError("spec.input", "is required")
+    inp = _mapping(spec["input"], "spec.input")
+    _unknown(inp, {"uri", "shards"}, "spec.input")
+    uri = inp.get("uri")
+    shards = inp.get("shards")
+    if uri is None and shards is None:
+        raise SpecError("spec.input", "needs either uri (prefix, brace pattern or one .tar) or shards (a list)")
+    if uri is not None and shards is not None:
+        raise SpecError("spec.input", "give either uri or shards, not both")
+    if uri is not None:
+        if not isinstance(uri, str) or not uri:
+            raise SpecError("spec.input.uri", f"must be a non-empty string, got {uri!r}")
+        uri = local(check_location(uri, "spec.input.uri", allow_local))
+        input_spec = InputSpec(uri=uri)
+    else:
+        if not isinstance(shards, list) or not shards:
+            raise SpecError("spec.input.shards", "must be a non-empty list of shard URIs")
+        out = []
+        for i, s in enumerate(shards):
+            if not isinstance(s, str) or not s:
+                raise SpecError(f"spec.input.shards[{i}]", f"must be a non-empty string, got {s!r}")
+            if not s.lower().endswith(".tar"):
+                raise SpecError(f"spec.input.shards[{i}]", f"must name a .tar shard, got {s!r}")
+            out.append(local(check_location(s, f"spec.input.shards[{i}]", allow_local)))
+        if len(set(out)) != len(out):
+            raise SpecError("spec.input.shards", "lists the same shard twice")
+        input_spec = InputSpec(shards=tuple(out))
+
+    # output
+    if "output" not in spec:
+        raise SpecError("spec.output", "is required")
+    o = _mapping(spec["output"], "spec.output")
+    _unknown(o, {"uri", "dtype", "overwrite"}, "spec.output")
+    out_uri = _str(o, "uri", "spec.output", None)
+    if out_uri is None:
+        raise SpecError("spec.output.uri", "is required")
+    out_uri = local(check_location(out_uri, "spec.output.uri", allow_local))
+    output_spec = OutputSpec(
+        uri=out_uri,
+        dtype=_str(o, "dtype", "spec.output", "float16", DTYPES),
+        overwrite=_bool(o, "overwrite", "spec.output", False),
+    )
+
+    m = _mapping(spec.get("model"), "spec.model")
+    _unknown(m, {"name", "revision", "path"}, "spec.model")
+    name = _str(m, "name", "spec.model", DEFAULT_MODEL)
+    revision = _str(m, "revision", "spec.model", DEFAULT_REVISION if name == DEFAULT_MODEL else None)
+    mpath = _str(m, "path", "spec.model", None)
+    model_spec = ModelSpec(name=name, revision=revision, path=local(mpath) if mpath else None)
+
+    i = _mapping(spec.get("inference"), "spec.inference")
+    _unknown(i, {"batchSize", "precision", "device", "numThreads", "maxImagePixels"}, "spec.inference")
+    inference_spec = InferenceSpec(
+        batchSize=_int(i, "batchSize", "spec.inference", 32, 1, 4096),
+        precision=_str(i, "precision", "spec.inference", "auto", PRECISIONS),
+        device=_str(i, "device", "spec.inference", "auto", DEVICES),
+        numThreads=_int(i, "numThreads", "spec.inference", 4, 1, 64),
+        maxImagePixels=_int(i, "maxImagePixels", "spec.inference", DEFAULT_MAX_IMAGE_PIXELS, 1),
+    )
+
+    st = _mapping(spec.get("storage"), "spec.storage")
+    _unknown(st, {"endpoint", "region"}, "spec.storage")
+    endpoint = _str(st, "endpoint", "spec.storage", None)
+    if endpoint and not re.match(r"^https?://[^\s/]+(/.*)?$", endpoint):
+        raise SpecError("spec.storage.endpoint", f"must be an http(s):// URL, got {endpoint!r}")
+    storage_spec = StorageSpec(endpoint=endpoint, region=_str(st, "region", "spec.storage", None))
+
+    queue = _str(spec, "queue", "spec", "embedjob")
+    if not QUEUE_NAME.match(queue):
+        raise SpecError("spec.queue", f"must match {QUEUE_NAME.pattern}, got {queue!r}")
+
+    r = _mapping(spec.get("retries"), "spec.retries")
+    _unknown(r, {"perShard", "backoffSeconds"}, "spec.retries")
+    retry_spec = RetrySpec(
+        perShard=_int(r, "perShard", "spec.retries", 3, 0, 100),
+        backoffSeconds=_int(r, "backoffSeconds", "spec.retries", 30, 0, 86400),
+    )
+
+    job = JobSpec(
+        input=input_spec,
+        output=output_spec,
+        model=model_spec,
+        inference=inference_spec,
+        storage=storage_spec,
+        queue=queue,
+        retries=retry_spec,
+        maxFailedShards=_int(spec, "maxFailedShards", "spec", 0, 0),
+        parallelism=_int(spec, "parallelism", "spec", 0, 0),
+        suspend=_bool(spec, "suspend", "spec", False),
+        ttlSecondsAfterFinished=_int(spec, "ttlSecondsAfterFinished", "spec", None, 0),
+    )
+    check_semantics(job)
+    return job
+
+
+def _norm(uri: str) -> str:
+    return uri.rstrip("/") + "/"
+
+
+def check_semantics(spec: JobSpec) -> None:
+    """Rules a schema cannot express."""
+    out = _norm(spec.output.uri)
+    inputs = [spec.input.uri] if spec.input.uri else list(spec.input.shards)
+    for idx, src in enumerate(inputs):
+        field_name = "spec.input.uri" if spec.input.uri else f"spec.input.shards[{idx}]"
+        base = src.split("{", 1)[0]
+        if not base.lower().endswith(".tar"):
+            base = _norm(base)
+        if out.startswith(base if base.endswith("/") else base + "/") or _norm(base) == out:
+            raise SpecError("spec.output.uri", f"must not be inside the input ({field_name} = {src!r})")
+        if base.endswith("/") and base.startswith(out):
+            raise SpecError("spec.output.uri", f"must not contain the input ({field_name} = {src!r})")
+
+
+def parse_job(doc: Any, allow_local: bool = True, base_dir: Path | None = None) -> Job:
+    """Validate a whole EmbeddingJob document (apiVersion, kind, metadata, spec)."""
+    doc = _mapping(doc, "document")
+    api_version = doc.get("apiVersion")
+    if api_version != f"{API_GROUP}/{API_VERSION}":
+        raise SpecError("apiVersion", f"must be {API_GROUP}/{API_VERSION}, got {api_version!r}")
+    if doc.get("kind") != KIND:
+        raise SpecError("kind", f"must be {KIND}, got {doc.get('kind')!r}")
+    meta = _mapping(doc.get("metadata"), "metadata")
+    name = meta.get("name")
+    if not isinstance(name, str) or not DNS_NAME.match(name) or len(name) > 253:
+        raise SpecError("metadata.name", f"must be a DNS-1123 name, got {name!r}")
+    namespace = meta.get("namespace") or "default"
+    if "spec" not in doc:
+        raise SpecError("spec", "is required")
+    return Job(name=name, namespace=namespace, spec=parse_spec(doc["spec"], allow_local, base_dir))
+
+
+def load_job_file(path: str | Path) -> Job:
+    """Read and validate a job YAML file for ``embedjob run``. Relative local paths in it are
+    resolved against the file's folder."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise SpecError("file", f"cannot read {p}: {e.strerror or e}") from e
+    try:
+        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as e:
+        raise SpecError("file", f"{p} is not valid YAML: {e}") from e
+    if len(docs) != 1:
+        raise SpecError("file", f"{p} must hold exactly one EmbeddingJob document, found {len(docs)}")
+    return parse_job(docs[0], allow_local=True, base_dir=p.resolve().parent)

@@ -1,0 +1,1 @@
+"""embedjob.operator: the kopf operator that reconciles EmbeddingJob resources. Never imports torch."""

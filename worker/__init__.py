@@ -1,0 +1,2 @@
+"""embedjob.worker: the shard pipeline (tar -> decode -> CLIP preprocess -> model -> outputs) and its
+Celery task."""

@@ -1,22 +1,11 @@
-"""A tiny random-weight CLIP for tests and the offline demo (the hub is unreachable here)."""
+"""The tests' tiny random-weight CLIP: the same one the offline demo uses."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from embedjob.worker.random_model import save_random_clip
+
 
 def save_tiny_clip(path: Path, seed: int = 0, projection_dim: int = 32) -> Path:
-    import torch
-    from transformers import CLIPConfig, CLIPModel
-
-    torch.manual_seed(seed)
-    config = CLIPConfig(
-        text_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                     "num_attention_heads": 2, "vocab_size": 1000, "max_position_embeddings": 77},
-        vision_config={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-                       "num_attention_heads": 2, "image_size": 224, "patch_size": 14},
-        projection_dim=projection_dim,
-    )
-    model = CLIPModel(config).eval()
-    model.save_pretrained(path, safe_serialization=True)
-    return Path(path)
+    return save_random_clip(path, seed=seed, projection_dim=projection_dim)

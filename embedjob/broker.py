@@ -22,6 +22,16 @@ def visibility_timeout() -> int:
     return int(os.environ.get("EMBEDJOB_VISIBILITY_TIMEOUT", DEFAULT_VISIBILITY_TIMEOUT))
 
 
+def transport_options() -> dict:
+    opts: dict = {"visibility_timeout": visibility_timeout()}
+    # How often a consumer looks for unacked messages past their visibility timeout (kombu's default
+    # is every 10 s, scanning on every 10th tick). Tests shorten it to see redelivery quickly.
+    interval = os.environ.get("EMBEDJOB_RESTORE_INTERVAL")
+    if interval:
+        opts.update(unacked_restore_interval=float(interval), unacked_restore_throttle=1)
+    return opts
+
+
 def make_app(url: str | None = None) -> Celery:
     url = url or redis_url()
     app = Celery("embedjob", broker=url, backend=None)
@@ -38,7 +48,7 @@ def make_app(url: str | None = None) -> Celery:
         task_ignore_result=True,
         task_default_queue="embedjob",
         broker_connection_retry_on_startup=True,
-        broker_transport_options={"visibility_timeout": visibility_timeout()},
+        broker_transport_options=transport_options(),
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
         enable_utc=True,

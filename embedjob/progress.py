@@ -9,6 +9,10 @@ Keys, all under ``embedjob:<job>:`` (``<job>`` is the resource uid or a local jo
     executions      hash  stem -> how many times a worker actually started embedding it
     control         str   "" | "suspended" | "deleted" (workers drop tasks of a stopped job)
 
+Operator-owned (embedjob.operator.reconcile): ``spec`` (the accepted spec, JSON), ``plan`` (the
+planned shards, JSON, written last: its absence means Redis lost the job), ``totals`` (hash of
+failures / lease expiries counted).
+
 The object store stays the source of truth (a shard is done when its manifest exists); this is
 the fast view, and it can be rebuilt from the manifests if Redis loses it.
 """
@@ -28,6 +32,13 @@ DEFAULT_LEASE_SECONDS = 120
 _RENEW = """
 if redis.call('get', KEYS[1]) == ARGV[1] then
   return redis.call('pexpire', KEYS[1], ARGV[2])
+end
+return 0
+"""
+_SET_IF = """
+if redis.call('hget', KEYS[1], ARGV[1]) == ARGV[2] then
+  redis.call('hset', KEYS[1], ARGV[1], ARGV[3])
+  return 1
 end
 return 0
 """
@@ -83,6 +94,12 @@ class ProgressStore:
         for i in range(0, len(items), 5000):
             self.r.hset(self.key("state"), mapping=dict(items[i : i + 5000]))
 
+    def set_state_if(self, stem: str, expected: str, state: str) -> bool:
+        """Compare-and-set: move ``stem`` to ``state`` only if it is still ``expected`` (so the
+        operator's "queued" never overwrites a worker's "running")."""
+        assert state in STATES, state
+        return bool(self.r.eval(_SET_IF, 1, self.key("state"), stem, expected, state))
+
     def states(self) -> dict[str, str]:
         return self.r.hgetall(self.key("state"))
 
@@ -98,6 +115,15 @@ class ProgressStore:
 
     def all_info(self) -> dict[str, dict[str, Any]]:
         return {k: json.loads(v) for k, v in self.r.hgetall(self.key("info")).items()}
+
+    def infos(self, stems: list[str]) -> dict[str, dict[str, Any]]:
+        """Info of many stems (one round trip per 1000)."""
+        out: dict[str, dict[str, Any]] = {}
+        for i in range(0, len(stems), 1000):
+            chunk = stems[i : i + 1000]
+            for s, raw in zip(chunk, self.r.hmget(self.key("info"), chunk), strict=True):
+                out[s] = json.loads(raw) if raw else {}
+        return out
 
     def update_info(self, stem: str, **info: Any) -> dict[str, Any]:
         current = self.info(stem)
@@ -137,17 +163,20 @@ class ProgressStore:
         return alive
 
     # -- control ---------------------------------------------------------------------------------
-    def set_control(self, value: str) -> None:
-        self.r.set(self.key("control"), value)
+    def set_control(self, value: str, ttl: int | None = None) -> None:
+        self.r.set(self.key("control"), value, ex=ttl)
 
     def control(self) -> str:
         return self.r.get(self.key("control")) or ""
 
-    def delete_all(self) -> int:
-        """Remove every key of this job."""
+    def delete_all(self, keep: tuple[str, ...] = ()) -> int:
+        """Remove every key of this job (except the names in ``keep``, e.g. ``control``)."""
         n = 0
         batch = []
+        kept = {self.key(k) for k in keep}
         for k in self.r.scan_iter(match=self.prefix + "*", count=1000):
+            if k in kept:
+                continue
             batch.append(k)
             if len(batch) >= 1000:
                 n += self.r.delete(*batch)

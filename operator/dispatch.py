@@ -1,0 +1,90 @@
+"""Enqueueing shard tasks: intent first, then the message, then the acknowledgement.
+
+For each shard the operator (1) writes state ``pending`` with the next dispatch number in the
+shard's info, (2) sends the Celery task with the deterministic id ``task_id(job, stem, dispatch)``,
+(3) moves the state ``pending -> queued`` with a compare-and-set (a fast worker may already have
+written ``running``). A ``pending`` shard therefore means "sent or maybe not": after an operator
+restart it is sent again under the same task id. A duplicate message is harmless: the worker drops
+it when the shard's lease is held or its manifest exists. Credentials never enter a message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any, Protocol
+
+from embedjob.contract import TASK_NAME, ShardTask, task_id
+from embedjob.progress import ProgressStore
+from embedjob.spec import JobSpec
+
+BATCH = 500
+
+
+class Sender(Protocol):
+    """What the dispatcher needs from a Celery app (``embedjob.broker.app``)."""
+
+    def send_task(self, name: str, args: Any = None, kwargs: Any = None, **options: Any) -> Any: ...
+
+
+class Dispatcher:
+    """Sends one job's shard tasks. ``uris`` maps stem -> input shard URI."""
+
+    def __init__(self, store: ProgressStore, sender: Sender, spec: JobSpec, uris: Mapping[str, str]) -> None:
+        self.store = store
+        self.sender = sender
+        self.spec = spec
+        self.uris = uris
+
+    def _send(self, stem: str, dispatch: int, attempt: int) -> None:
+        task = ShardTask.build(self.store.job, self.spec, self.uris[stem], stem, attempt=attempt)
+        self.sender.send_task(TASK_NAME, kwargs={"task": task.to_dict()},
+                              task_id=task_id(self.store.job, stem, dispatch), queue=self.spec.queue)
+
+    def dispatch(self, stems: Iterable[str]) -> int:
+        """Dispatch each stem under a NEW dispatch number (first run, retry, re-enqueue after a lease
+        expiry or a resume). Returns how many were sent."""
+        stems = list(stems)
+        sent = 0
+        for i in range(0, len(stems), BATCH):
+            chunk = stems[i : i + BATCH]
+            infos = self.store.infos(chunk)
+            intents: dict[str, tuple[int, int]] = {}
+            pipe = self.store.r.pipeline(transaction=False)
+            for stem in chunk:
+                info = infos[stem]
+                n = int(info.get("dispatch") or 0) + 1
+                attempt = int(info.get("failures") or 0) + 1
+                intents[stem] = (n, attempt)
+                info.update(dispatch=n, retryAt=None)
+                pipe.hset(self.store.key("state"), stem, "pending")
+                pipe.hset(self.store.key("info"), stem, _dumps(info))
+            pipe.execute()  # intent is durable before any message exists
+            for stem, (n, attempt) in intents.items():
+                self._send(stem, n, attempt)
+                sent += 1
+            self._acknowledge(chunk)
+        return sent
+
+    def resend(self, stems: Iterable[str]) -> int:
+        """Send ``pending`` stems again under their CURRENT dispatch number (same task id): the
+        previous send may or may not have happened before a crash."""
+        stems = list(stems)
+        for i in range(0, len(stems), BATCH):
+            chunk = stems[i : i + BATCH]
+            infos = self.store.infos(chunk)
+            for stem in chunk:
+                info = infos[stem]
+                self._send(stem, int(info.get("dispatch") or 1), int(info.get("failures") or 0) + 1)
+            self._acknowledge(chunk)
+        return len(stems)
+
+    def _acknowledge(self, stems: list[str]) -> None:
+        for stem in stems:
+            self.store.set_state_if(stem, "pending", "queued")
+
+
+def _dumps(info: Mapping[str, Any]) -> str:
+    import json
+    import time
+
+    return json.dumps({**info, "updated": time.time()})

@@ -1,0 +1,318 @@
+"""Stage 4 — model: the CLIP vision tower + projection, batched, L2-normalised.
+
+:func:`load_embedder` loads ONLY ``CLIPVisionModelWithProjection`` (the text tower is never built),
+from a Hugging Face id (cached under ``model_dir``) or a local folder. A full ``CLIPModel`` checkpoint
+— the hub layout of ``openai/clip-vit-large-patch14`` — loads as is: its vision config and
+projection size are taken from the checkpoint's ``config.json``, the text weights are skipped, and a
+missing or mis-shaped vision weight is an error (never a silently random-initialised layer).
+Checkpoints are only ever read as safetensors with the built-in CLIP classes: ``trust_remote_code``
+is never passed, so no code shipped with a checkpoint runs.
+
+An :class:`Embedder` is loaded once per worker process (:func:`load_embedder` caches it) and reused
+for every shard. On CUDA, a batch that runs out of memory is halved and retried, and the smaller
+size is kept for the following batches.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+PRECISION_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+SUPPORTED_MODEL_TYPES = ("clip", "clip_vision_model")
+# torch >= 2.5 names it torch.OutOfMemoryError; torch.cuda.OutOfMemoryError is the same class.
+OutOfMemoryError = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
+
+class ModelLoadError(RuntimeError):
+    """The model cannot be loaded as asked (bad checkpoint, unsupported device/precision)."""
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """Which checkpoint: a hub ``name`` at ``revision``, or a local ``path`` (which wins)."""
+
+    name: str
+    revision: str | None = None
+    path: str | None = None
+
+    @classmethod
+    def of(cls, model: Any) -> ModelRef:
+        """From a ModelSpec, a dict with name/revision/path, or a plain id/path string."""
+        if isinstance(model, ModelRef):
+            return model
+        if isinstance(model, str):
+            return cls(name=model, path=model if os.path.isdir(model) else None)
+        get = model.get if isinstance(model, dict) else (lambda k, d=None: getattr(model, k, d))
+        name, path = get("name"), get("path")
+        if not name and not path:
+            raise ModelLoadError("model needs a name (Hugging Face id) or a path")
+        return cls(name=name or str(path), revision=get("revision"), path=path or None)
+
+    @property
+    def source(self) -> str:
+        return self.path or self.name
+
+
+def default_model_dir() -> str:
+    return os.environ.get("EMBEDJOB_MODEL_DIR") or str(Path.home() / ".cache" / "embedjob" / "models")
+
+
+def available_cpus() -> int:
+    """CPUs this process may really use: its affinity mask, capped by a cgroup v2 CPU quota (a
+    container limited to 4 CPUs on a 64-core node must not start 64 threads)."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, n)
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {device!r} requested but CUDA is not available on this machine")
+    if dev.type not in ("cpu", "cuda"):
+        raise ModelLoadError(f"unsupported device {device!r} (use auto, cpu or cuda)")
+    return dev
+
+
+def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """auto: fp16 on CUDA, fp32 on CPU. fp32/fp16/bf16: as asked."""
+    if precision in (None, "", "auto"):
+        return torch.float16 if device.type == "cuda" else torch.float32
+    try:
+        return PRECISION_DTYPES[precision]
+    except KeyError:
+        raise ModelLoadError(f"unsupported precision {precision!r} (use auto, fp32, fp16 or bf16)") from None
+
+
+class Embedder:
+    """A loaded vision tower. ``embed`` maps a float32 ``[B, 3, 224, 224]`` batch to float32
+    ``[B, dim]`` L2-normalised rows (normalised in fp32 whatever the compute precision)."""
+
+    def __init__(
+        self,
+        forward: Callable[[torch.Tensor], torch.Tensor],
+        *,
+        model_id: str,
+        revision: str | None,
+        dim: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        source: str | None = None,
+        module: torch.nn.Module | None = None,
+    ) -> None:
+        # ``forward`` is the seam between batching and the network: pixels already on the device
+        # and in the compute dtype in, unnormalised [B, dim] embeddings out.
+        self._forward = forward
+        self.model_id = model_id
+        self.revision = revision
+        self.dim = dim
+        self.device = device
+        self.dtype = dtype
+        self.source = source or model_id
+        self.module = module  # the underlying nn.Module (None for an injected forward)
+        # Largest batch known to fit; None until an out-of-memory error teaches us one.
+        self.max_batch: int | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def precision(self) -> str:
+        return {v: k for k, v in PRECISION_DTYPES.items()}[self.dtype]
+
+    def describe(self) -> dict[str, Any]:
+        """What a manifest records about the model."""
+        return {
+            "id": self.model_id,
+            "revision": self.revision,
+            "source": self.source,
+            "dim": self.dim,
+            "device": str(self.device),
+            "precision": self.precision,
+        }
+
+    def embed(self, pixels: torch.Tensor | np.ndarray) -> np.ndarray:
+        """Embed a batch; returns float32 ``[B, dim]`` unit rows. On an out-of-memory error the
+        batch is split in halves (down to 1 image) and the smaller size is remembered."""
+        pixels = torch.as_tensor(pixels)
+        if pixels.ndim != 4 or pixels.shape[1] != 3:
+            raise ValueError(f"expected [B, 3, H, W] pixels, got {tuple(pixels.shape)}")
+        n = int(pixels.shape[0])
+        if n == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        out: list[np.ndarray] = []
+        # One batch at a time per embedder: a GPU shared by threads gains nothing and OOMs sooner.
+        with self._lock:
+            start = 0
+            while start < n:
+                size = min(self.max_batch or n, n - start)
+                try:
+                    out.append(self._run(pixels[start : start + size]))
+                except OutOfMemoryError:
+                    if size == 1:
+                        raise
+                    oom_size = size
+                else:
+                    start += size
+                    continue
+                # Outside the except block, so the failed attempt's tensors are already released.
+                self.max_batch = max(1, oom_size // 2)
+                log.warning("out of memory at batch size %d; retrying with %d", oom_size, self.max_batch)
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+        return np.concatenate(out, axis=0)
+
+    def _run(self, chunk: torch.Tensor) -> np.ndarray:
+        with torch.inference_mode():
+            x = chunk.to(self.device, non_blocking=True).to(self.dtype)
+            emb = self._forward(x).to(torch.float32)
+            emb = torch.nn.functional.normalize(emb, dim=-1)
+            return emb.cpu().numpy()
+
+
+_cache: dict[tuple, Embedder] = {}
+_cache_lock = threading.Lock()
+_threads_configured = False
+
+
+def _configure_cpu_threads() -> None:
+    """Use the CPUs we really have, unless the operator pinned OMP_NUM_THREADS."""
+    global _threads_configured
+    if _threads_configured:
+        return
+    _threads_configured = True
+    if not os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(available_cpus())
+
+
+def _vision_config(ref: ModelRef, cache_dir: str) -> Any:
+    """The vision config from the checkpoint's config.json, with the projection size of the full
+    model (a CLIPModel's vision_config does not carry it). Only CLIP model types are accepted."""
+    from transformers import CLIPConfig, CLIPVisionConfig, PretrainedConfig
+
+    try:
+        config_dict, _ = PretrainedConfig.get_config_dict(ref.source, revision=ref.revision, cache_dir=cache_dir)
+    except Exception as e:
+        raise ModelLoadError(f"cannot read the model config of {ref.source!r}: {type(e).__name__}: {e}") from e
+    model_type = config_dict.get("model_type")
+    if model_type == "clip":
+        full = CLIPConfig.from_dict(config_dict)
+        vision = full.vision_config
+        vision.projection_dim = full.projection_dim
+        return vision
+    if model_type == "clip_vision_model":
+        return CLIPVisionConfig.from_dict(config_dict)
+    raise ModelLoadError(
+        f"{ref.source!r} has model_type {model_type!r}; embedjob loads only CLIP checkpoints "
+        f"({', '.join(SUPPORTED_MODEL_TYPES)}) with the built-in classes and never runs code from a "
+        "checkpoint (trust_remote_code is never enabled)"
+    )
+
+
+def _load_module(ref: ModelRef, cache_dir: str, dtype: torch.dtype) -> torch.nn.Module:
+    from transformers import CLIPVisionModelWithProjection
+    from transformers.utils import logging as hf_logging
+
+    config = _vision_config(ref, cache_dir)
+    # The loading report lists every skipped text-tower weight; we check the info ourselves.
+    previous = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        module, info = CLIPVisionModelWithProjection.from_pretrained(
+            ref.source,
+            config=config,
+            revision=ref.revision,
+            cache_dir=cache_dir,
+            use_safetensors=True,
+            dtype=dtype,
+            output_loading_info=True,
+        )
+    except Exception as e:
+        raise ModelLoadError(f"cannot load the CLIP vision tower from {ref.source!r}: {type(e).__name__}: {e}") from e
+    finally:
+        hf_logging.set_verbosity(previous)
+    problems = {k: list(info.get(k) or []) for k in ("missing_keys", "mismatched_keys", "error_msgs")}
+    if any(problems.values()):
+        raise ModelLoadError(f"checkpoint {ref.source!r} does not hold a complete CLIP vision tower: {problems}")
+    return module
+
+
+def load_embedder(
+    model: Any,
+    device: str = "auto",
+    precision: str = "auto",
+    model_dir: str | None = None,
+) -> Embedder:
+    """Load (or reuse, once per process) the CLIP image embedder for ``model`` — a ModelSpec, a dict
+    with ``name``/``revision``/``path``, or an id/path string.
+
+    ``device``: auto (CUDA if available, else CPU) | cpu | cuda[:N]. ``precision``: auto (fp16 on
+    CUDA, fp32 on CPU) | fp32 | fp16 | bf16. ``model_dir``: the download cache (default
+    ``$EMBEDJOB_MODEL_DIR`` or ``~/.cache/embedjob/models``). Raises :class:`ModelLoadError`."""
+    ref = ModelRef.of(model)
+    dev = resolve_device(device)
+    dtype = resolve_dtype(precision, dev)
+    cache_dir = model_dir or default_model_dir()
+    key = (ref, str(dev), dtype, cache_dir)
+    with _cache_lock:
+        cached = _cache.get(key)
+        if cached is not None:
+            return cached
+        if dev.type == "cpu":
+            _configure_cpu_threads()
+        module = _load_module(ref, cache_dir, dtype).to(dev).eval()
+        module.requires_grad_(False)
+
+        def forward(pixels: torch.Tensor) -> torch.Tensor:
+            return module(pixel_values=pixels).image_embeds
+
+        embedder = Embedder(
+            forward,
+            model_id=ref.name,
+            revision=ref.revision,
+            dim=int(module.config.projection_dim),
+            device=dev,
+            dtype=dtype,
+            source=ref.source,
+            module=module,
+        )
+        if dev.type == "cpu" and dtype != torch.float32:
+            _check_runs(embedder, precision)
+        _cache[key] = embedder
+        return embedder
+
+
+def _check_runs(embedder: Embedder, precision: str) -> None:
+    """Reduced precision on CPU depends on the torch build and the CPU: fail at load, clearly."""
+    size = int(getattr(getattr(embedder.module, "config", None), "image_size", 224))
+    try:
+        embedder.embed(torch.zeros(1, 3, size, size))
+    except Exception as e:
+        raise ModelLoadError(f"precision {precision!r} does not run on this CPU: {type(e).__name__}: {e}") from e
+
+
+def clear_cache() -> None:
+    """Forget loaded embedders (tests; a worker keeps its one model for its lifetime)."""
+    with _cache_lock:
+        _cache.clear()

@@ -1,0 +1,188 @@
+"""Stage 1 — tar reader: stream a WebDataset ``.tar`` and group its members into samples.
+
+A sample is every consecutive member sharing a key, as WebDataset defines it: the member path up to
+the first dot of its basename (the folder part is kept, so ``a/x.jpg`` and ``b/x.jpg`` are two
+samples). Each sample carries at most one image (``.jpg .jpeg .png .webp .gif .bmp .tif .tiff``, any
+case) plus its ``.txt`` caption and ``.json`` sidecars; every other member is ignored.
+
+Memory is bounded by one sample: the tar is read in stream mode (``"r|*"``) straight from
+``Storage.open_read`` (an S3 body or a local file) and nothing but the current sample is held.
+
+Damage is data, not a crash: when the tar itself is truncated or corrupt, the samples read before
+the damage are yielded and the error is reported through :class:`TarStats`. An error of the
+*source* (network, S3) is different — retrying may fix it — so it propagates as
+:class:`SourceReadError` and never ends up recorded as a "short shard".
+"""
+
+from __future__ import annotations
+
+import io
+import lzma
+import posixpath
+import tarfile
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import BinaryIO
+
+IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff"})
+CAPTION_EXTENSION = "txt"
+JSON_EXTENSION = "json"
+# A single member larger than this is skipped (and recorded when it is an image) instead of being
+# read into memory: no real image in a web dataset comes near it.
+MAX_MEMBER_BYTES = 256 * 1024 * 1024
+# What a damaged tar raises while being parsed. Compressed tars read through "r|*" fail with the
+# decompressor's errors (bz2 raises a plain OSError); the source's own failures are wrapped in
+# SourceReadError first, so they never land here.
+_DAMAGE = (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, OSError)
+
+
+class TarOpenError(Exception):
+    """The shard is not a readable tar at all (nothing could be read from it)."""
+
+
+class SourceReadError(Exception):
+    """Reading the underlying stream failed (network, S3, disk): a retryable shard-level error."""
+
+
+@dataclass
+class Sample:
+    """One WebDataset sample that has an image member."""
+
+    key: str
+    member: str  # path of the image member inside the tar
+    image: bytes
+    caption: str | None = None
+    json: str | None = None
+    index: int = 0  # position among the image samples of the tar (row order)
+
+
+@dataclass
+class SkippedMember:
+    """An image member that was not turned into a sample (recorded in the manifest)."""
+
+    key: str
+    member: str
+    reason: str
+
+
+@dataclass
+class TarStats:
+    members: int = 0
+    ignored_members: int = 0
+    bytes_read: int = 0
+    error: str | None = None  # truncation / corruption of the tar itself
+
+
+def split_key(path: str) -> tuple[str, str] | None:
+    """``"dir/abc.seg.JPG"`` -> ``("dir/abc", "seg.jpg")``; None when the basename has no dot (WebDataset
+    ignores such members)."""
+    dirname, base = posixpath.split(path)
+    stem, dot, ext = base.partition(".")
+    if not dot or not stem:
+        return None
+    return (posixpath.join(dirname, stem) if dirname else stem), ext.lower()
+
+
+class _SourceStream(io.RawIOBase):
+    """Marks every failure of the underlying read as a :class:`SourceReadError`, so the tar parser's
+    own errors (truncation, bad headers) are never confused with a network error."""
+
+    def __init__(self, raw: BinaryIO, stats: TarStats) -> None:
+        self._raw = raw
+        self._stats = stats
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:  # noqa: ANN001 - buffer protocol
+        try:
+            data = self._raw.read(len(b))
+        except Exception as e:  # boto/urllib3/OS errors all mean "the source failed"
+            raise SourceReadError(f"reading the shard failed: {type(e).__name__}: {e}") from e
+        n = len(data)
+        b[:n] = data
+        self._stats.bytes_read += n
+        return n
+
+
+def _decode_text(data: bytes) -> str:
+    return data.decode("utf-8", errors="replace")
+
+
+def iter_tar(raw: BinaryIO, stats: TarStats | None = None) -> Iterator[Sample | SkippedMember]:
+    """Yield the image samples of the tar stream ``raw`` in tar order, and, in the same order, the
+    image members that cannot become samples (:class:`SkippedMember`). ``stats`` (if given) receives
+    counts and the tar error, if any. Raises :class:`TarOpenError` when not even the first header
+    can be read, :class:`SourceReadError` when the source fails."""
+    stats = stats if stats is not None else TarStats()
+    stream = io.BufferedReader(_SourceStream(raw, stats), buffer_size=1 << 20)
+    try:
+        tar = tarfile.open(fileobj=stream, mode="r|*")
+    except tarfile.TarError as e:
+        raise TarOpenError(f"not a readable tar: {e}") from e
+
+    index = 0
+    key: str | None = None
+    image: tuple[str, bytes] | None = None
+    caption: str | None = None
+    sidecar: str | None = None
+    last_member = ""
+
+    def flush() -> Sample | None:
+        nonlocal index
+        if key is None or image is None:
+            return None
+        sample = Sample(key=key, member=image[0], image=image[1], caption=caption, json=sidecar, index=index)
+        index += 1
+        return sample
+
+    with tar:
+        while True:
+            try:
+                info = tar.next()
+                if info is None:
+                    break
+                stats.members += 1
+                # Stream mode still appends every TarInfo to tar.members; drop them so a shard with
+                # millions of members keeps a constant footprint.
+                tar.members = []
+                name = info.name
+                parts = split_key(name) if info.isfile() else None
+                if parts is None or parts[1] not in IMAGE_EXTENSIONS | {CAPTION_EXTENSION, JSON_EXTENSION}:
+                    stats.ignored_members += 1
+                    continue
+                member_key, ext = parts
+                if member_key != key:
+                    done = flush()
+                    if done is not None:
+                        yield done
+                    key, image, caption, sidecar = member_key, None, None, None
+                if ext in IMAGE_EXTENSIONS and image is not None:
+                    yield SkippedMember(key, name, f"sample already has an image ({image[0]})")
+                    continue
+                if info.size > MAX_MEMBER_BYTES:
+                    if ext in IMAGE_EXTENSIONS:
+                        yield SkippedMember(key, name, f"member too large ({info.size} > {MAX_MEMBER_BYTES} bytes)")
+                    else:
+                        stats.ignored_members += 1
+                    continue
+                f = tar.extractfile(info)
+                data = f.read() if f is not None else b""
+                if len(data) != info.size:
+                    raise tarfile.ReadError(f"unexpected end of data in {name}")
+                last_member = name
+                if ext in IMAGE_EXTENSIONS:
+                    image = (name, data)
+                elif ext == CAPTION_EXTENSION:
+                    caption = _decode_text(data)
+                else:
+                    sidecar = _decode_text(data)
+            except _DAMAGE as e:
+                after = f" after {last_member}" if last_member else " before any member"
+                stats.error = f"tar truncated or corrupt{after}: {type(e).__name__}: {e}"
+                break
+        done = flush()
+        if done is not None:
+            yield done
+

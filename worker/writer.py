@@ -1,0 +1,183 @@
+"""Stage 5 — writer: a shard's ``.npy``, its aligned ``.parquet``, then its manifest, all atomic.
+
+Embeddings are appended batch by batch to a spooled temporary file (memory stays bounded for any
+shard size); metadata rows are small and kept in memory. :meth:`ShardWriter.commit` then writes, in
+this order and each through ``Storage.put_atomic`` (temporary key under the output's ``_tmp/``, then
+the final name):
+
+1. ``img_emb/<stem>.npy``        ``[N, D]`` in the output dtype (a valid ``[0, D]`` array when empty)
+2. ``metadata/<stem>.parquet``   one row per ``.npy`` row, same order, fixed schema (even when empty)
+3. ``_manifests/<stem>.json``    LAST: counts, failures, model, checksums — "this shard is done"
+
+If any step fails, what this attempt already wrote is deleted again (best effort) and the error is
+raised: the manifest never exists without both data files, and no half-written file ever appears.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from typing import IO, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from embedjob.layout import ShardOutputs
+from embedjob.storage import Storage
+
+OUTPUT_DTYPES = {"float16": np.float16, "float32": np.float32}
+MANIFEST_VERSION = 1
+# Embeddings stay in RAM up to this size, then spill to a temporary file.
+SPOOL_BYTES = 64 * 1024 * 1024
+
+METADATA_SCHEMA = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("shard", pa.string(), nullable=False),
+        pa.field("member", pa.string(), nullable=False),
+        pa.field("width", pa.int32(), nullable=False),
+        pa.field("height", pa.int32(), nullable=False),
+        pa.field("caption", pa.string()),
+        pa.field("json", pa.string()),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class MetadataRow:
+    """One ``.parquet`` row; ``width``/``height`` are the original image's size."""
+
+    key: str
+    shard: str
+    member: str
+    width: int
+    height: int
+    caption: str | None = None
+    json: str | None = None
+
+
+def _sha256_and_size(f: IO[bytes]) -> tuple[str, int]:
+    f.seek(0)
+    h = hashlib.sha256()
+    size = 0
+    while chunk := f.read(1 << 20):
+        h.update(chunk)
+        size += len(chunk)
+    f.seek(0)
+    return h.hexdigest(), size
+
+
+def embedjob_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("embedjob")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+class ShardWriter:
+    """Collects one shard's embeddings and metadata rows, then commits the three outputs."""
+
+    def __init__(self, outputs: ShardOutputs, storage: Storage, dim: int, dtype: str = "float16") -> None:
+        if dtype not in OUTPUT_DTYPES:
+            raise ValueError(f"unsupported output dtype {dtype!r} (use {' or '.join(OUTPUT_DTYPES)})")
+        self.outputs = outputs
+        self.storage = storage
+        self.dim = int(dim)
+        self.dtype = np.dtype(OUTPUT_DTYPES[dtype])
+        self.rows: list[MetadataRow] = []
+        self._spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)  # noqa: SIM115 - closed in close()
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def add(self, embeddings: np.ndarray, rows: list[MetadataRow]) -> None:
+        """Append a batch: ``embeddings[i]`` belongs to ``rows[i]``."""
+        if embeddings.ndim != 2 or embeddings.shape[1] != self.dim or embeddings.shape[0] != len(rows):
+            raise ValueError(f"batch of {len(rows)} rows got embeddings of shape {embeddings.shape}, dim {self.dim}")
+        self._spool.write(np.ascontiguousarray(embeddings, dtype=self.dtype).tobytes())
+        self.rows.extend(rows)
+
+    # -- the three files ------------------------------------------------------------------------------
+    def _npy_file(self) -> IO[bytes]:
+        """The spooled rows behind a ``.npy`` v1 header, as one seekable temporary file."""
+        header = {
+            "descr": np.lib.format.dtype_to_descr(self.dtype),
+            "fortran_order": False,
+            "shape": (len(self.rows), self.dim),
+        }
+        out = tempfile.TemporaryFile()  # noqa: SIM115 - returned to the caller, who closes it
+        np.lib.format.write_array_header_1_0(out, header)
+        self._spool.seek(0)
+        shutil.copyfileobj(self._spool, out, 1 << 20)
+        return out
+
+    def _parquet_bytes(self) -> bytes:
+        columns = {name: [getattr(r, name) for r in self.rows] for name in METADATA_SCHEMA.names}
+        table = pa.Table.from_pydict(columns, schema=METADATA_SCHEMA)
+        buf = io.BytesIO()
+        pq.write_table(table, buf, compression="zstd")
+        return buf.getvalue()
+
+    def commit(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        """Write npy, parquet, then ``manifest`` (completed with file checksums, sizes, dtype, dim
+        and version) — in that order. Returns the manifest as written. On failure, deletes what
+        this call wrote and re-raises."""
+        written: list[str] = []
+        try:
+            with self._npy_file() as npy:
+                npy_sha, npy_size = _sha256_and_size(npy)
+                self.storage.put_atomic(self.outputs.embeddings, npy, tmp_root=self.outputs.tmp_root)
+                written.append(self.outputs.embeddings)
+            parquet = self._parquet_bytes()
+            self.storage.put_atomic(self.outputs.metadata, parquet, tmp_root=self.outputs.tmp_root)
+            written.append(self.outputs.metadata)
+            manifest = {
+                **manifest,
+                "manifest_version": MANIFEST_VERSION,
+                "embedjob_version": embedjob_version(),
+                "dtype": self.dtype.name,
+                "dim": self.dim,
+                "files": {
+                    "embeddings": {
+                        "uri": self.outputs.embeddings,
+                        "shape": [len(self.rows), self.dim],
+                        "bytes": npy_size,
+                        "sha256": npy_sha,
+                    },
+                    "metadata": {
+                        "uri": self.outputs.metadata,
+                        "rows": len(self.rows),
+                        "bytes": len(parquet),
+                        "sha256": hashlib.sha256(parquet).hexdigest(),
+                    },
+                },
+            }
+            body = json.dumps(manifest, indent=2, sort_keys=True).encode()
+            # If the put fails after its copy landed (e.g. the temp-key delete fails), the manifest
+            # must go first: a manifest must never outlive its data files.
+            written.insert(0, self.outputs.manifest)
+            self.storage.put_atomic(self.outputs.manifest, body, tmp_root=self.outputs.tmp_root)
+            return manifest
+        except BaseException:
+            for uri in written:
+                try:
+                    self.storage.delete(uri)
+                except Exception:  # noqa: BLE001 - best effort; the original error matters more
+                    pass
+            raise
+
+    def close(self) -> None:
+        self._spool.close()
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

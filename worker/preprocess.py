@@ -20,7 +20,8 @@ Where the reference produces garbage rather than an image, the input is converte
 goes through the exact same path): 16-bit and 32-bit integer images (``I;16*``, ``I`` with values
 above 255) are scaled to 8 bits instead of being clipped to white, float images in [0, 1] are
 scaled to 0..255, and CIELab is colour-managed to sRGB. Anything Pillow cannot resize or convert at
-all is converted to RGBA first; if even that fails, :class:`PreprocessError` records why.
+all goes through the nearest mode that works (RGBA, LA, RGB, L); if none does, a
+:class:`PreprocessError` records why.
 
 The split into :func:`reference_crop` (uint8, done in the decode threads) and :func:`normalize`
 (float32, done per batch) keeps queued samples at 150 KB instead of 600 KB; the arithmetic is the
@@ -115,6 +116,17 @@ def _reference(img: Image.Image) -> np.ndarray:
     return np.array(rgb, dtype=np.uint8)  # a writable copy (torch.as_tensor warns on read-only)
 
 
+def _fallback(img: Image.Image, first: Exception) -> np.ndarray:
+    """A mode Pillow cannot resize or convert to RGB directly (e.g. premultiplied "La", which
+    converts only to "LA"): go through the nearest mode that works."""
+    for mode in ("RGBA", "LA", "RGB", "L"):
+        try:
+            return _reference(img.convert(mode))
+        except Exception:  # noqa: BLE001, S112 - try the next mode
+            continue
+    raise PreprocessError(f"cannot preprocess mode {img.mode}: {type(first).__name__}: {first}") from first
+
+
 def reference_crop(img: Image.Image) -> np.ndarray:
     """Resize + center crop + RGB: a ``[224, 224, 3]`` uint8 array. Raises :class:`PreprocessError`."""
     if img.width <= 0 or img.height <= 0:
@@ -126,11 +138,7 @@ def reference_crop(img: Image.Image) -> np.ndarray:
     try:
         out = _reference(prepared)
     except Exception as first:
-        # A mode Pillow cannot resize or convert to RGB (e.g. premultiplied "La"): go through RGBA.
-        try:
-            out = _reference(prepared.convert("RGBA"))
-        except Exception as e:
-            raise PreprocessError(f"cannot preprocess mode {img.mode}: {type(first).__name__}: {first}") from e
+        out = _fallback(prepared, first)
     if out.shape != (IMAGE_SIZE, IMAGE_SIZE, 3):
         raise PreprocessError(f"unexpected preprocessed shape {out.shape} for mode {img.mode} size {img.size}")
     return out

@@ -146,6 +146,16 @@ class ShardSpec:
     def tar_bytes(self) -> bytes:
         return tar_bytes(self.members)
 
+    def members_by_key(self) -> dict[str, bytes]:
+        """key -> the bytes of its image member."""
+        out = {}
+        for name, data in self.members:
+            key, _, ext = name.rpartition("/")[2].partition(".")
+            folder = name.rpartition("/")[0]
+            if ext.lower() in {"jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff"}:
+                out[f"{folder}/{key}" if folder else key] = data
+        return out
+
     def write(self, path: Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)

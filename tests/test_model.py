@@ -1,0 +1,186 @@
+"""The embedder: loads the vision tower from a full CLIP checkpoint folder, matches Hugging Face's
+own CLIP image features, survives out-of-memory by halving, never runs checkpoint code."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from embedjob.worker.model import Embedder, ModelLoadError, OutOfMemoryError, clear_cache, load_embedder
+from embedjob.worker.pipeline import embed_shard
+from PIL import Image
+
+from embedjob.contract import EmbedOptions
+from tests import shards
+from tests.test_preprocess import clip_reference
+
+
+@pytest.fixture(autouse=True)
+def _fresh_cache():
+    clear_cache()
+    yield
+    clear_cache()
+
+
+def _reference_embeddings(model_dir, images: list[Image.Image]) -> np.ndarray:
+    """Hugging Face's full CLIPModel.get_image_features on independently preprocessed pixels."""
+    from transformers import CLIPModel
+
+    model = CLIPModel.from_pretrained(model_dir).eval()
+    pixels = torch.from_numpy(np.stack([clip_reference(i) for i in images]))
+    with torch.inference_mode():
+        out = model.get_image_features(pixel_values=pixels)
+    feats = getattr(out, "pooler_output", out).numpy().astype(np.float64)
+    return feats / np.linalg.norm(feats, axis=1, keepdims=True)
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a.astype(np.float64)
+    b = b.astype(np.float64)
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def _embed_varied_shard(tmp_path, embedder, dtype):
+    spec = shards.varied_shard()
+    tar = spec.write(tmp_path / "varied.tar")
+    out = tmp_path / f"out-{dtype}"
+    result = embed_shard(str(tar), str(out), embedder, EmbedOptions(dtype=dtype, batch_size=5, num_threads=2))
+    emb = np.load(out / "img_emb" / "varied.npy")
+    keys = pq.read_table(out / "metadata" / "varied.parquet").column("key").to_pylist()
+    # Rows of images the reference itself mishandles (16-bit, float) are checked in test_preprocess.
+    data = spec.members_by_key()
+    rows = [i for i, k in enumerate(keys) if k.split("_", 1)[1] not in shards.NON_REFERENCE]
+    images = [Image.open(io.BytesIO(data[keys[i]])) for i in rows]
+    return result, emb[rows], [keys[i] for i in rows], images
+
+
+def test_loads_from_a_full_clip_checkpoint_folder(tiny_clip_dir):
+    e = load_embedder({"name": "tiny-clip", "revision": None, "path": str(tiny_clip_dir)})
+    assert (e.model_id, e.dim, e.device.type, e.dtype) == ("tiny-clip", 32, "cpu", torch.float32)
+    assert e.source == str(tiny_clip_dir)
+    assert not hasattr(e.module, "text_model")  # only the vision tower was built
+    assert e.describe() == {"id": "tiny-clip", "revision": None, "source": str(tiny_clip_dir), "dim": 32,
+                            "device": "cpu", "precision": "fp32"}
+    # Loaded once per process: the same object comes back.
+    assert load_embedder({"name": "tiny-clip", "path": str(tiny_clip_dir)}) is e
+    # A bare path works too.
+    assert load_embedder(str(tiny_clip_dir)).dim == 32
+
+
+def test_fp32_rows_match_hugging_face_clip_features(tiny_clip_dir, tmp_path):
+    embedder = load_embedder({"name": "tiny-clip", "path": str(tiny_clip_dir)}, device="cpu", precision="fp32")
+    result, emb, keys, images = _embed_varied_shard(tmp_path, embedder, "float32")
+    assert result.images == 22 and len(keys) == emb.shape[0] == 20
+    assert emb.dtype == np.float32
+    cos = _cosines(emb, _reference_embeddings(tiny_clip_dir, images))
+    assert cos.min() >= 0.99999, dict(zip(keys, cos, strict=True))
+
+
+def test_float16_output_and_fp16_compute_stay_close(tiny_clip_dir, tmp_path):
+    fp32 = load_embedder({"name": "tiny-clip", "path": str(tiny_clip_dir)}, precision="fp32")
+    _, emb16, _, images = _embed_varied_shard(tmp_path, fp32, "float16")
+    ref = _reference_embeddings(tiny_clip_dir, images)
+    assert emb16.dtype == np.float16
+    assert _cosines(emb16, ref).min() >= 0.999
+    # Reduced-precision compute (allowed on CPU when the build supports it) stays close too.
+    half = load_embedder({"name": "tiny-clip", "path": str(tiny_clip_dir)}, precision="fp16")
+    assert half.dtype == torch.float16
+    pixels = torch.from_numpy(np.stack([clip_reference(i) for i in images]))
+    out = half.embed(pixels)
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-5)  # normalised in fp32
+    assert _cosines(out, ref).min() >= 0.999
+
+
+def test_auto_precision_is_fp32_on_cpu_and_cuda_is_refused_without_a_gpu(tiny_clip_dir):
+    assert load_embedder(str(tiny_clip_dir), device="auto", precision="auto").dtype == (
+        torch.float16 if torch.cuda.is_available() else torch.float32
+    )
+    if not torch.cuda.is_available():
+        with pytest.raises(ModelLoadError, match="CUDA is not available"):
+            load_embedder(str(tiny_clip_dir), device="cuda")
+    with pytest.raises(ModelLoadError, match="precision"):
+        load_embedder(str(tiny_clip_dir), precision="int8")
+
+
+class _FakeNet:
+    """A forward that runs out of memory above ``limit`` images per call, like a full GPU."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.calls: list[int] = []
+        self.proj = torch.randn(3 * 4 * 4, 8, generator=torch.Generator().manual_seed(0))
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        self.calls.append(pixels.shape[0])
+        if pixels.shape[0] > self.limit:
+            raise OutOfMemoryError("CUDA out of memory (simulated)")
+        return pixels.flatten(1) @ self.proj
+
+
+def _fake_embedder(net: _FakeNet) -> Embedder:
+    return Embedder(net, model_id="fake", revision=None, dim=8, device=torch.device("cpu"), dtype=torch.float32)
+
+
+def test_out_of_memory_halves_the_batch_and_keeps_the_smaller_size():
+    pixels = torch.randn(10, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    expected = _fake_embedder(_FakeNet(limit=100)).embed(pixels)
+
+    net = _FakeNet(limit=3)
+    embedder = _fake_embedder(net)
+    out = embedder.embed(pixels)
+    np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-6)  # same rows, same order
+    assert net.calls == [10, 5, 2, 2, 2, 2, 2]
+    assert embedder.max_batch == 2
+    net.calls.clear()
+    embedder.embed(pixels[:4])
+    assert net.calls == [2, 2]  # the learned size sticks for later batches
+
+
+def test_out_of_memory_with_a_single_image_is_raised():
+    embedder = _fake_embedder(_FakeNet(limit=0))
+    with pytest.raises(OutOfMemoryError):
+        embedder.embed(torch.randn(4, 3, 4, 4))
+    assert embedder.max_batch == 1
+
+
+def test_never_runs_code_shipped_with_a_checkpoint(tmp_path, tiny_clip_dir):
+    marker = tmp_path / "remote-code-ran"
+    code = f"open({str(marker)!r}, 'w').write('pwned')\n"
+
+    # A non-CLIP checkpoint that needs its own code: refused before anything is imported.
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    (evil / "modeling_evil.py").write_text(code)
+    (evil / "configuration_evil.py").write_text(code)
+    (evil / "config.json").write_text(json.dumps({
+        "model_type": "evil",
+        "auto_map": {"AutoConfig": "configuration_evil.EvilConfig", "AutoModel": "modeling_evil.EvilModel"},
+    }))
+    with pytest.raises(ModelLoadError, match="trust_remote_code is never enabled"):
+        load_embedder(str(evil))
+
+    # A CLIP checkpoint that also ships custom code: loads with the built-in classes, code unused.
+    clip_with_code = tmp_path / "clip-with-code"
+    shutil.copytree(tiny_clip_dir, clip_with_code)
+    (clip_with_code / "modeling_evil.py").write_text(code)
+    config = json.loads((clip_with_code / "config.json").read_text())
+    config["auto_map"] = {"AutoModel": "modeling_evil.EvilModel"}
+    (clip_with_code / "config.json").write_text(json.dumps(config))
+    assert load_embedder(str(clip_with_code)).dim == 32
+    assert not marker.exists()
+
+
+def test_incomplete_vision_weights_are_an_error_not_random_layers(tmp_path, tiny_clip_dir):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_clip_dir, broken)
+    config = json.loads((broken / "config.json").read_text())
+    config["projection_dim"] = 16  # the saved projection is 32 wide
+    (broken / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match="cannot load|complete"):
+        load_embedder(str(broken))

@@ -106,6 +106,35 @@ class _SourceStream(io.RawIOBase):
         return n
 
 
+def _watching_tarinfo(seen: list[tarfile.HeaderError]) -> type[tarfile.TarInfo]:
+    """A TarInfo class that remembers why header parsing stopped. tarfile ends iteration SILENTLY on
+    a garbage header or on data that stops at a member boundary (no end-of-archive blocks); only a
+    zero block (EOFHeaderError) is a proper end."""
+
+    class WatchingTarInfo(tarfile.TarInfo):
+        @classmethod
+        def fromtarfile(cls, tar: tarfile.TarFile) -> tarfile.TarInfo:
+            try:
+                return super().fromtarfile(tar)
+            except tarfile.HeaderError as e:
+                seen.append(e)
+                raise
+
+    return WatchingTarInfo
+
+
+def _end_error(seen: list[tarfile.HeaderError]) -> str | None:
+    """Why iteration stopped, when it was not a proper end-of-archive marker."""
+    if not seen or isinstance(seen[-1], tarfile.EOFHeaderError):
+        return None
+    e = seen[-1]
+    if isinstance(e, tarfile.EmptyHeaderError):
+        return "data ends without the end-of-archive marker (truncated at a member boundary?)"
+    if isinstance(e, tarfile.TruncatedHeaderError):
+        return f"truncated member header: {e}"
+    return f"invalid member header: {e}"
+
+
 def _decode_text(data: bytes) -> str:
     return data.decode("utf-8", errors="replace")
 
@@ -117,8 +146,9 @@ def iter_tar(raw: BinaryIO, stats: TarStats | None = None) -> Iterator[Sample | 
     can be read, :class:`SourceReadError` when the source fails."""
     stats = stats if stats is not None else TarStats()
     stream = io.BufferedReader(_SourceStream(raw, stats), buffer_size=1 << 20)
+    header_errors: list[tarfile.HeaderError] = []
     try:
-        tar = tarfile.open(fileobj=stream, mode="r|*")
+        tar = tarfile.open(fileobj=stream, mode="r|*", tarinfo=_watching_tarinfo(header_errors))
     except tarfile.TarError as e:
         raise TarOpenError(f"not a readable tar: {e}") from e
 
@@ -142,6 +172,10 @@ def iter_tar(raw: BinaryIO, stats: TarStats | None = None) -> Iterator[Sample | 
             try:
                 info = tar.next()
                 if info is None:
+                    problem = _end_error(header_errors)
+                    if problem:
+                        after = f" after {last_member}" if last_member else ""
+                        stats.error = f"tar truncated or corrupt{after}: {problem}"
                     break
                 stats.members += 1
                 # Stream mode still appends every TarInfo to tar.members; drop them so a shard with

@@ -233,12 +233,13 @@ def _load_module(ref: ModelRef, cache_dir: str, dtype: torch.dtype) -> torch.nn.
     from transformers import CLIPVisionModelWithProjection
     from transformers.utils import logging as hf_logging
 
-    config = _vision_config(ref, cache_dir)
-    # The loading report lists every skipped text-tower weight; we check the info ourselves.
+    # The loading report lists every skipped text-tower weight (we check the info ourselves), and
+    # the full config warns about text-tower settings we never use.
     previous = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
+        config = _vision_config(ref, cache_dir)
         module, info = CLIPVisionModelWithProjection.from_pretrained(
             ref.source,
             config=config,
@@ -248,6 +249,8 @@ def _load_module(ref: ModelRef, cache_dir: str, dtype: torch.dtype) -> torch.nn.
             dtype=dtype,
             output_loading_info=True,
         )
+    except ModelLoadError:
+        raise
     except Exception as e:
         raise ModelLoadError(f"cannot load the CLIP vision tower from {ref.source!r}: {type(e).__name__}: {e}") from e
     finally:

@@ -161,7 +161,8 @@ class SeaweedS3:
                 client.delete_object(Bucket="embedjob-probe", Key="probe")
                 return
             except Exception as e:  # noqa: BLE001 - any failure means "not ready yet"
-                if self.config is not None and "AccessDenied" in str(e) or "SignatureDoesNotMatch" in str(e):
+                if self.config is not None and any(
+                        code in str(e) for code in ("AccessDenied", "SignatureDoesNotMatch", "InvalidAccessKeyId")):
                     return  # authenticated server answering: ready
                 last = e
                 time.sleep(0.5)

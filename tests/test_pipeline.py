@@ -315,3 +315,28 @@ def test_large_shard_is_streamed_with_bounded_memory(embedder, tmp_path):
     assert result.images == n and result.failed == 0
     print(f"tracemalloc peak {peak / pad:.1f} MiB for a {n} MiB shard")
     assert peak < 24 * pad, f"peak {peak / pad:.1f} MiB for a {n} MiB shard"
+
+
+def test_model_failure_mid_shard_stops_every_stage(embedder, tmp_path):
+    """A failing batch fails the shard cleanly: the error comes out, no manifest, no thread left
+    blocked on a full queue."""
+    import threading
+
+    from embedjob.worker.model import Embedder
+
+    calls = []
+
+    def forward(pixels):
+        calls.append(len(pixels))
+        if len(calls) == 2:
+            raise RuntimeError("device fell off the bus (injected)")
+        return embedder._forward(pixels)
+
+    failing = Embedder(forward, model_id="tiny", revision=None, dim=32, device=embedder.device, dtype=embedder.dtype)
+    tar = shards.simple_shard(40).write(tmp_path / "s.tar")
+    before = threading.active_count()
+    with pytest.raises(RuntimeError, match="fell off the bus"):
+        embed_shard(str(tar), str(tmp_path / "out"), failing, _opts(batch_size=2))
+    assert threading.active_count() == before
+    assert not (tmp_path / "out" / "_manifests" / "s.json").exists()
+    assert not (tmp_path / "out" / "img_emb").exists()

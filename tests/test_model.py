@@ -11,11 +11,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from embedjob.worker.model import Embedder, ModelLoadError, OutOfMemoryError, clear_cache, load_embedder
-from embedjob.worker.pipeline import embed_shard
 from PIL import Image
 
 from embedjob.contract import EmbedOptions
+from embedjob.worker.model import Embedder, ModelLoadError, OutOfMemoryError, clear_cache, load_embedder
+from embedjob.worker.pipeline import embed_shard
 from tests import shards
 from tests.test_preprocess import clip_reference
 

@@ -15,13 +15,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+
+from embedjob.contract import EmbedOptions
+from embedjob.storage import Storage, s3_client
 from embedjob.worker.model import clear_cache, load_embedder
 from embedjob.worker.pipeline import embed_shard
 from embedjob.worker.tar_reader import SourceReadError, TarOpenError
 from embedjob.worker.writer import METADATA_SCHEMA
-
-from embedjob.contract import EmbedOptions
-from embedjob.storage import Storage, s3_client
 from tests import shards
 
 FAILURE_REASONS = {

@@ -9,10 +9,10 @@ import io
 
 import numpy as np
 import pytest
-from embedjob.worker.decode import decode_image
-from embedjob.worker.preprocess import PREPROCESSING_ID, normalize, preprocess, reference_crop
 from PIL import Image
 
+from embedjob.worker.decode import decode_image
+from embedjob.worker.preprocess import PREPROCESSING_ID, normalize, preprocess, reference_crop
 from tests import shards
 
 REF_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)

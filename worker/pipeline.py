@@ -41,15 +41,15 @@ from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
+
+from embedjob.contract import EmbedOptions
+from embedjob.layout import SHARD_SUFFIX, shard_outputs
+from embedjob.storage import Storage
 from embedjob.worker.decode import DecodeError, decode_image
 from embedjob.worker.model import Embedder
 from embedjob.worker.preprocess import PREPROCESSING_ID, PreprocessError, normalize, reference_crop
 from embedjob.worker.tar_reader import Sample, SkippedMember, TarStats, iter_tar
 from embedjob.worker.writer import MetadataRow, ShardWriter
-
-from embedjob.contract import EmbedOptions
-from embedjob.layout import SHARD_SUFFIX, shard_outputs
-from embedjob.storage import Storage
 
 log = logging.getLogger(__name__)
 

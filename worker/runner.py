@@ -84,9 +84,10 @@ def check_model(model: dict) -> None:
         return
     from transformers import CLIPVisionConfig
 
-    cache = os.environ.get("EMBEDJOB_MODEL_DIR") or os.path.expanduser("~/.cache/embedjob/models")
+    from embedjob.worker.model import default_model_dir
+
     try:
-        CLIPVisionConfig.from_pretrained(model["name"], revision=model.get("revision"), cache_dir=cache)
+        CLIPVisionConfig.from_pretrained(model["name"], revision=model.get("revision"), cache_dir=default_model_dir())
     except Exception as e:  # noqa: BLE001 - any reason the weights are unreachable
         raise SpecError(
             "spec.model.name",

@@ -1,0 +1,193 @@
+"""The Celery task against REAL Redis, REAL SeaweedFS and REAL `embedjob worker` subprocesses."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+import uuid
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from embedjob.broker import make_app
+from embedjob.contract import TASK_NAME, EmbedOptions, ShardTask, task_id
+from embedjob.layout import shard_outputs
+from embedjob.progress import ProgressStore, redis_client
+from embedjob.storage import Storage, s3_client
+
+
+def _jpeg(i: int, size: tuple[int, int]) -> bytes:
+    rng = np.random.default_rng(i)
+    img = Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=85)
+    return buf.getvalue()
+
+
+def _put_shard(bucket: str, key: str, members: list[tuple[str, bytes]]) -> str:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    s3_client().put_object(Bucket=bucket, Key=key, Body=buf.getvalue())
+    return f"s3://{bucket}/{key}"
+
+
+class Workers:
+    """`embedjob worker` subprocesses, each in its own process group (so SIGKILL takes the whole
+    worker: the main process and its pool child)."""
+
+    def __init__(self, env: dict, queue: str, tmp_path) -> None:
+        self.env, self.queue, self.tmp = env, queue, tmp_path
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self, name: str) -> subprocess.Popen:
+        log = open(self.tmp / f"{name}.log", "wb")  # noqa: SIM115
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "embedjob.cli", "worker", "--queue", self.queue, "--hostname", f"{name}@%h",
+             "--loglevel", "info"],
+            env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        self.procs.append(proc)
+        return proc
+
+    def kill(self, proc: subprocess.Popen) -> None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+    def stop_all(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+
+
+@pytest.fixture()
+def env(redis_url, s3_env):
+    e = dict(os.environ)
+    e.update(s3_env)
+    e.update(EMBEDJOB_REDIS_URL=redis_url, EMBEDJOB_LEASE_SECONDS="4", EMBEDJOB_VISIBILITY_TIMEOUT="6",
+             EMBEDJOB_RESTORE_INTERVAL="1", OMP_NUM_THREADS="1")
+    return e
+
+
+@pytest.fixture()
+def workers(env, tmp_path):
+    w = Workers(env, f"q-{uuid.uuid4().hex[:8]}", tmp_path)
+    yield w
+    w.stop_all()
+
+
+def _send(env: dict, queue: str, task: ShardTask) -> None:
+    app = make_app(env["EMBEDJOB_REDIS_URL"])
+    app.send_task(TASK_NAME, kwargs={"task": task.to_dict()}, task_id=task_id(task.job, task.stem, task.attempt),
+                  queue=queue)
+
+
+def _wait_state(store: ProgressStore, stem: str, want: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if store.state(stem) == want:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"shard {stem} did not reach {want} in {timeout}s (state {store.state(stem)!r}, "
+                         f"info {store.info(stem)})")
+
+
+def test_worker_embeds_good_and_corrupt_images(bucket, env, workers, tiny_clip_dir, redis_url):
+    members = []
+    for i in range(7):
+        members.append((f"s/{i:04d}.jpg", _jpeg(i, (120 + 10 * i, 90))))
+        members.append((f"s/{i:04d}.txt", f"caption {i}".encode()))
+    members.insert(4, ("s/bad1.jpg", b"not an image at all"))
+    members.insert(9, ("s/bad2.png", b""))
+    shard = _put_shard(bucket, "in/000.tar", members)
+    job = f"job-{uuid.uuid4().hex[:6]}"
+    task = ShardTask(job=job, shard=shard, stem="000", output=f"s3://{bucket}/out",
+                     model={"name": "x", "revision": None, "path": str(tiny_clip_dir)},
+                     options={**EmbedOptions().__dict__, "device": "cpu", "dtype": "float32"})
+    workers.start("w1")
+    _send(env, workers.queue, task)
+    store = ProgressStore(redis_client(redis_url), job)
+    _wait_state(store, "000", "succeeded", 120)
+
+    storage = Storage()
+    out = shard_outputs(task.output, "000")
+    emb = np.load(io.BytesIO(storage.read_bytes(out.embeddings)))
+    keys = pq.read_table(io.BytesIO(storage.read_bytes(out.metadata))).column("key").to_pylist()
+    manifest = json.loads(storage.read_bytes(out.manifest))
+    assert emb.shape == (7, 32) and emb.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    assert keys == [f"s/{i:04d}" for i in range(7)]
+    failed = {f["key"]: f["reason"] for f in manifest["failed"]}
+    assert set(failed) == {"s/bad1", "s/bad2"} and all(failed.values())
+    info = store.info("000")
+    assert (info["images"], info["failedImages"]) == (7, 2)
+    assert store.executions() == {"000": 1}
+    # Credentials never travel in the message.
+    assert "AWS_SECRET_ACCESS_KEY" not in json.dumps(task.to_dict()) and env["AWS_SECRET_ACCESS_KEY"] not in json.dumps(
+        task.to_dict())
+
+    # A duplicate delivery of a finished shard does no work.
+    _send(env, workers.queue, ShardTask(**{**task.to_dict(), "attempt": 2}))
+    time.sleep(3)
+    assert store.executions() == {"000": 1}
+
+
+def test_sigkilled_worker_shard_redelivered_and_completed_once(bucket, env, workers, tiny_clip_dir, redis_url):
+    n = 600
+    members = [(f"{i:05d}.jpg", _jpeg(i, (320, 240))) for i in range(n)]
+    shard = _put_shard(bucket, "in/big.tar", members)
+    job = f"job-{uuid.uuid4().hex[:6]}"
+    task = ShardTask(job=job, shard=shard, stem="big", output=f"s3://{bucket}/out",
+                     model={"name": "x", "revision": None, "path": str(tiny_clip_dir)},
+                     options={**EmbedOptions().__dict__, "device": "cpu", "batch_size": 8, "num_threads": 1})
+    store = ProgressStore(redis_client(redis_url), job)
+    storage = Storage()
+    out = shard_outputs(task.output, "big")
+
+    first = workers.start("victim")
+    _send(env, workers.queue, task)
+    _wait_state(store, "big", "running", 120)
+    deadline = time.monotonic() + 60
+    while store.info("big").get("imagesSoFar", 0) == 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert store.info("big").get("imagesSoFar", 0) > 0, "the worker never got into the shard"
+    workers.kill(first)
+    assert not storage.exists(out.manifest)
+    assert not storage.exists(out.embeddings) and not storage.exists(out.metadata)
+
+    workers.start("rescuer")
+    seen_partial = []
+    deadline = time.monotonic() + 180
+    while store.state("big") != "succeeded" and time.monotonic() < deadline:
+        # Whatever is visible under a final name must be complete.
+        if storage.exists(out.embeddings):
+            arr = np.load(io.BytesIO(storage.read_bytes(out.embeddings)))
+            if arr.shape[0] != n:
+                seen_partial.append(arr.shape)
+        time.sleep(0.3)
+    assert store.state("big") == "succeeded", store.info("big")
+    assert not seen_partial
+    emb = np.load(io.BytesIO(storage.read_bytes(out.embeddings)))
+    keys = pq.read_table(io.BytesIO(storage.read_bytes(out.metadata))).column("key").to_pylist()
+    assert emb.shape == (n, 32) and emb.dtype == np.float16
+    assert keys == [f"{i:05d}" for i in range(n)]
+    # Started twice (the killed run and the redo), completed once: exactly one manifest.
+    assert store.executions() == {"big": 2}
+    assert list(storage.list(f"s3://{bucket}/out/_manifests/")) == [out.manifest]
+    assert json.loads(storage.read_bytes(out.manifest))["counts"]["embedded"] == n

@@ -17,6 +17,7 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -25,11 +26,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from embedjob.operator import status as st
-from embedjob.operator.dispatch import Dispatcher, Sender
-
 from embedjob.broker import remove_queued_tasks
 from embedjob.contract import task_id_prefix
+from embedjob.operator import status as st
+from embedjob.operator.dispatch import Dispatcher, Sender
 from embedjob.planning import PlanError, Shard, plan_shards
 from embedjob.progress import ProgressStore
 from embedjob.results import done_stems, read_manifest, write_job_manifest
@@ -120,6 +120,12 @@ def with_mutable(accepted: JobSpec, raw: Mapping[str, Any] | None) -> JobSpec:
         parallelism=int(raw.get("parallelism") or 0),
         ttlSecondsAfterFinished=raw.get("ttlSecondsAfterFinished"),
     )
+
+
+def max_lease_expiries() -> int:
+    """Lease expiries a shard may cause before they count as one real failure (a poison shard that
+    kills every worker it lands on must not loop forever)."""
+    return int(os.environ.get("EMBEDJOB_MAX_LEASE_EXPIRIES", "10"))
 
 
 def backoff_seconds(base: int, failures: int) -> float:
@@ -328,10 +334,16 @@ class Reconciler:
             for stem in running:
                 if stem not in alive and store.state(stem) == "running":
                     expired.append(stem)
-        for stem in expired:
+        for stem in list(expired):
             n = int(store.info(stem).get("leaseExpiries") or 0) + 1
-            store.update_info(stem, leaseExpiries=n)
             store.r.hincrby(store.key("totals"), "leaseExpiries", 1)
+            if n > max_lease_expiries():
+                # A shard that takes down every worker it lands on is a real failure after all.
+                store.update_info(stem, leaseExpiries=n, error=f"LeaseExpired: its worker was lost {n} times")
+                store.set_state_if(stem, "running", "failed")
+                expired.remove(stem)
+                continue
+            store.update_info(stem, leaseExpiries=n)
             self.events.append(Event("Normal", "LeaseExpired", f"{stem}: worker lost, shard re-enqueued"))
 
         dispatched_now = 0

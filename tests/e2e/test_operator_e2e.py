@@ -1,0 +1,252 @@
+"""EmbeddingJob end to end: kubectl apply -> real kube-apiserver -> the operator (subprocess) ->
+Celery tasks on real Redis -> worker subprocesses -> outputs in real SeaweedFS S3 -> status."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+
+import numpy as np
+import pytest
+
+from embedjob.contract import task_id_prefix
+from embedjob.layout import job_manifest_uri
+from embedjob.progress import ProgressStore, redis_client
+from embedjob.results import read_shard
+from embedjob.storage import Storage, s3_client
+from tests.e2e.conftest import put_shards
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture()
+def bucket(stack):
+    name = f"e2e-{uuid.uuid4().hex[:12]}"
+    s3_client().create_bucket(Bucket=name)
+    return name
+
+
+def store_of(obj) -> ProgressStore:
+    return ProgressStore(redis_client(), obj["metadata"]["uid"])
+
+
+def queued_task_ids(queue: str) -> list[str]:
+    r = redis_client()
+    return [json.loads(m)["headers"]["id"] for m in r.lrange(queue, 0, -1)]
+
+
+def succeeded_count(obj) -> int:
+    return obj.get("status", {}).get("shards", {}).get("succeeded", 0)
+
+
+def assert_outputs_complete(bucket: str, shards: dict, dim: int = 32) -> None:
+    """Every shard's outputs are complete and aligned: keys in tar order, L2-normalised rows, and
+    nothing under a final name without its manifest."""
+    out = f"s3://{bucket}/out"
+    keys = [u[len(f"s3://{bucket}/"):] for u in Storage().list(out + "/")]
+    finals = [k for k in keys if not k.startswith("out/_tmp/")]
+    expected = {"out/_job.json"}
+    for stem in shards:
+        expected |= {f"out/img_emb/{stem}.npy", f"out/metadata/{stem}.parquet", f"out/_manifests/{stem}.json"}
+    assert set(finals) == expected
+    for stem, content in shards.items():
+        s = read_shard(out, stem)
+        assert s.keys == content.good
+        assert s.embeddings.shape == (len(content.good), dim)
+        np.testing.assert_allclose(np.linalg.norm(s.embeddings.astype(np.float32), axis=1), 1.0, atol=2e-3)
+        assert s.manifest["counts"]["embedded"] == len(content.good)
+        assert s.manifest["counts"]["failed"] == len(content.failed)
+
+
+def test_apply_job_succeeds_with_exact_counters_and_verified_outputs(stack, bucket):
+    shards = put_shards(bucket, "in", n=4, images=5, corrupt={2: 2})
+    stack.apply(stack.job_doc("basic", {"input": {"uri": f"s3://{bucket}/in/{{0000..0003}}.tar"},
+                                        "output": {"uri": f"s3://{bucket}/out/"}}))
+    obj = stack.wait_phase("basic", "Succeeded", timeout=120)
+    st = obj["status"]
+    assert st["progress"] == "4/4"
+    assert st["shards"] == {"total": 4, "queued": 0, "running": 0, "succeeded": 4, "failed": 0}
+    assert st["images"] == {"embedded": 18, "failed": 2}
+    assert st["observedGeneration"] == obj["metadata"]["generation"]
+    conds = {c["type"]: c for c in st["conditions"]}
+    assert conds["Complete"]["status"] == "True" and conds["Failed"]["status"] == "False"
+    assert all({"type", "status", "lastTransitionTime", "reason", "message"} <= set(c) for c in conds.values())
+    assert st["startTime"] <= st["completionTime"] and st["failedShards"] == []
+    assert_outputs_complete(bucket, shards)
+    job = json.loads(Storage().read_bytes(job_manifest_uri(f"s3://{bucket}/out/")))
+    assert job["totals"] == {"shards": 4, "succeeded": 4, "failed": 0, "images": 18, "failedImages": 2}
+    assert store_of(obj).executions() == {s: 1 for s in shards}
+    table = stack.kubectl("get", "ej", "basic").stdout
+    assert "Succeeded" in table and "4/4" in table and "18" in table
+    reasons = {e["reason"] for e in stack.events("basic")}
+    assert {"Planned", "Started", "Succeeded"} <= reasons
+    # finalizer and kopf state under our own names
+    assert obj["metadata"]["finalizers"] == ["embedjob.io/cleanup"]
+    assert not [a for a in obj["metadata"].get("annotations", {}) if a.startswith("kopf.zalando.org")]
+    stack.delete("basic")
+
+
+def test_invalid_specs_are_rejected_naming_the_field(stack, bucket):
+    doc = stack.job_doc("bad", {"input": {"uri": f"s3://{bucket}/in/"}, "output": {"uri": f"s3://{bucket}/out/"}})
+    doc["spec"]["inference"]["batchSize"] = 0
+    r = stack.apply(doc, check=False)
+    assert r.returncode != 0 and "spec.inference.batchSize" in r.stderr
+    doc = stack.job_doc("bad", {"input": {"uri": "http://example.com/x"}, "output": {"uri": f"s3://{bucket}/o/"}})
+    r = stack.apply(doc, check=False)
+    assert r.returncode != 0 and "spec.input.uri" in r.stderr
+    doc = stack.job_doc("bad", {"input": {"uri": f"s3://{bucket}/in/"}, "output": {"uri": f"s3://{bucket}/o/"},
+                                "retries": {"perShard": -1}})
+    r = stack.apply(doc, check=False)
+    assert r.returncode != 0 and "spec.retries.perShard" in r.stderr
+    doc = stack.job_doc("bad", {"input": {"uri": f"s3://{bucket}/in/"}, "output": {"uri": f"s3://{bucket}/o/",
+                                                                                    "dtype": "int8"}})
+    r = stack.apply(doc, check=False)
+    assert r.returncode != 0 and "spec.output.dtype" in r.stderr
+    assert stack.get("bad") is None
+
+    # What the schema cannot see, the operator refuses with a Failed condition naming the field.
+    doc = stack.job_doc("semantic", {"input": {"uri": f"s3://{bucket}/in/"},
+                                     "output": {"uri": f"s3://{bucket}/in/emb/"}})
+    stack.apply(doc)
+    obj = stack.wait_phase("semantic", "Failed", timeout=30)
+    cond = next(c for c in obj["status"]["conditions"] if c["type"] == "Failed")
+    assert cond["status"] == "True" and cond["reason"] == "InvalidSpec" and "spec.output.uri" in cond["message"]
+    stack.delete("semantic")
+
+
+def test_operator_killed_mid_job_completes_and_each_shard_runs_once(stack, bucket):
+    shards = put_shards(bucket, "in", n=12, images=4)
+    stack.apply(stack.job_doc("restart", {"input": {"uri": f"s3://{bucket}/in/"},
+                                          "output": {"uri": f"s3://{bucket}/out/"}, "parallelism": 3}))
+    stack.wait("restart", lambda o: succeeded_count(o) >= 2, 90, "2 shards done")
+    stack.operator.kill()
+    time.sleep(3)  # workers go on; nothing is dispatched meanwhile
+    stack.operator.start()
+    obj = stack.wait_phase("restart", "Succeeded", timeout=150)
+    assert obj["status"]["images"]["embedded"] == 48 and obj["status"]["progress"] == "12/12"
+    assert store_of(obj).executions() == {s: 1 for s in shards}
+    assert_outputs_complete(bucket, shards)
+    stack.delete("restart")
+
+
+def test_worker_sigkilled_mid_shard_job_completes_without_partial_outputs(stack, bucket):
+    shards = put_shards(bucket, "in", n=4, images=60, size=(160, 120))
+    stack.apply(stack.job_doc("killw", {"input": {"uri": f"s3://{bucket}/in/"},
+                                        "output": {"uri": f"s3://{bucket}/out/"}}))
+    obj = stack.wait("killw", lambda o: o.get("metadata", {}).get("uid") is not None, 10)
+    store = store_of(obj)
+    deadline = time.monotonic() + 90
+    victim = None
+    while time.monotonic() < deadline and victim is None:
+        for stem, state in store.states().items():
+            owner = store.lease_owner(stem) if state == "running" else None
+            if owner:
+                victim = (stem, int(owner.split(":")[1]))
+                break
+        time.sleep(0.05)
+    assert victim, "no shard was seen running"
+    stem, pid = victim
+    proc = stack.workers.by_pid(pid)
+    assert proc is not None, f"lease owner pid {pid} is not one of the workers"
+    stack.workers.kill(proc)
+    stack.workers.start_one()
+    obj = stack.wait_phase("killw", "Succeeded", timeout=180)
+    st = obj["status"]
+    assert st["images"]["embedded"] == 240 and st["attempts"]["failures"] == 0
+    assert st["attempts"]["leaseExpiries"] >= 1 or store.executions()[stem] == 2
+    assert store.info(stem).get("leaseExpiries", 0) >= 1 or store.executions()[stem] == 2
+    assert_outputs_complete(bucket, shards)
+    stack.delete("killw")
+
+
+def test_suspend_stops_dispatch_and_resume_finishes(stack, bucket):
+    shards = put_shards(bucket, "in", n=6, images=3)
+    stack.apply(stack.job_doc("pause", {"input": {"uri": f"s3://{bucket}/in/"},
+                                        "output": {"uri": f"s3://{bucket}/out/"}, "parallelism": 1}))
+    stack.wait("pause", lambda o: succeeded_count(o) >= 1, 90, "1 shard done")
+    stack.kubectl("patch", "ej", "pause", "--type=merge", "-p", '{"spec":{"suspend":true}}')
+    obj = stack.wait_phase("pause", "Suspended", timeout=30)
+    prefix = task_id_prefix(obj["metadata"]["uid"])
+    assert not [t for t in queued_task_ids(stack.queue) if t.startswith(prefix)]
+    cond = next(c for c in obj["status"]["conditions"] if c["type"] == "Suspended")
+    assert cond["status"] == "True"
+    time.sleep(3)  # an in-flight shard may finish; nothing new starts
+    before = succeeded_count(stack.get("pause"))
+    time.sleep(3)
+    assert succeeded_count(stack.get("pause")) == before < 6
+    stack.kubectl("patch", "ej", "pause", "--type=merge", "-p", '{"spec":{"suspend":false}}')
+    obj = stack.wait_phase("pause", "Succeeded", timeout=120)
+    assert obj["status"]["images"]["embedded"] == 18
+    assert store_of(obj).executions() == {s: 1 for s in shards}
+    reasons = {e["reason"] for e in stack.events("pause")}
+    assert {"Suspended", "Resumed"} <= reasons
+    stack.delete("pause")
+
+
+def test_delete_mid_job_releases_finalizer_and_removes_queued_tasks(stack, bucket):
+    put_shards(bucket, "in", n=30, images=2)
+    stack.apply(stack.job_doc("gone", {"input": {"uri": f"s3://{bucket}/in/"},
+                                       "output": {"uri": f"s3://{bucket}/out/"}}))
+    obj = stack.wait("gone", lambda o: succeeded_count(o) >= 1, 90, "1 shard done")
+    uid = obj["metadata"]["uid"]
+    prefix = task_id_prefix(uid)
+    assert [t for t in queued_task_ids(stack.queue) if t.startswith(prefix)], "expected queued tasks"
+    t0 = time.monotonic()
+    stack.delete("gone", timeout=30)
+    assert stack.get("gone") is None and time.monotonic() - t0 < 30
+    assert not [t for t in queued_task_ids(stack.queue) if t.startswith(prefix)]
+    store = ProgressStore(redis_client(), uid)
+    time.sleep(2)  # a shard in flight at deletion ends; the worker drops anything else
+    assert set(redis_client().keys(store.prefix + "*")) <= {store.key("control"), store.key("state"),
+                                                             store.key("info"), store.key("executions")}
+    assert store.control() == "deleted"
+    assert list(Storage().list(f"s3://{bucket}/out/_manifests/")), "outputs are kept"
+    reasons = {e["reason"] for e in stack.events("gone")}
+    assert "Cleaned" in reasons
+
+
+def test_always_failing_shard_is_retried_then_fails_or_is_tolerated(stack, bucket):
+    # Shard 0001 does not exist: every attempt fails (NoSuchKey) at the shard level.
+    put_shards(bucket, "in", n=3, images=2)
+    s3_client().delete_object(Bucket=bucket, Key="in/0001.tar")
+    for name, max_failed in (("strict", 0), ("tolerant", 1)):
+        stack.apply(stack.job_doc(name, {"input": {"uri": f"s3://{bucket}/in/{{0000..0002}}.tar"},
+                                         "output": {"uri": f"s3://{bucket}/out-{name}/"},
+                                         "retries": {"perShard": 2, "backoffSeconds": 1},
+                                         "maxFailedShards": max_failed}))
+    strict = stack.wait_phase("strict", "Failed", timeout=120)
+    tolerant = stack.wait_phase("tolerant", "Succeeded", timeout=120)
+    for obj in (strict, tolerant):
+        st = obj["status"]
+        assert st["shards"]["failed"] == 1
+        [failed] = st["failedShards"]
+        assert failed["stem"] == "0001" and failed["attempts"] == 3 and "NoSuch" in failed["error"]
+        assert store_of(obj).executions()["0001"] == 3  # 1 + perShard retries
+    cond = next(c for c in strict["status"]["conditions"] if c["type"] == "Failed")
+    assert cond["status"] == "True" and cond["reason"] == "TooManyFailedShards"
+    assert tolerant["status"]["progress"] == "2/3" and tolerant["status"]["images"]["embedded"] == 4
+    assert Storage().exists(job_manifest_uri(f"s3://{bucket}/out-tolerant/"))
+    assert "ShardFailed" in {e["reason"] for e in stack.events("strict")}
+    stack.delete("strict")
+    stack.delete("tolerant")
+
+
+def test_two_hundred_small_shards_exact_counters(stack, bucket):
+    n = int(os.environ.get("EMBEDJOB_E2E_MANY_SHARDS", "200"))
+    shards = put_shards(bucket, "many", n=n, images=2, corrupt={7: 1}, size=(32, 32))
+    t0 = time.monotonic()
+    stack.apply(stack.job_doc("many", {"input": {"uri": f"s3://{bucket}/many/"},
+                                       "output": {"uri": f"s3://{bucket}/out/"}}))
+    obj = stack.wait_phase("many", "Succeeded", timeout=480, )
+    wall = time.monotonic() - t0
+    st = obj["status"]
+    assert st["shards"] == {"total": n, "queued": 0, "running": 0, "succeeded": n, "failed": 0}
+    assert st["images"] == {"embedded": 2 * n - 1, "failed": 1}
+    assert store_of(obj).executions() == {s: 1 for s in shards}
+    job = json.loads(Storage().read_bytes(job_manifest_uri(f"s3://{bucket}/out/")))
+    assert job["totals"]["shards"] == n and job["totals"]["images"] == 2 * n - 1
+    print(f"\n{n}-shard job: kubectl apply -> Succeeded in {wall:.1f}s "
+          f"({n / wall:.2f} shards/s, 2 workers, 2 cores)")
+    stack.delete("many")

@@ -117,15 +117,16 @@ def test_invalid_specs_are_rejected_naming_the_field(stack, bucket):
 
 
 def test_operator_killed_mid_job_completes_and_each_shard_runs_once(stack, bucket):
-    shards = put_shards(bucket, "in", n=12, images=4)
+    shards = put_shards(bucket, "in", n=12, images=12, size=(128, 96))
     stack.apply(stack.job_doc("restart", {"input": {"uri": f"s3://{bucket}/in/"},
                                           "output": {"uri": f"s3://{bucket}/out/"}, "parallelism": 3}))
-    stack.wait("restart", lambda o: succeeded_count(o) >= 2, 90, "2 shards done")
+    obj = stack.wait("restart", lambda o: succeeded_count(o) >= 2, 90, "2 shards done")
     stack.operator.kill()
+    assert succeeded_count(obj) < 12, "the job finished before the operator was killed"
     time.sleep(3)  # workers go on; nothing is dispatched meanwhile
     stack.operator.start()
     obj = stack.wait_phase("restart", "Succeeded", timeout=150)
-    assert obj["status"]["images"]["embedded"] == 48 and obj["status"]["progress"] == "12/12"
+    assert obj["status"]["images"]["embedded"] == 144 and obj["status"]["progress"] == "12/12"
     assert store_of(obj).executions() == {s: 1 for s in shards}
     assert_outputs_complete(bucket, shards)
     stack.delete("restart")
@@ -162,7 +163,7 @@ def test_worker_sigkilled_mid_shard_job_completes_without_partial_outputs(stack,
 
 
 def test_suspend_stops_dispatch_and_resume_finishes(stack, bucket):
-    shards = put_shards(bucket, "in", n=6, images=3)
+    shards = put_shards(bucket, "in", n=8, images=16, size=(128, 96))
     stack.apply(stack.job_doc("pause", {"input": {"uri": f"s3://{bucket}/in/"},
                                         "output": {"uri": f"s3://{bucket}/out/"}, "parallelism": 1}))
     stack.wait("pause", lambda o: succeeded_count(o) >= 1, 90, "1 shard done")
@@ -175,10 +176,22 @@ def test_suspend_stops_dispatch_and_resume_finishes(stack, bucket):
     time.sleep(3)  # an in-flight shard may finish; nothing new starts
     before = succeeded_count(stack.get("pause"))
     time.sleep(3)
-    assert succeeded_count(stack.get("pause")) == before < 6
-    stack.kubectl("patch", "ej", "pause", "--type=merge", "-p", '{"spec":{"suspend":false}}')
+    assert succeeded_count(stack.get("pause")) == before < 8
+
+    # Immutable fields are refused (reported in a condition, not applied); reverting clears it.
+    stack.kubectl("patch", "ej", "pause", "--type=merge", "-p",
+                  json.dumps({"spec": {"output": {"uri": f"s3://{bucket}/elsewhere/"}}}))
+    obj = stack.wait("pause", lambda o: any(c["type"] == "SpecChangeRefused" and c["status"] == "True"
+                                            for c in o["status"].get("conditions", [])), 30, "change refused")
+    cond = next(c for c in obj["status"]["conditions"] if c["type"] == "SpecChangeRefused")
+    assert "spec.output.uri" in cond["message"]
+    stack.kubectl("patch", "ej", "pause", "--type=merge", "-p",
+                  json.dumps({"spec": {"output": {"uri": f"s3://{bucket}/out/"}, "suspend": False}}))
     obj = stack.wait_phase("pause", "Succeeded", timeout=120)
-    assert obj["status"]["images"]["embedded"] == 18
+    assert obj["status"]["images"]["embedded"] == 128
+    assert not list(Storage().list(f"s3://{bucket}/elsewhere/"))
+    cond = next(c for c in obj["status"]["conditions"] if c["type"] == "SpecChangeRefused")
+    assert cond["status"] == "False"
     assert store_of(obj).executions() == {s: 1 for s in shards}
     reasons = {e["reason"] for e in stack.events("pause")}
     assert {"Suspended", "Resumed"} <= reasons
@@ -186,7 +199,7 @@ def test_suspend_stops_dispatch_and_resume_finishes(stack, bucket):
 
 
 def test_delete_mid_job_releases_finalizer_and_removes_queued_tasks(stack, bucket):
-    put_shards(bucket, "in", n=30, images=2)
+    put_shards(bucket, "in", n=16, images=40, size=(160, 120))  # slow enough to delete mid-job
     stack.apply(stack.job_doc("gone", {"input": {"uri": f"s3://{bucket}/in/"},
                                        "output": {"uri": f"s3://{bucket}/out/"}}))
     obj = stack.wait("gone", lambda o: succeeded_count(o) >= 1, 90, "1 shard done")
@@ -215,7 +228,8 @@ def test_always_failing_shard_is_retried_then_fails_or_is_tolerated(stack, bucke
         stack.apply(stack.job_doc(name, {"input": {"uri": f"s3://{bucket}/in/{{0000..0002}}.tar"},
                                          "output": {"uri": f"s3://{bucket}/out-{name}/"},
                                          "retries": {"perShard": 2, "backoffSeconds": 1},
-                                         "maxFailedShards": max_failed}))
+                                         "maxFailedShards": max_failed,
+                                         **({"ttlSecondsAfterFinished": 3} if name == "strict" else {})}))
     strict = stack.wait_phase("strict", "Failed", timeout=120)
     tolerant = stack.wait_phase("tolerant", "Succeeded", timeout=120)
     for obj in (strict, tolerant):
@@ -229,7 +243,11 @@ def test_always_failing_shard_is_retried_then_fails_or_is_tolerated(stack, bucke
     assert tolerant["status"]["progress"] == "2/3" and tolerant["status"]["images"]["embedded"] == 4
     assert Storage().exists(job_manifest_uri(f"s3://{bucket}/out-tolerant/"))
     assert "ShardFailed" in {e["reason"] for e in stack.events("strict")}
-    stack.delete("strict")
+    # ttlSecondsAfterFinished: the finished job deletes itself
+    deadline = time.monotonic() + 30
+    while stack.get("strict") is not None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert stack.get("strict") is None, "ttlSecondsAfterFinished did not delete the job"
     stack.delete("tolerant")
 
 

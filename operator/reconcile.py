@@ -122,6 +122,11 @@ def with_mutable(accepted: JobSpec, raw: Mapping[str, Any] | None) -> JobSpec:
     )
 
 
+def max_queued() -> int:
+    """Most shards of one job waiting in the broker at once."""
+    return int(os.environ.get("EMBEDJOB_MAX_QUEUED", "2000"))
+
+
 def max_lease_expiries() -> int:
     """Lease expiries a shard may cause before they count as one real failure (a poison shard that
     kills every worker it lands on must not loop forever)."""
@@ -268,10 +273,10 @@ class Reconciler:
         now = now or st.now_utc()
         status = dict(status or {})
         self.events = []
-        if not is_planned(status):
-            return TickResult(status, [])
         if status.get("phase") in st.TERMINAL:
             return TickResult(status, [], delete=self._ttl_elapsed(raw_spec, status, now))
+        if not is_planned(status):
+            return TickResult(status, [])
         with self.mem.lock:
             return self._tick(raw_spec, status, generation, now)
 
@@ -365,7 +370,11 @@ class Reconciler:
                 for s in redo:
                     states[s] = "queued"
             inflight = sum(1 for v in states.values() if v in ("pending", "queued", "running"))
+            waiting = sum(1 for v in states.values() if v in ("pending", "queued"))
             slots = (spec.parallelism - inflight) if spec.parallelism > 0 else len(plan) + len(retry_due)
+            # Even without a parallelism limit the broker holds a bounded backlog, topped up every
+            # tick: 100,000 messages would make suspend/delete (which filter the queue) slow.
+            slots = min(slots, max_queued() - waiting)
             todo: list[str] = []
             for stem in retry_due:
                 if len(todo) >= slots:

@@ -11,12 +11,12 @@ import time
 import uuid
 
 import pytest
-from embedjob.operator import status as st
-from embedjob.operator.reconcile import JobMemory, Reconciler, accept, cleanup
 
 from embedjob.broker import make_app
 from embedjob.contract import task_id
 from embedjob.layout import job_manifest_uri, shard_outputs
+from embedjob.operator import status as st
+from embedjob.operator.reconcile import JobMemory, Reconciler, accept, cleanup
 from embedjob.progress import ProgressStore, redis_client
 from embedjob.storage import Storage
 
@@ -261,3 +261,17 @@ def test_operator_never_imports_torch():
     code = ("import sys; import embedjob.operator.handlers, embedjob.operator.cli, embedjob.operator.reconcile; "
             "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_broker_backlog_is_bounded_and_topped_up(env, monkeypatch):
+    r, app, store, bucket = env
+    monkeypatch.setenv("EMBEDJOB_MAX_QUEUED", "3")
+    spec = raw_spec(bucket, n=7)
+    status, rec = started(r, app, store, spec)
+    status = rec.tick(spec, status, 1).status
+    assert len(queued_ids(r)) == 3 and status["shards"]["queued"] == 7
+    r.delete(QUEUE)
+    for stem in ("0000", "0001"):
+        worker_finishes(store, stem, 1)
+    status = rec.tick(spec, status, 1).status
+    assert sorted(queued_ids(r)) == sorted(task_id(store.job, s, 1) for s in ("0003", "0004"))

@@ -80,7 +80,7 @@ class Workers:
 def env(redis_url, s3_env):
     e = dict(os.environ)
     e.update(s3_env)
-    e.update(EMBEDJOB_REDIS_URL=redis_url, EMBEDJOB_LEASE_SECONDS="4", EMBEDJOB_VISIBILITY_TIMEOUT="6",
+    e.update(EMBEDJOB_REDIS_URL=redis_url, EMBEDJOB_LEASE_SECONDS="3", EMBEDJOB_VISIBILITY_TIMEOUT="12",
              EMBEDJOB_RESTORE_INTERVAL="1", OMP_NUM_THREADS="1")
     return e
 

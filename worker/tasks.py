@@ -8,6 +8,7 @@ Per task (see embedjob.progress for the Redis keys):
 2. the shard's manifest exists -> record it succeeded, no work (``skipped``);
 3. another live worker holds the shard's lease -> ``duplicate``, no work done twice;
 4. otherwise take the lease, renew it by heartbeat while embedding, record the outcome.
+A duplicate is re-checked one lease period later (see ``embed_shard_task``).
 The task never retries itself: real failures are recorded and the operator (or the local runner)
 decides on retries; a dead worker's lease expires and the shard is redone.
 """
@@ -51,11 +52,11 @@ class _Heartbeat(threading.Thread):
         self.store, self.stem, self.owner = store, stem, owner
         self.images = 0
         self.lost = threading.Event()
-        self._stop = threading.Event()
+        self._halt = threading.Event()
         self.interval = max(lease_seconds() / 4, 0.5)
 
     def run(self) -> None:
-        while not self._stop.wait(self.interval):
+        while not self._halt.wait(self.interval):
             try:
                 if not self.store.renew_lease(self.stem, self.owner):
                     self.lost.set()
@@ -66,8 +67,9 @@ class _Heartbeat(threading.Thread):
                 log.exception("heartbeat for %s failed", self.stem)
 
     def stop(self) -> None:
-        self._stop.set()
-        self.join(5)
+        self._halt.set()
+        if self.is_alive():
+            self.join(5)
 
 
 def run_shard_task(task: ShardTask, owner: str = WORKER_ID) -> dict[str, Any]:
@@ -107,21 +109,30 @@ def run_shard_task(task: ShardTask, owner: str = WORKER_ID) -> dict[str, Any]:
                              on_progress=on_progress)
     except Exception as e:  # noqa: BLE001 - recorded for the operator's retry policy
         log.exception("shard %s failed", task.shard)
-        heartbeat.stop()
         error = f"{type(e).__name__}: {e}"[:1000]
         store.set_state(task.stem, "failed", attempt=task.attempt, error=error, finishedAt=time.time())
-        store.release_lease(task.stem, owner)
         return {"status": "failed", "stem": task.stem, "error": error}
-    heartbeat.stop()
+    finally:
+        heartbeat.stop()
+        store.release_lease(task.stem, owner)
+    # The outputs are committed (manifest written): record success even if the lease was lost meanwhile.
     store.set_state(task.stem, "succeeded", attempt=task.attempt, images=result.images, failedImages=result.failed,
                     seconds=round(result.seconds, 3), finishedAt=time.time(), error=None)
-    store.release_lease(task.stem, owner)
     summary = result.to_dict()
-    summary.pop("timings", None)
-    return {**summary, "timings": {k: round(v, 3) for k, v in result.timings.items()}}
+    summary["timings"] = {k: round(v, 3) for k, v in result.timings.items()}
+    return summary
 
 
-@app.task(name=TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True)
+@app.task(name=TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=None)
 def embed_shard_task(self, task: dict) -> dict:  # noqa: ANN001
-    """Celery entry point; arguments are plain data (no credentials)."""
-    return run_shard_task(ShardTask.from_dict(task))
+    """Celery entry point; arguments are plain data (no credentials).
+
+    A duplicate delivery that finds another worker's live lease does no work, but it is not simply
+    dropped: it comes back after one lease period, and then finds the shard done (exits), still
+    leased (waits again), or its lease expired because that worker died (takes the shard over). So a
+    shard redelivered by the broker is never lost, even with no operator watching the leases."""
+    shard_task = ShardTask.from_dict(task)
+    result = run_shard_task(shard_task)
+    if result["status"] == "duplicate":
+        raise self.retry(countdown=max(lease_seconds(), 1))
+    return result

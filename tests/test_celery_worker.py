@@ -8,38 +8,23 @@ import os
 import signal
 import subprocess
 import sys
-import tarfile
 import time
 import uuid
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
 
 from embedjob.broker import make_app
 from embedjob.contract import TASK_NAME, EmbedOptions, ShardTask, task_id
 from embedjob.layout import shard_outputs
 from embedjob.progress import ProgressStore, redis_client
 from embedjob.storage import Storage, s3_client
+from tests.shards import ShardSpec, simple_shard
 
 
-def _jpeg(i: int, size: tuple[int, int]) -> bytes:
-    rng = np.random.default_rng(i)
-    img = Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
-    buf = io.BytesIO()
-    img.save(buf, "JPEG", quality=85)
-    return buf.getvalue()
-
-
-def _put_shard(bucket: str, key: str, members: list[tuple[str, bytes]]) -> str:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    s3_client().put_object(Bucket=bucket, Key=key, Body=buf.getvalue())
+def _put_shard(bucket: str, key: str, shard: ShardSpec) -> str:
+    s3_client().put_object(Bucket=bucket, Key=key, Body=shard.tar_bytes())
     return f"s3://{bucket}/{key}"
 
 
@@ -109,13 +94,10 @@ def _wait_state(store: ProgressStore, stem: str, want: str, timeout: float) -> N
 
 
 def test_worker_embeds_good_and_corrupt_images(bucket, env, workers, tiny_clip_dir, redis_url):
-    members = []
-    for i in range(7):
-        members.append((f"s/{i:04d}.jpg", _jpeg(i, (120 + 10 * i, 90))))
-        members.append((f"s/{i:04d}.txt", f"caption {i}".encode()))
-    members.insert(4, ("s/bad1.jpg", b"not an image at all"))
-    members.insert(9, ("s/bad2.png", b""))
-    shard = _put_shard(bucket, "in/000.tar", members)
+    spec = simple_shard(7, size=(120, 90), prefix="s/")
+    spec.members.insert(4, ("s/bad1.jpg", b"not an image at all"))
+    spec.members.insert(9, ("s/bad2.png", b""))
+    shard = _put_shard(bucket, "in/000.tar", spec)
     job = f"job-{uuid.uuid4().hex[:6]}"
     task = ShardTask(job=job, shard=shard, stem="000", output=f"s3://{bucket}/out",
                      model={"name": "x", "revision": None, "path": str(tiny_clip_dir)},
@@ -132,7 +114,7 @@ def test_worker_embeds_good_and_corrupt_images(bucket, env, workers, tiny_clip_d
     manifest = json.loads(storage.read_bytes(out.manifest))
     assert emb.shape == (7, 32) and emb.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
-    assert keys == [f"s/{i:04d}" for i in range(7)]
+    assert keys == spec.good_keys
     failed = {f["key"]: f["reason"] for f in manifest["failed"]}
     assert set(failed) == {"s/bad1", "s/bad2"} and all(failed.values())
     info = store.info("000")
@@ -150,8 +132,8 @@ def test_worker_embeds_good_and_corrupt_images(bucket, env, workers, tiny_clip_d
 
 def test_sigkilled_worker_shard_redelivered_and_completed_once(bucket, env, workers, tiny_clip_dir, redis_url):
     n = 600
-    members = [(f"{i:05d}.jpg", _jpeg(i, (320, 240))) for i in range(n)]
-    shard = _put_shard(bucket, "in/big.tar", members)
+    spec = simple_shard(n, size=(320, 240))
+    shard = _put_shard(bucket, "in/big.tar", spec)
     job = f"job-{uuid.uuid4().hex[:6]}"
     task = ShardTask(job=job, shard=shard, stem="big", output=f"s3://{bucket}/out",
                      model={"name": "x", "revision": None, "path": str(tiny_clip_dir)},
@@ -186,7 +168,7 @@ def test_sigkilled_worker_shard_redelivered_and_completed_once(bucket, env, work
     emb = np.load(io.BytesIO(storage.read_bytes(out.embeddings)))
     keys = pq.read_table(io.BytesIO(storage.read_bytes(out.metadata))).column("key").to_pylist()
     assert emb.shape == (n, 32) and emb.dtype == np.float16
-    assert keys == [f"{i:05d}" for i in range(n)]
+    assert keys == spec.good_keys
     # Started twice (the killed run and the redo), completed once: exactly one manifest.
     assert store.executions() == {"big": 2}
     assert list(storage.list(f"s3://{bucket}/out/_manifests/")) == [out.manifest]

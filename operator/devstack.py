@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 from embedjob.operator.devcluster import REPO_ROOT, DevCluster
-
 from embedjob.services import RedisServer, SeaweedS3, free_port, wait_for_port
 
 QUEUE = "embedjob"
@@ -45,7 +44,7 @@ class DevStack:
         self.state_file.write_text(json.dumps(state, indent=1))
 
     def running(self) -> bool:
-        return any(_alive(p["pid"]) for p in self.state().get("processes", []))
+        return any(process_alive(p["pid"]) for p in self.state().get("processes", []))
 
     # -- up --------------------------------------------------------------------------------------------
     def up(self, workers: int = 1, operator: bool = True) -> dict[str, Any]:
@@ -168,14 +167,14 @@ class DevStack:
         procs = self.state().get("processes", [])
         stopped = 0
         for name in STOP_ORDER:
-            group = [p for p in procs if p["name"] == name and _alive(p["pid"])]
+            group = [p for p in procs if p["name"] == name and process_alive(p["pid"])]
             for p in group:
                 _signal(p["pid"], signal.SIGTERM)
             deadline = time.monotonic() + grace
             for p in group:
-                while _alive(p["pid"]) and time.monotonic() < deadline:
+                while process_alive(p["pid"]) and time.monotonic() < deadline:
                     time.sleep(0.2)
-                if _alive(p["pid"]):
+                if process_alive(p["pid"]):
                     _signal(p["pid"], signal.SIGKILL)
                 stopped += 1
         if self.state_file.exists():
@@ -188,7 +187,7 @@ class DevStack:
             return f"no dev stack in {self.dir}"
         lines = ["processes:"]
         for p in state.get("processes", []):
-            lines.append(f"  {p['name']:<15} pid {p['pid']:<8} {'running' if _alive(p['pid']) else 'STOPPED'}")
+            lines.append(f"  {p['name']:<15} pid {p['pid']:<8} {'running' if process_alive(p['pid']) else 'STOPPED'}")
         env = state.get("env", {})
         lines += [
             f"kubeconfig: {env.get('KUBECONFIG')}",
@@ -212,7 +211,8 @@ def _spawn(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
         out.close()
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie counts as stopped)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -64,18 +64,39 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return _run(job, args.workers, not args.no_progress)
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick TCP connect, so an offline machine is told at once instead of after the hub
+    client's retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def _vit_l14_available() -> str | None:
-    """None when ViT-L/14 can be loaded (cache or hub), else the reason it cannot."""
-    os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "10")
+    """None when ViT-L/14 can be loaded (model cache or hub), else the reason it cannot."""
     from transformers import CLIPVisionConfig
 
     from embedjob.spec import DEFAULT_REVISION
+    from embedjob.worker.model import default_model_dir
 
-    cache = os.environ.get("EMBEDJOB_MODEL_DIR") or os.path.expanduser("~/.cache/embedjob/models")
     try:
-        CLIPVisionConfig.from_pretrained(VIT_L14, revision=DEFAULT_REVISION, cache_dir=cache)
+        CLIPVisionConfig.from_pretrained(VIT_L14, revision=DEFAULT_REVISION, cache_dir=default_model_dir(),
+                                         local_files_only=True)
         return None
-    except Exception as e:  # noqa: BLE001 - offline, hub down, no cache: all mean "not available"
+    except OSError:
+        pass
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or not _hub_reachable():
+        return "not in the model cache, and the Hugging Face hub is unreachable"
+    try:
+        CLIPVisionConfig.from_pretrained(VIT_L14, revision=DEFAULT_REVISION, cache_dir=default_model_dir())
+        return None
+    except Exception as e:  # noqa: BLE001 - hub down, auth, ...: all mean "not available"
         return f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
 
 
@@ -94,10 +115,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if reason is None:
         print(f"demo: using {VIT_L14} (real weights)")
     else:
+        from embedjob.worker.model import default_model_dir
         from embedjob.worker.random_model import RANDOM_MODEL_DIRNAME, save_random_clip
 
-        path = Path(os.environ.get("EMBEDJOB_MODEL_DIR") or "~/.cache/embedjob/models").expanduser()
-        path = path / RANDOM_MODEL_DIRNAME
+        path = Path(default_model_dir()) / RANDOM_MODEL_DIRNAME
         if not (path / "config.json").exists():
             save_random_clip(path)
         print(
@@ -105,7 +126,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             f"demo: running the whole pipeline with a small RANDOM-WEIGHT CLIP instead ({path}).\n"
             "demo: these embeddings are NOT meaningful; the output's manifests say so.",
         )
-        model = {"path": str(path)}
+        model = {"name": RANDOM_MODEL_DIRNAME, "path": str(path)}
         extra.update(randomWeights=True, note=f"RANDOM-WEIGHT test model, not {VIT_L14}: embeddings are meaningless")
     doc = {
         "apiVersion": "embedjob.io/v1alpha1",

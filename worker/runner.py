@@ -135,7 +135,7 @@ def run_job(
         _execute(job, todo, workers or default_workers(spec.inference.device), show_progress, summary, states, out)
     summary.seconds = time.time() - started
     summary.ok = summary.shards_failed <= spec.maxFailedShards
-    if summary.ok and summary.shards_failed == 0:
+    if summary.ok:
         write_job_manifest(storage, spec.output.uri, job=job.name, spec=spec.to_dict(), shards=states,
                            started_at=started, extra=extra_manifest)
     return summary
@@ -166,12 +166,12 @@ def _execute(job: Job, todo: list[Shard], workers: int, show_progress: bool, sum
     in_shard: dict[str, int] = {}
     t0 = time.monotonic()
     bar = tqdm(total=len(todo), unit="shard", desc=job.name, file=out, disable=not show_progress,
-               dynamic_ncols=True, smoothing=0.1)
+               dynamic_ncols=True, smoothing=0.1, mininterval=0.5)
 
     def postfix() -> None:
         images = summary.images + sum(in_shard.values())
         rate = images / max(time.monotonic() - t0, 1e-9)
-        bar.set_postfix_str(f"images={images} {rate:.1f} img/s failed={summary.shards_failed}", refresh=True)
+        bar.set_postfix_str(f"images={images} {rate:.1f} img/s failed={summary.shards_failed}", refresh=False)
 
     def fail(shard: Shard, error: str) -> None:
         in_shard.pop(shard.stem, None)

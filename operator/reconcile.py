@@ -62,6 +62,7 @@ class JobMemory:
     done_info: dict[str, dict[str, Any]] = field(default_factory=dict)  # succeeded stems' info
     samples: deque = field(default_factory=lambda: deque(maxlen=120))  # (monotonic, images)
     refused: str = ""  # last refused spec change message (for one event per change)
+    suspects: dict[str, float] = field(default_factory=dict)  # running stems seen without a lease
 
 
 _memories: dict[str, JobMemory] = {}
@@ -120,6 +121,13 @@ def with_mutable(accepted: JobSpec, raw: Mapping[str, Any] | None) -> JobSpec:
         parallelism=int(raw.get("parallelism") or 0),
         ttlSecondsAfterFinished=raw.get("ttlSecondsAfterFinished"),
     )
+
+
+def expiry_grace() -> float:
+    """Seconds a "running" shard must stay without a lease before it counts as expired."""
+    from embedjob.progress import lease_seconds
+
+    return max(1.0, min(5.0, lease_seconds() / 2))
 
 
 def max_queued() -> int:
@@ -330,41 +338,45 @@ class Reconciler:
             if not info.get("final") and (info.get("retryAt") or 0) <= t:
                 retry_due.append(stem)
 
-        # Lease expiry: "running" with no live lease means the worker died. Check the lease first,
-        # then the state again (a finishing worker writes its state before releasing the lease).
+        # Lease expiry: "running" with no live lease means the worker died. A worker releases its
+        # lease a moment before it records the outcome, so a shard is only expired when it is
+        # still "running" without a lease after a grace period; the state flip is a compare-and-set
+        # so that a worker's final state is never overwritten.
         running = [s for s, v in states.items() if v == "running"]
         expired: list[str] = []
-        if running:
-            alive = store.live_leases(running)
-            for stem in running:
-                if stem not in alive and store.state(stem) == "running":
-                    expired.append(stem)
+        mono = time.monotonic()
+        unleased = set(running) - store.live_leases(running) if running else set()
+        for stem in list(self.mem.suspects):
+            if stem not in unleased:
+                del self.mem.suspects[stem]
+        for stem in sorted(unleased):
+            first = self.mem.suspects.setdefault(stem, mono)
+            if mono - first >= expiry_grace() and store.set_state_if(stem, "running", "queued"):
+                expired.append(stem)
+                del self.mem.suspects[stem]
+                states[stem] = "queued"
         for stem in list(expired):
             n = int(store.info(stem).get("leaseExpiries") or 0) + 1
             store.r.hincrby(store.key("totals"), "leaseExpiries", 1)
             if n > max_lease_expiries():
                 # A shard that takes down every worker it lands on is a real failure after all.
                 store.update_info(stem, leaseExpiries=n, error=f"LeaseExpired: its worker was lost {n} times")
-                store.set_state_if(stem, "running", "failed")
+                store.set_state_if(stem, "queued", "failed")
                 expired.remove(stem)
                 continue
             store.update_info(stem, leaseExpiries=n)
             self.events.append(Event("Normal", "LeaseExpired", f"{stem}: worker lost, shard re-enqueued"))
 
         dispatched_now = 0
-        if spec.suspend:
-            for stem in expired:  # re-dispatched on resume
-                store.set_state_if(stem, "running", "queued")
-                states[stem] = "queued"
-        else:
+        if not spec.suspend:  # (while suspended, expired shards wait as "queued" for the resume)
             pending = [s for s, v in states.items() if v == "pending"]
             if pending:
                 dispatcher.resend(pending)
                 for s in pending:
                     states[s] = "queued"
-            redo = list(expired)
-            if resumed:
-                redo += [s for s, v in states.items() if v == "queued" and s not in pending]
+            # After a resume every "queued" shard (its message was removed) goes out again; otherwise
+            # only the ones whose lease expired.
+            redo = [s for s, v in states.items() if v == "queued" and s not in pending] if resumed else expired
             if redo:
                 dispatched_now += dispatcher.dispatch(redo)
                 for s in redo:

@@ -170,9 +170,10 @@ def test_failed_shard_within_max_failed_shards_still_succeeds_with_job_manifest(
     assert rec.tick(spec, res.status, 1).delete
 
 
-def test_lease_expiry_redispatches_without_consuming_a_retry(env):
+def test_lease_expiry_redispatches_without_consuming_a_retry(env, monkeypatch):
     r, app, store, bucket = env
-    spec = raw_spec(bucket, n=1)
+    monkeypatch.setenv("EMBEDJOB_LEASE_SECONDS", "2")  # expiry grace: 1 s
+    spec = raw_spec(bucket, n=2)
     status, rec = started(r, app, store, spec)
     status = rec.tick(spec, status, 1).status
     store.acquire_lease("0000", "dead-worker", ttl=0.2)
@@ -181,10 +182,19 @@ def test_lease_expiry_redispatches_without_consuming_a_retry(env):
     assert store.state("0000") == "running"  # lease alive: left alone
     time.sleep(0.3)
     status = rec.tick(spec, status, 1).status
+    assert store.state("0000") == "running"  # no lease, but within the grace period
+    # a worker that released its lease and then records success is never overwritten
+    store.set_state("0001", "running")
+    rec.tick(spec, status, 1)
+    worker_finishes(store, "0001", 2)
+    time.sleep(1.1)
+    status = rec.tick(spec, status, 1).status
+    assert store.state("0001") == "succeeded"
     info = store.info("0000")
     assert store.state("0000") == "queued" and info["leaseExpiries"] == 1 and not info.get("failures")
     assert task_id(store.job, "0000", 2) in queued_ids(r)
     assert status["attempts"] == {"failures": 0, "leaseExpiries": 1}
+    assert status["shards"] == {"total": 2, "queued": 1, "running": 0, "succeeded": 1, "failed": 0}
 
 
 def test_suspend_removes_queued_tasks_and_resume_reenqueues(env):

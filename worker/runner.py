@@ -178,10 +178,10 @@ def _execute(job: Job, todo: list[Shard], workers: int, show_progress: bool, sum
         n = attempts[shard.stem]
         if n <= spec.retries.perShard:
             delay = spec.retries.backoffSeconds * (2 ** (n - 1))
-            bar.write(f"shard {shard.stem} failed (attempt {n}): {error}; retrying in {delay}s")
+            bar.write(f"shard {shard.stem} failed (attempt {n}): {error}; retrying in {delay}s", file=out)
             heapq.heappush(retry_heap, (time.monotonic() + delay, n, shard))
         else:
-            bar.write(f"shard {shard.stem} FAILED after {n} attempts: {error}")
+            bar.write(f"shard {shard.stem} FAILED after {n} attempts: {error}", file=out)
             summary.shards_failed += 1
             summary.failed[shard.stem] = error
             states[shard.stem] = {"state": "failed", "error": error, "attempts": n}

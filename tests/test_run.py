@@ -1,0 +1,133 @@
+"""`embedjob run` / `embedjob demo` as a user runs them: real subprocesses, real SeaweedFS, real files."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+import embedjob
+from embedjob.layout import shard_outputs
+from embedjob.results import done_stems
+from embedjob.storage import Storage, s3_client
+from tests.shards import simple_shard
+
+
+def embedjob_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "embedjob.cli", *args], capture_output=True, text=True,
+                          env=full_env, timeout=timeout)
+
+
+def write_job(path: Path, spec: dict, name: str = "t") -> Path:
+    doc = {"apiVersion": "embedjob.io/v1alpha1", "kind": "EmbeddingJob", "metadata": {"name": name}, "spec": spec}
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def test_run_local_folder_resume_and_read_back(tmp_path, tiny_clip_dir):
+    shards = {"a/00000": simple_shard(5, seed=1), "a/00001": simple_shard(3, seed=2),
+              "b/00000": simple_shard(4, seed=3)}
+    for stem, s in shards.items():
+        s.write(tmp_path / "in" / f"{stem}.tar")
+    bad = simple_shard(2, seed=4)
+    bad.members.insert(1, ("corrupt.jpg", b"\xff\xd8\xff garbage"))
+    bad.write(tmp_path / "in" / "b" / "00001.tar")
+    job = write_job(tmp_path / "job.yaml", {
+        "input": {"uri": "in/"}, "output": {"uri": "out/", "dtype": "float32"},
+        "model": {"path": str(tiny_clip_dir)}, "inference": {"device": "cpu", "batchSize": 4},
+    })
+
+    r = embedjob_cli("run", str(job), "--workers", "2")
+    assert r.returncode == 0, r.stderr
+    assert "4 shards, 0 already done, 4 to run" in r.stderr
+    assert "img/s" in r.stderr  # the live progress bar
+    assert "14 embedded, 1 skipped" in r.stdout
+
+    out = str(tmp_path / "out")
+    assert done_stems(out) == {"a/00000", "a/00001", "b/00000", "b/00001"}
+    keys, emb = embedjob.read_embeddings(out)
+    expected = shards["a/00000"].good_keys + shards["a/00001"].good_keys + shards["b/00000"].good_keys + bad.good_keys
+    assert keys == expected and emb.shape == (14, 32) and emb.dtype == np.float32
+    k1, e1 = embedjob.read_embeddings(out, shard="a/00001")
+    assert k1 == shards["a/00001"].good_keys and e1.shape == (3, 32)
+    manifest = json.loads((tmp_path / "out/_manifests/b/00001.json").read_text())
+    assert [f["key"] for f in manifest["failed"]] == ["corrupt"]
+    job_manifest = json.loads((tmp_path / "out/_job.json").read_text())
+    assert job_manifest["totals"] == {"shards": 4, "succeeded": 4, "failed": 0, "images": 14, "failedImages": 1}
+
+    # A rerun resumes: every shard is already done, nothing is rewritten.
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "out").rglob("*.npy")}
+    r = embedjob_cli("run", str(job), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert "4 shards, 4 already done, 0 to run" in r.stderr
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "out").rglob("*.npy")} == before
+    # Partial progress: remove one manifest -> exactly that shard is redone.
+    (tmp_path / "out/_manifests/a/00001.json").unlink()
+    r = embedjob_cli("run", str(job), "--no-progress")
+    assert "4 shards, 3 already done, 1 to run" in r.stderr and r.returncode == 0
+
+
+def test_run_s3_pattern_and_failure_policy(tmp_path, bucket, s3_env, tiny_clip_dir):
+    client = s3_client()
+    good = [simple_shard(3, seed=i) for i in range(3)]
+    for i, s in enumerate(good):
+        client.put_object(Bucket=bucket, Key=f"ds/{i:03d}.tar", Body=s.tar_bytes())
+    client.put_object(Bucket=bucket, Key="ds/003.tar", Body=b"this is not a tar file" * 100)
+    spec = {
+        "input": {"uri": f"s3://{bucket}/ds/{{000..003}}.tar"}, "output": {"uri": f"s3://{bucket}/emb/"},
+        "model": {"path": str(tiny_clip_dir)}, "inference": {"device": "cpu"},
+        "retries": {"perShard": 1, "backoffSeconds": 0}, "maxFailedShards": 0,
+    }
+    r = embedjob_cli("run", str(write_job(tmp_path / "job.yaml", spec)), "--no-progress", env=s3_env)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "FAILED after 2 attempts" in r.stderr and "failed shard 003" in r.stdout
+    storage = Storage()
+    assert done_stems(f"s3://{bucket}/emb/") == {"000", "001", "002"}
+    assert not storage.exists(f"s3://{bucket}/emb/_job.json")  # the job failed: no job manifest
+    assert not storage.exists(shard_outputs(f"s3://{bucket}/emb/", "003").embeddings)
+    assert list(storage.list(f"s3://{bucket}/emb/_tmp/")) == []
+
+    # The same failure within maxFailedShards: the job succeeds, and the job manifest lists it.
+    r = embedjob_cli("run", str(write_job(tmp_path / "job.yaml", {**spec, "maxFailedShards": 1})), "--no-progress",
+                     env=s3_env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "3 already done, 1 to run" in r.stderr
+    job_manifest = json.loads(storage.read_bytes(f"s3://{bucket}/emb/_job.json"))
+    assert job_manifest["totals"]["failed"] == 1
+    assert [s["stem"] for s in job_manifest["shards"] if s["state"] == "failed"] == ["003"]
+
+
+@pytest.mark.parametrize(
+    "spec, field",
+    [
+        ({"input": {"uri": "in/"}, "output": {"uri": "out/"}, "inference": {"batchSize": -1}},
+         "spec.inference.batchSize"),
+        ({"input": {"uri": "in/"}}, "spec.output"),
+        ({"input": {"uri": "in/"}, "output": {"uri": "out/"}, "model": {"path": "/nonexistent/model"}},
+         "spec.model.path"),
+        ({"input": {"uri": "empty/"}, "output": {"uri": "out/"}}, "spec.input.uri"),
+    ],
+)
+def test_bad_job_rejected_before_any_work(tmp_path, spec, field):
+    simple_shard(1).write(tmp_path / "in" / "0.tar")
+    (tmp_path / "empty").mkdir()
+    r = embedjob_cli("run", str(write_job(tmp_path / "job.yaml", spec)))
+    assert r.returncode == 2
+    assert field in r.stderr, r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_demo_runs_offline_and_says_so(tmp_path):
+    r = embedjob_cli("demo", "--output", str(tmp_path / "demo"), "--no-progress", env={"HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr
+    assert "RANDOM-WEIGHT" in r.stdout and "NOT meaningful" in r.stdout
+    keys, emb = embedjob.read_embeddings(str(tmp_path / "demo"))
+    assert len(keys) == 33 and emb.shape[0] == 33
+    assert json.loads((tmp_path / "demo/_job.json").read_text())["randomWeights"] is True

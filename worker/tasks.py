@@ -110,17 +110,22 @@ def run_shard_task(task: ShardTask, owner: str = WORKER_ID) -> dict[str, Any]:
     except Exception as e:  # noqa: BLE001 - recorded for the operator's retry policy
         log.exception("shard %s failed", task.shard)
         error = f"{type(e).__name__}: {e}"[:1000]
+        heartbeat.stop()
         store.set_state(task.stem, "failed", attempt=task.attempt, error=error, finishedAt=time.time())
         return {"status": "failed", "stem": task.stem, "error": error}
+    else:
+        # The outputs are committed (manifest written): record success even if the lease was lost meanwhile.
+        heartbeat.stop()
+        store.set_state(task.stem, "succeeded", attempt=task.attempt, images=result.images,
+                        failedImages=result.failed, seconds=round(result.seconds, 3), finishedAt=time.time(),
+                        error=None)
+        summary = result.to_dict()
+        summary["timings"] = {k: round(v, 3) for k, v in result.timings.items()}
+        return summary
     finally:
+        # Outcome first, lease last: a reader never sees "running" without a lease for a live shard.
         heartbeat.stop()
         store.release_lease(task.stem, owner)
-    # The outputs are committed (manifest written): record success even if the lease was lost meanwhile.
-    store.set_state(task.stem, "succeeded", attempt=task.attempt, images=result.images, failedImages=result.failed,
-                    seconds=round(result.seconds, 3), finishedAt=time.time(), error=None)
-    summary = result.to_dict()
-    summary["timings"] = {k: round(v, 3) for k, v in result.timings.items()}
-    return summary
 
 
 @app.task(name=TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=None)

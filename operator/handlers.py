@@ -19,10 +19,10 @@ import os
 from typing import Any
 
 import kopf
-from embedjob.operator import reconcile
-from embedjob.operator import status as st
 
 from embedjob.broker import app as celery_app
+from embedjob.operator import reconcile
+from embedjob.operator import status as st
 from embedjob.progress import ProgressStore, redis_client
 from embedjob.spec import API_GROUP, API_VERSION, PLURAL
 
@@ -55,6 +55,10 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.posting.level = logging.INFO
     settings.posting.reporting_component = "embedjob-operator"
     settings.execution.max_workers = int(os.environ.get("EMBEDJOB_OPERATOR_THREADS", "8"))
+    # A deletion waits for the object's timer to stop; a tick in progress (e.g. the one that deletes
+    # the job for ttlSecondsAfterFinished) ends within seconds, so re-check often, not every 60 s.
+    settings.background.instant_exit_timeout = 2.0
+    settings.background.cancellation_polling = 1.0
     # Reconnect watches regularly: a silently dropped connection must not stall the operator.
     settings.watching.server_timeout = 120
     settings.watching.client_timeout = 150

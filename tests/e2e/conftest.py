@@ -46,7 +46,7 @@ def e2e_env(cluster, redis_server, s3_server) -> dict[str, str]:
         "EMBEDJOB_LEASE_SECONDS": "3",
         "EMBEDJOB_VISIBILITY_TIMEOUT": "120",
         "EMBEDJOB_OPERATOR_INTERVAL": "1",
-        "EMBEDJOB_LOGLEVEL": "INFO",
+        "EMBEDJOB_LOGLEVEL": os.environ.get("EMBEDJOB_LOGLEVEL", "INFO"),
         "OMP_NUM_THREADS": "1",
         "PYTHONUNBUFFERED": "1",
     }

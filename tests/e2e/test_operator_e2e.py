@@ -82,6 +82,11 @@ def test_apply_job_succeeds_with_exact_counters_and_verified_outputs(stack, buck
     assert "Succeeded" in table and "4/4" in table and "18" in table
     reasons = {e["reason"] for e in stack.events("basic")}
     assert {"Planned", "Started", "Succeeded"} <= reasons
+    # liveness endpoint answers, with the Redis probe
+    import urllib.request
+
+    with urllib.request.urlopen(stack.operator.liveness, timeout=5) as resp:
+        assert resp.status == 200 and json.loads(resp.read()) == {"redis": True}
     # finalizer and kopf state under our own names
     assert obj["metadata"]["finalizers"] == ["embedjob.io/cleanup"]
     assert not [a for a in obj["metadata"].get("annotations", {}) if a.startswith("kopf.zalando.org")]

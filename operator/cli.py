@@ -13,8 +13,9 @@ def _cmd_operator(args: argparse.Namespace) -> int:
     import asyncio
     import logging
 
-    import embedjob.operator.handlers  # noqa: F401 - registers the handlers
     import kopf
+
+    import embedjob.operator.handlers  # noqa: F401 - registers the handlers
 
     logging.basicConfig(level=getattr(logging, args.loglevel.upper()),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)

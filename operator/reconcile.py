@@ -195,11 +195,20 @@ def accept(store: ProgressStore, raw_spec: Mapping[str, Any], previous_status: M
         spec = parse_spec(dict(raw_spec), allow_local=False)
         storage = storage_for(spec)
         shards = plan_shards(spec.input, storage)
+        done = record_plan(store, spec, raw_spec, shards, storage)
     except (SpecError, PlanError) as e:
         reason = "InvalidSpec" if isinstance(e, SpecError) else "PlanFailed"
         return Accepted(st.invalid_status(previous_status, reason, str(e), generation, now),
                         [Event("Warning", reason, str(e))], ok=False)
-    done = record_plan(store, spec, raw_spec, shards, storage)
+    except Exception as e:
+        # A bucket that does not exist is the user's to fix (then any spec change re-plans); other
+        # storage or Redis errors are transient and raised for the caller to retry.
+        code = getattr(e, "response", {}).get("Error", {}).get("Code") if hasattr(e, "response") else None
+        if code != "NoSuchBucket":
+            raise
+        message = f"spec.input / spec.output: bucket does not exist ({e})"
+        return Accepted(st.invalid_status(previous_status, "PlanFailed", message, generation, now),
+                        [Event("Warning", "PlanFailed", message)], ok=False)
     prev = {k: v for k, v in (previous_status or {}).items() if k == "conditions"}
     conditions = st.set_condition(prev.get("conditions") or [], st.make_condition(
         st.FAILED_COND, False, "Accepted", "spec accepted", generation, now))

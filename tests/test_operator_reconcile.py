@@ -285,3 +285,13 @@ def test_broker_backlog_is_bounded_and_topped_up(env, monkeypatch):
         worker_finishes(store, stem, 1)
     status = rec.tick(spec, status, 1).status
     assert sorted(queued_ids(r)) == sorted(task_id(store.job, s, 1) for s in ("0003", "0004"))
+
+
+def test_missing_bucket_fails_the_plan_with_a_clear_message(env):
+    r, app, store, bucket = env
+    spec = raw_spec(bucket)
+    spec["input"] = {"uri": "s3://no-such-bucket-e2e/in/"}
+    acc = accept(store, spec, {}, 1)
+    assert not acc.ok
+    cond = st.get_condition(acc.status["conditions"], "Failed")
+    assert cond["reason"] == "PlanFailed" and "bucket does not exist" in cond["message"]

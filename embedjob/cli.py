@@ -20,26 +20,32 @@ SAMPLE_SHARDS = REPO_ROOT / "examples" / "shards"
 VIT_L14 = "openai/clip-vit-large-patch14"
 
 
-def _cmd_validate(args: argparse.Namespace) -> int:
+def _load_job(path: str):  # noqa: ANN202 - embedjob.spec.Job | None
+    """The validated job, or None after printing the error (naming the field)."""
     from embedjob.spec import SpecError, load_job_file
 
     try:
-        job = load_job_file(args.job)
+        return load_job_file(path)
     except SpecError as e:
-        print(f"error: invalid job file {args.job}: {e}", file=sys.stderr)
+        print(f"error: invalid job file {path}: {e}", file=sys.stderr)
+        return None
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    job = _load_job(args.job)
+    if job is None:
         return 2
     print(f"{args.job}: valid EmbeddingJob {job.name!r}")
     return 0
 
 
 def _run(job, workers: int | None, progress: bool, extra: dict | None = None) -> int:  # noqa: ANN001
-    from embedjob.planning import PlanError
     from embedjob.spec import SpecError
     from embedjob.worker.runner import format_summary, run_job
 
     try:
         summary = run_job(job, workers=workers, show_progress=progress, extra_manifest=extra)
-    except (SpecError, PlanError) as e:
+    except SpecError as e:  # includes PlanError
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -52,12 +58,8 @@ def _run(job, workers: int | None, progress: bool, extra: dict | None = None) ->
 def _cmd_run(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from embedjob.spec import SpecError, load_job_file
-
-    try:
-        job = load_job_file(args.job)
-    except SpecError as e:
-        print(f"error: invalid job file {args.job}: {e}", file=sys.stderr)
+    job = _load_job(args.job)
+    if job is None:
         return 2
     if args.overwrite:
         job = replace(job, spec=replace(job.spec, output=replace(job.spec.output, overwrite=True)))

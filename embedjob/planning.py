@@ -13,20 +13,15 @@ import re
 from dataclasses import dataclass
 
 from embedjob.layout import SHARD_SUFFIX, shard_stem
-from embedjob.spec import InputSpec
+from embedjob.spec import InputSpec, SpecError
 from embedjob.storage import Storage
 
 _BRACE = re.compile(r"\{([^{}]*)\}")
 _RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)(?:\.\.(\d+))?$")
 
 
-class PlanError(ValueError):
+class PlanError(SpecError):
     """The input cannot be planned (nothing matches, bad pattern, ...). ``field`` names the spec field."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
 
 
 @dataclass(frozen=True)

@@ -196,8 +196,8 @@ def accept(store: ProgressStore, raw_spec: Mapping[str, Any], previous_status: M
         storage = storage_for(spec)
         shards = plan_shards(spec.input, storage)
         done = record_plan(store, spec, raw_spec, shards, storage)
-    except (SpecError, PlanError) as e:
-        reason = "InvalidSpec" if isinstance(e, SpecError) else "PlanFailed"
+    except SpecError as e:  # PlanError is a SpecError too
+        reason = "PlanFailed" if isinstance(e, PlanError) else "InvalidSpec"
         return Accepted(st.invalid_status(previous_status, reason, str(e), generation, now),
                         [Event("Warning", reason, str(e))], ok=False)
     except Exception as e:
@@ -306,7 +306,7 @@ class Reconciler:
               now: dt.datetime) -> TickResult:
         try:
             accepted = self._load(raw_spec, status)
-        except (SpecError, PlanError) as e:
+        except SpecError as e:
             return TickResult(st.invalid_status(status, "RebuildFailed", str(e), generation, now), self.events)
         conditions = self._check_spec_change(accepted, raw_spec, status.get("conditions") or [], generation, now)
         spec = with_mutable(accepted, raw_spec)

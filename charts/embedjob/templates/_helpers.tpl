@@ -1,0 +1,131 @@
+{{/* Names ------------------------------------------------------------------------------------- */}}
+{{- define "embedjob.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 50 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 50 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "embedjob.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end -}}
+
+{{/* Selector labels of one component: include "embedjob.selector" (list . "operator") */}}
+{{- define "embedjob.selector" -}}
+{{- $root := index . 0 -}}
+app.kubernetes.io/name: {{ $root.Chart.Name }}
+app.kubernetes.io/instance: {{ $root.Release.Name }}
+app.kubernetes.io/component: {{ index . 1 }}
+{{- end -}}
+
+{{- define "embedjob.operator.serviceAccountName" -}}
+{{- if .Values.operator.serviceAccount.create -}}
+{{- default (printf "%s-operator" (include "embedjob.fullname" .)) .Values.operator.serviceAccount.name -}}
+{{- else -}}
+{{- required "operator.serviceAccount.name is required when operator.serviceAccount.create is false" .Values.operator.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "embedjob.worker.serviceAccountName" -}}
+{{- if .Values.worker.serviceAccount.create -}}
+{{- default (printf "%s-worker" (include "embedjob.fullname" .)) .Values.worker.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.worker.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "embedjob.image" -}}
+{{- printf "%s:%s" .image.repository (default .root.Chart.AppVersion .image.tag) -}}
+{{- end -}}
+
+{{/* Name of the Secret holding S3 credentials, or "" when there is none. */}}
+{{- define "embedjob.s3.secretName" -}}
+{{- if .Values.s3.existingSecret -}}
+{{- .Values.s3.existingSecret -}}
+{{- else if or .Values.s3.accessKeyId .Values.s3.secretAccessKey -}}
+{{- printf "%s-s3" (include "embedjob.fullname" .) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Requests and limits with every quantity a string (see values.yaml). */}}
+{{- define "embedjob.resources" -}}
+{{- $out := dict -}}
+{{- range $kind := list "requests" "limits" -}}
+{{- $q := dict -}}
+{{- range $name, $v := (get $ $kind | default dict) -}}
+{{- $_ := set $q $name (toString $v) -}}
+{{- end -}}
+{{- if $q -}}{{- $_ := set $out $kind $q -}}{{- end -}}
+{{- end -}}
+{{- if $out -}}{{- toYaml $out -}}{{- else -}}{}{{- end -}}
+{{- end -}}
+
+{{/* Pod annotations: the user's, plus a checksum of a chart-made S3 Secret so pods roll with it. */}}
+{{- define "embedjob.podAnnotations" -}}
+{{- $root := index . 0 -}}
+{{- $a := deepCopy (index . 1 | default dict) -}}
+{{- if and (not $root.Values.s3.existingSecret) (include "embedjob.s3.secretName" $root) -}}
+{{- $_ := set $a "checksum/s3-secret" (include (print $root.Template.BasePath "/s3-secret.yaml") $root | sha256sum) -}}
+{{- end -}}
+{{- if $a -}}
+annotations:
+  {{- toYaml $a | nindent 2 }}
+{{- end -}}
+{{- end -}}
+
+{{/* Environment shared by the operator and the workers: broker, object store, lease timing. */}}
+{{- define "embedjob.commonEnv" -}}
+{{- if .Values.redis.enabled -}}
+- name: EMBEDJOB_REDIS_URL
+  value: {{ printf "redis://%s-redis:%d/0" (include "embedjob.fullname" .) (int .Values.redis.port) | quote }}
+{{- else if .Values.redis.existingSecret }}
+- name: EMBEDJOB_REDIS_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.redis.existingSecret }}
+      key: {{ .Values.redis.existingSecretKey }}
+{{- else }}
+- name: EMBEDJOB_REDIS_URL
+  value: {{ required "redis.url or redis.existingSecret is required when redis.enabled is false" .Values.redis.url | quote }}
+{{- end }}
+{{- with (include "embedjob.s3.secretName" .) }}
+- name: AWS_ACCESS_KEY_ID
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: AWS_ACCESS_KEY_ID
+- name: AWS_SECRET_ACCESS_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: AWS_SECRET_ACCESS_KEY
+{{- end }}
+{{- with .Values.s3.endpoint }}
+- name: AWS_ENDPOINT_URL
+  value: {{ . | quote }}
+{{- end }}
+{{- with .Values.s3.region }}
+- name: AWS_REGION
+  value: {{ . | quote }}
+{{- end }}
+{{- with .Values.worker.leaseSeconds }}
+- name: EMBEDJOB_LEASE_SECONDS
+  value: {{ . | toString | quote }}
+{{- end }}
+{{- with .Values.worker.visibilityTimeout }}
+- name: EMBEDJOB_VISIBILITY_TIMEOUT
+  value: {{ . | toString | quote }}
+{{- end }}
+# The root filesystem is read-only: anything that writes under $HOME writes to the /tmp emptyDir.
+- name: HOME
+  value: /tmp
+- name: PYTHONDONTWRITEBYTECODE
+  value: "1"
+- name: PYTHONUNBUFFERED
+  value: "1"
+{{- end -}}

@@ -1,1 +1,0 @@
-"""embedjob.operator: the kopf operator that reconciles EmbeddingJob resources. Never imports torch."""

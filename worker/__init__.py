@@ -1,2 +1,0 @@
-"""embedjob.worker: the shard pipeline (tar -> decode -> CLIP preprocess -> model -> outputs) and its
-Celery task."""

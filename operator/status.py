@@ -218,6 +218,10 @@ def build_status(
     if phase in TERMINAL:
         status.setdefault("completionTime", rfc3339(now))
         status.pop("estimatedCompletionTime", None)
+        # A finished job shows its average rate over the run rather than a meaningless 0.
+        started, finished = parse_rfc3339(status.get("startTime")), parse_rfc3339(status["completionTime"])
+        if started and finished and finished > started:
+            status["imagesPerSecond"] = round(obs.images / (finished - started).total_seconds(), 1)
     else:
         status.pop("completionTime", None)
         eta = estimate_completion(obs, parse_rfc3339(prev.get("startTime")), now,

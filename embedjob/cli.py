@@ -143,8 +143,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     }
     rc = _run(parse_job(doc), args.workers, not args.no_progress, extra)
     if rc == 0:
-        print(f"read it back: python -c \"import embedjob; k, e = embedjob.read_embeddings('{output}'); "
-              "print(len(k), e.shape)\"")
+        print(f"read it back: {sys.executable} -c \"import embedjob; "
+              f"k, e = embedjob.read_embeddings('{output}'); print(len(k), e.shape)\"")
     return rc
 
 

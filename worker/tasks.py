@@ -111,14 +111,16 @@ def run_shard_task(task: ShardTask, owner: str = WORKER_ID) -> dict[str, Any]:
         log.exception("shard %s failed", task.shard)
         error = f"{type(e).__name__}: {e}"[:1000]
         heartbeat.stop()
-        store.set_state(task.stem, "failed", attempt=task.attempt, error=error, finishedAt=time.time())
+        if store.control() != "deleted":  # a deleted job's keys are gone: do not recreate them
+            store.set_state(task.stem, "failed", attempt=task.attempt, error=error, finishedAt=time.time())
         return {"status": "failed", "stem": task.stem, "error": error}
     else:
         # The outputs are committed (manifest written): record success even if the lease was lost meanwhile.
         heartbeat.stop()
-        store.set_state(task.stem, "succeeded", attempt=task.attempt, images=result.images,
-                        failedImages=result.failed, seconds=round(result.seconds, 3), finishedAt=time.time(),
-                        error=None)
+        if store.control() != "deleted":
+            store.set_state(task.stem, "succeeded", attempt=task.attempt, images=result.images,
+                            failedImages=result.failed, seconds=round(result.seconds, 3), finishedAt=time.time(),
+                            error=None)
         summary = result.to_dict()
         summary["timings"] = {k: round(v, 3) for k, v in result.timings.items()}
         return summary

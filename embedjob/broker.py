@@ -59,11 +59,6 @@ def make_app(url: str | None = None) -> Celery:
 app = make_app()
 
 
-def queue_length(client, queue: str) -> int:  # noqa: ANN001
-    """Messages waiting in a Redis-backed Celery queue."""
-    return int(client.llen(queue))
-
-
 def remove_queued_tasks(client, queue: str, task_id_prefix: str) -> int:  # noqa: ANN001
     """Delete waiting messages whose task id starts with ``task_id_prefix`` from the Redis list that
     backs ``queue`` (kombu stores each message as one JSON string). Tasks already taken by a worker

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections import Counter
 from typing import Any
 
 PREFIX = "embedjob"
@@ -88,12 +87,6 @@ class ProgressStore:
             pipe.hset(self.key("info"), stem, json.dumps(current))
         pipe.execute()
 
-    def set_states(self, states: dict[str, str]) -> None:
-        """Bulk state write (planning 100,000 shards must not be 100,000 round trips)."""
-        items = list(states.items())
-        for i in range(0, len(items), 5000):
-            self.r.hset(self.key("state"), mapping=dict(items[i : i + 5000]))
-
     def set_state_if(self, stem: str, expected: str, state: str) -> bool:
         """Compare-and-set: move ``stem`` to ``state`` only if it is still ``expected`` (so the
         operator's "queued" never overwrites a worker's "running")."""
@@ -106,15 +99,9 @@ class ProgressStore:
     def state(self, stem: str) -> str | None:
         return self.r.hget(self.key("state"), stem)
 
-    def counts(self) -> Counter:
-        return Counter(self.r.hvals(self.key("state")))
-
     def info(self, stem: str) -> dict[str, Any]:
         raw = self.r.hget(self.key("info"), stem)
         return json.loads(raw) if raw else {}
-
-    def all_info(self) -> dict[str, dict[str, Any]]:
-        return {k: json.loads(v) for k, v in self.r.hgetall(self.key("info")).items()}
 
     def infos(self, stems: list[str]) -> dict[str, dict[str, Any]]:
         """Info of many stems (one round trip per 1000)."""

@@ -128,12 +128,6 @@ class Storage:
                 raise
         return os.path.exists(uri)
 
-    def size(self, uri: str) -> int:
-        if is_s3(uri):
-            bucket, key = split_s3(uri)
-            return int(s3_client(self.options).head_object(Bucket=bucket, Key=key)["ContentLength"])
-        return os.path.getsize(uri)
-
     def list(self, prefix: str, suffix: str = "") -> Iterator[str]:
         """Every object URI under ``prefix`` (recursive) ending in ``suffix``, in key order.
         S3 listing is paginated, so it scales to any number of objects."""

@@ -15,6 +15,7 @@ import io
 import os
 import shutil
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -106,8 +107,7 @@ class Storage:
         """A streaming, file-like reader. Memory stays bounded whatever the object's size."""
         if is_s3(uri):
             bucket, key = split_s3(uri)
-            body = s3_client(self.options).get_object(Bucket=bucket, Key=key)["Body"]
-            return _StreamingReader(body)
+            return _S3Reader(s3_client(self.options), bucket, key)
         return open(uri, "rb")  # noqa: SIM115 - caller closes
 
     def read_bytes(self, uri: str) -> bytes:
@@ -194,21 +194,63 @@ class Storage:
             Path(uri).unlink(missing_ok=True)
 
 
-class _StreamingReader(io.RawIOBase):
-    """Wraps botocore's StreamingBody as a proper file object (tarfile's stream mode wants
-    ``read`` with exact semantics and ``close``)."""
+class _S3Reader(io.RawIOBase):
+    """A streaming S3 object as a file object (tarfile's stream mode wants exact ``read`` semantics).
 
-    def __init__(self, body) -> None:  # noqa: ANN001
-        self._body = body
+    A connection that drops mid-object (long shards over flaky networks, load-balancer idle
+    timeouts) is resumed with a ranged GET from the byte where it stopped, pinned to the first
+    response's ETag so a replaced object is never spliced; only after ``RESUMES`` failed resumes
+    does the error reach the caller (and the shard is retried as a whole)."""
+
+    RESUMES = 5
+
+    def __init__(self, client, bucket: str, key: str) -> None:  # noqa: ANN001 - boto3 client
+        self._client, self._bucket, self._key = client, bucket, key
+        resp = client.get_object(Bucket=bucket, Key=key)
+        self._body = resp["Body"]
+        self._etag = resp.get("ETag")
+        self._size = int(resp.get("ContentLength", -1))
+        self._pos = 0
+        self.resumed = 0
 
     def readable(self) -> bool:
         return True
 
-    def readinto(self, b) -> int:  # noqa: ANN001
-        data = self._body.read(len(b))
-        n = len(data)
-        b[:n] = data
-        return n
+    def _resume(self) -> None:
+        try:
+            self._body.close()
+        except Exception:  # noqa: BLE001, S110 - the broken connection may not close cleanly
+            pass
+        kwargs = {"IfMatch": self._etag} if self._etag else {}
+        resp = self._client.get_object(Bucket=self._bucket, Key=self._key, Range=f"bytes={self._pos}-", **kwargs)
+        self._body = resp["Body"]
+        self.resumed += 1
+
+    def readinto(self, b) -> int:  # noqa: ANN001 - buffer protocol
+        if len(b) == 0 or self._pos == self._size:
+            return 0
+        failures = 0
+        while True:
+            try:
+                data = self._body.read(len(b))
+            except Exception:
+                failures += 1
+                if failures > self.RESUMES:
+                    raise
+                time.sleep(min(0.2 * 2**failures, 5.0))
+                self._resume()
+                continue
+            if not data and 0 <= self._pos < self._size:
+                # The server closed early without an error: also a dropped connection.
+                failures += 1
+                if failures > self.RESUMES:
+                    raise OSError(f"s3://{self._bucket}/{self._key}: stream ended at byte {self._pos} of {self._size}")
+                self._resume()
+                continue
+            n = len(data)
+            b[:n] = data
+            self._pos += n
+            return n
 
     def close(self) -> None:
         try:

@@ -205,7 +205,7 @@ def _configure_cpu_threads() -> None:
         torch.set_num_threads(available_cpus())
 
 
-def _vision_config(ref: ModelRef, cache_dir: str) -> Any:
+def vision_config(ref: ModelRef, cache_dir: str) -> Any:
     """The vision config from the checkpoint's config.json, with the projection size of the full
     model (a CLIPModel's vision_config does not carry it). Only CLIP model types are accepted."""
     from transformers import CLIPConfig, CLIPVisionConfig, PretrainedConfig
@@ -239,7 +239,7 @@ def _load_module(ref: ModelRef, cache_dir: str, dtype: torch.dtype) -> torch.nn.
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
-        config = _vision_config(ref, cache_dir)
+        config = vision_config(ref, cache_dir)
         module, info = CLIPVisionModelWithProjection.from_pretrained(
             ref.source,
             config=config,

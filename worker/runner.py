@@ -77,23 +77,18 @@ def _run_one(shard_uri: str, stem: str, output: str, model: dict, options: dict,
 
 # -- main process side --------------------------------------------------------------------------------
 def check_model(model: dict) -> None:
-    """Fail fast, naming the field, when the model cannot be resolved (before any work starts)."""
-    if model.get("path"):
-        if not os.path.isfile(os.path.join(model["path"], "config.json")):
-            raise SpecError("spec.model.path", f"{model['path']!r} is not a model folder (no config.json)")
-        return
-    from transformers import CLIPVisionConfig
-
-    from embedjob.worker.model import default_model_dir
+    """Fail fast, naming the field, when the model cannot be resolved (before any work starts): the
+    same config read the worker's loader does, so a non-CLIP or unreachable checkpoint is refused here."""
+    from embedjob.worker.model import ModelLoadError, ModelRef, default_model_dir, vision_config
 
     try:
-        CLIPVisionConfig.from_pretrained(model["name"], revision=model.get("revision"), cache_dir=default_model_dir())
-    except Exception as e:  # noqa: BLE001 - any reason the weights are unreachable
-        raise SpecError(
-            "spec.model.name",
-            f"cannot load {model.get('name')!r} at revision {model.get('revision')!r}: {type(e).__name__}: {e}. "
-            "Point spec.model.path at a local copy, or pre-fill the model cache (EMBEDJOB_MODEL_DIR).",
-        ) from e
+        vision_config(ModelRef.of(model), default_model_dir())
+    except ModelLoadError as e:
+        field = "spec.model.path" if model.get("path") else "spec.model.name"
+        hint = "" if model.get("path") else (
+            f" (revision {model.get('revision')!r}). Point spec.model.path at a local copy, or pre-fill the "
+            "model cache (EMBEDJOB_MODEL_DIR).")
+        raise SpecError(field, f"{e}{hint}") from e
 
 
 def default_workers(device: str) -> int:

@@ -8,6 +8,7 @@ bar, writes the job manifest on success and returns an exit code from the failur
 from __future__ import annotations
 
 import heapq
+import itertools
 import multiprocessing as mp
 import os
 import queue as queue_mod
@@ -51,6 +52,9 @@ def _init_worker(progress_queue: Any, torch_threads: int | None) -> None:
     global _progress_queue
     _progress_queue = progress_queue
     if torch_threads:
+        # The model loader sizes torch's thread pool from OMP_NUM_THREADS when set (else from every
+        # CPU); setting it here makes several workers share the CPUs instead of each taking all.
+        os.environ["OMP_NUM_THREADS"] = str(torch_threads)
         import torch
 
         torch.set_num_threads(torch_threads)
@@ -146,8 +150,9 @@ def _execute(job: Job, todo: list[Shard], workers: int, show_progress: bool, sum
     storage = {"endpoint": spec.storage.endpoint, "region": spec.storage.region}
     ctx = mp.get_context("spawn")
     progress_q = ctx.Queue()
-    cpu = os.cpu_count() or 1
-    threads = max(1, cpu // workers) if workers > 1 else None
+    from embedjob.worker.model import available_cpus
+
+    threads = max(1, available_cpus() // workers) if workers > 1 else None
 
     def new_pool() -> ProcessPoolExecutor:
         return ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
@@ -155,7 +160,8 @@ def _execute(job: Job, todo: list[Shard], workers: int, show_progress: bool, sum
 
     pool = new_pool()
     attempts: dict[str, int] = {}
-    retry_heap: list[tuple[float, int, Shard]] = []
+    retry_heap: list[tuple[float, int, Shard]] = []  # (due, sequence, shard): the sequence breaks ties
+    sequence = itertools.count()
     pending = list(reversed(todo))  # pop() from the end keeps plan order
     running: dict[Future, Shard] = {}
     in_shard: dict[str, int] = {}
@@ -174,7 +180,7 @@ def _execute(job: Job, todo: list[Shard], workers: int, show_progress: bool, sum
         if n <= spec.retries.perShard:
             delay = spec.retries.backoffSeconds * (2 ** (n - 1))
             bar.write(f"shard {shard.stem} failed (attempt {n}): {error}; retrying in {delay}s", file=out)
-            heapq.heappush(retry_heap, (time.monotonic() + delay, n, shard))
+            heapq.heappush(retry_heap, (time.monotonic() + delay, next(sequence), shard))
         else:
             bar.write(f"shard {shard.stem} FAILED after {n} attempts: {error}", file=out)
             summary.shards_failed += 1

@@ -37,8 +37,13 @@ def shard_outputs(output_uri: str, stem: str) -> ShardOutputs:
         embeddings=join(output_uri, EMB_DIR, f"{stem}.npy"),
         metadata=join(output_uri, META_DIR, f"{stem}.parquet"),
         manifest=join(output_uri, MANIFEST_DIR, f"{stem}.json"),
-        tmp_root=join(output_uri, TMP_DIR),
+        tmp_root=tmp_root(output_uri),
     )
+
+
+def tmp_root(output_uri: str) -> str:
+    """Where S3 temporary keys go before they are committed under a final name."""
+    return join(output_uri, TMP_DIR)
 
 
 def job_manifest_uri(output_uri: str) -> str:

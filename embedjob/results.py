@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from embedjob.layout import job_manifest_uri, manifests_prefix, shard_outputs, stem_from_manifest
+from embedjob.layout import job_manifest_uri, manifests_prefix, shard_outputs, stem_from_manifest, tmp_root
 from embedjob.storage import Storage, StorageOptions
 
 
@@ -120,5 +120,5 @@ def write_job_manifest(
         **(extra or {}),
     }
     storage.put_atomic(job_manifest_uri(output_uri), json.dumps(doc, indent=1).encode(),
-                       tmp_root=shard_outputs(output_uri, "x").tmp_root)
+                       tmp_root=tmp_root(output_uri))
     return doc

@@ -41,6 +41,12 @@ def read_manifest(output_uri: str, stem: str, storage: Storage | None = None) ->
     return json.loads(storage.read_bytes(shard_outputs(output_uri, stem).manifest))
 
 
+def shard_counts(manifest: dict[str, Any]) -> tuple[int, int]:
+    """(images embedded, samples failed) recorded in a shard manifest."""
+    counts = manifest.get("counts") or {}
+    return int(counts.get("embedded", 0)), int(counts.get("failed", 0))
+
+
 def read_shard(output_uri: str, stem: str, storage: Storage | None = None) -> ShardEmbeddings:
     """Keys (in row order) and the embedding matrix of one finished shard."""
     import pyarrow.parquet as pq

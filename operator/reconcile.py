@@ -32,7 +32,7 @@ from embedjob.operator import status as st
 from embedjob.operator.dispatch import Dispatcher, Sender
 from embedjob.planning import PlanError, Shard, plan_shards
 from embedjob.progress import ProgressStore
-from embedjob.results import done_stems, read_manifest, write_job_manifest
+from embedjob.results import done_stems, read_manifest, shard_counts, write_job_manifest
 from embedjob.spec import JobSpec, SpecError, parse_spec
 from embedjob.storage import Storage, StorageOptions
 
@@ -156,10 +156,8 @@ class Accepted:
 
 def _manifest_counts(storage: Storage, output: str, stems: list[str]) -> dict[str, dict[str, Any]]:
     def one(stem: str) -> tuple[str, dict[str, Any]]:
-        m = read_manifest(output, stem, storage)
-        counts = m.get("counts", {})
-        return stem, {"images": int(counts.get("embedded", 0)), "failedImages": int(counts.get("failed", 0)),
-                      "fromManifest": True}
+        images, failed = shard_counts(read_manifest(output, stem, storage))
+        return stem, {"images": images, "failedImages": failed, "fromManifest": True}
 
     if not stems:
         return {}

@@ -44,6 +44,7 @@ import numpy as np
 
 from embedjob.contract import EmbedOptions
 from embedjob.layout import SHARD_SUFFIX, shard_outputs
+from embedjob.results import shard_counts
 from embedjob.storage import Storage
 from embedjob.worker.decode import DecodeError, decode_image
 from embedjob.worker.model import Embedder
@@ -217,14 +218,13 @@ def embed_shard(
 
     if storage.exists(outputs.manifest):
         if not options.overwrite:
-            done = _read_manifest(storage, outputs.manifest)
-            counts = done.get("counts", {})
+            images, failed = shard_counts(_read_manifest(storage, outputs.manifest))
             return ShardResult(
                 shard=shard,
                 stem=stem,
                 status="skipped",
-                images=int(counts.get("embedded", 0)),
-                failed=int(counts.get("failed", 0)),
+                images=images,
+                failed=failed,
                 seconds=time.perf_counter() - started,
                 manifest=outputs.manifest,
             )

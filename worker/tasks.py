@@ -15,7 +15,6 @@ decides on retries; a dead worker's lease expires and the shard is redone.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
@@ -28,6 +27,7 @@ from embedjob.broker import app
 from embedjob.contract import TASK_NAME, EmbedOptions, ShardTask
 from embedjob.layout import shard_outputs
 from embedjob.progress import ProgressStore, lease_seconds, redis_client
+from embedjob.results import read_manifest, shard_counts
 from embedjob.storage import Storage, StorageOptions
 
 log = logging.getLogger("embedjob.worker")
@@ -83,12 +83,9 @@ def run_shard_task(task: ShardTask, owner: str = WORKER_ID) -> dict[str, Any]:
 
     options = EmbedOptions(**task.options)
     storage = Storage(StorageOptions.from_dict(task.storage))
-    outputs = shard_outputs(task.output, task.stem)
-    if not options.overwrite and storage.exists(outputs.manifest):
-        manifest = json.loads(storage.read_bytes(outputs.manifest))
-        counts = manifest.get("counts", {})
-        store.set_state(task.stem, "succeeded", images=counts.get("embedded", 0),
-                        failedImages=counts.get("failed", 0), finishedAt=time.time())
+    if not options.overwrite and storage.exists(shard_outputs(task.output, task.stem).manifest):
+        images, failed = shard_counts(read_manifest(task.output, task.stem, storage))
+        store.set_state(task.stem, "succeeded", images=images, failedImages=failed, finishedAt=time.time())
         return {"status": "skipped", "stem": task.stem}
 
     if not store.acquire_lease(task.stem, owner):

@@ -8,6 +8,7 @@ the visibility timeout.
 
 from __future__ import annotations
 
+import json
 import os
 
 from celery import Celery
@@ -59,22 +60,48 @@ def make_app(url: str | None = None) -> Celery:
 app = make_app()
 
 
+def _queue_keys(queue: str) -> list[str]:
+    # Kombu's Redis transport keeps a queue's waiting messages in a list named after it, and messages
+    # with a priority in lists suffixed "\x06\x16<priority>".
+    return [queue] + [f"{queue}\x06\x16{p}" for p in range(1, 10)]
+
+
+def _task_id(message: object) -> str:
+    """The Celery task id of one kombu message (a JSON string, or its parsed dict)."""
+    try:
+        if isinstance(message, str | bytes):
+            message = json.loads(message)
+        return str(message.get("headers", {}).get("id", ""))  # type: ignore[union-attr]
+    except (ValueError, AttributeError):
+        return ""
+
+
 def remove_queued_tasks(client, queue: str, task_id_prefix: str) -> int:  # noqa: ANN001
     """Delete waiting messages whose task id starts with ``task_id_prefix`` from the Redis list that
     backs ``queue`` (kombu stores each message as one JSON string). Tasks already taken by a worker
     are not touched; the worker drops them itself when it sees the job stopped."""
-    import json
-
     removed = 0
-    # Kombu's Redis transport uses the queue name as the list key (plus priority-suffixed lists).
-    keys = [queue] + [f"{queue}\x06\x16{p}" for p in range(1, 10)]
-    for key in keys:
+    for key in _queue_keys(queue):
         for raw in client.lrange(key, 0, -1):
-            try:
-                msg = json.loads(raw)
-                tid = msg.get("headers", {}).get("id", "")
-            except (ValueError, AttributeError):
-                continue
-            if tid.startswith(task_id_prefix):
+            if _task_id(raw).startswith(task_id_prefix):
                 removed += int(client.lrem(key, 1, raw))
     return removed
+
+
+def broker_snapshot(client, queue: str, task_id_prefix: str) -> tuple[set[str], dict[str, float]]:  # noqa: ANN001
+    """Task ids starting with ``task_id_prefix`` that the broker holds: (waiting in ``queue``'s
+    lists, delivered to a consumer but not acknowledged -> delivery time). Kombu keeps delivered
+    messages in the ``unacked`` hash (delivery tag -> [message, exchange, routing key]) and their
+    delivery times in the ``unacked_index`` sorted set."""
+    waiting = {tid for key in _queue_keys(queue) for tid in map(_task_id, client.lrange(key, 0, -1))
+               if tid.startswith(task_id_prefix)}
+    delivered: dict[str, float] = {}
+    times = dict(client.zrange("unacked_index", 0, -1, withscores=True))
+    for tag, raw in client.hgetall("unacked").items():
+        try:
+            tid = _task_id(json.loads(raw)[0])
+        except (ValueError, IndexError, TypeError):
+            continue
+        if tid.startswith(task_id_prefix):
+            delivered[tid] = float(times.get(tag, 0.0))
+    return waiting, delivered

@@ -24,6 +24,61 @@ from typing import BinaryIO
 
 S3_SCHEME = "s3://"
 
+# Error codes that retrying cannot fix: the credentials, the bucket or the object are wrong.
+_ACCESS_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "Forbidden",
+                 "NoCredentialsError", "AllAccessDisabled", "InvalidToken", "ExpiredToken"}
+_MISSING_CODES = {"NoSuchBucket", "NoSuchKey", "404", "NotFound", "InvalidBucketName"}
+# Throttling and server-side errors that outlasted botocore's own retries: worth retrying later.
+_TRANSIENT_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed",
+                    "InternalError", "ServiceUnavailable", "503", "500", "502", "504", "429", "TooManyRequests"}
+
+
+class StorageError(OSError):
+    """An object-store operation failed. The message names the operation and the URI; ``code`` is the
+    S3 error code (or the connection error's class name); ``transient`` says whether retrying later
+    can help (connection refused, 5xx, throttling) or not (403, missing bucket or object)."""
+
+    def __init__(self, op: str, uri: str, code: str, detail: str, transient: bool) -> None:
+        self.op, self.uri, self.code, self.transient = op, uri, code, transient
+        hint = ""
+        if code in _ACCESS_CODES:
+            hint = " (check the storage credentials of this process: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)"
+        super().__init__(f"{op} {uri}: {detail}{hint}")
+
+    @property
+    def access_denied(self) -> bool:
+        return self.code in _ACCESS_CODES
+
+    @property
+    def missing(self) -> bool:
+        return self.code in _MISSING_CODES
+
+
+def storage_error(op: str, uri: str, exc: BaseException) -> StorageError:
+    """Classify a boto3/botocore (or socket) failure of ``op`` on ``uri``."""
+    if isinstance(exc, StorageError):
+        return exc
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict) and "Error" in response:
+        code = str(response.get("Error", {}).get("Code") or "")
+        status = int(response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+        message = response.get("Error", {}).get("Message") or ""
+        transient = code in _TRANSIENT_CODES or status >= 500 or status == 429
+        if code in _ACCESS_CODES or code in _MISSING_CODES:
+            transient = False
+        detail = f"{code or 'error'} (HTTP {status})" + (f": {message}" if message and message != code else "")
+        return StorageError(op, uri, code or str(status), detail, transient)
+    name = type(exc).__name__
+    if name in ("NoCredentialsError", "PartialCredentialsError"):
+        return StorageError(op, uri, "NoCredentialsError", f"{name}: {exc}", transient=False)
+    # Connection refused or reset, timeouts, a stream cut short: the endpoint may come back.
+    return StorageError(op, uri, name, f"{name}: {exc}", transient=True)
+
+
+def _is_missing(exc: BaseException) -> bool:
+    response = getattr(exc, "response", None)
+    return isinstance(response, dict) and response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound")
+
 
 @dataclass(frozen=True)
 class StorageOptions:
@@ -87,7 +142,7 @@ def s3_client(options: StorageOptions | None = None):  # noqa: ANN201 - boto3 cl
                 endpoint_url=endpoint,
                 region_name=region,
                 config=Config(
-                    retries={"max_attempts": 8, "mode": "adaptive"},
+                    retries={"max_attempts": int(os.environ.get("EMBEDJOB_S3_MAX_ATTEMPTS", "8")), "mode": "adaptive"},
                     s3={"addressing_style": "path"} if endpoint else {},
                     max_pool_connections=32,
                 ),
@@ -104,10 +159,14 @@ class Storage:
 
     # -- reading -----------------------------------------------------------------------------------
     def open_read(self, uri: str) -> BinaryIO:
-        """A streaming, file-like reader. Memory stays bounded whatever the object's size."""
+        """A streaming, file-like reader. Memory stays bounded whatever the object's size. S3 errors
+        are raised as :class:`StorageError`."""
         if is_s3(uri):
             bucket, key = split_s3(uri)
-            return _S3Reader(s3_client(self.options), bucket, key)
+            try:
+                return _S3Reader(s3_client(self.options), bucket, key)
+            except Exception as e:
+                raise storage_error("GetObject", uri, e) from e
         return open(uri, "rb")  # noqa: SIM115 - caller closes
 
     def read_bytes(self, uri: str) -> bytes:
@@ -116,16 +175,14 @@ class Storage:
 
     def exists(self, uri: str) -> bool:
         if is_s3(uri):
-            from botocore.exceptions import ClientError
-
             bucket, key = split_s3(uri)
             try:
                 s3_client(self.options).head_object(Bucket=bucket, Key=key)
                 return True
-            except ClientError as e:
-                if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            except Exception as e:
+                if _is_missing(e):
                     return False
-                raise
+                raise storage_error("HeadObject", uri, e) from e
         return os.path.exists(uri)
 
     def list(self, prefix: str, suffix: str = "") -> Iterator[str]:
@@ -134,10 +191,13 @@ class Storage:
         if is_s3(prefix):
             bucket, key = split_s3(prefix)
             paginator = s3_client(self.options).get_paginator("list_objects_v2")
-            for page in paginator.paginate(Bucket=bucket, Prefix=key):
-                for obj in page.get("Contents", []):
-                    if obj["Key"].endswith(suffix) and not obj["Key"].endswith("/"):
-                        yield f"{S3_SCHEME}{bucket}/{obj['Key']}"
+            try:
+                for page in paginator.paginate(Bucket=bucket, Prefix=key):
+                    for obj in page.get("Contents", []):
+                        if obj["Key"].endswith(suffix) and not obj["Key"].endswith("/"):
+                            yield f"{S3_SCHEME}{bucket}/{obj['Key']}"
+            except Exception as e:
+                raise storage_error("ListObjectsV2", prefix, e) from e
             return
         root = Path(prefix)
         if root.is_file():
@@ -165,11 +225,19 @@ class Storage:
                 tmp_bucket, tmp_prefix = bucket, "_tmp"
             tmp_key = f"{tmp_prefix.rstrip('/')}/{uuid.uuid4().hex}-{key.rsplit('/', 1)[-1]}"
             body = io.BytesIO(data) if isinstance(data, bytes | bytearray) else data
-            client.upload_fileobj(body, tmp_bucket, tmp_key)
+            try:
+                client.upload_fileobj(body, tmp_bucket, tmp_key)
+            except Exception as e:
+                raise storage_error("PutObject", f"{S3_SCHEME}{tmp_bucket}/{tmp_key}", e) from e
             try:
                 client.copy_object(Bucket=bucket, Key=key, CopySource={"Bucket": tmp_bucket, "Key": tmp_key})
+            except Exception as e:
+                raise storage_error("CopyObject", uri, e) from e
             finally:
-                client.delete_object(Bucket=tmp_bucket, Key=tmp_key)
+                try:
+                    client.delete_object(Bucket=tmp_bucket, Key=tmp_key)
+                except Exception:  # noqa: BLE001 - a leftover under _tmp/ is harmless; the copy decides
+                    pass
             return
         path = Path(uri)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -189,7 +257,10 @@ class Storage:
     def delete(self, uri: str) -> None:
         if is_s3(uri):
             bucket, key = split_s3(uri)
-            s3_client(self.options).delete_object(Bucket=bucket, Key=key)
+            try:
+                s3_client(self.options).delete_object(Bucket=bucket, Key=key)
+            except Exception as e:
+                raise storage_error("DeleteObject", uri, e) from e
         else:
             Path(uri).unlink(missing_ok=True)
 
@@ -233,18 +304,24 @@ class _S3Reader(io.RawIOBase):
         while True:
             try:
                 data = self._body.read(len(b))
-            except Exception:
+            except Exception as e:
                 failures += 1
                 if failures > self.RESUMES:
-                    raise
+                    raise storage_error("GetObject", f"{S3_SCHEME}{self._bucket}/{self._key}", e) from e
                 time.sleep(min(0.2 * 2**failures, 5.0))
-                self._resume()
+                try:
+                    self._resume()
+                except Exception as resume_error:
+                    err = storage_error("GetObject", f"{S3_SCHEME}{self._bucket}/{self._key}", resume_error)
+                    if not err.transient or failures >= self.RESUMES:  # e.g. 412: the object was replaced
+                        raise err from resume_error
                 continue
             if not data and 0 <= self._pos < self._size:
                 # The server closed early without an error: also a dropped connection.
                 failures += 1
                 if failures > self.RESUMES:
-                    raise OSError(f"s3://{self._bucket}/{self._key}: stream ended at byte {self._pos} of {self._size}")
+                    raise StorageError("GetObject", f"{S3_SCHEME}{self._bucket}/{self._key}", "StreamEnded",
+                                       f"stream ended at byte {self._pos} of {self._size}", transient=True)
                 self._resume()
                 continue
             n = len(data)

@@ -90,12 +90,20 @@ def accept(spec: kopf.Spec, status: kopf.Status, meta: kopf.Meta, uid: str, body
     _post(body, result.events)
 
 
-@kopf.on.timer(*RESOURCE, interval=INTERVAL, initial_delay=min(INTERVAL, 1.0))
+# backoff: should a tick fail anyway, kopf retries it at the tick interval, not after its default 60 s.
+@kopf.on.timer(*RESOURCE, interval=INTERVAL, initial_delay=min(INTERVAL, 1.0), backoff=INTERVAL)
 def tick(spec: kopf.Spec, status: kopf.Status, meta: kopf.Meta, uid: str, name: str, namespace: str,
          body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
-    """Observe, retry, dispatch, report. Patches the status only when it changed."""
+    """Observe, retry, dispatch, report. Patches the status only when it changed. A failed tick
+    (Redis restarting, storage or the apiserver unreachable) is logged and simply tried again at the
+    next interval: the tick is level-triggered, so nothing is lost by skipping one."""
     rec = reconcile.Reconciler(_store(uid), celery_app, reconcile.memory_for(uid))
-    result = rec.tick(dict(spec), dict(status), meta.get("generation"))
+    try:
+        result = rec.tick(dict(spec), dict(status), meta.get("generation"))
+    except Exception as e:  # noqa: BLE001 - transient by design; a persistent one shows in every tick's log
+        log.warning("tick of %s/%s failed, retrying in %.0fs: %s: %s", namespace, name, INTERVAL,
+                    type(e).__name__, e, exc_info=log.isEnabledFor(logging.DEBUG))
+        return
     changes = st.status_patch(status, result.status)
     if changes:
         patch.status.update(changes)

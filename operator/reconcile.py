@@ -26,20 +26,22 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from embedjob import policy
 from embedjob.broker import remove_queued_tasks
 from embedjob.contract import task_id_prefix
+from embedjob.layout import shard_outputs
 from embedjob.operator import status as st
 from embedjob.operator.dispatch import Dispatcher, Sender
+from embedjob.operator.lost_messages import LostMessages
 from embedjob.planning import PlanError, Shard, plan_shards
 from embedjob.progress import ProgressStore
 from embedjob.results import done_stems, read_manifest, shard_counts, write_job_manifest
 from embedjob.spec import JobSpec, SpecError, parse_spec
-from embedjob.storage import Storage, StorageOptions
+from embedjob.storage import Storage, StorageError, StorageOptions
 
 log = logging.getLogger("embedjob.operator")
 
 MUTABLE_FIELDS = ("suspend", "ttlSecondsAfterFinished", "parallelism")
-MAX_BACKOFF = 3600
 # A deleted job's control flag outlives its other keys so that late messages are still dropped.
 DELETED_FLAG_TTL = 7 * 24 * 3600
 
@@ -63,6 +65,7 @@ class JobMemory:
     samples: deque = field(default_factory=lambda: deque(maxlen=120))  # (monotonic, images)
     refused: str = ""  # last refused spec change message (for one event per change)
     suspects: dict[str, float] = field(default_factory=dict)  # running stems seen without a lease
+    lost: LostMessages = field(default_factory=LostMessages)  # queued stems seen in no queue
 
 
 _memories: dict[str, JobMemory] = {}
@@ -141,11 +144,6 @@ def max_lease_expiries() -> int:
     return int(os.environ.get("EMBEDJOB_MAX_LEASE_EXPIRIES", "10"))
 
 
-def backoff_seconds(base: int, failures: int) -> float:
-    """Exponential backoff: base, 2*base, 4*base, ... capped at an hour."""
-    return float(min(MAX_BACKOFF, base * (2 ** max(0, failures - 1))))
-
-
 # -- accept ---------------------------------------------------------------------------------------------
 @dataclass
 class Accepted:
@@ -189,22 +187,25 @@ def accept(store: ProgressStore, raw_spec: Mapping[str, Any], previous_status: M
     in Redis, and return the status that records it. Nothing is enqueued here: the first tick after
     this status is stored does that, so the plan is in the resource before any task exists."""
     now = now or st.now_utc()
+    where = "spec"
     try:
         spec = parse_spec(dict(raw_spec), allow_local=False)
         storage = storage_for(spec)
+        where = "spec.input.uri"
         shards = plan_shards(spec.input, storage)
+        where = "spec.output.uri"
         done = record_plan(store, spec, raw_spec, shards, storage)
     except SpecError as e:  # PlanError is a SpecError too
         reason = "PlanFailed" if isinstance(e, PlanError) else "InvalidSpec"
         return Accepted(st.invalid_status(previous_status, reason, str(e), generation, now),
                         [Event("Warning", reason, str(e))], ok=False)
-    except Exception as e:
-        # A bucket that does not exist is the user's to fix (then any spec change re-plans); other
-        # storage or Redis errors are transient and raised for the caller to retry.
-        code = getattr(e, "response", {}).get("Error", {}).get("Code") if hasattr(e, "response") else None
-        if code != "NoSuchBucket":
+    except StorageError as e:
+        # A missing bucket or denied access is the user's to fix (then any spec change re-plans);
+        # an unreachable store is transient and raised for the caller to retry.
+        if e.transient:
             raise
-        message = f"spec.input / spec.output: bucket does not exist ({e})"
+        what = "bucket does not exist" if e.code == "NoSuchBucket" else "cannot be read"
+        message = f"{where}: {what}: {e}"
         return Accepted(st.invalid_status(previous_status, "PlanFailed", message, generation, now),
                         [Event("Warning", "PlanFailed", message)], ok=False)
     prev = {k: v for k, v in (previous_status or {}).items() if k == "conditions"}
@@ -293,7 +294,14 @@ class Reconciler:
         if not is_planned(status):
             return TickResult(status, [])
         with self.mem.lock:
-            return self._tick(raw_spec, status, generation, now)
+            try:
+                return self._tick(raw_spec, status, generation, now)
+            except Exception:
+                # Redis or storage failed mid-tick: what was seen missing before the outage says
+                # nothing about after it (leases are re-taken, messages restored), so start over.
+                self.mem.suspects.clear()
+                self.mem.lost.missing.clear()
+                raise
 
     def _ttl_elapsed(self, raw_spec: Mapping[str, Any], status: Mapping[str, Any], now: dt.datetime) -> bool:
         ttl = (raw_spec or {}).get("ttlSecondsAfterFinished")
@@ -332,16 +340,7 @@ class Reconciler:
             info = infos[stem]
             dispatch_n = int(info.get("dispatch") or 0)
             if info.get("countedDispatch") != dispatch_n:
-                failures = int(info.get("failures") or 0) + 1
-                final = failures > spec.retries.perShard
-                info = store.update_info(stem, failures=failures, countedDispatch=dispatch_n, final=final,
-                                         retryAt=None if final else t + backoff_seconds(
-                                             spec.retries.backoffSeconds, failures))
-                infos[stem] = info
-                store.r.hincrby(store.key("totals"), "failures", 1)
-                if final:
-                    self.events.append(Event("Warning", "ShardFailed",
-                                             f"{stem} failed {failures} time(s), giving up: {info.get('error')}"))
+                infos[stem] = info = self._count_failure(spec, stem, info, dispatch_n, t)
             if not info.get("final") and (info.get("retryAt") or 0) <= t:
                 retry_due.append(stem)
 
@@ -358,7 +357,20 @@ class Reconciler:
                 del self.mem.suspects[stem]
         for stem in sorted(unleased):
             first = self.mem.suspects.setdefault(stem, mono)
-            if mono - first >= expiry_grace() and store.set_state_if(stem, "running", "queued"):
+            if mono - first < expiry_grace():
+                continue
+            # Its worker may have committed the outputs and lost only the outcome (Redis was down):
+            # the manifest decides, so a finished shard is never blamed on a lost worker.
+            done = self._committed(spec, stem)
+            if done is None:
+                continue  # storage unreachable: decide on a later tick
+            if done:
+                if store.set_state_if(stem, "running", "succeeded"):
+                    store.update_info(stem, images=done[0], failedImages=done[1], fromManifest=True, error=None)
+                    states[stem] = "succeeded"
+                    self.mem.done_info.pop(stem, None)
+                del self.mem.suspects[stem]
+            elif store.set_state_if(stem, "running", "queued"):
                 expired.append(stem)
                 del self.mem.suspects[stem]
                 states[stem] = "queued"
@@ -374,6 +386,17 @@ class Reconciler:
             store.update_info(stem, leaseExpiries=n)
             self.events.append(Event("Normal", "LeaseExpired", f"{stem}: worker lost, shard re-enqueued"))
 
+        # The safety net: a "queued" shard whose message is in no queue, not delivered and not leased
+        # (lost by a bug, a flushed queue, a crash between ack and outcome) is re-enqueued.
+        lost: list[str] = []
+        if not spec.suspend and control != "suspended":
+            lost = self.mem.lost.check(store, spec.queue, states)
+            for stem in lost:
+                store.r.hincrby(store.key("totals"), "messagesLost", 1)
+                self.events.append(Event("Warning", "MessageLost",
+                                         f"{stem}: queued but in no queue and not leased for "
+                                         f"{self.mem.lost.grace:.0f}s: re-enqueued"))
+
         dispatched_now = 0
         if not spec.suspend:  # (while suspended, expired shards wait as "queued" for the resume)
             pending = [s for s, v in states.items() if v == "pending"]
@@ -383,7 +406,8 @@ class Reconciler:
                     states[s] = "queued"
             # After a resume every "queued" shard (its message was removed) goes out again; otherwise
             # only the ones whose lease expired.
-            redo = [s for s, v in states.items() if v == "queued" and s not in pending] if resumed else expired
+            redo = [s for s, v in states.items() if v == "queued" and s not in pending] if resumed \
+                else expired + [s for s in lost if s not in expired]
             if redo:
                 dispatched_now += dispatcher.dispatch(redo)
                 for s in redo:
@@ -415,15 +439,54 @@ class Reconciler:
             self.events.append(Event("Normal", "Started", f"enqueued {dispatched_now} shard task(s) on {spec.queue}"))
 
         obs = self._observe(plan, states, infos)
+        done_at_start = int((status.get("plan") or {}).get("doneAtStart") or 0)
+        obs.fatal = policy.common_access_error(
+            [json.loads(v) for v in store.r.hvals(store.key("accessErrors"))], len(plan) - done_at_start,
+            obs.succeeded - done_at_start) or ""
         self.mem.samples.append((time.monotonic(), obs.images + obs.images_in_flight))
-        policy = st.Policy(max_failed_shards=spec.maxFailedShards, suspend=spec.suspend)
-        desired = st.build_status(status, obs, policy, generation=generation, now=now,
+        phase_policy = st.Policy(max_failed_shards=spec.maxFailedShards, suspend=spec.suspend)
+        desired = st.build_status(status, obs, phase_policy, generation=generation, now=now,
                                   rate=st.images_per_second(list(self.mem.samples)),
                                   dispatched=bool(states))
         desired["conditions"] = _merge_conditions(desired["conditions"], conditions)
         if desired["phase"] in st.TERMINAL and status.get("phase") not in st.TERMINAL:
             self._finish(spec, desired, plan, states, obs)
         return TickResult(desired, self.events)
+
+    def _count_failure(self, spec: JobSpec, stem: str, info: dict[str, Any], dispatch_n: int,
+                       t: float) -> dict[str, Any]:
+        """Apply the failure policy to a failed attempt seen for the first time."""
+        store = self.store
+        d = policy.on_failure(transient=bool(info.get("transient")), failures=int(info.get("failures") or 0),
+                              transient_failures=int(info.get("transientFailures") or 0),
+                              per_shard=spec.retries.perShard, backoff_base=spec.retries.backoffSeconds)
+        info = store.update_info(stem, failures=d.failures, transientFailures=d.transient_failures,
+                                 countedDispatch=dispatch_n, final=d.final, retryAt=None if d.final else t + d.delay)
+        counter = "transientFailures" if d.transient_failures else "failures"
+        store.r.hincrby(store.key("totals"), counter, 1)
+        if info.get("accessError"):
+            store.r.hset(store.key("accessErrors"), stem,
+                         json.dumps({"accessError": True, "errorCode": info.get("errorCode"),
+                                     "error": info.get("error")}))
+        if d.final:
+            self.events.append(Event("Warning", "ShardFailed",
+                                     f"{stem} failed {d.failures} time(s), giving up: {info.get('error')}"))
+        elif d.transient_failures:
+            log.warning("job %s: %s hit a transient error, retry in %.0fs: %s", store.job, stem, d.delay,
+                        info.get("error"))
+        return info
+
+    def _committed(self, spec: JobSpec, stem: str) -> tuple[int, ...] | None:
+        """(images, failed) from the shard's manifest when it exists, () when it does not, None when
+        storage cannot tell right now."""
+        try:
+            storage = storage_for(spec)
+            if not storage.exists(shard_outputs(spec.output.uri, stem).manifest):
+                return ()
+            return shard_counts(read_manifest(spec.output.uri, stem, storage))
+        except Exception as e:  # noqa: BLE001 - decided again on the next tick
+            log.warning("job %s: cannot check the manifest of %s yet: %s", self.store.job, stem, e)
+            return None
 
     def _observe(self, plan: list[tuple[str, str]], states: Mapping[str, str],
                  failed_infos: Mapping[str, dict[str, Any]]) -> st.Observed:
@@ -453,7 +516,9 @@ class Reconciler:
                 obs.queued += 1
         totals = store.r.hgetall(store.key("totals"))
         obs.failures = int(totals.get("failures") or 0)
+        obs.transient_failures = int(totals.get("transientFailures") or 0)
         obs.lease_expiries = int(totals.get("leaseExpiries") or 0)
+        obs.messages_lost = int(totals.get("messagesLost") or 0)
         return obs
 
     def _finish(self, spec: JobSpec, desired: dict[str, Any], plan: list[tuple[str, str]],

@@ -108,8 +108,11 @@ class Observed:
     failed_images: int = 0
     images_in_flight: int = 0  # imagesSoFar of running shards (for the rate only)
     failures: int = 0  # real failures seen (each retry consumed one)
+    transient_failures: int = 0  # storage/Redis outages retried without consuming a retry
     lease_expiries: int = 0
+    messages_lost: int = 0  # queued shards the safety net found in no queue and re-enqueued
     failed_shards: list[FailedShard] = field(default_factory=list)
+    fatal: str = ""  # every shard fails the same way (e.g. storage access denied): fail now
 
     @property
     def finished(self) -> int:
@@ -126,6 +129,8 @@ class Policy:
 
 def decide_phase(obs: Observed, policy: Policy, dispatched: bool) -> tuple[str, str, str]:
     """(phase, reason, message) from the counts alone."""
+    if obs.fatal:
+        return FAILED, "StorageAccessFailed", f"every shard fails the same way, so the job stops: {obs.fatal}"
     if obs.failed > policy.max_failed_shards:
         return (FAILED, "TooManyFailedShards",
                 f"{obs.failed} shard(s) failed after retries, more than maxFailedShards={policy.max_failed_shards}")
@@ -186,12 +191,17 @@ def build_status(
         SUSPENDED_COND, phase == SUSPENDED, "Suspended" if phase == SUSPENDED else "NotSuspended",
         message if phase == SUSPENDED else "dispatch is active" if phase not in TERMINAL else "job finished",
         generation, now))
+    # Complete and Failed always agree with the phase: a finished job never keeps "InProgress".
     if phase == SUCCEEDED:
-        conditions = set_condition(conditions, make_condition(COMPLETE, True, reason, message, generation, now)) \
-            if prev.get("phase") != SUCCEEDED else conditions
+        if prev.get("phase") != SUCCEEDED:
+            conditions = set_condition(conditions, make_condition(COMPLETE, True, reason, message, generation, now))
+            conditions = set_condition(conditions, make_condition(
+                FAILED_COND, False, "Succeeded", f"the job succeeded ({message})", generation, now))
     elif phase == FAILED:
         if prev.get("phase") != FAILED:
             conditions = set_condition(conditions, make_condition(FAILED_COND, True, reason, message, generation, now))
+            conditions = set_condition(conditions, make_condition(
+                COMPLETE, False, "Failed", f"the job failed: {message}", generation, now))
     else:
         conditions = set_condition(conditions, make_condition(COMPLETE, False, "InProgress", message, generation, now))
         conditions = set_condition(conditions, make_condition(FAILED_COND, False, "InProgress",
@@ -203,7 +213,8 @@ def build_status(
         "shards": {"total": obs.total, "queued": obs.queued, "running": obs.running,
                    "succeeded": obs.succeeded, "failed": obs.failed},
         "images": {"embedded": obs.images, "failed": obs.failed_images},
-        "attempts": {"failures": obs.failures, "leaseExpiries": obs.lease_expiries},
+        "attempts": {"failures": obs.failures, "transientFailures": obs.transient_failures,
+                     "leaseExpiries": obs.lease_expiries, "messagesLost": obs.messages_lost},
         "imagesPerSecond": rate if phase in (RUNNING,) else 0.0,
         "failedShards": [f.to_dict() for f in sorted(obs.failed_shards, key=lambda f: f.stem)]
         [:MAX_FAILED_SHARDS_LISTED],

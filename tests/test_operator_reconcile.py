@@ -193,7 +193,7 @@ def test_lease_expiry_redispatches_without_consuming_a_retry(env, monkeypatch):
     info = store.info("0000")
     assert store.state("0000") == "queued" and info["leaseExpiries"] == 1 and not info.get("failures")
     assert task_id(store.job, "0000", 2) in queued_ids(r)
-    assert status["attempts"] == {"failures": 0, "leaseExpiries": 1}
+    assert status["attempts"] == {"failures": 0, "transientFailures": 0, "leaseExpiries": 1, "messagesLost": 0}
     assert status["shards"] == {"total": 2, "queued": 1, "running": 0, "succeeded": 1, "failed": 0}
 
 

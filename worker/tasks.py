@@ -8,6 +8,8 @@ Per task (see embedjob.progress for the Redis keys):
 2. the shard's manifest exists -> record it succeeded, no work (``skipped``);
 3. another live worker holds the shard's lease -> ``duplicate``, no work done twice;
 4. otherwise take the lease, renew it by heartbeat while embedding, record the outcome.
+Every exception records a ``failed`` outcome with the error, classified transient or hard (see
+embedjob.policy); a Redis outage is waited out (bounded), then the message goes back to the broker.
 A duplicate is re-checked one lease period later (see ``embed_shard_task``).
 The task never retries itself: real failures are recorded and the operator (or the local runner)
 decides on retries; a dead worker's lease expires and the shard is redone.
@@ -21,19 +23,33 @@ import socket
 import threading
 import time
 import uuid
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import redis
+from celery.exceptions import Reject
 
 from embedjob.broker import app
 from embedjob.contract import TASK_NAME, EmbedOptions, ShardTask
 from embedjob.layout import shard_outputs
 from embedjob.progress import ProgressStore, lease_seconds, redis_client
 from embedjob.results import read_manifest, shard_counts
-from embedjob.storage import Storage, StorageOptions
+from embedjob.storage import Storage, StorageError, StorageOptions
 
 log = logging.getLogger("embedjob.worker")
+T = TypeVar("T")
 
 WORKER_ID = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+# How long a task waits for an unreachable Redis (to read its control flag, or to record an outcome
+# it has already committed to storage) before it gives the message back to the broker.
+REDIS_WAIT_SECONDS = float(os.environ.get("EMBEDJOB_REDIS_WAIT_SECONDS", "300"))
+_REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 _redis = None
+
+
+class Redeliver(Exception):  # noqa: N818 - an instruction, not an error report
+    """Redis stayed unreachable: nothing could be recorded, so the message goes back to the broker
+    (Celery ``Reject(requeue=True)``; if even that fails, the operator's safety net re-enqueues)."""
 
 
 def _progress(job: str) -> ProgressStore:
@@ -43,9 +59,42 @@ def _progress(job: str) -> ProgressStore:
     return ProgressStore(_redis, job)
 
 
+def with_redis(fn: Callable[[], T], what: str, budget: float | None = None) -> T:
+    """``fn()``, retried while Redis is unreachable (restart, failover), for at most ``budget``
+    seconds; then :class:`Redeliver`. Every retry is logged."""
+    budget = REDIS_WAIT_SECONDS if budget is None else budget
+    deadline = time.monotonic() + budget
+    delay = 0.25
+    while True:
+        try:
+            return fn()
+        except _REDIS_ERRORS as e:
+            if time.monotonic() + delay > deadline:
+                raise Redeliver(f"Redis unreachable for {budget:.0f}s while {what}: {e}") from e
+            log.warning("Redis unreachable while %s (%s); retrying in %.1fs", what, e, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+def describe_failure(exc: BaseException) -> dict[str, Any]:
+    """The failed outcome's fields: the error text, its code, and whether it is transient (worth a
+    retry that does not consume the shard's budget) or an access error (bad credentials, missing
+    bucket: the same for every shard, so the job fails fast)."""
+    error = f"{type(exc).__name__}: {exc}"[:1000]
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, StorageError):
+            return {"error": error, "errorCode": cause.code, "transient": cause.transient,
+                    "accessError": cause.access_denied or cause.code == "NoSuchBucket"}
+        if isinstance(cause, _REDIS_ERRORS):
+            return {"error": error, "errorCode": type(cause).__name__, "transient": True, "accessError": False}
+        cause = cause.__cause__ or cause.__context__
+    return {"error": error, "errorCode": type(exc).__name__, "transient": False, "accessError": False}
+
+
 class _Heartbeat(threading.Thread):
-    """Renews the shard lease and publishes images-so-far until stopped. If the lease is lost (it
-    expired and someone else took it), the flag is set so the work can be abandoned."""
+    """Renews the shard lease and publishes images-so-far until stopped. A lease that vanished with
+    Redis's data (a restart) is taken again; only a lease held by another worker counts as lost."""
 
     def __init__(self, store: ProgressStore, stem: str, owner: str) -> None:
         super().__init__(daemon=True, name=f"heartbeat-{stem}")
@@ -58,13 +107,14 @@ class _Heartbeat(threading.Thread):
     def run(self) -> None:
         while not self._halt.wait(self.interval):
             try:
-                if not self.store.renew_lease(self.stem, self.owner):
+                if not self.store.renew_lease(self.stem, self.owner) and \
+                        not self.store.acquire_lease(self.stem, self.owner):
                     self.lost.set()
-                    log.warning("lease on %s lost", self.stem)
+                    log.warning("lease on %s lost to %s", self.stem, self.store.lease_owner(self.stem))
                     return
                 self.store.update_info(self.stem, imagesSoFar=self.images)
-            except Exception:  # noqa: BLE001 - a Redis blip must not kill the shard; next beat retries
-                log.exception("heartbeat for %s failed", self.stem)
+            except Exception as e:  # noqa: BLE001 - a Redis blip must not kill the shard; next beat retries
+                log.warning("heartbeat for %s failed: %s", self.stem, e)
 
     def stop(self) -> None:
         self._halt.set()
@@ -72,59 +122,88 @@ class _Heartbeat(threading.Thread):
             self.join(5)
 
 
+def _record(store: ProgressStore, stem: str, state: str, **info: Any) -> None:
+    """Record a shard's outcome, waiting for Redis if it is down. A deleted job's keys are gone: they
+    are not recreated."""
+
+    def write() -> None:
+        if store.control() != "deleted":
+            store.set_state(stem, state, **info)
+
+    with_redis(write, f"recording {stem} as {state}")
+
+
 def run_shard_task(task: ShardTask, owner: str = WORKER_ID) -> dict[str, Any]:
-    """The task body as a plain function (what tests and the local runner can call too)."""
+    """The task body as a plain function (what tests and the local runner can call too).
+
+    Every path ends in a recorded outcome: an exception anywhere records the shard ``failed`` with
+    the error (and whether it is transient), except when Redis itself stays unreachable, which
+    raises :class:`Redeliver` so the message goes back to the broker."""
     from embedjob.worker.model import load_embedder
     from embedjob.worker.pipeline import embed_shard
 
     store = _progress(task.job)
-    if store.control() in ("suspended", "deleted"):
+    if with_redis(store.control, "reading the job's control flag") in ("suspended", "deleted"):
         return {"status": "cancelled", "stem": task.stem}
 
-    options = EmbedOptions(**task.options)
-    storage = Storage(StorageOptions.from_dict(task.storage))
-    if not options.overwrite and storage.exists(shard_outputs(task.output, task.stem).manifest):
-        images, failed = shard_counts(read_manifest(task.output, task.stem, storage))
-        store.set_state(task.stem, "succeeded", images=images, failedImages=failed, finishedAt=time.time())
+    try:
+        options = EmbedOptions(**task.options)
+        storage = Storage(StorageOptions.from_dict(task.storage))
+        done = not options.overwrite and storage.exists(shard_outputs(task.output, task.stem).manifest)
+        counts = shard_counts(read_manifest(task.output, task.stem, storage)) if done else None
+    except Exception as e:  # noqa: BLE001 - storage unreachable, access denied, a bad message: recorded
+        return _failed(store, task, e)
+    if counts is not None:
+        _record(store, task.stem, "succeeded", images=counts[0], failedImages=counts[1], finishedAt=time.time())
         return {"status": "skipped", "stem": task.stem}
 
-    if not store.acquire_lease(task.stem, owner):
-        return {"status": "duplicate", "stem": task.stem, "holder": store.lease_owner(task.stem)}
+    if not with_redis(lambda: store.acquire_lease(task.stem, owner), f"taking the lease on {task.stem}"):
+        holder = with_redis(lambda: store.lease_owner(task.stem), "reading the lease")
+        return {"status": "duplicate", "stem": task.stem, "holder": holder}
 
     heartbeat = _Heartbeat(store, task.stem, owner)
     try:
-        store.set_state(task.stem, "running", attempt=task.attempt, worker=owner, startedAt=time.time(),
-                        error=None, imagesSoFar=0)
-        store.count_execution(task.stem)
-        heartbeat.start()
-        embedder = load_embedder(task.model, device=options.device, precision=options.precision)
+        try:
+            with_redis(lambda: store.set_state(task.stem, "running", attempt=task.attempt, worker=owner,
+                                               startedAt=time.time(), error=None, imagesSoFar=0),
+                       f"recording {task.stem} as running")
+            with_redis(lambda: store.count_execution(task.stem), "counting the execution")
+            heartbeat.start()
+            embedder = load_embedder(task.model, device=options.device, precision=options.precision)
 
-        def on_progress(n: int) -> None:
-            heartbeat.images = n
+            def on_progress(n: int) -> None:
+                heartbeat.images = n
 
-        result = embed_shard(task.shard, task.output, embedder, options, stem=task.stem, storage=storage,
-                             on_progress=on_progress)
-    except Exception as e:  # noqa: BLE001 - recorded for the operator's retry policy
-        log.exception("shard %s failed", task.shard)
-        error = f"{type(e).__name__}: {e}"[:1000]
-        heartbeat.stop()
-        if store.control() != "deleted":  # a deleted job's keys are gone: do not recreate them
-            store.set_state(task.stem, "failed", attempt=task.attempt, error=error, finishedAt=time.time())
-        return {"status": "failed", "stem": task.stem, "error": error}
-    else:
+            result = embed_shard(task.shard, task.output, embedder, options, stem=task.stem, storage=storage,
+                                 on_progress=on_progress)
+        except Redeliver:
+            raise
+        except Exception as e:  # noqa: BLE001 - recorded for the operator's retry policy
+            heartbeat.stop()
+            return _failed(store, task, e)
         # The outputs are committed (manifest written): record success even if the lease was lost meanwhile.
         heartbeat.stop()
-        if store.control() != "deleted":
-            store.set_state(task.stem, "succeeded", attempt=task.attempt, images=result.images,
-                            failedImages=result.failed, seconds=round(result.seconds, 3), finishedAt=time.time(),
-                            error=None)
+        _record(store, task.stem, "succeeded", attempt=task.attempt, images=result.images,
+                failedImages=result.failed, seconds=round(result.seconds, 3), finishedAt=time.time(),
+                error=None, transient=None, errorCode=None, accessError=None)
         summary = result.to_dict()
         summary["timings"] = {k: round(v, 3) for k, v in result.timings.items()}
         return summary
     finally:
         # Outcome first, lease last: a reader never sees "running" without a lease for a live shard.
         heartbeat.stop()
-        store.release_lease(task.stem, owner)
+        try:
+            store.release_lease(task.stem, owner)
+        except Exception as e:  # noqa: BLE001 - it expires by itself; the outcome is what counts
+            log.warning("could not release the lease on %s: %s", task.stem, e)
+
+
+def _failed(store: ProgressStore, task: ShardTask, exc: BaseException) -> dict[str, Any]:
+    failure = describe_failure(exc)
+    log.error("shard %s failed (%s): %s", task.shard, "transient" if failure["transient"] else "hard",
+              failure["error"], exc_info=not isinstance(exc, StorageError))
+    _record(store, task.stem, "failed", attempt=task.attempt, finishedAt=time.time(), **failure)
+    return {"status": "failed", "stem": task.stem, **failure}
 
 
 @app.task(name=TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=None)
@@ -136,7 +215,11 @@ def embed_shard_task(self, task: dict) -> dict:  # noqa: ANN001
     leased (waits again), or its lease expired because that worker died (takes the shard over). So a
     shard redelivered by the broker is never lost, even with no operator watching the leases."""
     shard_task = ShardTask.from_dict(task)
-    result = run_shard_task(shard_task)
+    try:
+        result = run_shard_task(shard_task)
+    except Redeliver as e:
+        log.error("%s: giving the message back to the broker", e)
+        raise Reject(str(e), requeue=True) from e
     if result["status"] == "duplicate":
         raise self.retry(countdown=max(lease_seconds(), 1))
     return result

@@ -1,0 +1,74 @@
+"""The failure policy: when a failed shard is retried, when it is given up, when the job fails.
+Torch-free; the operator and the local runner (``embedjob run``) both decide with these functions.
+
+- A **hard** failure (the shard itself is bad, or an error retrying cannot fix) consumes one of
+  ``spec.retries.perShard`` retries; the next attempt waits ``backoff_seconds``.
+- A **transient** failure (the object store was unreachable, answered 5xx or throttled after
+  botocore's own retries) is retried with the same backoff but does not consume a retry, up to
+  ``MAX_TRANSIENT_RETRIES`` in a row; after that it counts as hard (an outage that long is not
+  transient any more).
+- **Fail fast**: when the first shards of a job all fail with the same access error (403, bad
+  credentials, missing bucket) and none succeeded, the job fails at once with that error instead
+  of spending every retry of every shard on it.
+- The job fails when more than ``spec.maxFailedShards`` shards have failed for good.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+MAX_BACKOFF = 3600.0
+MAX_TRANSIENT_RETRIES = 20
+# How many distinct shards must fail with the same access error (and none succeed) to fail the job.
+FAIL_FAST_SHARDS = 3
+
+
+def backoff_seconds(base: float, failures: int) -> float:
+    """Exponential backoff: base, 2*base, 4*base, ... capped at an hour."""
+    return float(min(MAX_BACKOFF, base * (2 ** max(0, failures - 1))))
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What to do after one failed attempt of a shard."""
+
+    final: bool  # give up: the shard counts as failed
+    delay: float  # seconds before the retry (when not final)
+    failures: int  # hard failures so far (the retry budget used)
+    transient_failures: int  # transient failures in a row
+
+
+def on_failure(*, transient: bool, failures: int, transient_failures: int, per_shard: int,
+               backoff_base: float) -> Decision:
+    """Decide after a failed attempt. ``failures`` / ``transient_failures`` are the counts BEFORE it."""
+    if transient and transient_failures < MAX_TRANSIENT_RETRIES:
+        n = transient_failures + 1
+        return Decision(final=False, delay=backoff_seconds(backoff_base, n), failures=failures, transient_failures=n)
+    failures += 1
+    final = failures > per_shard
+    return Decision(final=final, delay=0.0 if final else backoff_seconds(backoff_base, failures),
+                    failures=failures, transient_failures=0)
+
+
+def job_failed(failed_shards: int, max_failed_shards: int) -> bool:
+    return failed_shards > max_failed_shards
+
+
+def common_access_error(failed_infos: Iterable[Mapping[str, Any]], total: int,
+                        succeeded_this_run: int) -> str | None:
+    """The error message when the job should fail fast: at least ``min(FAIL_FAST_SHARDS, total)``
+    shards failed with the same access error code (``accessError`` set by the worker) and no shard
+    succeeded in this run. None otherwise."""
+    if succeeded_this_run > 0 or total <= 0:
+        return None
+    by_code: dict[str, list[str]] = {}
+    for info in failed_infos:
+        if info.get("accessError") and info.get("errorCode"):
+            by_code.setdefault(str(info["errorCode"]), []).append(str(info.get("error") or ""))
+    need = min(FAIL_FAST_SHARDS, total)
+    for _code, errors in sorted(by_code.items(), key=lambda kv: -len(kv[1])):
+        if len(errors) >= need:
+            return errors[0]
+    return None

@@ -1,0 +1,64 @@
+"""The safety net for lost messages: a level-triggered comparison of what Redis says is queued with
+what the broker really holds.
+
+A shard recorded ``queued`` must be, at any moment, in one of three places: its message waiting in
+the queue's lists, its message delivered to a worker (kombu's ``unacked`` hash), or leased by the
+worker embedding it. One that is in none of them for ``grace`` seconds (checked several times in
+between, so a message moving from the list to a consumer is never mistaken for a lost one) has
+lost its message, whatever the cause: a worker that acknowledged without recording an outcome, a
+queue flushed by hand, a bug not found yet. It is re-enqueued. A delivered message whose shard
+shows no lease long after delivery (``stale`` seconds) counts as lost too: the consumer holding it
+is not working on it. A duplicate message costs nothing (the worker drops it: lease or manifest).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping
+
+from embedjob.broker import broker_snapshot
+from embedjob.contract import task_id, task_id_prefix
+from embedjob.progress import ProgressStore, lease_seconds
+
+DEFAULT_GRACE = 30.0
+
+
+class LostMessages:
+    """Per-job memory of queued shards seen nowhere in the broker."""
+
+    def __init__(self, grace: float | None = None, stale: float | None = None) -> None:
+        self.grace = grace if grace is not None else float(
+            os.environ.get("EMBEDJOB_LOST_MESSAGE_GRACE", DEFAULT_GRACE))
+        self.stale = stale if stale is not None else max(4 * self.grace, 2.0 * lease_seconds())
+        self.missing: dict[str, float] = {}  # stem -> monotonic time first seen missing
+        self._next_check = 0.0
+
+    def check(self, store: ProgressStore, queue: str, states: Mapping[str, str]) -> list[str]:
+        """Stems whose message is lost (to be re-enqueued). Cheap between checks: the broker is
+        read about four times per grace period, and only when some shard is queued."""
+        queued = [s for s, v in states.items() if v == "queued"]
+        if not queued:
+            self.missing.clear()
+            return []
+        now = time.monotonic()
+        if now < self._next_check:
+            return []
+        self._next_check = now + max(0.5, self.grace / 4)
+        infos = store.infos(queued)
+        expected = {task_id(store.job, s, int(infos[s]["dispatch"])): s for s in queued if infos[s].get("dispatch")}
+        waiting, delivered = broker_snapshot(store.r, queue, task_id_prefix(store.job))
+        leased = store.live_leases(queued)
+        wall = time.time()
+        lost: list[str] = []
+        seen: set[str] = set()
+        for tid, stem in expected.items():
+            if tid in waiting or stem in leased:
+                continue
+            if tid in delivered and wall - delivered[tid] < self.stale:
+                continue
+            seen.add(stem)
+            if now - self.missing.setdefault(stem, now) >= self.grace:
+                lost.append(stem)
+        self.missing = {s: t for s, t in self.missing.items() if s in seen and s not in lost}
+        return sorted(lost)

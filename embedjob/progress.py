@@ -7,6 +7,7 @@ Keys, all under ``embedjob:<job>:`` (``<job>`` is the resource uid or a local jo
     info            hash  stem -> JSON {attempts, leaseExpiries, error, images, failedImages, ...}
     lease:<stem>    str   worker id, with a TTL the worker renews by heartbeat
     executions      hash  stem -> how many times a worker actually started embedding it
+    commits         hash  stem -> how many times a worker committed its outputs (manifest written)
     control         str   "" | "suspended" | "deleted" (workers drop tasks of a stopped job)
 
 Operator-owned (embedjob.operator.reconcile): ``spec`` (the accepted spec, JSON), ``plan`` (the
@@ -76,10 +77,14 @@ class ProgressStore:
         return self.prefix + name
 
     # -- state -----------------------------------------------------------------------------------
-    def set_state(self, stem: str, state: str, **info: Any) -> None:
+    def set_state(self, stem: str, state: str, *, commit: bool = False, **info: Any) -> None:
+        """Set the state (and merge ``info``) in one transaction; ``commit`` also counts one commit of
+        the shard's outputs (the ``commits`` hash: exactly-once is checkable)."""
         assert state in STATES, state
         pipe = self.r.pipeline()
         pipe.hset(self.key("state"), stem, state)
+        if commit:
+            pipe.hincrby(self.key("commits"), stem, 1)
         if info:
             current = self.info(stem)
             current.update(info)
@@ -124,6 +129,10 @@ class ProgressStore:
 
     def executions(self) -> dict[str, int]:
         return {k: int(v) for k, v in self.r.hgetall(self.key("executions")).items()}
+
+    def commits(self) -> dict[str, int]:
+        """How many times each shard's outputs were committed by a worker (1 each, normally)."""
+        return {k: int(v) for k, v in self.r.hgetall(self.key("commits")).items()}
 
     # -- leases ----------------------------------------------------------------------------------
     def acquire_lease(self, stem: str, owner: str, ttl: float | None = None) -> bool:

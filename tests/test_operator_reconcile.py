@@ -295,3 +295,124 @@ def test_missing_bucket_fails_the_plan_with_a_clear_message(env):
     assert not acc.ok
     cond = st.get_condition(acc.status["conditions"], "Failed")
     assert cond["reason"] == "PlanFailed" and "bucket does not exist" in cond["message"]
+
+
+def test_missing_output_bucket_names_the_field_and_the_bucket(env):
+    r, app, store, bucket = env
+    spec = raw_spec(bucket)
+    spec["output"] = {"uri": "s3://no-such-output-bucket/emb/"}
+    acc = accept(store, spec, {}, 1)
+    cond = st.get_condition(acc.status["conditions"], "Failed")
+    assert not acc.ok and cond["reason"] == "PlanFailed"
+    assert cond["message"].startswith("spec.output.uri: bucket does not exist: ListObjectsV2 "
+                                      "s3://no-such-output-bucket/emb/")
+    spec = raw_spec(bucket)
+    spec["input"] = {"uri": "s3://no-such-input-bucket/in/"}
+    cond = st.get_condition(accept(store, spec, {}, 1).status["conditions"], "Failed")
+    assert cond["message"].startswith("spec.input.uri: bucket does not exist: ") and "no-such-input-bucket" in \
+        cond["message"]
+
+
+def test_transient_failures_are_retried_without_consuming_the_retry_budget(env):
+    r, app, store, bucket = env
+    spec = raw_spec(bucket, n=1, retries={"perShard": 0, "backoffSeconds": 0})
+    status, rec = started(r, app, store, spec)
+    status = rec.tick(spec, status, 1).status
+    for n in (1, 2, 3):
+        store.set_state("0000", "failed", error="StorageError: GetObject s3://b/x.tar: EndpointConnectionError",
+                        errorCode="EndpointConnectionError", transient=True)
+        status = rec.tick(spec, status, 1).status
+        assert status["phase"] == "Running" and store.state("0000") == "queued"  # perShard 0, yet retried
+        assert task_id(store.job, "0000", n + 1) in queued_ids(r)
+    info = store.info("0000")
+    assert info["transientFailures"] == 3 and not info.get("failures")
+    assert status["attempts"]["transientFailures"] == 3 and status["attempts"]["failures"] == 0
+    # a hard failure then fails it: the budget is intact but 0
+    store.set_state("0000", "failed", error="ValueError: not a tar", errorCode="ValueError", transient=False)
+    status = rec.tick(spec, status, 1).status
+    assert status["phase"] == "Failed" and status["attempts"]["failures"] == 1
+
+
+def test_every_shard_denied_access_fails_the_job_fast_with_the_error(env):
+    r, app, store, bucket = env
+    spec = raw_spec(bucket, n=5, retries={"perShard": 3, "backoffSeconds": 60})
+    status, rec = started(r, app, store, spec)
+    status = rec.tick(spec, status, 1).status
+    error = ("StorageError: HeadObject s3://b/out/_manifests/0000.json: 403 (HTTP 403): Forbidden "
+             "(check the storage credentials of this process)")
+    for stem in ("0000", "0001"):
+        store.set_state(stem, "failed", error=error, errorCode="403", transient=False, accessError=True)
+    status = rec.tick(spec, status, 1).status
+    assert status["phase"] == "Running"  # two shards are not yet "every shard"
+    store.set_state("0002", "failed", error=error, errorCode="403", transient=False, accessError=True)
+    res = rec.tick(spec, status, 1)
+    status = res.status
+    assert status["phase"] == "Failed"
+    failed = st.get_condition(status["conditions"], "Failed")
+    assert failed["status"] == "True" and failed["reason"] == "StorageAccessFailed" and "HTTP 403" in failed["message"]
+    complete = st.get_condition(status["conditions"], "Complete")
+    assert complete["status"] == "False" and complete["reason"] == "Failed"  # not a stale "InProgress"
+    assert store.control() == "suspended" and queued_ids(r) == []  # the rest are not attempted
+    assert any(e.reason == "Failed" and "HTTP 403" in e.message for e in res.events)
+
+
+def test_access_errors_do_not_fail_fast_once_a_shard_succeeded(env):
+    r, app, store, bucket = env
+    spec = raw_spec(bucket, n=5, retries={"perShard": 3, "backoffSeconds": 60})
+    status, rec = started(r, app, store, spec)
+    status = rec.tick(spec, status, 1).status
+    worker_finishes(store, "0004", 3)
+    for stem in ("0000", "0001", "0002"):
+        store.set_state(stem, "failed", error="StorageError: GetObject ...: AccessDenied", errorCode="AccessDenied",
+                        transient=False, accessError=True)
+    status = rec.tick(spec, status, 1).status
+    assert status["phase"] == "Running"  # one object with a bad ACL is that shard's problem, not the job's
+
+
+def test_expired_lease_of_a_committed_shard_counts_it_done_not_lost(env, monkeypatch):
+    """A worker committed the outputs but could not record the outcome (Redis was down) and its lease
+    expired: the manifest decides, no lease expiry is counted, nothing is re-run."""
+    r, app, store, bucket = env
+    monkeypatch.setenv("EMBEDJOB_LEASE_SECONDS", "2")  # expiry grace: 1 s
+    spec = raw_spec(bucket, n=2)
+    status, rec = started(r, app, store, spec)
+    status = rec.tick(spec, status, 1).status
+    r.delete(QUEUE)
+    store.set_state("0000", "running", attempt=1)
+    write_manifest(bucket, "0000", embedded=9, failed=2)
+    status = rec.tick(spec, status, 1).status
+    time.sleep(1.1)
+    res = rec.tick(spec, status, 1)
+    assert store.state("0000") == "succeeded" and res.status["images"] == {"embedded": 9, "failed": 2}
+    assert res.status["attempts"]["leaseExpiries"] == 0 and not any(e.reason == "LeaseExpired" for e in res.events)
+    assert queued_ids(r) == []
+
+
+def test_safety_net_reenqueues_a_queued_shard_whose_message_vanished(env, monkeypatch):
+    r, app, store, bucket = env
+    monkeypatch.setenv("EMBEDJOB_LOST_MESSAGE_GRACE", "1")
+    spec = raw_spec(bucket, n=3)
+    status, rec = started(r, app, store, spec)
+    status = rec.tick(spec, status, 1).status
+    lost_id = task_id(store.job, "0001", 1)
+    # 0000: delivered to a (live) consumer: in kombu's unacked hash; 0001: deleted by hand; 0002: waiting
+    raw0 = next(m for m in r.lrange(QUEUE, 0, -1) if json.loads(m)["headers"]["id"] == task_id(store.job, "0000", 1))
+    r.lrem(QUEUE, 1, raw0)
+    r.hset("unacked", "tag-0", json.dumps([json.loads(raw0), "", QUEUE]))
+    r.zadd("unacked_index", {"tag-0": time.time()})
+    r.lrem(QUEUE, 1, next(m for m in r.lrange(QUEUE, 0, -1) if json.loads(m)["headers"]["id"] == lost_id))
+    res = rec.tick(spec, status, 1)
+    assert not any(e.reason == "MessageLost" for e in res.events)  # seen missing once: not yet lost
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and not any(e.reason == "MessageLost" for e in res.events):
+        time.sleep(0.3)
+        res = rec.tick(spec, res.status, 1)
+    assert [e.message.split(":")[0] for e in res.events if e.reason == "MessageLost"] == ["0001"]
+    ids = queued_ids(r)
+    assert task_id(store.job, "0001", 2) in ids and task_id(store.job, "0002", 1) in ids
+    assert task_id(store.job, "0000", 2) not in ids  # delivered, not lost
+    assert res.status["attempts"]["messagesLost"] == 1 and store.state("0001") == "queued"
+    for _ in range(3):  # re-enqueued once, not on every tick
+        time.sleep(0.4)
+        res = rec.tick(spec, res.status, 1)
+    assert res.status["attempts"]["messagesLost"] == 1

@@ -85,3 +85,26 @@ def test_invalid_status_names_the_reason():
     assert s["phase"] == st.FAILED
     c = st.get_condition(s["conditions"], st.FAILED_COND)
     assert c["reason"] == "InvalidSpec" and "spec.output.uri" in c["message"]
+
+
+def test_terminal_conditions_agree_with_the_phase():
+    """A job that fails mid-run must not keep Complete=False/InProgress, and a succeeded one must not
+    keep Failed=False/InProgress."""
+    running = st.build_status({}, st.Observed(total=16, queued=16), st.Policy(), generation=1, now=T0)
+    assert st.get_condition(running["conditions"], "Complete")["reason"] == "InProgress"
+    failed = st.build_status(running, st.Observed(total=16, queued=15, failed=1), st.Policy(), generation=1, now=T0)
+    assert failed["phase"] == st.FAILED
+    complete = st.get_condition(failed["conditions"], "Complete")
+    assert (complete["status"], complete["reason"]) == ("False", "Failed") and "failed" in complete["message"]
+    assert st.get_condition(failed["conditions"], "Failed")["status"] == "True"
+
+    done = st.build_status(running, st.Observed(total=16, succeeded=16), st.Policy(), generation=1, now=T0)
+    failed_cond = st.get_condition(done["conditions"], "Failed")
+    assert (failed_cond["status"], failed_cond["reason"]) == ("False", "Succeeded")
+    assert st.get_condition(done["conditions"], "Complete")["status"] == "True"
+
+
+def test_fatal_error_fails_the_job_with_its_message():
+    obs = st.Observed(total=16, queued=13, failed=0, fatal="HeadObject s3://b/k: 403 (HTTP 403): Forbidden")
+    phase, reason, message = st.decide_phase(obs, st.Policy(max_failed_shards=5), dispatched=True)
+    assert (phase, reason) == (st.FAILED, "StorageAccessFailed") and "HTTP 403" in message

@@ -122,13 +122,13 @@ class _Heartbeat(threading.Thread):
             self.join(5)
 
 
-def _record(store: ProgressStore, stem: str, state: str, **info: Any) -> None:
+def _record(store: ProgressStore, stem: str, state: str, *, commit: bool = False, **info: Any) -> None:
     """Record a shard's outcome, waiting for Redis if it is down. A deleted job's keys are gone: they
     are not recreated."""
 
     def write() -> None:
         if store.control() != "deleted":
-            store.set_state(stem, state, **info)
+            store.set_state(stem, state, commit=commit, **info)
 
     with_redis(write, f"recording {stem} as {state}")
 
@@ -183,7 +183,8 @@ def run_shard_task(task: ShardTask, owner: str = WORKER_ID) -> dict[str, Any]:
             return _failed(store, task, e)
         # The outputs are committed (manifest written): record success even if the lease was lost meanwhile.
         heartbeat.stop()
-        _record(store, task.stem, "succeeded", attempt=task.attempt, images=result.images,
+        _record(store, task.stem, "succeeded", commit=result.status == "done", attempt=task.attempt,
+                images=result.images,
                 failedImages=result.failed, seconds=round(result.seconds, 3), finishedAt=time.time(),
                 error=None, transient=None, errorCode=None, accessError=None)
         summary = result.to_dict()

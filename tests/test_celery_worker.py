@@ -173,3 +173,25 @@ def test_sigkilled_worker_shard_redelivered_and_completed_once(bucket, env, work
     assert store.executions() == {"big": 2}
     assert list(storage.list(f"s3://{bucket}/out/_manifests/")) == [out.manifest]
     assert json.loads(storage.read_bytes(out.manifest))["counts"]["embedded"] == n
+
+
+def test_storage_error_before_embedding_is_recorded_not_lost(bucket, env, workers, tiny_clip_dir, redis_url):
+    """The manifest check fails (the S3 endpoint is down): the outcome is recorded as a transient
+    failure naming the operation and the URI, instead of an acknowledged message and a shard that
+    stays "queued" forever."""
+    from embedjob.services import free_port
+
+    workers.env = {**env, "EMBEDJOB_S3_MAX_ATTEMPTS": "1"}
+    job = f"job-{uuid.uuid4().hex[:6]}"
+    task = ShardTask(job=job, shard=f"s3://{bucket}/in/000.tar", stem="000", output=f"s3://{bucket}/out",
+                     model={"name": "x", "revision": None, "path": str(tiny_clip_dir)},
+                     options={**EmbedOptions().__dict__, "device": "cpu"},
+                     storage={"endpoint": f"http://127.0.0.1:{free_port()}", "region": "us-east-1"})
+    workers.start("w1")
+    _send(env, workers.queue, task)
+    store = ProgressStore(redis_client(redis_url), job)
+    _wait_state(store, "000", "failed", 120)
+    info = store.info("000")
+    assert info["transient"] is True and info["errorCode"] == "EndpointConnectionError"
+    assert info["error"].startswith(f"StorageError: HeadObject s3://{bucket}/out/_manifests/000.json: ")
+    assert store.executions() == {}  # nothing was embedded

@@ -73,7 +73,7 @@ def with_redis(fn: Callable[[], T], what: str, budget: float | None = None) -> T
                 raise Redeliver(f"Redis unreachable for {budget:.0f}s while {what}: {e}") from e
             log.warning("Redis unreachable while %s (%s); retrying in %.1fs", what, e, delay)
             time.sleep(delay)
-            delay = min(delay * 2, 5.0)
+            delay = min(delay * 2, 2.0)
 
 
 def describe_failure(exc: BaseException) -> dict[str, Any]:

@@ -68,8 +68,8 @@ def queue() -> str:
 class Operator:
     """``embedjob operator`` as a subprocess that tests can kill and restart."""
 
-    def __init__(self, env: dict[str, str], logdir: Path) -> None:
-        self.env, self.logdir = env, logdir
+    def __init__(self, env: dict[str, str], logdir: Path, namespaces: tuple[str, ...] = ("default",)) -> None:
+        self.env, self.logdir, self.namespaces = env, logdir, namespaces
         self.proc: subprocess.Popen | None = None
         self.starts = 0
 
@@ -77,8 +77,10 @@ class Operator:
         self.starts += 1
         port = free_port()
         log = open(self.logdir / f"operator-{self.starts}.log", "wb")  # noqa: SIM115
+        watch = [arg for ns in self.namespaces for arg in ("--namespace", ns)]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "embedjob.cli", "operator", "--liveness", f"http://127.0.0.1:{port}/healthz"],
+            [sys.executable, "-m", "embedjob.cli", "operator", "--liveness", f"http://127.0.0.1:{port}/healthz",
+             *watch],
             env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)
         log.close()
         wait_for_port(port, 60, self.proc, "operator")

@@ -5,8 +5,8 @@ Torch-free; the operator and the local runner (``embedjob run``) both decide wit
   ``spec.retries.perShard`` retries; the next attempt waits ``backoff_seconds``.
 - A **transient** failure (the object store was unreachable, answered 5xx or throttled after
   botocore's own retries) is retried with the same backoff but does not consume a retry, up to
-  ``MAX_TRANSIENT_RETRIES`` in a row; after that it counts as hard (an outage that long is not
-  transient any more).
+  ``MAX_TRANSIENT_RETRIES`` in a row, its delay capped at 8 backoffs; after that it counts as hard
+  (an outage that long is not transient any more).
 - **Fail fast**: when the first shards of a job all fail with the same access error (403, bad
   credentials, missing bucket) and none succeeded, the job fails at once with that error instead
   of spending every retry of every shard on it.
@@ -21,6 +21,7 @@ from typing import Any
 
 MAX_BACKOFF = 3600.0
 MAX_TRANSIENT_RETRIES = 20
+TRANSIENT_MAX_DELAY = 300.0
 # How many distinct shards must fail with the same access error (and none succeed) to fail the job.
 FAIL_FAST_SHARDS = 3
 
@@ -45,7 +46,10 @@ def on_failure(*, transient: bool, failures: int, transient_failures: int, per_s
     """Decide after a failed attempt. ``failures`` / ``transient_failures`` are the counts BEFORE it."""
     if transient and transient_failures < MAX_TRANSIENT_RETRIES:
         n = transient_failures + 1
-        return Decision(final=False, delay=backoff_seconds(backoff_base, n), failures=failures, transient_failures=n)
+        # An outage ends for every shard at once: keep polling at most every 8 backoffs (5 min at most),
+        # so the job resumes soon after the store is back instead of after an hour of doubling.
+        delay = min(backoff_seconds(backoff_base, n), max(backoff_base, 1.0) * 8, TRANSIENT_MAX_DELAY)
+        return Decision(final=False, delay=delay, failures=failures, transient_failures=n)
     failures += 1
     final = failures > per_shard
     return Decision(final=final, delay=0.0 if final else backoff_seconds(backoff_base, failures),

@@ -54,3 +54,13 @@ def test_worker_classifies_failures_through_wrapping_exceptions():
     assert describe_failure(redis.exceptions.ConnectionError("gone"))["transient"]
     bad = describe_failure(ValueError("not a tar"))
     assert not bad["transient"] and bad["errorCode"] == "ValueError" and bad["error"] == "ValueError: not a tar"
+
+
+def test_transient_retries_keep_polling_instead_of_doubling_forever():
+    delays = []
+    n = 0
+    for _ in range(8):
+        d = policy.on_failure(transient=True, failures=0, transient_failures=n, per_shard=3, backoff_base=30)
+        delays.append(d.delay)
+        n = d.transient_failures
+    assert delays == [30, 60, 120, 240, 240, 240, 240, 240]

@@ -9,32 +9,26 @@ the visibility timeout.
 from __future__ import annotations
 
 import json
-import os
 
 from celery import Celery
 
-from embedjob.progress import redis_url
-
-# Must exceed the longest shard; a dead worker's shard comes back sooner through its lease.
-DEFAULT_VISIBILITY_TIMEOUT = 6 * 3600
+from embedjob import settings as settings_module
+from embedjob.settings import Settings
 
 
-def visibility_timeout() -> int:
-    return int(os.environ.get("EMBEDJOB_VISIBILITY_TIMEOUT", DEFAULT_VISIBILITY_TIMEOUT))
-
-
-def transport_options() -> dict:
-    opts: dict = {"visibility_timeout": visibility_timeout()}
+def transport_options(settings: Settings) -> dict:
+    # Must exceed the longest shard; a dead worker's shard comes back sooner through its lease.
+    opts: dict = {"visibility_timeout": settings.visibility_timeout}
     # How often a consumer looks for unacked messages past their visibility timeout (kombu's default
     # is every 10 s, scanning on every 10th tick). Tests shorten it to see redelivery quickly.
-    interval = os.environ.get("EMBEDJOB_RESTORE_INTERVAL")
-    if interval:
-        opts.update(unacked_restore_interval=float(interval), unacked_restore_throttle=1)
+    if settings.restore_interval:
+        opts.update(unacked_restore_interval=settings.restore_interval, unacked_restore_throttle=1)
     return opts
 
 
-def make_app(url: str | None = None) -> Celery:
-    url = url or redis_url()
+def make_app(url: str | None = None, settings: Settings | None = None) -> Celery:
+    settings = settings or settings_module.load()
+    url = url or settings.redis_url
     app = Celery("embedjob", broker=url, backend=None)
     app.conf.update(
         task_acks_late=True,
@@ -49,7 +43,7 @@ def make_app(url: str | None = None) -> Celery:
         task_ignore_result=True,
         task_default_queue="embedjob",
         broker_connection_retry_on_startup=True,
-        broker_transport_options=transport_options(),
+        broker_transport_options=transport_options(settings),
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
         enable_utc=True,

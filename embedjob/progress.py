@@ -21,13 +21,15 @@ the fast view, and it can be rebuilt from the manifests if Redis loses it.
 from __future__ import annotations
 
 import json
-import os
 import time
 from typing import Any
 
+import redis
+
+from embedjob import settings
+
 PREFIX = "embedjob"
 STATES = ("pending", "queued", "running", "succeeded", "failed")
-DEFAULT_LEASE_SECONDS = 120
 
 _RENEW = """
 if redis.call('get', KEYS[1]) == ARGV[1] then
@@ -50,28 +52,21 @@ return 0
 """
 
 
-def redis_url() -> str:
-    return os.environ.get("EMBEDJOB_REDIS_URL", "redis://127.0.0.1:6379/0")
-
-
-def redis_client(url: str | None = None):  # noqa: ANN201 - redis.Redis
-    import redis
-
-    return redis.Redis.from_url(url or redis_url(), decode_responses=True, socket_timeout=30,
+def redis_client(url: str | None = None) -> redis.Redis:
+    """A client for ``url`` (default: the settings' ``EMBEDJOB_REDIS_URL``)."""
+    return redis.Redis.from_url(url or settings.load().redis_url, decode_responses=True, socket_timeout=30,
                                 socket_connect_timeout=5, health_check_interval=30)
 
 
-def lease_seconds() -> int:
-    return int(os.environ.get("EMBEDJOB_LEASE_SECONDS", DEFAULT_LEASE_SECONDS))
-
-
 class ProgressStore:
-    """Read and write one job's shard states, info and leases."""
+    """Read and write one job's shard states, info and leases. ``lease_seconds``: the lease period
+    (default: the settings' ``EMBEDJOB_LEASE_SECONDS``)."""
 
-    def __init__(self, client, job_id: str) -> None:  # noqa: ANN001
+    def __init__(self, client: redis.Redis, job_id: str, lease_seconds: float | None = None) -> None:
         self.r = client
         self.job = job_id
         self.prefix = f"{PREFIX}:{job_id}:"
+        self.lease_seconds = lease_seconds if lease_seconds is not None else settings.load().lease_seconds
 
     def key(self, name: str) -> str:
         return self.prefix + name
@@ -136,11 +131,11 @@ class ProgressStore:
 
     # -- leases ----------------------------------------------------------------------------------
     def acquire_lease(self, stem: str, owner: str, ttl: float | None = None) -> bool:
-        ms = int((ttl or lease_seconds()) * 1000)
+        ms = int((ttl or self.lease_seconds) * 1000)
         return bool(self.r.set(self.key(f"lease:{stem}"), owner, nx=True, px=ms))
 
     def renew_lease(self, stem: str, owner: str, ttl: float | None = None) -> bool:
-        ms = int((ttl or lease_seconds()) * 1000)
+        ms = int((ttl or self.lease_seconds) * 1000)
         return bool(self.r.eval(_RENEW, 1, self.key(f"lease:{stem}"), owner, ms))
 
     def release_lease(self, stem: str, owner: str) -> None:

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from embedjob import settings
+
 S3_SCHEME = "s3://"
 
 # Error codes that retrying cannot fix: the credentials, the bucket or the object are wrong.
@@ -131,9 +133,11 @@ def s3_client(options: StorageOptions | None = None):  # noqa: ANN201 - boto3 cl
     from botocore.config import Config
 
     options = options or StorageOptions()
-    endpoint = options.endpoint or os.environ.get("AWS_ENDPOINT_URL") or None
-    region = options.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-    cache_key = (endpoint, region, os.getpid())
+    default_endpoint, default_region = settings.s3_defaults()
+    endpoint = options.endpoint or default_endpoint
+    region = options.region or default_region
+    attempts = settings.load().s3_max_attempts
+    cache_key = (endpoint, region, attempts, os.getpid())
     with _clients_lock:
         client = _clients.get(cache_key)
         if client is None:
@@ -142,7 +146,7 @@ def s3_client(options: StorageOptions | None = None):  # noqa: ANN201 - boto3 cl
                 endpoint_url=endpoint,
                 region_name=region,
                 config=Config(
-                    retries={"max_attempts": int(os.environ.get("EMBEDJOB_S3_MAX_ATTEMPTS", "8")), "mode": "adaptive"},
+                    retries={"max_attempts": attempts, "mode": "adaptive"},
                     s3={"addressing_style": "path"} if endpoint else {},
                     max_pool_connections=32,
                 ),

@@ -10,6 +10,8 @@ it when the shard's lease is held or its manifest exists. Credentials never ente
 
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 
@@ -78,13 +80,44 @@ class Dispatcher:
             self._acknowledge(chunk)
         return len(stems)
 
+    def top_up(self, states: dict[str, str], plan: list[tuple[str, str]], retry_due: list[str], redo: list[str],
+               max_queued: int) -> int:
+        """One tick's dispatch, in order: ``pending`` shards again under their id (a crash may have
+        come between intent and send), ``redo`` (expired leases, lost messages, everything queued
+        after a resume) under new ids, then due retries and new shards up to the free slots:
+        ``spec.parallelism`` in flight, and never more than ``max_queued`` waiting in the broker (a
+        100,000-message backlog would make suspend and delete, which filter the queue, slow).
+        Updates ``states``; returns how many messages were sent under new ids."""
+        sent = 0
+        pending = [s for s, v in states.items() if v == "pending"]
+        if pending:
+            self.resend(pending)
+        redo = [s for s in redo if s not in pending]
+        if redo:
+            sent += self.dispatch(redo)
+        for s in pending + redo:
+            states[s] = "queued"
+        inflight = sum(1 for v in states.values() if v in ("pending", "queued", "running"))
+        waiting = sum(1 for v in states.values() if v in ("pending", "queued"))
+        parallelism = self.spec.parallelism
+        slots = (parallelism - inflight) if parallelism > 0 else len(plan) + len(retry_due)
+        slots = min(slots, max_queued - waiting)
+        todo = retry_due[: max(slots, 0)]
+        for stem, _uri in plan:
+            if len(todo) >= slots:
+                break
+            if stem not in states:
+                todo.append(stem)
+        if todo:
+            sent += self.dispatch(todo)
+            for s in todo:
+                states[s] = "queued"
+        return sent
+
     def _acknowledge(self, stems: list[str]) -> None:
         for stem in stems:
             self.store.set_state_if(stem, "pending", "queued")
 
 
 def _dumps(info: Mapping[str, Any]) -> str:
-    import json
-    import time
-
     return json.dumps({**info, "updated": time.time()})

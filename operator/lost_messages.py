@@ -13,24 +13,22 @@ is not working on it. A duplicate message costs nothing (the worker drops it: le
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Mapping
 
 from embedjob.broker import broker_snapshot
 from embedjob.contract import task_id, task_id_prefix
-from embedjob.progress import ProgressStore, lease_seconds
-
-DEFAULT_GRACE = 30.0
+from embedjob.progress import ProgressStore
 
 
 class LostMessages:
-    """Per-job memory of queued shards seen nowhere in the broker."""
+    """Per-job memory of queued shards seen nowhere in the broker. ``grace``: seconds a shard must be
+    missing (settings.lost_message_grace); ``lease``: the lease period (a delivered message whose
+    shard shows no lease for max(4 grace, 2 leases) is stale)."""
 
-    def __init__(self, grace: float | None = None, stale: float | None = None) -> None:
-        self.grace = grace if grace is not None else float(
-            os.environ.get("EMBEDJOB_LOST_MESSAGE_GRACE", DEFAULT_GRACE))
-        self.stale = stale if stale is not None else max(4 * self.grace, 2.0 * lease_seconds())
+    def __init__(self, grace: float, lease: float) -> None:
+        self.grace = grace
+        self.stale = max(4 * grace, 2.0 * lease)
         self.missing: dict[str, float] = {}  # stem -> monotonic time first seen missing
         self._next_check = 0.0
 

@@ -18,6 +18,7 @@ from embedjob.layout import job_manifest_uri, shard_outputs
 from embedjob.operator import status as st
 from embedjob.operator.reconcile import JobMemory, Reconciler, accept, cleanup
 from embedjob.progress import ProgressStore, redis_client
+from embedjob.settings import Settings
 from embedjob.storage import Storage
 
 QUEUE = "embedjob-unit"
@@ -56,10 +57,10 @@ def worker_finishes(store: ProgressStore, stem: str, images: int, failed: int = 
     store.set_state(stem, "succeeded", images=images, failedImages=failed)
 
 
-def started(r, app, store, spec: dict):
+def started(r, app, store, spec: dict, **settings):
     acc = accept(store, spec, {}, 1)
     assert acc.ok, acc.status
-    rec = Reconciler(store, app, JobMemory())
+    rec = Reconciler(store, app, JobMemory(), Settings(**settings))
     return acc.status, rec
 
 
@@ -170,11 +171,10 @@ def test_failed_shard_within_max_failed_shards_still_succeeds_with_job_manifest(
     assert rec.tick(spec, res.status, 1).delete
 
 
-def test_lease_expiry_redispatches_without_consuming_a_retry(env, monkeypatch):
+def test_lease_expiry_redispatches_without_consuming_a_retry(env):
     r, app, store, bucket = env
-    monkeypatch.setenv("EMBEDJOB_LEASE_SECONDS", "2")  # expiry grace: 1 s
     spec = raw_spec(bucket, n=2)
-    status, rec = started(r, app, store, spec)
+    status, rec = started(r, app, store, spec, lease_seconds=2)  # expiry grace: 1 s
     status = rec.tick(spec, status, 1).status
     store.acquire_lease("0000", "dead-worker", ttl=0.2)
     store.set_state("0000", "running", attempt=1)
@@ -273,11 +273,10 @@ def test_operator_never_imports_torch():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_broker_backlog_is_bounded_and_topped_up(env, monkeypatch):
+def test_broker_backlog_is_bounded_and_topped_up(env):
     r, app, store, bucket = env
-    monkeypatch.setenv("EMBEDJOB_MAX_QUEUED", "3")
     spec = raw_spec(bucket, n=7)
-    status, rec = started(r, app, store, spec)
+    status, rec = started(r, app, store, spec, max_queued=3)
     status = rec.tick(spec, status, 1).status
     assert len(queued_ids(r)) == 3 and status["shards"]["queued"] == 7
     r.delete(QUEUE)
@@ -369,13 +368,12 @@ def test_access_errors_do_not_fail_fast_once_a_shard_succeeded(env):
     assert status["phase"] == "Running"  # one object with a bad ACL is that shard's problem, not the job's
 
 
-def test_expired_lease_of_a_committed_shard_counts_it_done_not_lost(env, monkeypatch):
+def test_expired_lease_of_a_committed_shard_counts_it_done_not_lost(env):
     """A worker committed the outputs but could not record the outcome (Redis was down) and its lease
     expired: the manifest decides, no lease expiry is counted, nothing is re-run."""
     r, app, store, bucket = env
-    monkeypatch.setenv("EMBEDJOB_LEASE_SECONDS", "2")  # expiry grace: 1 s
     spec = raw_spec(bucket, n=2)
-    status, rec = started(r, app, store, spec)
+    status, rec = started(r, app, store, spec, lease_seconds=2)  # expiry grace: 1 s
     status = rec.tick(spec, status, 1).status
     r.delete(QUEUE)
     store.set_state("0000", "running", attempt=1)
@@ -388,11 +386,10 @@ def test_expired_lease_of_a_committed_shard_counts_it_done_not_lost(env, monkeyp
     assert queued_ids(r) == []
 
 
-def test_safety_net_reenqueues_a_queued_shard_whose_message_vanished(env, monkeypatch):
+def test_safety_net_reenqueues_a_queued_shard_whose_message_vanished(env):
     r, app, store, bucket = env
-    monkeypatch.setenv("EMBEDJOB_LOST_MESSAGE_GRACE", "1")
     spec = raw_spec(bucket, n=3)
-    status, rec = started(r, app, store, spec)
+    status, rec = started(r, app, store, spec, lost_message_grace=1)
     status = rec.tick(spec, status, 1).status
     lost_id = task_id(store.job, "0001", 1)
     # 0000: delivered to a (live) consumer: in kombu's unacked hash; 0001: deleted by hand; 0002: waiting

@@ -108,7 +108,9 @@ def test_unreachable_endpoint_is_transient(monkeypatch):
 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
-    monkeypatch.setenv("EMBEDJOB_S3_MAX_ATTEMPTS", "2")
+    from embedjob import settings
+
+    monkeypatch.setattr(settings, "load", lambda: settings.Settings(s3_max_attempts=2))
     storage = Storage(StorageOptions(endpoint=f"http://127.0.0.1:{free_port()}", region="us-east-1"))
     with pytest.raises(StorageError) as err:
         storage.exists("s3://any-bucket/x.json")

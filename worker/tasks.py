@@ -29,10 +29,11 @@ from typing import Any, TypeVar
 import redis
 from celery.exceptions import Reject
 
+from embedjob import settings as settings_module
 from embedjob.broker import app
 from embedjob.contract import TASK_NAME, EmbedOptions, ShardTask
 from embedjob.layout import shard_outputs
-from embedjob.progress import ProgressStore, lease_seconds, redis_client
+from embedjob.progress import ProgressStore, redis_client
 from embedjob.results import read_manifest, shard_counts
 from embedjob.storage import Storage, StorageError, StorageOptions
 
@@ -40,9 +41,6 @@ log = logging.getLogger("embedjob.worker")
 T = TypeVar("T")
 
 WORKER_ID = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-# How long a task waits for an unreachable Redis (to read its control flag, or to record an outcome
-# it has already committed to storage) before it gives the message back to the broker.
-REDIS_WAIT_SECONDS = float(os.environ.get("EMBEDJOB_REDIS_WAIT_SECONDS", "300"))
 _REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 _redis = None
 
@@ -61,8 +59,8 @@ def _progress(job: str) -> ProgressStore:
 
 def with_redis(fn: Callable[[], T], what: str, budget: float | None = None) -> T:
     """``fn()``, retried while Redis is unreachable (restart, failover), for at most ``budget``
-    seconds; then :class:`Redeliver`. Every retry is logged."""
-    budget = REDIS_WAIT_SECONDS if budget is None else budget
+    seconds (settings.redis_wait_seconds); then :class:`Redeliver`. Every retry is logged."""
+    budget = settings_module.load().redis_wait_seconds if budget is None else budget
     deadline = time.monotonic() + budget
     delay = 0.25
     while True:
@@ -102,7 +100,7 @@ class _Heartbeat(threading.Thread):
         self.images = 0
         self.lost = threading.Event()
         self._halt = threading.Event()
-        self.interval = max(lease_seconds() / 4, 0.5)
+        self.interval = max(store.lease_seconds / 4, 0.5)
 
     def run(self) -> None:
         while not self._halt.wait(self.interval):
@@ -222,5 +220,5 @@ def embed_shard_task(self, task: dict) -> dict:  # noqa: ANN001
         log.error("%s: giving the message back to the broker", e)
         raise Reject(str(e), requeue=True) from e
     if result["status"] == "duplicate":
-        raise self.retry(countdown=max(lease_seconds(), 1))
+        raise self.retry(countdown=max(settings_module.load().lease_seconds, 1))
     return result

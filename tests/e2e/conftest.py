@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from embedjob import settings
 from embedjob.operator.devcluster import DevCluster
 from embedjob.services import free_port, stop_process, wait_for_port
 from tests.conftest import S3_KEY, S3_SECRET
@@ -52,12 +53,14 @@ def e2e_env(cluster, redis_server, s3_server) -> dict[str, str]:
     }
     saved = {k: os.environ.get(k) for k in extra}
     os.environ.update(extra)
+    settings.reload()  # this process's settings follow the environment the stack runs with
     yield {**os.environ, **extra}
     for k, v in saved.items():
         if v is None:
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+    settings.reload()
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,108 @@
+"""Process settings, read from the environment once at start-up into one frozen object.
+
+The entry points (``embedjob operator``, ``embedjob worker``, ``embedjob run``, the Celery app) build
+it with :func:`load` and pass it in; nothing else reads ``EMBEDJOB_*`` variables. Credentials are not
+settings: boto3 reads ``AWS_*`` from the environment itself, so they never travel through this object.
+
+Environment variables (defaults in brackets):
+
+================================  ============================================================
+``EMBEDJOB_REDIS_URL``            broker and progress store [redis://127.0.0.1:6379/0]
+``EMBEDJOB_LEASE_SECONDS``        shard lease, renewed by the worker's heartbeat [120]
+``EMBEDJOB_VISIBILITY_TIMEOUT``   broker redelivery of unacknowledged messages, > longest shard [21600]
+``EMBEDJOB_RESTORE_INTERVAL``     how often a consumer restores expired unacked messages [kombu's]
+``EMBEDJOB_S3_MAX_ATTEMPTS``      botocore attempts per S3 call before a transient failure [8]
+``EMBEDJOB_REDIS_WAIT_SECONDS``   how long a task waits for Redis before giving its message back [300]
+``EMBEDJOB_MODEL_DIR``            model cache [~/.cache/embedjob/models]
+``EMBEDJOB_OPERATOR_INTERVAL``    seconds between status ticks [5]
+``EMBEDJOB_OPERATOR_THREADS``     kopf handler threads [8]
+``EMBEDJOB_MAX_QUEUED``           most messages of one job waiting in the broker [2000]
+``EMBEDJOB_MAX_LEASE_EXPIRIES``   lease expiries before a shard counts as failed [10]
+``EMBEDJOB_LOST_MESSAGE_GRACE``   seconds a queued shard may be in no queue before re-enqueue [30]
+================================  ============================================================
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Settings:
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    lease_seconds: float = 120.0
+    visibility_timeout: int = 6 * 3600
+    restore_interval: float | None = None
+    s3_max_attempts: int = 8
+    redis_wait_seconds: float = 300.0
+    model_dir: str = str(Path.home() / ".cache" / "embedjob" / "models")
+    operator_interval: float = 5.0
+    operator_threads: int = 8
+    max_queued: int = 2000
+    max_lease_expiries: int = 10
+    lost_message_grace: float = 30.0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        d = cls()
+
+        def num(name: str, default: float, kind: type[int] | type[float] = float) -> float:
+            raw = env.get(name)
+            if raw in (None, ""):
+                return default
+            try:
+                return kind(raw)
+            except ValueError as e:
+                raise ValueError(f"{name}={raw!r}: expected a number") from e
+
+        restore = env.get("EMBEDJOB_RESTORE_INTERVAL")
+        return cls(
+            redis_url=env.get("EMBEDJOB_REDIS_URL") or d.redis_url,
+            lease_seconds=num("EMBEDJOB_LEASE_SECONDS", d.lease_seconds),
+            visibility_timeout=int(num("EMBEDJOB_VISIBILITY_TIMEOUT", d.visibility_timeout, int)),
+            restore_interval=num("EMBEDJOB_RESTORE_INTERVAL", 0.0) if restore else None,
+            s3_max_attempts=int(num("EMBEDJOB_S3_MAX_ATTEMPTS", d.s3_max_attempts, int)),
+            redis_wait_seconds=num("EMBEDJOB_REDIS_WAIT_SECONDS", d.redis_wait_seconds),
+            model_dir=env.get("EMBEDJOB_MODEL_DIR") or d.model_dir,
+            operator_interval=num("EMBEDJOB_OPERATOR_INTERVAL", d.operator_interval),
+            operator_threads=int(num("EMBEDJOB_OPERATOR_THREADS", d.operator_threads, int)),
+            max_queued=int(num("EMBEDJOB_MAX_QUEUED", d.max_queued, int)),
+            max_lease_expiries=int(num("EMBEDJOB_MAX_LEASE_EXPIRIES", d.max_lease_expiries, int)),
+            lost_message_grace=num("EMBEDJOB_LOST_MESSAGE_GRACE", d.lost_message_grace),
+        )
+
+    def with_(self, **changes: object) -> Settings:
+        return replace(self, **changes)  # type: ignore[arg-type]
+
+    @property
+    def expiry_grace(self) -> float:
+        """Seconds a "running" shard must stay without a lease before it counts as expired (a worker
+        releases its lease a moment before it records the outcome)."""
+        return max(1.0, min(5.0, self.lease_seconds / 2))
+
+
+@functools.cache
+def load() -> Settings:
+    """The process's settings, read from the environment on first use (entry points call this at
+    start-up; a bad value fails the start with the variable's name)."""
+    return Settings.from_env()
+
+
+def reload() -> Settings:
+    """Read the environment again (tests that change it, or a child process that was handed a new one)."""
+    load.cache_clear()
+    return load()
+
+
+def s3_defaults() -> tuple[str | None, str]:
+    """(endpoint, region) for S3 clients whose job names none: ``AWS_ENDPOINT_URL`` and ``AWS_REGION`` /
+    ``AWS_DEFAULT_REGION`` [us-east-1]. Read live, like the credentials boto3 reads itself: they belong
+    to the environment's AWS chain, not to embedjob's settings."""
+    env = os.environ
+    return (env.get("AWS_ENDPOINT_URL") or None,
+            env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1")

@@ -1,0 +1,117 @@
+"""Accepting a job: validate the spec (the schema's rules again, plus semantic ones), plan its shards,
+and record the plan in Redis before anything is enqueued.
+
+Redis keys written here, under ``embedjob:<uid>:``: ``spec`` (the accepted spec, JSON) and ``plan``
+(``[[stem, uri], ...]``, written LAST: a resource whose status says "planned" while ``plan`` is
+missing means Redis lost the job, see embedjob.operator.recovery). Shards whose manifest already
+exists are recorded ``succeeded`` with their counts: a rerun redoes nothing.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import time
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from embedjob.operator import status
+from embedjob.operator.changes import spec_hash
+from embedjob.operator.events import Event
+from embedjob.planning import PlanError, Shard, plan_shards
+from embedjob.progress import ProgressStore
+from embedjob.results import done_stems, read_manifest, shard_counts
+from embedjob.spec import JobSpec, SpecError, parse_spec
+from embedjob.storage import Storage, StorageError, StorageOptions
+
+
+def storage_for(spec: JobSpec) -> Storage:
+    return Storage(StorageOptions(endpoint=spec.storage.endpoint, region=spec.storage.region))
+
+
+def is_planned(job_status: Mapping[str, Any] | None) -> bool:
+    return bool((job_status or {}).get("plan"))
+
+
+@dataclass
+class Accepted:
+    status: dict[str, Any]
+    events: list[Event]
+    ok: bool
+
+
+def _manifest_counts(storage: Storage, output: str, stems: list[str]) -> dict[str, dict[str, Any]]:
+    def one(stem: str) -> tuple[str, dict[str, Any]]:
+        images, failed = shard_counts(read_manifest(output, stem, storage))
+        return stem, {"images": images, "failedImages": failed, "fromManifest": True}
+
+    if not stems:
+        return {}
+    with ThreadPoolExecutor(max_workers=min(16, len(stems))) as pool:
+        return dict(pool.map(one, stems))
+
+
+def record_plan(store: ProgressStore, spec: JobSpec, raw_spec: Mapping[str, Any], shards: list[Shard],
+                storage: Storage) -> int:
+    """Write the accepted spec, mark shards whose manifest exists as succeeded (with their counts),
+    then the plan itself (last). Returns how many shards were already done."""
+    planned = {s.stem for s in shards}
+    done = sorted(done_stems(spec.output.uri, storage) & planned) if not spec.output.overwrite else []
+    counts = _manifest_counts(storage, spec.output.uri, done)
+    pipe = store.r.pipeline(transaction=False)
+    pipe.set(store.key("spec"), json.dumps(dict(raw_spec)))
+    now = time.time()
+    for stem in done:
+        pipe.hset(store.key("state"), stem, "succeeded")
+        pipe.hset(store.key("info"), stem, json.dumps({**counts[stem], "updated": now}))
+    pipe.execute()
+    store.r.set(store.key("plan"), json.dumps([[s.stem, s.uri] for s in shards]))
+    return len(done)
+
+
+def accept(store: ProgressStore, raw_spec: Mapping[str, Any], previous_status: Mapping[str, Any] | None,
+           generation: int | None, now: dt.datetime | None = None) -> Accepted:
+    """Validate the spec, plan the shards, record the plan in Redis, and return the status that
+    records it. Nothing is enqueued here: the first tick after this status is stored does that, so
+    the plan is in the resource before any task exists."""
+    now = now or status.now_utc()
+    where = "spec"
+    try:
+        spec = parse_spec(dict(raw_spec), allow_local=False)
+        storage = storage_for(spec)
+        where = "spec.input.uri"
+        shards = plan_shards(spec.input, storage)
+        where = "spec.output.uri"
+        done = record_plan(store, spec, raw_spec, shards, storage)
+    except SpecError as e:  # PlanError is a SpecError too
+        reason = "PlanFailed" if isinstance(e, PlanError) else "InvalidSpec"
+        return Accepted(status.invalid_status(previous_status, reason, str(e), generation, now),
+                        [Event("Warning", reason, str(e))], ok=False)
+    except StorageError as e:
+        # A missing bucket or denied access is the user's to fix (then any spec change re-plans);
+        # an unreachable store is transient and raised for the caller to retry.
+        if e.transient:
+            raise
+        what = "bucket does not exist" if e.code == "NoSuchBucket" else "cannot be read"
+        message = f"{where}: {what}: {e}"
+        return Accepted(status.invalid_status(previous_status, "PlanFailed", message, generation, now),
+                        [Event("Warning", "PlanFailed", message)], ok=False)
+    prev = {k: v for k, v in (previous_status or {}).items() if k == "conditions"}
+    conditions = status.set_condition(prev.get("conditions") or [], status.make_condition(
+        status.FAILED_COND, False, "Accepted", "spec accepted", generation, now))
+    accepted = {
+        "phase": status.PENDING,
+        "plan": {"total": len(shards), "doneAtStart": done, "specHash": spec_hash(spec),
+                 "plannedAt": status.rfc3339(now)},
+        "progress": f"{done}/{len(shards)}",
+        "shards": {"total": len(shards), "queued": len(shards) - done, "running": 0, "succeeded": done, "failed": 0},
+        "startTime": status.rfc3339(now),
+        "conditions": conditions,
+        "completionTime": None,
+    }
+    if generation is not None:
+        accepted["observedGeneration"] = generation
+    msg = f"planned {len(shards)} shards ({done} already done)"
+    return Accepted(accepted, [Event("Normal", "Planned", msg)], ok=True)

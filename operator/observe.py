@@ -1,0 +1,79 @@
+"""Observing a job: reduce the shard states and infos in Redis to :class:`status.Observed` (every
+planned shard in exactly one bucket), and finishing it: the job manifest on success, stopping the rest
+on failure."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from embedjob.broker import remove_queued_tasks
+from embedjob.contract import task_id_prefix
+from embedjob.operator import status
+from embedjob.operator.accept import storage_for
+from embedjob.operator.events import Event, JobMemory
+from embedjob.progress import ProgressStore
+from embedjob.results import write_job_manifest
+from embedjob.spec import JobSpec
+
+
+def observe(store: ProgressStore, mem: JobMemory, plan: list[tuple[str, str]], states: Mapping[str, str],
+            failed_infos: Mapping[str, dict[str, Any]]) -> status.Observed:
+    obs = status.Observed(total=len(plan))
+    new_done = [s for s, v in states.items() if v == "succeeded" and s not in mem.done_info]
+    if new_done:
+        mem.done_info.update(store.infos(new_done))
+    running = [s for s, v in states.items() if v == "running"]
+    running_info = store.infos(running) if running else {}
+    for stem, uri in plan:
+        v = states.get(stem)
+        if v == "succeeded":
+            obs.succeeded += 1
+            info = mem.done_info.get(stem, {})
+            obs.images += int(info.get("images") or 0)
+            obs.failed_images += int(info.get("failedImages") or 0)
+        elif v == "running":
+            obs.running += 1
+            obs.images_in_flight += int(running_info.get(stem, {}).get("imagesSoFar") or 0)
+        elif v == "failed" and failed_infos.get(stem, {}).get("final"):
+            info = failed_infos[stem]
+            obs.failed += 1
+            obs.failed_shards.append(status.FailedShard(stem=stem, shard=uri, attempts=int(info.get("failures") or 0),
+                                                        error=str(info.get("error") or "")))
+        else:
+            obs.queued += 1
+    totals = store.r.hgetall(store.key("totals"))
+    obs.failures = int(totals.get("failures") or 0)
+    obs.transient_failures = int(totals.get("transientFailures") or 0)
+    obs.lease_expiries = int(totals.get("leaseExpiries") or 0)
+    obs.messages_lost = int(totals.get("messagesLost") or 0)
+    return obs
+
+
+def finish(store: ProgressStore, mem: JobMemory, spec: JobSpec, desired: Mapping[str, Any],
+           plan: list[tuple[str, str]], obs: status.Observed, events: list[Event]) -> None:
+    """Transition to Succeeded (job manifest first, then the status) or Failed (stop the rest)."""
+    if desired["phase"] == status.SUCCEEDED:
+        failed = {f.stem: f for f in obs.failed_shards}
+        shards = {}
+        for stem, _uri in plan:
+            if stem in failed:
+                shards[stem] = {"state": "failed", "error": failed[stem].error, "attempts": failed[stem].attempts}
+            else:
+                i = mem.done_info.get(stem, {})
+                shards[stem] = {"state": "succeeded", "images": int(i.get("images") or 0),
+                                "failedImages": int(i.get("failedImages") or 0)}
+        started = status.parse_rfc3339(desired.get("startTime"))
+        write_job_manifest(storage_for(spec), spec.output.uri, job=store.job, spec=spec.to_dict(), shards=shards,
+                           started_at=started.timestamp() if started else None)
+        events.append(Event("Normal", "Succeeded", condition_message(desired, status.COMPLETE)))
+    else:
+        store.set_control("suspended")  # late messages of a failed job are dropped by workers
+        removed = remove_queued_tasks(store.r, spec.queue, task_id_prefix(store.job))
+        events.append(Event("Warning", "Failed", f"{condition_message(desired, status.FAILED_COND)}; "
+                                                 f"{removed} queued task(s) removed"))
+
+
+def condition_message(job_status: Mapping[str, Any], ctype: str) -> str:
+    c = status.get_condition(job_status.get("conditions"), ctype)
+    return str(c.get("message")) if c else ""

@@ -40,8 +40,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _run(job, workers: int | None, progress: bool, extra: dict | None = None) -> int:  # noqa: ANN001
+    from embedjob.local_job import format_summary, run_job
     from embedjob.spec import SpecError
-    from embedjob.worker.runner import format_summary, run_job
 
     try:
         summary = run_job(job, workers=workers, show_progress=progress, extra_manifest=extra)

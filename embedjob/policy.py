@@ -19,6 +19,12 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import redis
+
+from embedjob.storage import StorageError
+
+_REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+
 MAX_BACKOFF = 3600.0
 MAX_TRANSIENT_RETRIES = 20
 TRANSIENT_MAX_DELAY = 300.0
@@ -76,3 +82,19 @@ def common_access_error(failed_infos: Iterable[Mapping[str, Any]], total: int,
         if len(errors) >= need:
             return errors[0]
     return None
+
+
+def describe_failure(exc: BaseException) -> dict[str, Any]:
+    """The failed outcome's fields: the error text, its code, and whether it is transient (worth a
+    retry that does not consume the shard's budget) or an access error (bad credentials, missing
+    bucket: the same for every shard, so the job fails fast)."""
+    error = f"{type(exc).__name__}: {exc}"[:1000]
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, StorageError):
+            return {"error": error, "errorCode": cause.code, "transient": cause.transient,
+                    "accessError": cause.access_denied or cause.code == "NoSuchBucket"}
+        if isinstance(cause, _REDIS_ERRORS):
+            return {"error": error, "errorCode": type(cause).__name__, "transient": True, "accessError": False}
+        cause = cause.__cause__ or cause.__context__
+    return {"error": error, "errorCode": type(exc).__name__, "transient": False, "accessError": False}

@@ -41,11 +41,14 @@ class StorageError(OSError):
     can help (connection refused, 5xx, throttling) or not (403, missing bucket or object)."""
 
     def __init__(self, op: str, uri: str, code: str, detail: str, transient: bool) -> None:
-        self.op, self.uri, self.code, self.transient = op, uri, code, transient
+        self.op, self.uri, self.code, self.transient, self.detail = op, uri, code, transient, detail
         hint = ""
         if code in _ACCESS_CODES:
             hint = " (check the storage credentials of this process: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)"
         super().__init__(f"{op} {uri}: {detail}{hint}")
+
+    def __reduce__(self) -> tuple:  # survives pickling (process pools, Celery)
+        return type(self), (self.op, self.uri, self.code, self.detail, self.transient)
 
     @property
     def access_denied(self) -> bool:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import redis
 
 from embedjob import policy
+from embedjob.policy import describe_failure
 from embedjob.storage import StorageError
 from embedjob.worker.tar_reader import SourceReadError
-from embedjob.worker.tasks import describe_failure
 
 
 def test_backoff_doubles_and_is_capped():
@@ -64,3 +64,11 @@ def test_transient_retries_keep_polling_instead_of_doubling_forever():
         delays.append(d.delay)
         n = d.transient_failures
     assert delays == [30, 60, 120, 240, 240, 240, 240, 240]
+
+
+def test_storage_errors_survive_pickling():
+    import pickle
+
+    e = StorageError("GetObject", "s3://b/k", "SlowDown", "SlowDown (HTTP 503)", transient=True)
+    back = pickle.loads(pickle.dumps(e))
+    assert (back.op, back.uri, back.code, back.transient, str(back)) == (e.op, e.uri, e.code, True, str(e))

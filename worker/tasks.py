@@ -33,6 +33,7 @@ from embedjob import settings as settings_module
 from embedjob.broker import app
 from embedjob.contract import TASK_NAME, EmbedOptions, ShardTask
 from embedjob.layout import shard_outputs
+from embedjob.policy import describe_failure
 from embedjob.progress import ProgressStore, redis_client
 from embedjob.results import read_manifest, shard_counts
 from embedjob.storage import Storage, StorageError, StorageOptions
@@ -72,22 +73,6 @@ def with_redis(fn: Callable[[], T], what: str, budget: float | None = None) -> T
             log.warning("Redis unreachable while %s (%s); retrying in %.1fs", what, e, delay)
             time.sleep(delay)
             delay = min(delay * 2, 2.0)
-
-
-def describe_failure(exc: BaseException) -> dict[str, Any]:
-    """The failed outcome's fields: the error text, its code, and whether it is transient (worth a
-    retry that does not consume the shard's budget) or an access error (bad credentials, missing
-    bucket: the same for every shard, so the job fails fast)."""
-    error = f"{type(exc).__name__}: {exc}"[:1000]
-    cause: BaseException | None = exc
-    while cause is not None:
-        if isinstance(cause, StorageError):
-            return {"error": error, "errorCode": cause.code, "transient": cause.transient,
-                    "accessError": cause.access_denied or cause.code == "NoSuchBucket"}
-        if isinstance(cause, _REDIS_ERRORS):
-            return {"error": error, "errorCode": type(cause).__name__, "transient": True, "accessError": False}
-        cause = cause.__cause__ or cause.__context__
-    return {"error": error, "errorCode": type(exc).__name__, "transient": False, "accessError": False}
 
 
 class _Heartbeat(threading.Thread):

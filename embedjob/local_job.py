@@ -1,8 +1,10 @@
 """``embedjob run job.yaml``: the same EmbeddingJob on one machine, no cluster, no Redis.
 
-Plans the shards, skips the finished ones (manifest present), runs the rest in local worker
-processes (each loads the model once), retries failures per ``spec.retries``, shows a live progress
-bar, writes the job manifest on success and returns an exit code from the failure policy.
+Plans the shards, skips the finished ones (manifest present: the plan owns that decision here, as
+the operator's does in a cluster), runs the rest in local processes (each loads the model once),
+retries failures with the same policy as the operator (embedjob.policy), shows a live progress bar,
+writes the job manifest on success and returns an exit code from the failure policy. Torch is
+imported only inside the worker processes.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from embedjob import policy
 from embedjob.contract import EmbedOptions
 from embedjob.planning import Shard, plan_shards
 from embedjob.results import done_stems, write_job_manifest
@@ -61,21 +64,26 @@ def _init_worker(progress_queue: Any, torch_threads: int | None) -> None:
 
 
 def _run_one(shard_uri: str, stem: str, output: str, model: dict, options: dict, storage: dict) -> dict:
+    """One shard in a worker process. A failure comes back classified (policy.describe_failure), as
+    plain data: an exception's cause chain does not survive the trip between processes."""
     from embedjob.worker.model import load_embedder
     from embedjob.worker.pipeline import embed_shard
 
-    opts = EmbedOptions(**options)
-    embedder = load_embedder(model, device=opts.device, precision=opts.precision)
-    last = [0.0]
+    try:
+        opts = EmbedOptions(**options)
+        embedder = load_embedder(model, device=opts.device, precision=opts.precision)
+        last = [0.0]
 
-    def on_progress(n: int) -> None:
-        now = time.monotonic()
-        if _progress_queue is not None and now - last[0] > 0.2:
-            last[0] = now
-            _progress_queue.put((stem, n))
+        def on_progress(n: int) -> None:
+            now = time.monotonic()
+            if _progress_queue is not None and now - last[0] > 0.2:
+                last[0] = now
+                _progress_queue.put((stem, n))
 
-    result = embed_shard(shard_uri, output, embedder, opts, stem=stem,
-                         storage=Storage(StorageOptions.from_dict(storage)), on_progress=on_progress)
+        result = embed_shard(shard_uri, output, embedder, opts, stem=stem,
+                             storage=Storage(StorageOptions.from_dict(storage)), on_progress=on_progress)
+    except Exception as e:  # noqa: BLE001 - a shard-level failure, retried per policy
+        return {"status": "failed", **policy.describe_failure(e)}
     return result.to_dict()
 
 
@@ -133,7 +141,7 @@ def run_job(
     if todo:
         _execute(job, todo, workers or default_workers(spec.inference.device), show_progress, summary, states, out)
     summary.seconds = time.time() - started
-    summary.ok = summary.shards_failed <= spec.maxFailedShards
+    summary.ok = not policy.job_failed(summary.shards_failed, spec.maxFailedShards)
     if summary.ok:
         write_job_manifest(storage, spec.output.uri, job=job.name, spec=spec.to_dict(), shards=states,
                            started_at=started, extra=extra_manifest)
@@ -160,6 +168,7 @@ def _execute(job: Job, todo: list[Shard], workers: int, show_progress: bool, sum
 
     pool = new_pool()
     attempts: dict[str, int] = {}
+    failures: dict[str, policy.Decision] = {}
     retry_heap: list[tuple[float, int, Shard]] = []  # (due, sequence, shard): the sequence breaks ties
     sequence = itertools.count()
     pending = list(reversed(todo))  # pop() from the end keeps plan order
@@ -174,13 +183,18 @@ def _execute(job: Job, todo: list[Shard], workers: int, show_progress: bool, sum
         rate = images / max(time.monotonic() - t0, 1e-9)
         bar.set_postfix_str(f"images={images} {rate:.1f} img/s failed={summary.shards_failed}", refresh=False)
 
-    def fail(shard: Shard, error: str) -> None:
+    def fail(shard: Shard, error: str, transient: bool = False) -> None:
         in_shard.pop(shard.stem, None)
         n = attempts[shard.stem]
-        if n <= spec.retries.perShard:
-            delay = spec.retries.backoffSeconds * (2 ** (n - 1))
-            bar.write(f"shard {shard.stem} failed (attempt {n}): {error}; retrying in {delay}s", file=out)
-            heapq.heappush(retry_heap, (time.monotonic() + delay, next(sequence), shard))
+        before = failures.get(shard.stem)
+        d = policy.on_failure(transient=transient, failures=before.failures if before else 0,
+                              transient_failures=before.transient_failures if before else 0,
+                              per_shard=spec.retries.perShard, backoff_base=spec.retries.backoffSeconds)
+        failures[shard.stem] = d
+        if not d.final:
+            kind = "transient error" if d.transient_failures else "failed"
+            bar.write(f"shard {shard.stem} {kind} (attempt {n}): {error}; retrying in {d.delay:.0f}s", file=out)
+            heapq.heappush(retry_heap, (time.monotonic() + d.delay, next(sequence), shard))
         else:
             bar.write(f"shard {shard.stem} FAILED after {n} attempts: {error}", file=out)
             summary.shards_failed += 1
@@ -219,6 +233,9 @@ def _execute(job: Job, todo: list[Shard], workers: int, show_progress: bool, sum
                     continue
                 except Exception as e:  # noqa: BLE001 - a shard-level failure, retried per policy
                     fail(shard, f"{type(e).__name__}: {e}")
+                    continue
+                if res.get("status") == "failed":
+                    fail(shard, res["error"], transient=bool(res.get("transient")))
                     continue
                 in_shard.pop(shard.stem, None)
                 summary.shards_succeeded += 1

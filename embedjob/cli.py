@@ -4,7 +4,8 @@
     embedjob demo                           the README's end-to-end run on the bundled sample shards
     embedjob validate job.yaml              check a job file, naming the bad field
     embedjob worker [--queue Q]             a Celery worker for the operator's tasks
-    embedjob operator / embedjob dev ...    the Kubernetes operator and the local dev stack
+    embedjob operator                       the Kubernetes operator
+    embedjob dev up|down|status|restart ... the local dev stack (embedjob.dev)
 """
 
 from __future__ import annotations
@@ -12,18 +13,23 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 import sys
+from dataclasses import replace
 from pathlib import Path
+from urllib.parse import urlparse
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SAMPLE_SHARDS = REPO_ROOT / "examples" / "shards"
+from embedjob import __version__
+from embedjob.bundled import sample_shards, sample_shards_dir
+from embedjob.dev.cli import add_commands as add_dev_commands
+from embedjob.operator.cli import add_commands as add_operator_commands
+from embedjob.spec import DEFAULT_REVISION, Job, SpecError, load_job_file, parse_job
+
 VIT_L14 = "openai/clip-vit-large-patch14"
 
 
-def _load_job(path: str):  # noqa: ANN202 - embedjob.spec.Job | None
+def _load_job(path: str) -> Job | None:
     """The validated job, or None after printing the error (naming the field)."""
-    from embedjob.spec import SpecError, load_job_file
-
     try:
         return load_job_file(path)
     except SpecError as e:
@@ -39,9 +45,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run(job, workers: int | None, progress: bool, extra: dict | None = None) -> int:  # noqa: ANN001
+def _run(job: Job, workers: int | None, progress: bool, extra: dict | None = None) -> int:
     from embedjob.local_job import format_summary, run_job
-    from embedjob.spec import SpecError
 
     try:
         summary = run_job(job, workers=workers, show_progress=progress, extra_manifest=extra)
@@ -56,8 +61,6 @@ def _run(job, workers: int | None, progress: bool, extra: dict | None = None) ->
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
     job = _load_job(args.job)
     if job is None:
         return 2
@@ -69,9 +72,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _hub_reachable(timeout: float = 3.0) -> bool:
     """One quick TCP connect, so an offline machine is told at once instead of after the hub
     client's retries."""
-    import socket
-    from urllib.parse import urlparse
-
     url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
     try:
         with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
@@ -84,7 +84,6 @@ def _vit_l14_available() -> str | None:
     """None when ViT-L/14 can be loaded (model cache or hub), else the reason it cannot."""
     from transformers import CLIPVisionConfig
 
-    from embedjob.spec import DEFAULT_REVISION
     from embedjob.worker.model import default_model_dir
 
     try:
@@ -105,10 +104,11 @@ def _vit_l14_available() -> str | None:
 def _cmd_demo(args: argparse.Namespace) -> int:
     """Sample shards in, embeddings out, on this machine: ViT-L/14 when its weights can be loaded,
     otherwise (offline) a small random-weight CLIP, said plainly and recorded in the output."""
-    from embedjob.spec import parse_job
-
-    if not SAMPLE_SHARDS.is_dir():
-        print(f"error: sample shards not found at {SAMPLE_SHARDS}", file=sys.stderr)
+    try:
+        if not sample_shards():
+            raise FileNotFoundError("no .tar in the package data embedjob.sample_shards")
+    except (FileNotFoundError, ModuleNotFoundError) as e:
+        print(f"error: the sample shards are missing from this installation: {e}", file=sys.stderr)
         return 2
     output = str(Path(args.output).resolve())
     model: dict = {"name": VIT_L14}
@@ -135,7 +135,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         "kind": "EmbeddingJob",
         "metadata": {"name": "demo"},
         "spec": {
-            "input": {"uri": str(SAMPLE_SHARDS) + "/"},
+            "input": {"uri": str(sample_shards_dir()) + "/"},
             "output": {"uri": output, "dtype": "float16", "overwrite": True},
             "model": model,
             "inference": {"batchSize": 32, "precision": "auto"},
@@ -158,8 +158,6 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from embedjob import __version__
-
     p = argparse.ArgumentParser(prog="embedjob", description="CLIP image embeddings for WebDataset shards.")
     p.add_argument("--version", action="version", version=f"embedjob {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
@@ -188,12 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--hostname", default="embedjob@%h")
     w.set_defaults(func=_cmd_worker)
 
-    try:
-        from embedjob.operator.cli import add_commands
-    except ImportError:
-        pass
-    else:
-        add_commands(sub)
+    add_operator_commands(sub)
+    add_dev_commands(sub)
     return p
 
 

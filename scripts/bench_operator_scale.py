@@ -31,9 +31,9 @@ def main() -> int:
     args = ap.parse_args()
 
     from embedjob.broker import make_app
+    from embedjob.dev.services import RedisServer, SeaweedS3
     from embedjob.operator.reconcile import JobMemory, Reconciler, accept
     from embedjob.progress import ProgressStore, redis_client
-    from embedjob.services import RedisServer, SeaweedS3
     from embedjob.storage import s3_client
 
     tmp = Path(tempfile.mkdtemp(prefix="embedjob-bench-"))

@@ -33,9 +33,11 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+# For the shared fault harness in tests/. Appended, not prepended: the repository's embedjob/ folder
+# must not shadow the installed package (embedjob.operator / embedjob.worker exist only there).
+sys.path.append(str(REPO))
 
-from embedjob.operator.devcluster import DevCluster  # noqa: E402
+from embedjob.dev.cluster import DevCluster  # noqa: E402
 from embedjob.worker.random_model import save_random_clip  # noqa: E402
 from tests.e2e.faults import FaultStack  # noqa: E402
 

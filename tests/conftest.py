@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from embedjob.services import RedisServer, SeaweedS3
+from embedjob.dev.services import RedisServer, SeaweedS3
 
 S3_KEY = "embedjob-test"
 S3_SECRET = "embedjob-test-secret"

@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 import uuid
 
@@ -17,6 +16,7 @@ import pytest
 
 from embedjob.broker import make_app
 from embedjob.contract import TASK_NAME, EmbedOptions, ShardTask, task_id
+from embedjob.dev.services import embedjob_command
 from embedjob.layout import shard_outputs
 from embedjob.progress import ProgressStore, redis_client
 from embedjob.storage import Storage, s3_client
@@ -39,8 +39,7 @@ class Workers:
     def start(self, name: str) -> subprocess.Popen:
         log = open(self.tmp / f"{name}.log", "wb")  # noqa: SIM115
         proc = subprocess.Popen(
-            [sys.executable, "-m", "embedjob.cli", "worker", "--queue", self.queue, "--hostname", f"{name}@%h",
-             "--loglevel", "info"],
+            embedjob_command("worker", "--queue", self.queue, "--hostname", f"{name}@%h", "--loglevel", "info"),
             env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         self.procs.append(proc)
@@ -179,7 +178,7 @@ def test_storage_error_before_embedding_is_recorded_not_lost(bucket, env, worker
     """The manifest check fails (the S3 endpoint is down): the outcome is recorded as a transient
     failure naming the operation and the URI, instead of an acknowledged message and a shard that
     stays "queued" forever."""
-    from embedjob.services import free_port
+    from embedjob.dev.services import free_port
 
     workers.env = {**env, "EMBEDJOB_S3_MAX_ATTEMPTS": "1"}
     job = f"job-{uuid.uuid4().hex[:6]}"

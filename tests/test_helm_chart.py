@@ -1,5 +1,5 @@
 """The Helm chart (charts/embedjob): real `helm lint` / `helm template`, then `helm install` into a REAL
-kube-apiserver (embedjob.operator.devcluster) whose static tokens act as the chart's ServiceAccounts, so
+kube-apiserver (embedjob.dev.cluster) whose static tokens act as the chart's ServiceAccounts, so
 RBAC is checked as the apiserver enforces it, and the operator is run under its ServiceAccount's rights to
 show that they are enough to reconcile a job.
 
@@ -13,7 +13,6 @@ import base64
 import json
 import shutil
 import subprocess
-import sys
 import time
 import urllib.request
 import uuid
@@ -23,8 +22,8 @@ from typing import Any
 import pytest
 import yaml
 
-from embedjob.operator.devcluster import DevCluster, cache_dir
-from embedjob.services import free_port, stop_process, wait_for_port
+from embedjob.dev.cluster import DevCluster, cache_dir
+from embedjob.dev.services import embedjob_command, free_port, stop_process, wait_for_port
 from tests.conftest import subprocess_env
 
 REPO = Path(__file__).resolve().parents[1]
@@ -404,7 +403,7 @@ def test_operator_reconciles_a_job_with_only_its_service_account(kube, installed
            "EMBEDJOB_OPERATOR_INTERVAL": "1", "EMBEDJOB_LOGLEVEL": "INFO"}
     log_path = tmp_path / "operator.log"
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "embedjob.cli", *args], env=env, cwd=REPO,
+        proc = subprocess.Popen(embedjob_command(*args), env=env, cwd=tmp_path,
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     name = f"helm-{who}"
     try:

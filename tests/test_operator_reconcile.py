@@ -270,7 +270,7 @@ def test_accept_time_is_rfc3339(env):
 def test_operator_never_imports_torch():
     code = ("import sys; import embedjob.operator.handlers, embedjob.operator.cli, embedjob.operator.reconcile; "
             "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; assert not bad, bad")
-    subprocess.run([sys.executable, "-c", code], check=True)
+    subprocess.run([sys.executable, "-P", "-c", code], check=True)  # -P: the installed package, not ./embedjob
 
 
 def test_broker_backlog_is_bounded_and_topped_up(env):

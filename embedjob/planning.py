@@ -45,7 +45,7 @@ def _alternatives(body: str) -> list[str]:
 
 
 def expand_braces(pattern: str) -> list[str]:
-    """Expand every ``{..}`` group, left to right, like the shell (and webdataset) do."""
+    """Expand every ``{..}`` group, left to right, like the shell (and webdataset's braceexpand) do."""
     parts = _BRACE.split(pattern)
     literals, groups = parts[0::2], parts[1::2]
     choices = [_alternatives(g) for g in groups]

@@ -19,6 +19,9 @@ COPY pyproject.toml README.md ./
 COPY embedjob ./embedjob
 COPY operator ./operator
 COPY worker ./worker
+# Package data (pyproject.toml maps them to embedjob.crds and embedjob.sample_shards).
+COPY crds ./crds
+COPY examples/shards ./examples/shards
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
 
 # -- operator: kopf + the Kubernetes client, no torch ----------------------------------------------

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds kube-apiserver v1.20.2 from Debian's kubernetes source package (see INFRA.md) and caches it
+# Builds kube-apiserver v1.20.2 from Debian's kubernetes source package (docs/operations.md says why) and caches it
 # outside the repo. Prints the binary's path. Honours KUBEBUILDER_ASSETS and PATH first.
 set -euo pipefail
 CACHE="${EMBEDJOB_CACHE:-$HOME/.cache/embedjob}"

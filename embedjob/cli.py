@@ -25,6 +25,8 @@ from embedjob.dev.cli import add_commands as add_dev_commands
 from embedjob.operator.cli import add_commands as add_operator_commands
 from embedjob.spec import DEFAULT_REVISION, Job, SpecError, load_job_file, parse_job
 
+# Worker modules (torch, transformers) are imported inside the commands that run them, so the CLI and
+# the operator image stay torch-free (tests/test_packaging.py).
 VIT_L14 = "openai/clip-vit-large-patch14"
 
 

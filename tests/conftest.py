@@ -8,8 +8,10 @@ import uuid
 from pathlib import Path
 
 import pytest
+import redis
 
 from embedjob.dev.services import RedisServer, SeaweedS3
+from embedjob.storage import s3_client
 
 S3_KEY = "embedjob-test"
 S3_SECRET = "embedjob-test-secret"
@@ -25,8 +27,6 @@ def redis_server(tmp_path_factory):
 @pytest.fixture()
 def redis_url(redis_server):
     """A clean database for each test."""
-    import redis
-
     r = redis.Redis.from_url(redis_server.url)
     r.flushall()
     r.close()
@@ -58,8 +58,6 @@ def s3_env(s3_server, monkeypatch):
 @pytest.fixture()
 def bucket(s3_env):
     """A fresh, empty bucket; returns its name."""
-    from embedjob.storage import s3_client
-
     name = f"t-{uuid.uuid4().hex[:16]}"
     s3_client().create_bucket(Bucket=name)
     return name

@@ -11,6 +11,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,9 +21,9 @@ import pytest
 from embedjob import settings
 from embedjob.dev.cluster import DevCluster
 from embedjob.dev.services import embedjob_command, free_port, stop_process, wait_for_port
+from embedjob.storage import s3_client
 from tests.conftest import S3_KEY, S3_SECRET
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.shards import encode, rgb, tar_bytes
 
 
 @pytest.fixture(scope="session")
@@ -171,14 +172,10 @@ class ShardContent:
 
 
 def jpeg(seed: int, size: tuple[int, int] = (48, 40)) -> bytes:
-    from tests.shards import encode, rgb
-
     return encode(rgb(size[0], size[1], seed=seed), "JPEG", quality=85)
 
 
 def tar_of(members: list[tuple[str, bytes]]) -> bytes:
-    from tests.shards import tar_bytes
-
     return tar_bytes(members)
 
 
@@ -186,10 +183,6 @@ def put_shards(bucket: str, prefix: str, n: int, images: int, corrupt: dict[int,
                size: tuple[int, int] = (48, 40)) -> dict[str, ShardContent]:
     """``n`` shards ``<prefix>/<i:04d>.tar`` with ``images`` JPEGs each; ``corrupt`` maps a shard index
     to how many of its samples are garbage bytes (skipped and recorded, not failing the shard)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from embedjob.storage import s3_client
-
     corrupt = corrupt or {}
     out: dict[str, ShardContent] = {}
     bodies: dict[str, bytes] = {}

@@ -22,7 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# For tests/ helpers. Appended, not prepended: the repository's embedjob/ folder must not shadow the
+# installed package (embedjob.operator / embedjob.worker exist only there).
+sys.path.append(str(Path(__file__).resolve().parents[1]))
 
 
 def make_shard(path: Path, n: int) -> None:

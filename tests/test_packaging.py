@@ -89,6 +89,13 @@ def test_nothing_finds_files_relative_to_its_own_source():
     assert offenders == []
 
 
+def test_no_script_puts_the_repo_root_first_on_sys_path():
+    """./embedjob would shadow the installed package, which alone has embedjob.operator / .worker."""
+    offenders = [str(p.relative_to(REPO)) for p in sorted((REPO / "scripts").glob("*.py"))
+                 if "sys.path.insert(0" in p.read_text()]
+    assert offenders == []
+
+
 def test_packaged_crd_and_sample_shards_are_the_repository_copies():
     assert crd_manifest().name == CRD_FILENAME
     assert crd_manifest().read_bytes() == (REPO / "crds" / CRD_FILENAME).read_bytes()

@@ -30,6 +30,7 @@ import random
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,7 +42,34 @@ from embedjob.dev.cluster import DevCluster  # noqa: E402
 from embedjob.worker.random_model import save_random_clip  # noqa: E402
 from tests.e2e.faults import FaultStack  # noqa: E402
 
-FAULTS = ("kill-worker", "kill-operator", "restart-redis", "restart-s3", "pause-s3", "flaky-s3")
+
+def _kill_worker(stack: FaultStack, rng: random.Random) -> str:
+    stack.workers.ensure()
+    victim = rng.choice(stack.workers.procs)
+    stack.workers.kill(victim)
+    return f"SIGKILL worker pid {victim.pid}"
+
+
+def _flaky_s3(stack: FaultStack, rng: random.Random) -> str:
+    stack.proxy.fail_fraction, stack.proxy.reset_fraction = 0.2, 0.02
+    return "S3 answers 20% 503 and resets 2% of traffic"
+
+
+def _steady_s3(stack: FaultStack) -> None:
+    stack.proxy.fail_fraction = stack.proxy.reset_fraction = 0.0
+
+
+# fault -> (break it, bring it back, outage range in seconds)
+FAULTS: dict[str, tuple[Callable[[FaultStack, random.Random], str], Callable[[FaultStack], None],
+                        tuple[float, float]]] = {
+    "kill-worker": (_kill_worker, lambda s: s.workers.ensure(), (0, 3)),
+    "kill-operator": (lambda s, _: (s.operator.kill(), "SIGKILL operator")[1], lambda s: s.operator.start(), (0, 5)),
+    "restart-redis": (lambda s, _: (s.kill_redis(), "SIGKILL redis (restarted with its AOF)")[1],
+                      lambda s: s.start_redis(), (1, 6)),
+    "restart-s3": (lambda s, _: (s.kill_s3(), "SIGKILL SeaweedFS")[1], lambda s: s.start_s3(), (2, 8)),
+    "pause-s3": (lambda s, _: (s.pause_s3(), "SIGSTOP SeaweedFS")[1], lambda s: s.resume_s3(), (2, 10)),
+    "flaky-s3": (_flaky_s3, _steady_s3, (3, 10)),
+}
 
 
 def progress(stack: FaultStack, name: str) -> int:
@@ -53,44 +81,12 @@ def progress(stack: FaultStack, name: str) -> int:
 
 def inject(stack: FaultStack, fault: str, rng: random.Random) -> str:
     """Break one component, wait a random outage, bring it back. Returns what was done."""
-    if fault == "kill-worker":
-        stack.workers.ensure()
-        victim = rng.choice(stack.workers.procs)
-        stack.workers.kill(victim)
-        time.sleep(rng.uniform(0, 3))
-        stack.workers.ensure()
-        return f"SIGKILL worker pid {victim.pid}"
-    if fault == "kill-operator":
-        stack.operator.kill()
-        down = rng.uniform(0, 5)
-        time.sleep(down)
-        stack.operator.start()
-        return f"SIGKILL operator, {down:.1f}s down"
-    if fault == "restart-redis":
-        stack.kill_redis()
-        down = rng.uniform(1, 6)
-        time.sleep(down)
-        stack.start_redis()
-        return f"SIGKILL redis, {down:.1f}s down, restarted with its AOF"
-    if fault == "restart-s3":
-        stack.kill_s3()
-        down = rng.uniform(2, 8)
-        time.sleep(down)
-        stack.start_s3()
-        return f"SIGKILL SeaweedFS, {down:.1f}s down"
-    if fault == "pause-s3":
-        stack.pause_s3()
-        down = rng.uniform(2, 10)
-        time.sleep(down)
-        stack.resume_s3()
-        return f"SIGSTOP SeaweedFS for {down:.1f}s"
-    if fault == "flaky-s3":
-        stack.proxy.fail_fraction, stack.proxy.reset_fraction = 0.2, 0.02
-        down = rng.uniform(3, 10)
-        time.sleep(down)
-        stack.proxy.fail_fraction = stack.proxy.reset_fraction = 0.0
-        return f"S3 answers 20% 503 and resets 2% of traffic for {down:.1f}s"
-    raise ValueError(fault)
+    breaker, restore, (low, high) = FAULTS[fault]
+    what = breaker(stack, rng)
+    down = rng.uniform(low, high)
+    time.sleep(down)
+    restore(stack)
+    return f"{what}, {down:.1f}s"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             if phase in ("Succeeded", "Failed"):
                 break
             time.sleep(rng.uniform(1, 5))
-            fault = rng.choice(FAULTS)
+            fault = rng.choice(list(FAULTS))
             before = progress(stack, "chaos")
             t0 = time.monotonic()
             what = inject(stack, fault, rng)

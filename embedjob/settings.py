@@ -19,6 +19,10 @@ Environment variables (defaults in brackets):
 ``EMBEDJOB_MAX_QUEUED``           most messages of one job waiting in the broker [2000]
 ``EMBEDJOB_MAX_LEASE_EXPIRIES``   lease expiries before a shard counts as failed [10]
 ``EMBEDJOB_LOST_MESSAGE_GRACE``   seconds a queued shard may be in no queue before re-enqueue [30]
+``EMBEDJOB_METRICS_PORT``         Prometheus ``/metrics`` port of the operator or the worker [0: none]
+``EMBEDJOB_METRICS_ADDR``         address the metrics endpoint binds [0.0.0.0]
+``EMBEDJOB_METRICS_DIR``          worker: prometheus_client's multiprocess folder, wiped at start
+                                  [a fresh temporary folder]
 ================================  ============================================================
 """
 
@@ -45,6 +49,9 @@ class Settings:
     max_queued: int = 2000
     max_lease_expiries: int = 10
     lost_message_grace: float = 30.0
+    metrics_port: int = 0
+    metrics_addr: str = "0.0.0.0"
+    metrics_dir: str = ""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -74,6 +81,9 @@ class Settings:
             max_queued=int(num("EMBEDJOB_MAX_QUEUED", d.max_queued, int)),
             max_lease_expiries=int(num("EMBEDJOB_MAX_LEASE_EXPIRIES", d.max_lease_expiries, int)),
             lost_message_grace=num("EMBEDJOB_LOST_MESSAGE_GRACE", d.lost_message_grace),
+            metrics_port=int(num("EMBEDJOB_METRICS_PORT", d.metrics_port, int)),
+            metrics_addr=env.get("EMBEDJOB_METRICS_ADDR") or d.metrics_addr,
+            metrics_dir=env.get("EMBEDJOB_METRICS_DIR") or d.metrics_dir,
         )
 
     def with_(self, **changes: object) -> Settings:

@@ -15,6 +15,7 @@ with its cleanup.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import kopf
@@ -24,6 +25,7 @@ from embedjob.broker import make_app
 from embedjob.operator import reconcile
 from embedjob.operator import status as job_status
 from embedjob.operator.events import Event, JobMemory
+from embedjob.operator.metrics import OperatorMetrics
 from embedjob.progress import ProgressStore, redis_client
 from embedjob.settings import load
 from embedjob.spec import API_GROUP, API_VERSION, PLURAL
@@ -56,6 +58,9 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     memo.redis = redis_client(SETTINGS.redis_url)
     memo.celery = make_app(SETTINGS.redis_url, SETTINGS)
     memo.api = None  # the Kubernetes client, made on first use (ttlSecondsAfterFinished)
+    memo.metrics = OperatorMetrics(memo.redis)
+    if SETTINGS.metrics_port:
+        memo.metrics.serve(SETTINGS.metrics_port, SETTINGS.metrics_addr)
     settings.persistence.finalizer = FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=API_GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=API_GROUP)
@@ -105,12 +110,17 @@ def tick(spec: kopf.Spec, status: kopf.Status, meta: kopf.Meta, uid: str, name: 
     (Redis restarting, storage or the apiserver unreachable) is logged and simply tried again at the
     next interval: the tick is level-triggered, so nothing is lost by skipping one."""
     rec = reconcile.Reconciler(_store(memo, uid), memo.celery, _job(memo), memo.settings)
+    started = time.perf_counter()
     try:
         result = rec.tick(dict(spec), dict(status), meta.get("generation"))
     except Exception as e:  # noqa: BLE001 - transient by design; a persistent one shows in every tick's log
+        memo.metrics.tick_errors.inc()
         log.warning("tick of %s/%s failed, retrying in %.0fs: %s: %s", namespace, name, INTERVAL,
                     type(e).__name__, e, exc_info=log.isEnabledFor(logging.DEBUG))
         return
+    finally:
+        memo.metrics.tick_seconds.observe(time.perf_counter() - started)
+    memo.metrics.jobs.update(namespace, name, uid, spec.get("queue"), result.status, result.dispatched)
     changes = job_status.status_patch(status, result.status)
     if changes:
         patch.status.update(changes)
@@ -120,9 +130,11 @@ def tick(spec: kopf.Spec, status: kopf.Status, meta: kopf.Meta, uid: str, name: 
 
 
 @kopf.on.delete(*RESOURCE)
-def cleanup(spec: kopf.Spec, uid: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    """Remove the job's queued tasks and Redis keys (outputs are kept). Never blocks deletion: after
-    bounded retries the finalizer is released anyway, with a warning event."""
+def cleanup(spec: kopf.Spec, uid: str, name: str, namespace: str, body: kopf.Body, memo: kopf.Memo,
+            **_: Any) -> None:
+    """Remove the job's queued tasks and Redis keys (outputs are kept) and its metric series. Never
+    blocks deletion: after bounded retries the finalizer is released anyway, with a warning event."""
+    memo.metrics.jobs.forget(namespace, name)
     quick = redis_client(memo.settings.redis_url)  # short timeouts: a dead Redis must not hold the deletion
     quick.connection_pool.connection_kwargs.update(socket_timeout=5, socket_connect_timeout=2)
     with _job(memo).lock:

@@ -49,6 +49,7 @@ class TickResult:
     status: dict[str, Any]  # the desired status (compare with the current one before patching)
     events: list[Event]
     delete: bool = False  # ttlSecondsAfterFinished elapsed
+    dispatched: int = 0  # messages sent under new task ids this tick (embedjob_job_shards_dispatched_total)
 
 
 class Reconciler:
@@ -104,7 +105,9 @@ class Reconciler:
                 events.append(Event("Normal", "Resumed", f"dispatch resumed; {len(redo)} shard(s) re-enqueued"))
         if dispatched and job_status.get("phase") == status.PENDING:
             events.append(Event("Normal", "Started", f"enqueued {dispatched} shard task(s) on {spec.queue}"))
-        return self._report(spec, job_status, generation, now, states, failed_infos, conditions)
+        result = self._report(spec, job_status, generation, now, states, failed_infos, conditions)
+        result.dispatched = dispatched
+        return result
 
     def _control(self, spec: JobSpec) -> tuple[str, bool]:
         """Suspend / resume, level-triggered on spec.suspend vs the control flag. Returns (the flag as

@@ -2,7 +2,7 @@
 # Installs what embedjob needs on a fresh Debian 12 machine, idempotently; quick when it is all there.
 #
 #   scripts/setup.sh              everything the tests and `embedjob dev up` need: Debian packages
-#                                 (redis-server, etcd), .venv with the project, the kube-apiserver build
+#                                 (redis-server, etcd, prometheus), .venv with the project, the kube-apiserver build
 #                                 (cached in ~/.cache/embedjob; 8-10 minutes, once), kubectl and Helm
 #   scripts/setup.sh --venv-only  only .venv with the project: all that `embedjob demo` needs
 set -euo pipefail
@@ -44,6 +44,8 @@ fi
 need_apt=()
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
 command -v etcd >/dev/null 2>&1 || need_apt+=(etcd-server)
+# Prometheus scrapes the operator and workers in the e2e tests (tests/e2e/test_metrics_e2e.py).
+command -v prometheus >/dev/null 2>&1 || need_apt+=(prometheus)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: apt-get install ${need_apt[*]}" >&2
   $SUDO apt-get update -qq

@@ -151,6 +151,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
+    from embedjob.settings import load
+    from embedjob.worker import multiproc
+
+    settings = load()
+    if settings.metrics_port:
+        # Before prometheus_client is imported (by the tasks module) and before the pool forks.
+        multiproc.prepare(settings.metrics_dir)
     from embedjob.worker.tasks import app
 
     argv = ["worker", "-Q", args.queue, "-c", str(args.concurrency), "--loglevel", args.loglevel,

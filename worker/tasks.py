@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 
 import redis
 from celery.exceptions import Reject
+from celery.signals import worker_process_shutdown, worker_ready
 
 from embedjob import settings as settings_module
 from embedjob.broker import app
@@ -37,6 +38,7 @@ from embedjob.policy import describe_failure
 from embedjob.progress import ProgressStore, redis_client
 from embedjob.results import read_manifest, shard_counts
 from embedjob.storage import Storage, StorageError, StorageOptions
+from embedjob.worker import metrics
 
 log = logging.getLogger("embedjob.worker")
 T = TypeVar("T")
@@ -127,6 +129,7 @@ def run_shard_task(task: ShardTask, owner: str = WORKER_ID) -> dict[str, Any]:
 
     store = _progress(task.job)
     if with_redis(store.control, "reading the job's control flag") in ("suspended", "deleted"):
+        metrics.SHARDS.labels("cancelled").inc()
         return {"status": "cancelled", "stem": task.stem}
 
     try:
@@ -138,13 +141,16 @@ def run_shard_task(task: ShardTask, owner: str = WORKER_ID) -> dict[str, Any]:
         return _failed(store, task, e)
     if counts is not None:
         _record(store, task.stem, "succeeded", images=counts[0], failedImages=counts[1], finishedAt=time.time())
+        metrics.SHARDS.labels("skipped").inc()
         return {"status": "skipped", "stem": task.stem}
 
     if not with_redis(lambda: store.acquire_lease(task.stem, owner), f"taking the lease on {task.stem}"):
         holder = with_redis(lambda: store.lease_owner(task.stem), "reading the lease")
+        metrics.SHARDS.labels("duplicate").inc()
         return {"status": "duplicate", "stem": task.stem, "holder": holder}
 
     heartbeat = _Heartbeat(store, task.stem, owner)
+    metrics.SHARDS_RUNNING.inc()
     try:
         try:
             with_redis(lambda: store.set_state(task.stem, "running", attempt=task.attempt, worker=owner,
@@ -152,7 +158,7 @@ def run_shard_task(task: ShardTask, owner: str = WORKER_ID) -> dict[str, Any]:
                        f"recording {task.stem} as running")
             with_redis(lambda: store.count_execution(task.stem), "counting the execution")
             heartbeat.start()
-            embedder = load_embedder(task.model, device=options.device, precision=options.precision)
+            embedder = _load_embedder(load_embedder, task, options)
 
             def on_progress(n: int) -> None:
                 heartbeat.images = n
@@ -170,10 +176,12 @@ def run_shard_task(task: ShardTask, owner: str = WORKER_ID) -> dict[str, Any]:
                 images=result.images,
                 failedImages=result.failed, seconds=round(result.seconds, 3), finishedAt=time.time(),
                 error=None, transient=None, errorCode=None, accessError=None)
+        _count_success(task, storage, result, options)
         summary = result.to_dict()
         summary["timings"] = {k: round(v, 3) for k, v in result.timings.items()}
         return summary
     finally:
+        metrics.SHARDS_RUNNING.dec()
         # Outcome first, lease last: a reader never sees "running" without a lease for a live shard.
         heartbeat.stop()
         try:
@@ -182,7 +190,38 @@ def run_shard_task(task: ShardTask, owner: str = WORKER_ID) -> dict[str, Any]:
             log.warning("could not release the lease on %s: %s", task.stem, e)
 
 
+def _load_embedder(load: Callable[..., Any], task: ShardTask, options: EmbedOptions) -> Any:
+    """``load_embedder``, timed when it really loads (it caches one model per process)."""
+    from embedjob.worker import model as model_module
+
+    cache = getattr(model_module, "_cache", None)
+    before = len(cache) if isinstance(cache, dict) else None
+    t0 = time.perf_counter()
+    embedder = load(task.model, device=options.device, precision=options.precision)
+    if before is None or len(cache) > before:
+        metrics.MODEL_LOAD_SECONDS.observe(time.perf_counter() - t0)
+    return embedder
+
+
+def _count_success(task: ShardTask, storage: Storage, result: Any, options: EmbedOptions) -> None:
+    """Worker metrics of an embedded shard; the failure reasons come from its manifest (the
+    pipeline records each skipped image there). Never fails the shard."""
+    reasons: list[str] = []
+    if result.failed:
+        try:
+            manifest = read_manifest(task.output, task.stem, storage)
+            reasons = [str(f.get("reason", "")) for f in manifest.get("failed") or []]
+        except Exception as e:  # noqa: BLE001
+            log.warning("metrics: cannot read the failure reasons of %s: %s", task.stem, e)
+        reasons += ["unknown"] * max(0, result.failed - len(reasons))
+    try:
+        metrics.record_success(result.images, reasons, result.seconds, result.timings, options.batch_size)
+    except Exception as e:  # noqa: BLE001
+        log.warning("metrics: %s", e)
+
+
 def _failed(store: ProgressStore, task: ShardTask, exc: BaseException) -> dict[str, Any]:
+    metrics.SHARDS.labels("failed").inc()
     failure = describe_failure(exc)
     log.error("shard %s failed (%s): %s", task.shard, "transient" if failure["transient"] else "hard",
               failure["error"], exc_info=not isinstance(exc, StorageError))
@@ -207,3 +246,16 @@ def embed_shard_task(self, task: dict) -> dict:  # noqa: ANN001
     if result["status"] == "duplicate":
         raise self.retry(countdown=max(settings_module.load().lease_seconds, 1))
     return result
+
+
+@worker_ready.connect
+def _serve_metrics(**_: Any) -> None:
+    """The worker's ``/metrics`` (all its processes), from the main process once the pool is up."""
+    s = settings_module.load()
+    if s.metrics_port:
+        metrics.serve(s.metrics_port, s.metrics_addr)
+
+
+@worker_process_shutdown.connect
+def _child_exited(pid: int | None = None, **_: Any) -> None:
+    metrics.child_exited(pid or os.getpid())

@@ -69,10 +69,13 @@ def queue() -> str:
 
 
 class Operator:
-    """``embedjob operator`` as a subprocess that tests can kill and restart."""
+    """``embedjob operator`` as a subprocess that tests can kill and restart. Its ``/metrics`` stays on
+    one port across restarts (``metrics_port``), so a Prometheus scrape config holds."""
 
     def __init__(self, env: dict[str, str], logdir: Path, namespaces: tuple[str, ...] = ("default",)) -> None:
-        self.env, self.logdir, self.namespaces = env, logdir, namespaces
+        self.metrics_port = free_port()
+        self.env = {**env, "EMBEDJOB_METRICS_PORT": str(self.metrics_port), "EMBEDJOB_METRICS_ADDR": "127.0.0.1"}
+        self.logdir, self.namespaces = logdir, namespaces
         self.proc: subprocess.Popen | None = None
         self.starts = 0
 
@@ -86,6 +89,7 @@ class Operator:
             env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.logdir)
         log.close()
         wait_for_port(port, 60, self.proc, "operator")
+        wait_for_port(self.metrics_port, 30, self.proc, "operator metrics")
         self.liveness = f"http://127.0.0.1:{port}/healthz"
 
     def ensure(self) -> None:
@@ -103,23 +107,30 @@ class Operator:
 
 class Workers:
     """``embedjob worker`` subprocesses (each its own process group, so SIGKILL takes the whole
-    worker: main process and pool child, like a pod dying)."""
+    worker: main process and pool child, like a pod dying). Each serves ``/metrics`` on a port of a
+    fixed set (``metrics_ports``): a replacement takes the port of the worker it replaces."""
 
     def __init__(self, env: dict[str, str], queue: str, logdir: Path, count: int) -> None:
         self.env, self.queue, self.logdir, self.count = env, queue, logdir, count
         self.procs: list[subprocess.Popen] = []
+        self.ports: dict[int, int] = {}  # pid -> metrics port
+        self.metrics_ports = [free_port() for _ in range(count)]
         self.started = 0
 
     def start_one(self) -> subprocess.Popen:
         self.started += 1
         name = f"w{self.started}"
+        live = {self.ports.get(p.pid) for p in self.procs if p.poll() is None}
+        port = next((p for p in self.metrics_ports if p not in live), None) or free_port()
+        env = {**self.env, "EMBEDJOB_METRICS_PORT": str(port), "EMBEDJOB_METRICS_ADDR": "127.0.0.1"}
         log = open(self.logdir / f"worker-{name}.log", "wb")  # noqa: SIM115
         proc = subprocess.Popen(
             embedjob_command("worker", "--queue", self.queue, "--hostname", f"{name}@%h", "--concurrency", "1",
                              "--loglevel", "info"),
-            env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.logdir)
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.logdir)
         log.close()
         self.procs.append(proc)
+        self.ports[proc.pid] = port
         return proc
 
     def ensure(self) -> None:

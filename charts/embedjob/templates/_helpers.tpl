@@ -129,3 +129,17 @@ annotations:
 - name: PYTHONUNBUFFERED
   value: "1"
 {{- end -}}
+
+
+{{/* A pod's annotations plus, with metrics.scrapeAnnotations, the prometheus.io ones:
+     include "embedjob.scrapeAnnotations" (list . .Values.x.podAnnotations port) -> YAML (use fromYaml) */}}
+{{- define "embedjob.scrapeAnnotations" -}}
+{{- $root := index . 0 -}}
+{{- $a := deepCopy (index . 1 | default dict) -}}
+{{- if and $root.Values.metrics.enabled $root.Values.metrics.scrapeAnnotations -}}
+{{- $_ := set $a "prometheus.io/scrape" "true" -}}
+{{- $_ := set $a "prometheus.io/port" (index . 2 | toString) -}}
+{{- $_ := set $a "prometheus.io/path" "/metrics" -}}
+{{- end -}}
+{{- toYaml $a -}}
+{{- end -}}

@@ -1,0 +1,157 @@
+"""Metrics without a cluster: the operator's collector renders the statuses it was given (per job,
+dropped on delete, demand = waiting + running), the worker's reason classes, and prometheus_client's
+multiprocess mode summing a forked pool the way ``embedjob worker`` sets it up."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from embedjob.operator.metrics import OperatorMetrics, demand
+
+
+def samples(metrics: OperatorMetrics) -> dict[tuple[str, tuple], float]:
+    out = {}
+    for fam in text_string_to_metric_families(generate_latest(metrics.registry).decode()):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def status(phase: str, queued: int, running: int, succeeded: int = 0, failed: int = 0, **extra) -> dict:
+    return {"phase": phase, "shards": {"total": queued + running + succeeded + failed, "queued": queued,
+                                       "running": running, "succeeded": succeeded, "failed": failed},
+            "images": {"embedded": 10 * succeeded, "failed": 1},
+            "attempts": {"failures": 2, "transientFailures": 3, "leaseExpiries": 4, "messagesLost": 5}, **extra}
+
+
+def test_demand_is_waiting_plus_running_and_zero_only_when_nothing_is_left():
+    assert demand(status("Pending", 5, 0)) == 5
+    assert demand(status("Running", 3, 2, 1)) == 5
+    assert demand(status("Running", 0, 1, 9)) == 1  # the Redis list is empty, a worker still holds one
+    assert demand(status("Suspended", 4, 1)) == 1  # nothing new is dispatched; the running one finishes
+    assert demand(status("Succeeded", 0, 0, 10)) == 0
+    assert demand(status("Failed", 3, 0, 1, 5)) == 0
+    assert demand({}) == 0
+
+
+def test_collector_renders_each_job_and_drops_a_deleted_one():
+    m = OperatorMetrics()
+    m.jobs.update("ns", "a", "uid-a", "gpu", status("Running", 3, 2, 1,
+                                                    estimatedCompletionTime="2030-01-01T00:00:00Z"), dispatched=6)
+    m.jobs.update("ns", "b", "uid-b", None, status("Succeeded", 0, 0, 4))
+    m.jobs.update("ns", "a", "uid-a", "gpu", status("Running", 2, 2, 2), dispatched=1)
+    m.tick_seconds.observe(0.02)
+    s = samples(m)
+    a = (("name", "a"), ("namespace", "ns"))
+    assert s[("embedjob_job_shards", (*a, ("state", "running")))] == 2
+    assert s[("embedjob_job_shards", (*a, ("state", "succeeded")))] == 2
+    assert s[("embedjob_job_planned_shards", a)] == 6
+    assert s[("embedjob_job_images_embedded_total", a)] == 20
+    assert s[("embedjob_job_images_skipped_total", a)] == 1
+    assert s[("embedjob_job_shard_failures_total", a)] == 2
+    assert s[("embedjob_job_shard_transient_failures_total", a)] == 3
+    assert s[("embedjob_job_lease_expiries_total", a)] == 4
+    assert s[("embedjob_job_messages_lost_total", a)] == 5
+    assert s[("embedjob_job_shards_dispatched_total", a)] == 7
+    assert s[("embedjob_job_phase", (*a, ("phase", "Running")))] == 1
+    assert s[("embedjob_job_phase", (*a, ("phase", "Succeeded")))] == 0
+    assert ("embedjob_job_estimated_completion_timestamp_seconds", a) not in s  # the latest status has none
+    assert s[("embedjob_jobs", (("phase", "Running"),))] == 1
+    assert s[("embedjob_jobs", (("phase", "Succeeded"),))] == 1
+    assert s[("embedjob_queue_demand_shards", (("queue", "gpu"),))] == 4
+    assert s[("embedjob_queue_demand_shards", (("queue", "embedjob"),))] == 0
+    assert s[("embedjob_operator_reconcile_duration_seconds_count", ())] == 1
+    # no label anywhere names a shard
+    assert all(k not in dict(labels) for (_, labels) in s for k in ("shard", "stem"))
+
+    m.jobs.forget("ns", "a")
+    s = samples(m)
+    assert not [k for k in s if ("name", "a") in k[1]]
+    assert ("embedjob_queue_demand_shards", (("queue", "gpu"),)) not in s  # no job on it any more
+    assert s[("embedjob_jobs", (("phase", "Running"),))] == 0
+
+
+def test_a_recreated_job_under_the_same_name_starts_its_counters_from_zero():
+    m = OperatorMetrics()
+    m.jobs.update("ns", "a", "uid-1", None, status("Running", 1, 0), dispatched=5)
+    m.jobs.update("ns", "a", "uid-2", None, status("Pending", 1, 0), dispatched=1)
+    s = samples(m)
+    assert s[("embedjob_job_shards_dispatched_total", (("name", "a"), ("namespace", "ns")))] == 1
+    assert s[("embedjob_job_info", (("name", "a"), ("namespace", "ns"), ("queue", "embedjob"), ("uid", "uid-2")))] == 1
+
+
+def test_queue_length_is_llen_over_the_priority_lists(redis_server):
+    import redis
+
+    r = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    q = "metrics-unit-q"
+    r.delete(q, f"{q}\x06\x163")
+    r.rpush(q, "a", "b")
+    r.rpush(f"{q}\x06\x163", "c")
+    m = OperatorMetrics(r)
+    m.jobs.update("ns", "a", "u", q, status("Running", 3, 0))
+    assert samples(m)[("embedjob_queue_messages", (("queue", q),))] == 3
+    r.delete(q, f"{q}\x06\x163")
+
+
+def test_failure_reasons_fall_into_classes():
+    from embedjob.worker.metrics import reason_class
+
+    assert reason_class("not a supported image (unrecognised data)") == "decode"
+    assert reason_class("corrupt image header: SyntaxError: x") == "decode"
+    assert reason_class("cannot decode JPEG: OSError: image file is truncated") == "decode"
+    assert reason_class("too many pixels: 10x10 = 100 > limit 50") == "too_large"
+    assert reason_class("decompression bomb: ...") == "too_large"
+    assert reason_class("member too large (9 > 8 bytes)") == "too_large"
+    assert reason_class("empty file (0 bytes)") == "empty"
+    assert reason_class("preprocess: ValueError: x") == "preprocess"
+    assert reason_class("something new") == "other"
+
+
+def test_multiprocess_mode_sums_forked_children_and_drops_dead_gauges(tmp_path):
+    """What ``embedjob worker`` does: prepare the folder before prometheus_client is imported, children
+    count, the main process serves the sum; a dead child's live gauge goes, its counters stay."""
+    (tmp_path / "stale.db").write_bytes(b"left over from a previous run")
+    code = textwrap.dedent(f"""
+        import os
+        from embedjob.worker import multiproc
+        multiproc.prepare({str(tmp_path)!r})
+        assert not os.path.exists({str(tmp_path / "stale.db")!r})
+        from embedjob.worker import metrics
+        from prometheus_client import CollectorRegistry, generate_latest
+        from prometheus_client.multiprocess import MultiProcessCollector
+        pids = []
+        for i in range(3):
+            pid = os.fork()
+            if pid == 0:
+                metrics.record_success(10, ["empty file (0 bytes)", "preprocess: x"], 2.0,
+                                       {{"read": 1.0, "inference": 0.5, "total": 2.0}}, 16)
+                metrics.SHARDS_RUNNING.inc()
+                os._exit(0)
+            os.waitpid(pid, 0)
+            pids.append(pid)
+        metrics.child_exited(pids[0])
+        reg = CollectorRegistry()
+        MultiProcessCollector(reg)
+        print(generate_latest(reg).decode())
+    """)
+    r = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    lines = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in out.splitlines()
+             if line and not line.startswith("#")}
+    assert lines["embedjob_worker_images_embedded_total"] == 30
+    assert lines['embedjob_worker_images_failed_total{reason="empty"}'] == 3
+    assert lines['embedjob_worker_images_failed_total{reason="preprocess"}'] == 3
+    assert lines['embedjob_worker_stage_seconds_total{stage="read"}'] == 3
+    assert 'embedjob_worker_stage_seconds_total{stage="total"}' not in lines
+    assert lines['embedjob_worker_shards_total{outcome="succeeded"}'] == 3
+    assert lines["embedjob_worker_shard_duration_seconds_count"] == 3
+    assert lines["embedjob_worker_batch_size"] == 16
+    assert lines["embedjob_worker_shards_running"] == 2  # the first child was marked dead
+    assert not [k for k in lines if k.startswith("embedjob_worker_cuda")]  # no CUDA here

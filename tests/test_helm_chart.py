@@ -78,10 +78,13 @@ def env_of(container: dict[str, Any]) -> dict[str, Any]:
 # Value sets the security checks run over: defaults, external Redis, scoped, dev Secret, PVC cache.
 VALUE_SETS = [
     (),
+    ("keda.enabled=true", "keda.minReplicas=0", "metrics.serviceMonitor.enabled=true",
+     "metrics.podMonitor.enabled=true", "metrics.dashboard.enabled=true", "metrics.scrapeAnnotations=true"),
     ("redis.enabled=false", "redis.existingSecret=redis-url"),
     ("operator.watchNamespace=team-a", "worker.shm.enabled=false"),
     ("s3.accessKeyId=dev", "s3.secretAccessKey=devsecret", "worker.modelCache.existingClaim=models"),
 ]
+VALUE_SET_IDS = ["defaults", "observe-and-scale", "external-redis", "scoped", "dev-secret"]
 
 
 # -- static checks: no cluster ------------------------------------------------------------------------------
@@ -89,7 +92,7 @@ def test_chart_crd_is_byte_identical_to_the_canonical_crd():
     assert (CHART / "crds" / f"{CRD_NAME}.yaml").read_bytes() == (REPO / "crds" / f"{CRD_NAME}.yaml").read_bytes()
 
 
-@pytest.mark.parametrize("sets", VALUE_SETS, ids=["defaults", "external-redis", "scoped", "dev-secret"])
+@pytest.mark.parametrize("sets", VALUE_SETS, ids=VALUE_SET_IDS)
 def test_helm_lint_passes_strict(sets):
     args = ["lint", "--strict", str(CHART)]
     for s in sets:
@@ -133,7 +136,7 @@ def test_worker_options_nodeselector_tolerations_pvc_cache():
     assert "dshm" not in vols
 
 
-@pytest.mark.parametrize("sets", VALUE_SETS, ids=["defaults", "external-redis", "scoped", "dev-secret"])
+@pytest.mark.parametrize("sets", VALUE_SETS, ids=VALUE_SET_IDS)
 def test_every_container_runs_non_root_without_privilege_escalation(sets):
     docs = render(*sets)
     assert len(containers(docs)) >= 2
@@ -208,6 +211,88 @@ def test_operator_runs_standalone_with_liveness_probe_and_one_replica():
                          "--namespace=team-a"]
     assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "liveness"}
     assert {"name": "liveness", "containerPort": 8080, "protocol": "TCP"} in c["ports"]
+
+
+def test_metrics_ports_env_and_operator_metrics_service():
+    docs = render("metrics.scrapeAnnotations=true")
+    deps = {d["metadata"]["name"]: d for d in kinds(docs, "Deployment")}
+    for component in ("operator", "worker"):
+        pod = deps[f"{RELEASE}-embedjob-{component}"]["spec"]["template"]
+        (c,) = pod["spec"]["containers"]
+        assert {"name": "metrics", "containerPort": 9100, "protocol": "TCP"} in c["ports"]
+        assert env_of(c)["EMBEDJOB_METRICS_PORT"] == "9100"
+        assert pod["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
+        assert pod["metadata"]["annotations"]["prometheus.io/port"] == "9100"
+    (worker_c,) = deps[f"{RELEASE}-embedjob-worker"]["spec"]["template"]["spec"]["containers"]
+    assert env_of(worker_c)["EMBEDJOB_METRICS_DIR"].startswith("/tmp/")  # the writable emptyDir
+    (svc,) = [d for d in kinds(docs, "Service") if d["metadata"]["name"] == f"{RELEASE}-embedjob-operator-metrics"]
+    assert svc["spec"]["selector"]["app.kubernetes.io/component"] == "operator"
+    assert svc["spec"]["ports"] == [{"name": "metrics", "port": 9100, "targetPort": "metrics", "protocol": "TCP"}]
+    # off by default: no KEDA, no prometheus-operator objects, no dashboard, no scrape annotations
+    defaults = render()
+    assert not [d for d in defaults if d["kind"] in ("ScaledObject", "TriggerAuthentication", "ServiceMonitor",
+                                                       "PodMonitor")]
+    assert not [d for d in kinds(defaults, "ConfigMap") if d["metadata"]["name"].endswith("-dashboard")]
+    worker = pod_specs(defaults)[f"{RELEASE}-embedjob-worker"]
+    assert "prometheus.io/scrape" not in str(worker)
+    off = render("metrics.enabled=false")
+    assert all("EMBEDJOB_METRICS_PORT" not in env_of(c) for _, c in containers(off))
+
+
+def test_keda_scales_workers_from_zero_on_the_operator_demand_metric():
+    docs = render("keda.enabled=true", "keda.minReplicas=0", "keda.maxReplicas=8", "worker.queue=gpu-a100",
+                  "keda.cooldownPeriod=900", "worker.replicas=3")
+    (so,) = kinds(docs, "ScaledObject")
+    spec = so["spec"]
+    assert so["apiVersion"] == "keda.sh/v1alpha1"
+    assert spec["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
+                                      "name": f"{RELEASE}-embedjob-worker"}
+    assert spec["minReplicaCount"] == 0 and spec["maxReplicaCount"] == 8 and spec["cooldownPeriod"] == 900
+    (trigger,) = spec["triggers"]
+    assert trigger["type"] == "prometheus" and trigger["metricType"] == "AverageValue"
+    query = trigger["metadata"]["query"]
+    assert 'embedjob_queue_demand_shards{queue="gpu-a100"}' in query  # waiting + running, from the operator
+    assert "llen" not in query.lower() and "embedjob_queue_messages" not in query  # never the raw list length
+    assert trigger["metadata"]["threshold"] == "1" and trigger["metadata"]["activationThreshold"] == "0"
+    assert trigger["metadata"]["ignoreNullValues"] == "false"  # no data (operator down) never reads as 0
+    assert "authenticationRef" not in trigger and not kinds(docs, "TriggerAuthentication")
+    behavior = spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]
+    assert behavior["stabilizationWindowSeconds"] == 300
+    # the HPA owns the replica count: an upgrade must not reset it
+    worker = next(d for d in kinds(docs, "Deployment") if d["metadata"]["name"] == f"{RELEASE}-embedjob-worker")
+    assert "replicas" not in worker["spec"]
+
+
+def test_keda_credentials_come_from_an_existing_secret_through_a_trigger_authentication():
+    docs = render("keda.enabled=true", "keda.prometheus.authModes=bearer", "keda.prometheus.authSecret=prom-token",
+                  "keda.prometheus.authSecretKeys.bearerToken=token")
+    (ta,) = kinds(docs, "TriggerAuthentication")
+    assert ta["spec"]["secretTargetRef"] == [{"parameter": "bearerToken", "name": "prom-token", "key": "token"}]
+    (trigger,) = kinds(docs, "ScaledObject")[0]["spec"]["triggers"]
+    assert trigger["authenticationRef"] == {"name": ta["metadata"]["name"]}
+    assert trigger["metadata"]["authModes"] == "bearer"
+    r = helm("template", RELEASE, str(CHART), "--set", "keda.enabled=true", "--set", "keda.prometheus.authModes=basic",
+             check=False)
+    assert r.returncode != 0 and "TriggerAuthentication" in r.stderr
+    r = helm("template", RELEASE, str(CHART), "--set", "keda.enabled=true", "--set", "metrics.enabled=false",
+             check=False)
+    assert r.returncode != 0 and "keda.enabled needs metrics.enabled" in r.stderr
+
+
+def test_prometheus_operator_monitors_and_the_dashboard_configmap():
+    docs = render("metrics.serviceMonitor.enabled=true", "metrics.podMonitor.enabled=true",
+                  "metrics.dashboard.enabled=true", "metrics.serviceMonitor.labels.release=kps")
+    (sm,) = kinds(docs, "ServiceMonitor")
+    assert sm["metadata"]["labels"]["release"] == "kps"
+    assert sm["spec"]["endpoints"][0]["port"] == "metrics"
+    assert sm["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"] == "operator"
+    (pm,) = kinds(docs, "PodMonitor")
+    assert pm["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"] == "worker"
+    assert pm["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
+    (cm,) = [d for d in kinds(docs, "ConfigMap") if d["metadata"]["name"].endswith("-dashboard")]
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    dashboard = json.loads(cm["data"]["embedjob.json"])
+    assert dashboard == json.loads((CHART / "dashboards" / "embedjob.json").read_text())
 
 
 def test_rbac_is_namespaced_when_one_namespace_is_watched():

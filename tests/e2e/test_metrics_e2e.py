@@ -2,13 +2,17 @@
 (session subprocess) and a dedicated pool of worker subprocesses on their own queue, so the workers'
 counters hold exactly this module's jobs. Totals read back through Prometheus' HTTP API must equal the
 job's status counters and its manifests exactly; a failed shard and a lease expiry move their metrics;
-the KEDA demand never reads 0 while a worker is busy."""
+the KEDA demand never reads 0 while a worker is busy; every PromQL expression of the chart's Grafana
+dashboard returns data."""
 
 from __future__ import annotations
 
+import json
+import math
 import time
 import urllib.request
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -41,6 +45,7 @@ def prometheus(operator_process, worker_pool, metrics_workers, tmp_path_factory)
         "embedjob-operator": [operator_process.metrics_port],
         "embedjob-worker": metrics_workers.metrics_ports + worker_pool.metrics_ports,
     }).start()
+    p.started = time.time()
     want = 1 + len(metrics_workers.metrics_ports) + len(worker_pool.metrics_ports)
     p.wait_for(lambda: list(p.targets_up().values()).count("up") == want, 120, "every target up")
     yield p
@@ -172,3 +177,30 @@ def test_lease_expiry_moves_its_metric(stack, bucket, prometheus, metrics_worker
     # the re-enqueue after the expiry is a dispatch of its own
     assert prom.value(f"embedjob_job_shards_dispatched_total{{{job}}}") >= 3 + st["attempts"]["leaseExpiries"]
     stack.delete(name)
+
+
+DASHBOARD = Path(__file__).resolve().parents[2] / "charts" / "embedjob" / "dashboards" / "embedjob.json"
+
+
+def dashboard_exprs() -> list[tuple[str, str]]:
+    doc = json.loads(DASHBOARD.read_text())
+    return [(p["title"], t["expr"]) for p in doc["panels"] for t in p.get("targets", [])]
+
+
+def test_every_dashboard_expression_returns_data(prometheus, metrics_workers):
+    """Runs after the jobs above: each expression, over this module's time range, has at least one real
+    (non-NaN) value. EXEMPT on a machine without CUDA: the GPU memory panel, whose series exist only on
+    CUDA workers (its absence here is asserted in test_totals_equal_status_and_manifests)."""
+    prom = prometheus
+    exprs = dashboard_exprs()
+    assert len(exprs) >= 15
+    cuda = bool(prom.query("embedjob_worker_cuda_memory_allocated_bytes"))
+    empty = []
+    for title, expr in exprs:
+        if "cuda_memory" in expr and not cuda:
+            continue  # exempt: CPU-only workers export no CUDA series (by design)
+        result = prom.query_range(expr, prometheus.started, time.time(), 1.0)
+        values = [float(v) for series in result for _, v in series["values"]]
+        if not any(not math.isnan(v) for v in values):
+            empty.append((title, expr))
+    assert not empty, f"dashboard expressions without data: {empty}"

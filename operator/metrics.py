@@ -28,7 +28,7 @@ from embedjob.broker import _queue_keys
 
 log = logging.getLogger("embedjob.operator")
 
-PHASES = ("Pending", "Running", "Suspended", "Succeeded", "Failed", "Invalid")
+PHASES = ("Pending", "Running", "Suspended", "Succeeded", "Failed")  # embedjob.operator.status
 SHARD_STATES = ("queued", "running", "succeeded", "failed")
 DEFAULT_QUEUE = "embedjob"
 # (metric, help, status path) for per-job counters taken from the status.
@@ -70,7 +70,7 @@ def demand(status: Mapping[str, Any]) -> int:
     """Shards of one job that need a worker now or later: waiting + running (0 when finished; only
     the running ones while suspended, since nothing new is dispatched)."""
     phase = status.get("phase")
-    if phase in ("Succeeded", "Failed", "Invalid") or not status.get("shards"):
+    if phase in ("Succeeded", "Failed") or not status.get("shards"):
         return 0
     running = int(_num(status, "shards", "running"))
     if phase == "Suspended":

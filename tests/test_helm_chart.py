@@ -256,6 +256,9 @@ def test_keda_scales_workers_from_zero_on_the_operator_demand_metric():
     assert trigger["metadata"]["threshold"] == "1" and trigger["metadata"]["activationThreshold"] == "0"
     assert trigger["metadata"]["ignoreNullValues"] == "false"  # no data (operator down) never reads as 0
     assert "authenticationRef" not in trigger and not kinds(docs, "TriggerAuthentication")
+    assert "fallback" not in spec
+    with_fallback = kinds(render("keda.enabled=true", "keda.fallbackReplicas=2"), "ScaledObject")[0]["spec"]
+    assert with_fallback["fallback"] == {"failureThreshold": 3, "replicas": 2}
     behavior = spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]
     assert behavior["stabilizationWindowSeconds"] == 300
     # the HPA owns the replica count: an upgrade must not reset it

@@ -113,6 +113,21 @@ def test_failure_reasons_fall_into_classes():
     assert reason_class("something new") == "other"
 
 
+def test_batch_in_use_and_oom_backoffs():
+    from embedjob.worker import metrics
+
+    assert metrics.batch_in_use(32, None) == 32
+    assert metrics.batch_in_use(32, 8) == 8
+    assert metrics.batch_in_use(4, 8) == 4
+    start = metrics.OOM_BACKOFFS._value.get()
+    metrics.record_backoff(None, None)
+    metrics.record_backoff(8, 8)
+    assert metrics.OOM_BACKOFFS._value.get() == start
+    metrics.record_backoff(None, 16)
+    metrics.record_backoff(16, 8)
+    assert metrics.OOM_BACKOFFS._value.get() == start + 2
+
+
 def test_multiprocess_mode_sums_forked_children_and_drops_dead_gauges(tmp_path):
     """What ``embedjob worker`` does: prepare the folder before prometheus_client is imported, children
     count, the main process serves the sum; a dead child's live gauge goes, its counters stay."""

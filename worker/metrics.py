@@ -40,6 +40,8 @@ SHARDS_RUNNING = Gauge("embedjob_worker_shards_running", "Shards this worker is 
                        multiprocess_mode="livesum")
 BATCH_SIZE = Gauge("embedjob_worker_batch_size", "Images per forward pass of the latest shard.",
                    multiprocess_mode="livemax")
+OOM_BACKOFFS = Counter("embedjob_worker_oom_backoffs", "Shards during which the batch size was lowered after "
+                       "a CUDA out-of-memory error (the model keeps the smaller size).")
 MODEL_LOAD_SECONDS = Histogram("embedjob_worker_model_load_seconds", "Time to load the CLIP model into a "
                                "worker process (once per process and model).",
                                buckets=(0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, float("inf")))
@@ -65,6 +67,17 @@ def reason_class(reason: str) -> str:
         if needle in low:
             return cls
     return "other"
+
+
+def batch_in_use(configured: int, max_batch: int | None) -> int:
+    """The batch size the model really runs: the configured one, or less after an OOM back-off."""
+    return min(configured, max_batch) if max_batch else configured
+
+
+def record_backoff(before: int | None, after: int | None) -> None:
+    """Counts a shard whose embedder lowered its largest batch (``Embedder.max_batch``)."""
+    if after is not None and (before is None or after < before):
+        OOM_BACKOFFS.inc()
 
 
 def record_success(images: int, failed_reasons: Iterable[str], seconds: float, timings: Mapping[str, float],

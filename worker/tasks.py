@@ -163,8 +163,10 @@ def run_shard_task(task: ShardTask, owner: str = WORKER_ID) -> dict[str, Any]:
             def on_progress(n: int) -> None:
                 heartbeat.images = n
 
+            max_batch = getattr(embedder, "max_batch", None)  # lowered by the model after a CUDA OOM
             result = embed_shard(task.shard, task.output, embedder, options, stem=task.stem, storage=storage,
                                  on_progress=on_progress)
+            metrics.record_backoff(max_batch, getattr(embedder, "max_batch", None))
         except Redeliver:
             raise
         except Exception as e:  # noqa: BLE001 - recorded for the operator's retry policy
@@ -176,7 +178,8 @@ def run_shard_task(task: ShardTask, owner: str = WORKER_ID) -> dict[str, Any]:
                 images=result.images,
                 failedImages=result.failed, seconds=round(result.seconds, 3), finishedAt=time.time(),
                 error=None, transient=None, errorCode=None, accessError=None)
-        _count_success(task, storage, result, options)
+        _count_success(task, storage, result, metrics.batch_in_use(options.batch_size,
+                                                                   getattr(embedder, "max_batch", None)))
         summary = result.to_dict()
         summary["timings"] = {k: round(v, 3) for k, v in result.timings.items()}
         return summary
@@ -203,7 +206,7 @@ def _load_embedder(load: Callable[..., Any], task: ShardTask, options: EmbedOpti
     return embedder
 
 
-def _count_success(task: ShardTask, storage: Storage, result: Any, options: EmbedOptions) -> None:
+def _count_success(task: ShardTask, storage: Storage, result: Any, batch_size: int) -> None:
     """Worker metrics of an embedded shard; the failure reasons come from its manifest (the
     pipeline records each skipped image there). Never fails the shard."""
     reasons: list[str] = []
@@ -215,7 +218,7 @@ def _count_success(task: ShardTask, storage: Storage, result: Any, options: Embe
             log.warning("metrics: cannot read the failure reasons of %s: %s", task.stem, e)
         reasons += ["unknown"] * max(0, result.failed - len(reasons))
     try:
-        metrics.record_success(result.images, reasons, result.seconds, result.timings, options.batch_size)
+        metrics.record_success(result.images, reasons, result.seconds, result.timings, batch_size)
     except Exception as e:  # noqa: BLE001
         log.warning("metrics: %s", e)
 

@@ -282,6 +282,17 @@ def test_keda_credentials_come_from_an_existing_secret_through_a_trigger_authent
     assert r.returncode != 0 and "keda.enabled needs metrics.enabled" in r.stderr
 
 
+def test_values_schema_refuses_bad_scaling_values_and_typos():
+    for bad, message in (("keda.minReplicas=-1", "minReplicas"), ("keda.maxReplicas=0", "maxReplicas"),
+                         ("metrics.workerPort=70000", "workerPort"), ("kedaa.enabled=true", "kedaa"),
+                         ("worker.concurrency=0", "concurrency")):
+        r = helm("template", RELEASE, str(CHART), "--set", bad, check=False)
+        assert r.returncode != 0 and message in r.stderr, (bad, r.stderr)
+    r = helm("template", RELEASE, str(CHART), "--set", "keda.enabled=true", "--set", "keda.minReplicas=5",
+             "--set", "keda.maxReplicas=2", check=False)
+    assert r.returncode != 0 and "minReplicas must not exceed" in r.stderr
+
+
 def test_prometheus_operator_monitors_and_the_dashboard_configmap():
     docs = render("metrics.serviceMonitor.enabled=true", "metrics.podMonitor.enabled=true",
                   "metrics.dashboard.enabled=true", "metrics.serviceMonitor.labels.release=kps")

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import socket
 import sys
@@ -201,8 +200,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=os.environ.get("EMBEDJOB_LOGLEVEL", "WARNING"),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from embedjob import logs
+    from embedjob.settings import Settings
+
+    try:
+        log_format = Settings.from_env().log_format
+    except ValueError:
+        log_format = "text"  # the bad setting is reported where the command loads its settings
+    logs.configure(os.environ.get("EMBEDJOB_LOGLEVEL", "WARNING"), log_format)
     args = build_parser().parse_args(argv)
     return int(args.func(args) or 0)
 

@@ -21,6 +21,8 @@ Environment variables (defaults in brackets):
 ``EMBEDJOB_LOST_MESSAGE_GRACE``   seconds a queued shard may be in no queue before re-enqueue [30]
 ``EMBEDJOB_METRICS_PORT``         Prometheus ``/metrics`` port of the operator or the worker [0: none]
 ``EMBEDJOB_METRICS_ADDR``         address the metrics endpoint binds [0.0.0.0]
+``EMBEDJOB_LOG_FORMAT``           ``text`` or ``json`` (one object a line; a shard's lines name job,
+                                  shard and worker) [text]
 ``EMBEDJOB_METRICS_DIR``          worker: prometheus_client's multiprocess folder, wiped at start
                                   [a fresh temporary folder]
 ================================  ============================================================
@@ -52,6 +54,7 @@ class Settings:
     metrics_port: int = 0
     metrics_addr: str = "0.0.0.0"
     metrics_dir: str = ""
+    log_format: str = "text"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -84,6 +87,7 @@ class Settings:
             metrics_port=int(num("EMBEDJOB_METRICS_PORT", d.metrics_port, int)),
             metrics_addr=env.get("EMBEDJOB_METRICS_ADDR") or d.metrics_addr,
             metrics_dir=env.get("EMBEDJOB_METRICS_DIR") or d.metrics_dir,
+            log_format=_log_format(env.get("EMBEDJOB_LOG_FORMAT") or d.log_format),
         )
 
     def with_(self, **changes: object) -> Settings:
@@ -94,6 +98,12 @@ class Settings:
         """Seconds a "running" shard must stay without a lease before it counts as expired (a worker
         releases its lease a moment before it records the outcome)."""
         return max(1.0, min(5.0, self.lease_seconds / 2))
+
+
+def _log_format(raw: str) -> str:
+    if raw not in ("text", "json"):
+        raise ValueError(f"EMBEDJOB_LOG_FORMAT={raw!r}: expected text or json")
+    return raw
 
 
 @functools.cache

@@ -14,9 +14,10 @@ def _cmd_operator(args: argparse.Namespace) -> int:
     import kopf
 
     import embedjob.operator.handlers  # noqa: F401 - registers the handlers
+    from embedjob.logs import configure
+    from embedjob.settings import load
 
-    logging.basicConfig(level=getattr(logging, args.loglevel.upper()),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    configure(getattr(logging, args.loglevel.upper()), load().log_format, force=True)
     namespaces = args.namespace or []
     kopf_kwargs: dict = {"standalone": True, "liveness_endpoint": args.liveness or None}
     if namespaces:

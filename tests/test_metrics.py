@@ -170,3 +170,47 @@ def test_multiprocess_mode_sums_forked_children_and_drops_dead_gauges(tmp_path):
     assert lines["embedjob_worker_batch_size"] == 16
     assert lines["embedjob_worker_shards_running"] == 2  # the first child was marked dead
     assert not [k for k in lines if k.startswith("embedjob_worker_cuda")]  # no CUDA here
+
+
+def test_json_logs_carry_the_shard_context_from_every_thread():
+    import io
+    import json
+    import logging
+    import threading
+
+    from embedjob import logs
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logs.JsonFormatter())
+    handler.addFilter(logs.ContextFilter())
+    log = logging.getLogger("embedjob.test.jsonlogs")
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    try:
+        with logs.shard_context(job="uid-1", shard="s3://b/in/0001.tar", stem="0001", attempt=2, worker="h:1:ab"):
+            log.info("in the task")
+            t = threading.Thread(target=lambda: log.warning("in a decode thread"))
+            t.start()
+            t.join()
+        log.info("after the shard")
+    finally:
+        log.removeHandler(handler)
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [x["message"] for x in lines] == ["in the task", "in a decode thread", "after the shard"]
+    for x in lines[:2]:
+        assert (x["job"], x["shard"], x["stem"], x["attempt"], x["worker"]) == \
+            ("uid-1", "s3://b/in/0001.tar", "0001", 2, "h:1:ab")
+    assert "job" not in lines[2] and lines[2]["level"] == "INFO"
+
+
+def test_log_format_setting_is_checked():
+    import pytest
+
+    from embedjob.settings import Settings
+
+    assert Settings.from_env({"EMBEDJOB_LOG_FORMAT": "json"}).log_format == "json"
+    assert Settings.from_env({}).log_format == "text"
+    with pytest.raises(ValueError, match="EMBEDJOB_LOG_FORMAT"):
+        Settings.from_env({"EMBEDJOB_LOG_FORMAT": "xml"})

@@ -30,6 +30,7 @@ import redis
 from celery.exceptions import Reject
 from celery.signals import worker_process_shutdown, worker_ready
 
+from embedjob import logs
 from embedjob import settings as settings_module
 from embedjob.broker import app
 from embedjob.contract import TASK_NAME, EmbedOptions, ShardTask
@@ -123,7 +124,13 @@ def run_shard_task(task: ShardTask, owner: str = WORKER_ID) -> dict[str, Any]:
 
     Every path ends in a recorded outcome: an exception anywhere records the shard ``failed`` with
     the error (and whether it is transient), except when Redis itself stays unreachable, which
-    raises :class:`Redeliver` so the message goes back to the broker."""
+    raises :class:`Redeliver` so the message goes back to the broker. Every line logged meanwhile
+    names the job, the shard, the attempt and this worker (embedjob.logs)."""
+    with logs.shard_context(job=task.job, shard=task.shard, stem=task.stem, attempt=task.attempt, worker=owner):
+        return _run_shard_task(task, owner)
+
+
+def _run_shard_task(task: ShardTask, owner: str) -> dict[str, Any]:
     from embedjob.worker.model import load_embedder
     from embedjob.worker.pipeline import embed_shard
 

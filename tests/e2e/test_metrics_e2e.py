@@ -32,7 +32,9 @@ def metrics_queue() -> str:
 
 @pytest.fixture(scope="module")
 def metrics_workers(e2e_env, metrics_queue, tmp_path_factory):
-    w = Workers(e2e_env, metrics_queue, tmp_path_factory.mktemp("metrics-worker-logs"), count=2)
+    # JSON logs (EMBEDJOB_LOG_FORMAT=json): each line of a shard's work names the job, shard and worker.
+    w = Workers({**e2e_env, "EMBEDJOB_LOG_FORMAT": "json"}, metrics_queue,
+                tmp_path_factory.mktemp("metrics-worker-logs"), count=2)
     w.ensure()
     yield w
     w.stop()
@@ -136,6 +138,14 @@ def test_totals_equal_status_and_manifests(stack, bucket, prometheus, metrics_wo
     assert violations == [], f"demand read 0 while a worker was busy: {violations}"
     busy = prom.query_range(f"sum(embedjob_worker_shards_running{{{ws}}})", t0, end, 0.5)
     assert busy and max(float(v) for _, v in busy[0]["values"]) >= 1, "no scrape saw a worker busy"
+
+    # JSON logs follow the broken shard across its two attempts (and whichever workers ran them).
+    lines = [json.loads(line) for f in sorted(metrics_workers.logdir.glob("worker-*.log"))
+             for line in f.read_text(errors="replace").splitlines() if line.startswith("{")]
+    failed = [x for x in lines if x.get("job") == obj["metadata"]["uid"] and x.get("stem") == "0009"
+              and x["level"] == "ERROR"]
+    assert sorted(x["attempt"] for x in failed) == [1, 2], failed
+    assert all(x["shard"] == f"s3://{bucket}/in/0009.tar" and x["worker"] for x in failed)
 
     # A deleted job's series disappear.
     stack.delete(name)

@@ -81,7 +81,11 @@ def record_backoff(before: int | None, after: int | None) -> None:
 
 
 def record_success(images: int, failed_reasons: Iterable[str], seconds: float, timings: Mapping[str, float],
-                   batch_size: int) -> None:
+                   batch_size: int, embedded: bool = True) -> None:
+    """An outcome recorded as succeeded; ``embedded`` False when the pipeline found the work done."""
+    if not embedded:
+        SHARDS.labels("skipped").inc()
+        return
     SHARDS.labels("succeeded").inc()
     IMAGES_EMBEDDED.inc(images)
     for r in failed_reasons:
@@ -111,9 +115,15 @@ def record_cuda() -> None:
 # -- serving (main process) ---------------------------------------------------------------------------------
 def serve(port: int, addr: str = "0.0.0.0") -> None:
     """``/metrics`` of all the worker's processes, from the main process."""
-    from prometheus_client import CollectorRegistry, start_http_server
+    from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
     from prometheus_client.multiprocess import MultiProcessCollector
 
+    if not os.environ.get(ENV):
+        # Started without `embedjob worker` (e.g. `celery -A ... worker`) and no folder set before
+        # start: only this process's values can be shown, and pool children's are not among them.
+        log.warning("%s is not set: /metrics shows the main process only (start with `embedjob worker`)", ENV)
+        start_http_server(port, addr=addr, registry=REGISTRY)
+        return
     registry = CollectorRegistry()
     MultiProcessCollector(registry)
     start_http_server(port, addr=addr, registry=registry)

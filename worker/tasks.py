@@ -225,7 +225,8 @@ def _count_success(task: ShardTask, storage: Storage, result: Any, batch_size: i
             log.warning("metrics: cannot read the failure reasons of %s: %s", task.stem, e)
         reasons += ["unknown"] * max(0, result.failed - len(reasons))
     try:
-        metrics.record_success(result.images, reasons, result.seconds, result.timings, batch_size)
+        metrics.record_success(result.images, reasons, result.seconds, result.timings, batch_size,
+                               embedded=result.status == "done")
     except Exception as e:  # noqa: BLE001
         log.warning("metrics: %s", e)
 

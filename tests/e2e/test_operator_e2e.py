@@ -204,13 +204,18 @@ def test_suspend_stops_dispatch_and_resume_finishes(stack, bucket):
 
 
 def test_delete_mid_job_releases_finalizer_and_removes_queued_tasks(stack, bucket):
-    put_shards(bucket, "in", n=16, images=40, size=(160, 120))  # slow enough to delete mid-job
+    put_shards(bucket, "in", n=24, images=120, size=(160, 120))  # slow enough to delete mid-job
     stack.apply(stack.job_doc("gone", {"input": {"uri": f"s3://{bucket}/in/"},
                                        "output": {"uri": f"s3://{bucket}/out/"}}))
-    obj = stack.wait("gone", lambda o: succeeded_count(o) >= 1, 90, "1 shard done")
+
+    def mid_job(o) -> bool:  # one shard done and others still waiting in the broker
+        uid = o["metadata"]["uid"]
+        return succeeded_count(o) >= 1 and any(t.startswith(task_id_prefix(uid))
+                                               for t in queued_task_ids(stack.queue))
+
+    obj = stack.wait("gone", mid_job, 90, "1 shard done with tasks still queued", interval=0.2)
     uid = obj["metadata"]["uid"]
     prefix = task_id_prefix(uid)
-    assert [t for t in queued_task_ids(stack.queue) if t.startswith(prefix)], "expected queued tasks"
     t0 = time.monotonic()
     stack.delete("gone", timeout=30)
     assert stack.get("gone") is None and time.monotonic() - t0 < 30

@@ -4,6 +4,7 @@
     embedjob demo                           the README's end-to-end run on the bundled sample shards
     embedjob validate job.yaml              check a job file, naming the bad field
     embedjob worker [--queue Q]             a Celery worker for the operator's tasks
+    embedjob bench [--size 1mp ...]         throughput vs the decode/model limits and a baseline
     embedjob operator                       the Kubernetes operator
     embedjob dev up|down|status|restart ... the local dev stack (embedjob.dev)
 """
@@ -165,6 +166,25 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from embedjob.worker.bench import BenchConfig, format_report, run_bench, write_json
+
+    modes = ("exact", "fast") if args.preprocessing == "both" else (args.preprocessing,)
+    cfg = BenchConfig(
+        model=args.model, size=args.size, count=args.count, images_per_shard=args.images_per_shard,
+        device=args.device, precision=args.precision, batch_size=args.batch_size, preprocessing=modes,
+        decode_workers=args.decode_workers, decode_pool=args.decode_pool, s3_endpoint=args.s3_endpoint,
+        s3_bucket=args.s3_bucket, workdir=args.workdir, baseline_images=args.baseline_images,
+        model_seconds=args.model_seconds, deviation_images=args.deviation_images,
+        deviation_model=args.deviation_model,
+    )
+    report = run_bench(cfg, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    print(format_report(report))
+    if args.json:
+        write_json(report, args.json)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="embedjob", description="CLIP image embeddings for WebDataset shards.")
     p.add_argument("--version", action="version", version=f"embedjob {__version__}")
@@ -193,6 +213,33 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--loglevel", default="info")
     w.add_argument("--hostname", default="embedjob@%h")
     w.set_defaults(func=_cmd_worker)
+
+    b = sub.add_parser("bench", help="throughput against the decode and model limits and a baseline, one run",
+                       description="Generates its own shards, then measures the decode limit, the model limit, "
+                                   "the Hugging Face baseline and the real worker path (see the README).")
+    b.add_argument("--model", choices=["tiny", "vit-l14"], default="tiny", help="random-weight model (default tiny)")
+    b.add_argument("--size", choices=["256", "500x375", "1mp", "mix"], default="500x375", help="image size")
+    b.add_argument("--count", type=int, default=4, help="shards (default 4)")
+    b.add_argument("--images-per-shard", type=int, default=500)
+    b.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    b.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
+    b.add_argument("--batch-size", type=int, default=32)
+    b.add_argument("--preprocessing", choices=["exact", "fast", "both"], default="exact")
+    b.add_argument("--decode-workers", type=int, default=0,
+                   help="decode workers (default: every usable CPU for the decode limit, the job default for e2e)")
+    b.add_argument("--decode-pool", choices=["process", "thread"], default=None,
+                   help="decode in processes or threads (default: the worker's own choice)")
+    b.add_argument("--s3-endpoint", default=None, help="put the shards and outputs on this S3 endpoint "
+                   "(credentials from the environment) instead of local disk")
+    b.add_argument("--s3-bucket", default="embedjob-bench")
+    b.add_argument("--workdir", default=None, help="keep shards, models and outputs here (default: a temp dir)")
+    b.add_argument("--baseline-images", type=int, default=512, help="images the (slow) baseline embeds")
+    b.add_argument("--model-seconds", type=float, default=3.0, help="minimum time of the model-limit loop")
+    b.add_argument("--deviation-images", type=int, default=8, help="images compared fast vs exact (0: skip)")
+    b.add_argument("--deviation-model", choices=["vit-l14", "same"], default="vit-l14",
+                   help="model for the fast-vs-exact cosine (same: the --model)")
+    b.add_argument("--json", default=None, metavar="OUT", help="also write the report as JSON")
+    b.set_defaults(func=_cmd_bench)
 
     add_operator_commands(sub)
     add_dev_commands(sub)

@@ -28,6 +28,7 @@ class EmbedOptions:
     num_threads: int = 4
     max_image_pixels: int = InferenceSpec().maxImagePixels
     overwrite: bool = False
+    preprocessing: str = "exact"  # "exact" (OpenAI's reference, bit for bit) | "fast" (opt-in)
 
     @classmethod
     def from_spec(cls, spec: JobSpec) -> EmbedOptions:

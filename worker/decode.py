@@ -45,10 +45,9 @@ def _allow_pixels(max_pixels: int) -> None:
             Image.MAX_IMAGE_PIXELS = max_pixels
 
 
-def decode_image(data: bytes, max_pixels: int) -> Image.Image:
-    """Decode ``data`` into a loaded PIL image (first frame for animations), exactly as
-    ``Image.open`` gives it — no EXIF rotation, no mode change: preprocessing decides those.
-    Raises :class:`DecodeError`."""
+def open_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Parse the header of ``data`` (no pixels decoded yet) and check its size against
+    ``max_pixels``. Raises :class:`DecodeError`."""
     if not data:
         raise DecodeError("empty file (0 bytes)")
     _allow_pixels(max_pixels)
@@ -66,6 +65,11 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
         raise DecodeError(f"invalid image size {width}x{height}")
     if width * height > max_pixels:
         raise DecodeError(f"too many pixels: {width}x{height} = {width * height} > limit {max_pixels}")
+    return img
+
+
+def load_image(img: Image.Image) -> Image.Image:
+    """Decode the pixels of an image from :func:`open_image`. Raises :class:`DecodeError`."""
     try:
         img.load()
     except Image.DecompressionBombError as e:
@@ -75,3 +79,10 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
         # SyntaxError or ValueError depending on the codec.
         raise DecodeError(f"cannot decode {img.format or 'image'}: {type(e).__name__}: {e}") from e
     return img
+
+
+def decode_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Decode ``data`` into a loaded PIL image (first frame for animations), exactly as
+    ``Image.open`` gives it — no EXIF rotation, no mode change: preprocessing decides those.
+    Raises :class:`DecodeError`."""
+    return load_image(open_image(data, max_pixels))

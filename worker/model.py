@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,6 +136,12 @@ class Embedder:
         # Largest batch known to fit; None until an out-of-memory error teaches us one.
         self.max_batch: int | None = None
         self._lock = threading.Lock()
+        self._busy = 0.0  # seconds spent running batches (see busy_seconds)
+
+    def busy_seconds(self) -> float:
+        """Time this embedder spent running batches, results back on the host included (on CUDA the
+        result copy waits for the device, so this is the device's busy time plus launch gaps)."""
+        return self._busy
 
     @property
     def precision(self) -> str:
@@ -152,12 +159,25 @@ class Embedder:
         }
 
     def embed(self, pixels: torch.Tensor | np.ndarray) -> np.ndarray:
-        """Embed a batch; returns float32 ``[B, dim]`` unit rows. On an out-of-memory error the
-        batch is split in halves (down to 1 image) and the smaller size is remembered."""
+        """Embed a normalised float batch ``[B, 3, H, W]``; returns float32 ``[B, dim]`` unit rows. On
+        an out-of-memory error the batch is split in halves (down to 1 image) and the smaller size is
+        remembered."""
         pixels = torch.as_tensor(pixels)
         if pixels.ndim != 4 or pixels.shape[1] != 3:
             raise ValueError(f"expected [B, 3, H, W] pixels, got {tuple(pixels.shape)}")
-        n = int(pixels.shape[0])
+        return self._embed_chunks(pixels, self._run)
+
+    def embed_uint8(self, crops: torch.Tensor | np.ndarray) -> np.ndarray:
+        """Embed uint8 crops ``[B, H, W, 3]`` (what the decode workers produce): they go to the device
+        as uint8 (4x fewer bytes than float32) and are normalised there, with the same arithmetic
+        as :func:`embedjob.worker.preprocess.normalize`. Same result and OOM back-off as :meth:`embed`."""
+        crops = torch.as_tensor(crops)
+        if crops.dtype != torch.uint8 or crops.ndim != 4 or crops.shape[-1] != 3:
+            raise ValueError(f"expected uint8 [B, H, W, 3] crops, got {crops.dtype} {tuple(crops.shape)}")
+        return self._embed_chunks(crops, self._run_uint8)
+
+    def _embed_chunks(self, batch: torch.Tensor, run: Callable[[torch.Tensor], np.ndarray]) -> np.ndarray:
+        n = int(batch.shape[0])
         if n == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
         out: list[np.ndarray] = []
@@ -166,13 +186,15 @@ class Embedder:
             start = 0
             while start < n:
                 size = min(self.max_batch or n, n - start)
+                t = time.perf_counter()
                 try:
-                    out.append(self._run(pixels[start : start + size]))
+                    out.append(run(batch[start : start + size]))
                 except OutOfMemoryError:
                     if size == 1:
                         raise
                     oom_size = size
                 else:
+                    self._busy += time.perf_counter() - t
                     start += size
                     continue
                 # Outside the except block, so the failed attempt's tensors are already released.
@@ -182,12 +204,28 @@ class Embedder:
                     torch.cuda.empty_cache()
         return np.concatenate(out, axis=0)
 
+    def _finish(self, emb: torch.Tensor) -> np.ndarray:
+        emb = torch.nn.functional.normalize(emb.to(torch.float32), dim=-1)
+        return emb.cpu().numpy()
+
     def _run(self, chunk: torch.Tensor) -> np.ndarray:
         with torch.inference_mode():
             x = chunk.to(self.device, non_blocking=True).to(self.dtype)
-            emb = self._forward(x).to(torch.float32)
-            emb = torch.nn.functional.normalize(emb, dim=-1)
-            return emb.cpu().numpy()
+            return self._finish(self._forward(x))
+
+    def _run_uint8(self, chunk: torch.Tensor) -> np.ndarray:
+        with torch.inference_mode():
+            x = normalize_on_device(chunk.to(self.device, non_blocking=True), self.dtype)
+            return self._finish(self._forward(x))
+
+
+def normalize_on_device(crops: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """ToTensor + Normalize of uint8 ``[B, H, W, 3]`` crops where they are (the model's device), in
+    float32 exactly as the reference does (:func:`embedjob.worker.preprocess.normalize`), then cast to
+    the compute ``dtype``."""
+    from embedjob.worker.preprocess import normalize
+
+    return normalize(crops, contiguous=False).to(dtype)
 
 
 _cache: dict[tuple, Embedder] = {}

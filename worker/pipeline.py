@@ -18,39 +18,47 @@ The stages, one module each, connected by bounded queues so memory stays flat fo
 and rows keep the tar's order::
 
     reader thread        tar_reader.iter_tar(Storage.open_read(shard))       (S3 / disk stream)
-      │  submits each sample to the decode pool, puts its Future on a bounded queue (tar order)
-    decode pool          decode.decode_image -> preprocess.reference_crop   (options.num_threads)
-      │  Futures resolved in queue order
-    calling thread       preprocess.normalize -> model.embed (batches) -> writer.ShardWriter
+      │  chunks of images to the decode pool; the chunks' Futures on a bounded queue (tar order)
+    decode pool          prepare.prepare_images: decode + preprocess        (one process per CPU)
+      │  Futures resolved in queue order                                      (PreparedStream)
+    calling thread       batches -> model.embed -> writer.ShardWriter
                          -> commit: .npy, .parquet, then the manifest
 
-At most ``queue size + batch size`` samples are alive at once, however large the shard.
+At most ``queue size x chunk + batch size`` samples are alive at once, however large the shard.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from typing import Any
 
 import numpy as np
 
 from embedjob.contract import EmbedOptions
-from embedjob.layout import SHARD_SUFFIX, shard_outputs
-from embedjob.results import shard_counts
+from embedjob.layout import shard_outputs, shard_stem
+from embedjob.results import read_manifest, shard_counts
 from embedjob.storage import Storage
-from embedjob.worker.decode import DecodeError, decode_image
-from embedjob.worker.model import Embedder
-from embedjob.worker.preprocess import PREPROCESSING_ID, PreprocessError, normalize, reference_crop
-from embedjob.worker.tar_reader import Sample, SkippedMember, TarStats, iter_tar
-from embedjob.worker.writer import MetadataRow, ShardWriter
+from embedjob.worker.model import Embedder, available_cpus
+from embedjob.worker.prepare import (
+    CHUNK_BYTES,
+    FAST_PREPROCESSING_ID,
+    Crop,
+    DecodePool,
+    Prepared,
+    Rejected,
+    discard_decode_pool,
+    shared_decode_pool,
+)
+from embedjob.worker.preprocess import PREPROCESSING_ID, normalize
+from embedjob.worker.tar_reader import SkippedMember, TarStats, iter_tar
+from embedjob.worker.writer import MetadataRow, ShardWriter, shard_manifest
 
 log = logging.getLogger(__name__)
 
@@ -69,32 +77,31 @@ class ShardResult:
     timings: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        from dataclasses import asdict
-
         return asdict(self)
 
 
-# -- what travels between the stages ------------------------------------------------------------------
-@dataclass
-class _Prepared:
-    """A decoded, resized and cropped sample, ready for a batch."""
+@dataclass(frozen=True)
+class SampleInfo:
+    """What the reader keeps of a sample while its image is in the decode pool."""
 
-    row: MetadataRow
-    crop: np.ndarray  # uint8 [224, 224, 3]
-    decode_s: float
-    preprocess_s: float
-
-
-@dataclass
-class _Failure:
     key: str
     member: str
-    reason: str
-    decode_s: float = 0.0
-    preprocess_s: float = 0.0
+    caption: str | None = None
+    json: str | None = None
 
-    def record(self) -> dict[str, str]:
-        return {"key": self.key, "member": self.member, "reason": self.reason}
+    def row(self, shard: str, width: int, height: int) -> MetadataRow:
+        return MetadataRow(self.key, shard, self.member, width, height, self.caption, self.json)
+
+
+def decode_workers(options: EmbedOptions) -> int:
+    """Decode processes: ``num_threads`` when set, else every CPU this process may use."""
+    return options.num_threads if options.num_threads > 0 else available_cpus()
+
+
+def queue_size(options: EmbedOptions, workers: int, chunk: int) -> int:
+    """How many chunks may wait between the reader and the model: enough to keep every decode worker
+    busy while a batch is being embedded, and no more."""
+    return max(2 * workers, -(-options.batch_size // chunk))
 
 
 _END = object()
@@ -105,98 +112,110 @@ class _ReaderError:
     error: BaseException
 
 
-def default_stem(shard: str) -> str:
-    base = shard.rstrip("/").rsplit("/", 1)[-1]
-    return base[: -len(SHARD_SUFFIX)] if base.lower().endswith(SHARD_SUFFIX) else base
+class PreparedStream:
+    """Stages 1-3: a reader thread streams the tar and sends chunks of images to the decode pool;
+    iterating yields ``(SampleInfo, Prepared)`` in tar order. Use as a context manager: leaving it
+    stops the reader and cancels the chunks not started yet, so the shared pool is free again."""
 
-
-def queue_size(options: EmbedOptions) -> int:
-    """How many samples may wait between the reader and the model: enough to keep every decode
-    thread busy while a batch is being embedded, and no more."""
-    return max(2 * options.num_threads, options.batch_size)
-
-
-def prepare_sample(sample: Sample, shard: str, max_pixels: int) -> _Prepared | _Failure:
-    """Decode + preprocess one sample (runs in the decode pool). Never raises: every problem is a
-    :class:`_Failure` with the sample's key and a reason."""
-    t0 = time.perf_counter()
-    try:
-        img = decode_image(sample.image, max_pixels)
-    except DecodeError as e:
-        return _Failure(sample.key, sample.member, e.reason, decode_s=time.perf_counter() - t0)
-    except Exception as e:  # noqa: BLE001 - a bad image must never fail the shard
-        return _Failure(sample.key, sample.member, f"decode: {type(e).__name__}: {e}", time.perf_counter() - t0)
-    t1 = time.perf_counter()
-    width, height = img.size  # the original size, for the metadata
-    try:
-        crop = reference_crop(img)
-    except PreprocessError as e:
-        return _Failure(sample.key, sample.member, e.reason, t1 - t0, time.perf_counter() - t1)
-    except Exception as e:  # noqa: BLE001
-        reason = f"preprocess: {type(e).__name__}: {e}"
-        return _Failure(sample.key, sample.member, reason, t1 - t0, time.perf_counter() - t1)
-    finally:
-        img.close()
-    row = MetadataRow(sample.key, shard, sample.member, width, height, sample.caption, sample.json)
-    return _Prepared(row, crop, t1 - t0, time.perf_counter() - t1)
-
-
-class _Reader(threading.Thread):
-    """Stage 1 in its own thread: streams the tar, hands samples to the decode pool, and puts the
-    Futures (or reader-level failures) on the bounded queue in tar order."""
-
-    def __init__(
-        self,
-        shard: str,
-        storage: Storage,
-        pool: ThreadPoolExecutor,
-        out: queue.Queue,
-        max_pixels: int,
-        stop: threading.Event,
-    ) -> None:
-        super().__init__(name="embedjob-tar-reader", daemon=True)
-        self.shard, self.storage, self.pool, self.out = shard, storage, pool, out
-        self.max_pixels, self.stop = max_pixels, stop
+    def __init__(self, shard: str, storage: Storage, pool: DecodePool, options: EmbedOptions,
+                 device_jpeg: bool = False) -> None:
+        self.shard, self.storage, self.pool = shard, storage, pool
+        self.max_pixels = options.max_image_pixels
+        self.preprocessing = options.preprocessing
+        self.device_jpeg = device_jpeg
         self.stats = TarStats()
-        self.seconds = 0.0  # time spent reading/parsing (including waiting for the source)
+        self.read_seconds = 0.0  # reading/parsing the tar, including waiting for the source
+        self._queue: queue.Queue = queue.Queue(maxsize=queue_size(options, pool.workers, pool.chunk_images))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._read, name="embedjob-tar-reader", daemon=True)
 
-    def _put(self, item: object) -> bool:
-        while not self.stop.is_set():
+    def __enter__(self) -> PreparedStream:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        while True:  # unblock the reader, and free the pool of work nobody will collect
             try:
-                self.out.put(item, timeout=0.1)
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, tuple) and isinstance(item[1], Future):
+                item[1].cancel()
+        self._thread.join()
+
+    def __iter__(self) -> Iterator[tuple[SampleInfo, Prepared]]:
+        while True:
+            item = self._queue.get()
+            if item is _END:
+                return
+            if isinstance(item, _ReaderError):
+                raise item.error
+            infos, work = item
+            results = work.result() if isinstance(work, Future) else work
+            yield from zip(infos, results, strict=True)
+
+    # -- the reader thread --------------------------------------------------------------------------
+    def _put(self, item: object) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
                 return True
             except queue.Full:
                 continue
         return False
 
-    def run(self) -> None:
+    def _read(self) -> None:
+        infos: list[SampleInfo] = []
+        datas: list[bytes] = []
+        size = 0
+
+        def send() -> bool:
+            nonlocal infos, datas, size
+            if not infos:
+                return True
+            future = self.pool.submit(datas, self.max_pixels, self.preprocessing, self.device_jpeg)
+            ok = self._put((infos, future))
+            infos, datas, size = [], [], 0  # the image bytes now belong to the pool only
+            return ok
+
         try:
             t = time.perf_counter()
             with self.storage.open_read(self.shard) as raw:
                 items = iter_tar(raw, self.stats)
                 while True:
                     item = next(items, _END)
-                    self.seconds += time.perf_counter() - t
+                    self.read_seconds += time.perf_counter() - t
                     if item is _END:
                         break
                     if isinstance(item, SkippedMember):
-                        work: object = _Failure(item.key, item.member, item.reason)
+                        skipped = ([SampleInfo(item.key, item.member)], [Rejected(item.reason)])
+                        if not send() or not self._put(skipped):
+                            return
                     else:
-                        work = self.pool.submit(prepare_sample, item, self.shard, self.max_pixels)
-                    del item  # the image bytes now belong to the pool only
-                    if not self._put(work):
-                        return
+                        infos.append(SampleInfo(item.key, item.member, item.caption, item.json))
+                        datas.append(item.image)
+                        size += len(item.image)
+                        del item
+                        if (len(datas) >= self.pool.chunk_images or size >= CHUNK_BYTES) and not send():
+                            return
                     t = time.perf_counter()
-            self._put(_END)
-        except BaseException as e:  # noqa: BLE001 - handed to the calling thread, which re-raises
+            if send():
+                self._put(_END)
+        except BaseException as e:  # noqa: BLE001 - handed to the consuming thread, which re-raises
             self._put(_ReaderError(e))
 
 
-def _read_manifest(storage: Storage, uri: str) -> dict[str, Any]:
+def _skip_result(shard: str, stem: str, output: str, storage: Storage, started: float) -> ShardResult:
     try:
-        return json.loads(storage.read_bytes(uri))
+        images, failed = shard_counts(read_manifest(output, stem, storage))
     except Exception:  # noqa: BLE001 - a skip must not fail because an old manifest is odd
-        return {}
+        images, failed = 0, 0
+    return ShardResult(shard=shard, stem=stem, status="skipped", images=images, failed=failed,
+                       seconds=time.perf_counter() - started, manifest=shard_outputs(output, stem).manifest)
 
 
 def embed_shard(
@@ -213,121 +232,75 @@ def embed_shard(
     docstring for the contract)."""
     started = time.perf_counter()
     storage = storage or Storage()
-    stem = stem or default_stem(shard)
+    stem = stem or shard_stem(shard, "")
     outputs = shard_outputs(output, stem)
-
     if storage.exists(outputs.manifest):
         if not options.overwrite:
-            images, failed = shard_counts(_read_manifest(storage, outputs.manifest))
-            return ShardResult(
-                shard=shard,
-                stem=stem,
-                status="skipped",
-                images=images,
-                failed=failed,
-                seconds=time.perf_counter() - started,
-                manifest=outputs.manifest,
-            )
+            return _skip_result(shard, stem, output, storage, started)
         # Redoing a finished shard: it stops being "done" until the new outputs are all in place.
         storage.delete(outputs.manifest)
 
     created = datetime.now(UTC)
     timings = dict.fromkeys(STAGES, 0.0)
-    failures: list[_Failure] = []
+    failures: list[dict[str, str]] = []
+    paths: dict[str, int] = {}
     embedded = 0
-
-    stop = threading.Event()
-    pending: queue.Queue = queue.Queue(maxsize=queue_size(options))
-    pool = ThreadPoolExecutor(max_workers=max(1, options.num_threads), thread_name_prefix="embedjob-decode")
-    reader = _Reader(shard, storage, pool, pending, options.max_image_pixels, stop)
+    pool = shared_decode_pool(decode_workers(options))
 
     with ShardWriter(outputs, storage, dim=model.dim, dtype=options.dtype) as writer:
-        batch: list[_Prepared] = []
+        batch: list[tuple[SampleInfo, Crop]] = []
 
         def flush() -> None:
             nonlocal embedded
             if not batch:
                 return
             t = time.perf_counter()
-            pixels = normalize(np.stack([p.crop for p in batch]))
-            embeddings = model.embed(pixels)
+            embeddings = model.embed(normalize(np.stack([c.pixels for _, c in batch])))
             timings["inference"] += time.perf_counter() - t
-            writer.add(embeddings, [p.row for p in batch])
+            writer.add(embeddings, [info.row(shard, c.width, c.height) for info, c in batch])
             embedded += len(batch)
             batch.clear()
             if on_progress is not None:
                 on_progress(embedded)
 
-        reader.start()
         try:
-            while True:
+            with PreparedStream(shard, storage, pool, options) as stream:
                 t = time.perf_counter()
-                item = pending.get()
-                if isinstance(item, Future):
-                    item = item.result()
-                timings["wait"] += time.perf_counter() - t
-                if item is _END:
-                    break
-                if isinstance(item, _ReaderError):
-                    raise item.error
-                timings["decode"] += item.decode_s
-                timings["preprocess"] += item.preprocess_s
-                if isinstance(item, _Failure):
-                    failures.append(item)
-                    continue
-                batch.append(item)
-                if len(batch) >= options.batch_size:
-                    flush()
-            flush()
-        finally:
-            stop.set()
-            pool.shutdown(wait=True, cancel_futures=True)
-            reader.join()
-        timings["read"] = reader.seconds
+                for info, item in stream:
+                    timings["wait"] += time.perf_counter() - t
+                    timings["decode"] += item.decode_s
+                    if isinstance(item, Rejected):
+                        timings["preprocess"] += item.preprocess_s
+                        failures.append({"key": info.key, "member": info.member, "reason": item.reason})
+                    else:
+                        timings["preprocess"] += item.preprocess_s
+                        paths[item.path] = paths.get(item.path, 0) + 1
+                        batch.append((info, item))
+                        if len(batch) >= options.batch_size:
+                            flush()
+                    t = time.perf_counter()
+                flush()
+        except BrokenProcessPool:
+            discard_decode_pool(pool)  # a decoder crashed: the next shard gets a fresh pool
+            raise
+        timings["read"] = stream.read_seconds
 
-        stats = reader.stats
-        if stats.error:
-            log.warning("shard %s: %s (kept %d images read before it)", shard, stats.error, embedded)
-        manifest = {
-            "status": "done",
-            "shard": shard,
-            "stem": stem,
-            "output": output,
-            "counts": {
-                "samples": embedded + len(failures),
-                "embedded": embedded,
-                "failed": len(failures),
-                "members": stats.members,
-                "ignored_members": stats.ignored_members,
-                "bytes_read": stats.bytes_read,
-            },
-            "failed": [f.record() for f in failures],
-            "tar_error": stats.error,
-            "model": model.describe(),
-            "preprocessing": PREPROCESSING_ID,
-            "options": {
-                "batch_size": options.batch_size,
-                "precision": options.precision,
-                "num_threads": options.num_threads,
-                "max_image_pixels": options.max_image_pixels,
-            },
-            # The write itself is timed in ShardResult: it is not over while the manifest is written.
-            "timings": {k: round(v, 4) for k, v in timings.items() if k != "write"},
-            "created": created.isoformat(),
-        }
+        if stream.stats.error:
+            log.warning("shard %s: %s (kept %d images read before it)", shard, stream.stats.error, embedded)
+        manifest = shard_manifest(
+            shard=shard, stem=stem, output=output, embedded=embedded, failures=failures, stats=stream.stats,
+            model=model.describe(),
+            preprocessing=PREPROCESSING_ID if options.preprocessing == "exact" else FAST_PREPROCESSING_ID,
+            preprocessing_paths=paths,
+            options={"batch_size": options.batch_size, "precision": options.precision,
+                     "num_threads": pool.workers, "max_image_pixels": options.max_image_pixels},
+            timings=timings, created=created,
+        )
         t = time.perf_counter()
         writer.commit(manifest)
         timings["write"] = time.perf_counter() - t
 
     seconds = time.perf_counter() - started
     timings["total"] = seconds
-    return ShardResult(
-        shard=shard,
-        stem=stem,
-        status="done",
-        images=embedded,
-        failed=len(failures),
-        seconds=seconds,
-        manifest=outputs.manifest,
-        timings=timings,
-    )
+    return ShardResult(shard=shard, stem=stem, status="done", images=embedded, failed=len(failures),
+                       seconds=seconds, manifest=outputs.manifest, timings=timings)

@@ -25,3 +25,29 @@ def save_random_clip(path: str | Path, seed: int = 0, projection_dim: int = 32) 
     model = CLIPModel(config).eval()
     model.save_pretrained(path, safe_serialization=True)
     return Path(path)
+
+
+RANDOM_VIT_L14_DIRNAME = "RANDOM-WEIGHTS-vit-l14-shape"
+# openai/clip-vit-large-patch14's vision tower: what the benchmark needs for the real compute cost.
+VIT_L14_VISION = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
+                  "num_attention_heads": 16, "image_size": 224, "patch_size": 14, "hidden_act": "quick_gelu"}
+
+
+def save_random_vit_l14(path: str | Path, seed: int = 0) -> Path:
+    """A CLIP with ViT-L/14's vision tower (projection 768) and random weights; the text tower is
+    a tiny stand-in (embedjob never builds it). Saved like the hub checkpoint, so it loads through
+    the same code as the real model and costs the same to run (about 162 GFLOP per image)."""
+    import torch
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(seed)
+    config = CLIPConfig(
+        text_config={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
+                     "num_attention_heads": 2, "vocab_size": 1000, "max_position_embeddings": 77,
+                     "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1},
+        vision_config=dict(VIT_L14_VISION),
+        projection_dim=768,
+    )
+    model = CLIPModel(config).eval()
+    model.save_pretrained(path, safe_serialization=True)
+    return Path(path)

@@ -21,6 +21,7 @@ import json
 import shutil
 import tempfile
 from dataclasses import dataclass
+from datetime import datetime
 from typing import IO, Any
 
 import numpy as np
@@ -29,6 +30,7 @@ import pyarrow.parquet as pq
 
 from embedjob.layout import ShardOutputs
 from embedjob.storage import Storage
+from embedjob.worker.tar_reader import TarStats
 
 OUTPUT_DTYPES = {"float16": np.float16, "float32": np.float32}
 MANIFEST_VERSION = 1
@@ -79,6 +81,49 @@ def embedjob_version() -> str:
         return version("embedjob")
     except PackageNotFoundError:
         return "unknown"
+
+
+def shard_manifest(
+    *,
+    shard: str,
+    stem: str,
+    output: str,
+    embedded: int,
+    failures: list[dict[str, str]],
+    stats: TarStats,
+    model: dict[str, Any],
+    preprocessing: str,
+    preprocessing_paths: dict[str, int],
+    options: dict[str, Any],
+    timings: dict[str, float],
+    created: datetime,
+) -> dict[str, Any]:
+    """The manifest body :meth:`ShardWriter.commit` completes and writes: counts, every failed
+    sample with its reason, the tar's own error, the model, how the pixels were preprocessed
+    (``preprocessing`` id, and how many images took each path), options and stage timings."""
+    return {
+        "status": "done",
+        "shard": shard,
+        "stem": stem,
+        "output": output,
+        "counts": {
+            "samples": embedded + len(failures),
+            "embedded": embedded,
+            "failed": len(failures),
+            "members": stats.members,
+            "ignored_members": stats.ignored_members,
+            "bytes_read": stats.bytes_read,
+        },
+        "failed": failures,
+        "tar_error": stats.error,
+        "model": model,
+        "preprocessing": preprocessing,
+        "preprocessing_paths": preprocessing_paths,
+        "options": options,
+        # The write itself is timed in ShardResult: it is not over while the manifest is written.
+        "timings": {k: round(v, 4) for k, v in timings.items() if k != "write"},
+        "created": created.isoformat(),
+    }
 
 
 class ShardWriter:

@@ -1,0 +1,102 @@
+"""`embedjob bench` at a tiny size: the four measurements, their limits and ratios, and the outputs
+the end-to-end run really wrote (through the Celery task body, against a real Redis)."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from embedjob.worker.bench import SIZES, synthetic_jpegs, vision_flops_per_image
+
+
+def _bench(tmp_path, *args: str, env: dict | None = None) -> tuple[dict, str]:
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "embedjob.cli", "bench", "--device", "cpu", "--model-seconds", "0.2",
+         "--workdir", str(tmp_path / "work"), "--json", str(out), *args],
+        capture_output=True, text=True, timeout=420, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text()), proc.stdout
+
+
+def test_bench_measures_all_four_and_the_ratios(tmp_path):
+    report, stdout = _bench(tmp_path, "--size", "mix", "--count", "2", "--images-per-shard", "6",
+                            "--baseline-images", "8", "--preprocessing", "both", "--deviation-model", "same",
+                            "--deviation-images", "5")
+    m = report["measurements"]
+    assert set(m) == {"decode_limit_exact", "decode_limit_fast", "model_limit", "baseline", "e2e_exact", "e2e_fast"}
+    for key in ("decode_limit_exact", "decode_limit_fast", "e2e_exact", "e2e_fast"):
+        assert m[key]["images"] == 12 and m[key]["images_per_s"] > 0, key
+        assert m[key]["peak_pss_mib"] > 0 and m[key]["cpu_seconds"] > 0, key
+    assert m["baseline"]["images"] == 8 and m["baseline"]["processor"].startswith("CLIPImageProcessor")
+    assert m["model_limit"]["images"] >= 3 * 32 and m["model_limit"]["precision"] == "fp32"
+
+    for mode in ("exact", "fast"):
+        decode, model = m[f"decode_limit_{mode}"]["images_per_s"], m["model_limit"]["images_per_s"]
+        limit = report["limits"][mode]
+        assert limit["rule"] == "1/(1/decode + 1/model)"  # CPU: decode and model share the cores
+        assert limit["images_per_s"] == pytest.approx(1 / (1 / decode + 1 / model), rel=1e-3)
+        ratios = report["ratios"][mode]
+        e2e = m[f"e2e_{mode}"]["images_per_s"]
+        assert ratios["e2e_over_limit"] == pytest.approx(e2e / limit["images_per_s"], rel=1e-2)
+        assert ratios["e2e_over_baseline"] == pytest.approx(e2e / m["baseline"]["images_per_s"], rel=1e-2)
+    for label in ("decode limit", "model limit", "baseline", "embedjob e2e", "e2e/limit", "e2e/baseline"):
+        assert label in stdout
+    assert report["environment"]["load_average_start"] and report["environment"]["cpus_available"] >= 1
+
+    # The e2e run wrote real outputs, and each manifest says how its pixels were made.
+    work = tmp_path / "work"
+    for mode, preprocessing in (("exact", "openai-clip-reference-v1"), ("fast", "embedjob-fast-v1")):
+        manifests = [json.loads((work / f"out-{mode}" / "_manifests" / f"{i:05d}.json").read_text()) for i in (0, 1)]
+        assert all(x["preprocessing"] == preprocessing for x in manifests)
+        assert sum(x["counts"]["embedded"] for x in manifests) == 12
+        paths: dict[str, int] = {}
+        for x in manifests:
+            for k, v in x["preprocessing_paths"].items():
+                paths[k] = paths.get(k, 0) + v
+        if mode == "exact":
+            assert paths == {"exact": 12}
+        else:  # the 1200x900 JPEGs of the mix are decoded at half scale, the small ones exactly
+            assert paths["cpu-draft"] > 0 and paths["exact"] > 0
+        assert np.load(work / f"out-{mode}" / "img_emb" / "00000.npy").shape == (6, 32)
+
+    d = report["deviation"]
+    assert d["images"] == 5 and d["identical_crops"] == 4  # only the 1 MP image is drafted
+    assert d["psnr_db_min"] >= 30 and 0 < d["mean_abs_diff_max"] < 5
+    assert d["cosine_min"] > 0.99
+
+
+def test_bench_on_s3(tmp_path, s3_env):
+    env = {**os.environ, **s3_env}
+    report, _ = _bench(tmp_path, "--size", "256", "--count", "1", "--images-per-shard", "4", "--baseline-images", "4",
+                       "--s3-endpoint", s3_env["AWS_ENDPOINT_URL"], "--s3-bucket", "bench-test", env=env)
+    assert report["environment"]["storage"] == "s3"
+    assert report["measurements"]["e2e_exact"]["images"] == 4
+    assert "deviation" not in report  # exact only
+
+
+def test_synthetic_images_have_the_asked_sizes_and_are_distinct():
+    from PIL import Image
+
+    jpegs = synthetic_jpegs("mix", 5)
+    sizes = [Image.open(io.BytesIO(j)).size for j in jpegs]
+    assert sizes == list(SIZES["mix"])
+    assert len(set(jpegs)) == 5
+
+
+def test_vit_l14_flops_match_the_published_figure():
+    from transformers import CLIPVisionConfig
+
+    from embedjob.worker.random_model import VIT_L14_VISION
+
+    config = CLIPVisionConfig(**VIT_L14_VISION)
+    config.projection_dim = 768
+    assert math.isclose(vision_flops_per_image(config) / 1e9, 162, rel_tol=0.01)

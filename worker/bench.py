@@ -1,0 +1,707 @@
+"""``embedjob bench``: the worker's throughput against its own limits and a baseline, in one run.
+
+It makes its own WebDataset shards (synthetic JPEGs at a chosen size, on local disk or an S3
+endpoint through embedjob's storage code), then measures, one after the other on the same machine:
+
+1. **decode limit**: tar read + decode + preprocessing alone (no model), through the worker's own
+   reader and decode pool on every CPU the process may use (``PreparedStream``);
+2. **model limit**: the model's forward on ready uint8 batches, at the chosen device, precision and
+   batch size, through the worker's own engine;
+3. **baseline**: the usual stage: sequential decode, Hugging Face's CLIP image processor on the
+   CPU, ``CLIPModel.get_image_features`` in fp32, batches of 32;
+4. **embedjob e2e**: the real worker path, the Celery task body ``run_shard_task`` (lease, heartbeat,
+   model load, pipeline, outputs written) over every shard back to back, start-up included.
+
+The **limit** is what a perfect pipeline could reach: on a CPU, decode and model share the cores, so
+``1 / (1/decode + 1/model)``; on CUDA they run side by side, so ``min(decode, model)``. The report
+gives e2e/limit and e2e/baseline, peak memory (PSS of the process and its decode workers), CPU use,
+and on CUDA the GPU busy fraction and the model's achieved TFLOP/s against a dense matmul measured in
+the same run. With ``--preprocessing fast`` (or ``both``) it also measures the fast path's deviation
+from the exact one (PSNR and mean absolute difference of the crops, cosine of the embeddings on a
+random-weight ViT-L/14).
+
+Models have random weights (no download): ``tiny`` (the test CLIP: pipeline overhead) or
+``vit-l14`` (ViT-L/14's real shapes: the real compute cost).
+"""
+
+from __future__ import annotations
+
+import gc
+import io
+import json
+import math
+import os
+import shutil
+import tarfile
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from embedjob.contract import EmbedOptions, ShardTask
+from embedjob.storage import Storage, StorageOptions, is_s3, join
+
+SIZES: dict[str, tuple[tuple[int, int], ...]] = {
+    "256": ((256, 256),),
+    "500x375": ((500, 375),),
+    "1mp": ((1200, 900),),
+    "mix": ((256, 256), (500, 375), (375, 500), (1200, 900), (640, 427)),
+}
+MODELS = ("tiny", "vit-l14")
+BASELINE_BATCH = 32
+MEASUREMENTS = ("decode_limit", "model_limit", "baseline", "e2e")
+
+
+@dataclass
+class BenchConfig:
+    model: str = "tiny"
+    size: str = "500x375"
+    count: int = 4  # shards
+    images_per_shard: int = 500
+    device: str = "auto"
+    precision: str = "auto"
+    batch_size: int = 32
+    preprocessing: tuple[str, ...] = ("exact",)
+    decode_workers: int = 0  # 0: decode limit on every CPU the process may use, e2e with the job default
+    decode_pool: str | None = None  # None: the worker's own; "thread" or "process" to compare
+    s3_endpoint: str | None = None
+    s3_bucket: str = "embedjob-bench"
+    workdir: str | None = None
+    baseline_images: int = 512  # the baseline runs on the first N images (it is slow)
+    model_seconds: float = 3.0
+    deviation_images: int = 8
+    deviation_model: str = "vit-l14"  # "vit-l14" | "same" (the benchmark's own model)
+    jpeg_quality: int = 90
+    seed: int = 0
+
+
+# -- shards ---------------------------------------------------------------------------------------------
+def synthetic_image(width: int, height: int, seed: int) -> Any:
+    """A photo-like RGB image: smooth colour fields, hard-edged shapes, fine texture and sensor-like
+    noise, so JPEG sizes, decode cost and resampling differences resemble real crawled images."""
+    from PIL import Image, ImageDraw, ImageFilter
+
+    rng = np.random.default_rng(seed)
+    base = Image.fromarray(rng.integers(0, 256, (5, 7, 3), dtype=np.uint8)).resize((width, height),
+                                                                                  Image.Resampling.BICUBIC)
+    draw = ImageDraw.Draw(base)
+    for _ in range(14):
+        x0, y0 = int(rng.integers(0, width)), int(rng.integers(0, height))
+        x1, y1 = x0 + int(rng.integers(8, max(9, width // 3))), y0 + int(rng.integers(8, max(9, height // 3)))
+        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)([x0, y0, x1, y1], fill=colour)
+    arr = np.asarray(base, dtype=np.int16)
+    yy, xx = np.mgrid[0:height, 0:width]
+    arr = arr + (12 * np.sin(xx / rng.uniform(2, 9)) * np.cos(yy / rng.uniform(2, 9)))[..., None].astype(np.int16)
+    arr = arr + rng.normal(0, 5, arr.shape).astype(np.int16)
+    img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
+    return img.filter(ImageFilter.GaussianBlur(0.6))
+
+
+def synthetic_jpegs(size: str, n: int, seed: int = 0, quality: int = 90) -> list[bytes]:
+    """``n`` distinct encoded JPEGs, cycling through the sizes of ``size``."""
+    from PIL import Image
+
+    dims = SIZES[size]
+    out = []
+    for i in range(n):
+        buf = io.BytesIO()
+        synthetic_image(*dims[i % len(dims)], seed=seed * 100_003 + i).save(buf, "JPEG", quality=quality)
+        out.append(buf.getvalue())
+    Image.init()
+    return out
+
+
+def make_shards(root: str, storage: Storage, size: str, count: int, per_shard: int, seed: int = 0,
+                quality: int = 90, distinct: int = 24) -> list[str]:
+    """Write ``count`` WebDataset shards of ``per_shard`` samples (``.jpg`` + ``.txt`` + ``.json``)
+    under ``root``; returns their URIs. ``distinct`` different JPEGs are cycled (decoding costs the
+    same whether or not two images are equal; encoding thousands of large images would not)."""
+    jpegs = synthetic_jpegs(size, min(distinct, count * per_shard), seed, quality)
+    uris = []
+    for s in range(count):
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tar:
+            for i in range(per_shard):
+                key = f"{s:05d}{i:06d}"
+                data = jpegs[(s * 7 + i) % len(jpegs)]
+                for ext, payload in (("jpg", data), ("txt", f"synthetic image {key}".encode()),
+                                     ("json", json.dumps({"key": key, "bytes": len(data)}).encode())):
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(payload)
+                    info.mtime = 0
+                    tar.addfile(info, io.BytesIO(payload))
+        uri = join(root, f"{s:05d}.tar")
+        storage.put_atomic(uri, buf.getvalue(), tmp_root=join(root, "_tmp"))
+        uris.append(uri)
+    return uris
+
+
+# -- what the process tree uses ---------------------------------------------------------------------------
+def _children_map() -> dict[int, list[int]]:
+    kids: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        kids.setdefault(ppid, []).append(int(entry))
+    return kids
+
+
+def _tree(pid: int) -> list[int]:
+    kids = _children_map()
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(kids.get(p, []))
+    return out
+
+
+def _memory_kib(pid: int) -> int:
+    """Proportional set size (shared pages split between the processes that share them), or RSS."""
+    for path, key in ((f"/proc/{pid}/smaps_rollup", "Pss:"), (f"/proc/{pid}/status", "VmRSS:")):
+        try:
+            with open(path) as f:
+                for line in f:
+                    if line.startswith(key):
+                        return int(line.split()[1])
+        except OSError:
+            continue
+    return 0
+
+
+def _cpu_ticks(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])  # utime + stime
+    except OSError:
+        return 0
+
+
+class TreeMonitor:
+    """Samples this process and every descendant (decode workers) while a measurement runs: the
+    peak of their summed PSS, and the CPU seconds they used."""
+
+    def __init__(self, interval: float = 0.2) -> None:
+        self.interval = interval
+        self.peak_kib = 0
+        self._first: dict[int, int] = {}
+        self._last: dict[int, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bench-monitor", daemon=True)
+        self._start = 0.0
+        self.seconds = 0.0
+
+    def _sample(self) -> None:
+        total = 0
+        for pid in _tree(os.getpid()):
+            total += _memory_kib(pid)
+            ticks = _cpu_ticks(pid)
+            self._first.setdefault(pid, 0 if self._start_sampled else ticks)  # born during it: all of it
+            self._last[pid] = ticks
+        self.peak_kib = max(self.peak_kib, total)
+
+    def __enter__(self) -> TreeMonitor:
+        self._start_sampled = False
+        self._sample()
+        self._start_sampled = True
+        self._start = time.perf_counter()
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+        self.seconds = time.perf_counter() - self._start
+
+    @property
+    def cpu_seconds(self) -> float:
+        ticks = sum(self._last[p] - self._first.get(p, 0) for p in self._last)
+        return ticks / os.sysconf("SC_CLK_TCK")
+
+    def report(self) -> dict[str, float]:
+        return {"peak_pss_mib": round(self.peak_kib / 1024, 1), "cpu_seconds": round(self.cpu_seconds, 2),
+                "cpu_cores_busy": round(self.cpu_seconds / self.seconds, 2) if self.seconds else 0.0}
+
+
+# -- the four measurements -----------------------------------------------------------------------------------
+def _rate(images: int, seconds: float) -> float:
+    return images / seconds if seconds > 0 else 0.0
+
+
+def _measurement(images: int, seconds: float, monitor: TreeMonitor, **extra: Any) -> dict[str, Any]:
+    return {"images": images, "seconds": round(seconds, 3), "images_per_s": round(_rate(images, seconds), 2),
+            **monitor.report(), **extra}
+
+
+def measure_decode(shards: list[str], storage: Storage, options: EmbedOptions, device_jpeg: bool = False
+                   ) -> dict[str, Any]:
+    """Decode limit: every shard through the worker's reader + decode pool, nothing else."""
+    from embedjob.worker.pipeline import PreparedStream, decode_workers
+    from embedjob.worker.prepare import Rejected, shared_decode_pool
+
+    pool = shared_decode_pool(decode_workers(options))
+    pool.warm_up()
+    images = rejected = 0
+    with TreeMonitor() as mon:
+        t0 = time.perf_counter()
+        for shard in shards:
+            with PreparedStream(shard, storage, pool, options, device_jpeg=device_jpeg) as stream:
+                for _, item in stream:
+                    if isinstance(item, Rejected):
+                        rejected += 1
+                    else:
+                        images += 1
+        seconds = time.perf_counter() - t0
+    return _measurement(images, seconds, mon, rejected=rejected, workers=pool.workers, pool=pool.kind)
+
+
+def measure_model(embedder: Any, batch_size: int, min_seconds: float) -> dict[str, Any]:
+    """Model limit: the forward on ready uint8 batches (random pixels: the cost does not depend on
+    them), through the same entry point the pipeline uses."""
+    crops = np.random.default_rng(0).integers(0, 256, (batch_size, 224, 224, 3), dtype=np.uint8)
+    embedder.embed_uint8(crops)  # warm-up: kernels, allocator, lazy initialisation
+    images, batches = 0, 0
+    with TreeMonitor() as mon:
+        t0 = time.perf_counter()
+        while batches < 3 or time.perf_counter() - t0 < min_seconds:
+            images += embedder.embed_uint8(crops).shape[0]
+            batches += 1
+        seconds = time.perf_counter() - t0
+    return _measurement(images, seconds, mon, batches=batches, batch_size=batch_size)
+
+
+def _iter_tar_images(shards: list[str], storage: Storage, limit: int) -> Iterator[bytes]:
+    n = 0
+    for shard in shards:
+        with storage.open_read(shard) as raw, tarfile.open(fileobj=raw, mode="r|") as tar:
+            for member in tar:
+                if member.isfile() and member.name.rsplit(".", 1)[-1].lower() in ("jpg", "jpeg", "png", "webp"):
+                    yield tar.extractfile(member).read()
+                    n += 1
+                    if n >= limit:
+                        return
+
+
+def measure_baseline(shards: list[str], storage: Storage, model_dir: str, device: str, limit: int
+                     ) -> dict[str, Any]:
+    """The reference stage's approach: one thread reads and decodes, Hugging Face's CLIP image
+    processor prepares the pixels on the CPU, ``CLIPModel.get_image_features`` runs in fp32 on
+    batches of 32."""
+    import torch
+    from PIL import Image
+    from transformers import CLIPModel
+    from transformers.utils import logging as hf_logging
+
+    try:  # transformers >= 5: the PIL implementation (the default one needs torchvision)
+        from transformers import CLIPImageProcessorPil as Processor
+    except ImportError:  # pragma: no cover - older transformers
+        from transformers import CLIPImageProcessor as Processor
+
+    from embedjob.worker.model import resolve_device
+
+    dev = resolve_device(device)
+    hf_logging.set_verbosity_error()
+    processor = Processor()
+    model = CLIPModel.from_pretrained(model_dir, dtype=torch.float32).to(dev).eval()
+
+    def run(images: list) -> int:
+        pixels = processor(images=images, return_tensors="pt")["pixel_values"].to(dev)
+        with torch.inference_mode():
+            out = model.get_image_features(pixel_values=pixels)
+        feats = getattr(out, "pooler_output", out)
+        return int(feats.cpu().shape[0])
+
+    first = next(_iter_tar_images(shards, storage, 1))
+    run([Image.open(io.BytesIO(first)).convert("RGB")])  # warm-up
+    images = 0
+    with TreeMonitor() as mon:
+        t0 = time.perf_counter()
+        batch: list = []
+        for data in _iter_tar_images(shards, storage, limit):
+            batch.append(Image.open(io.BytesIO(data)).convert("RGB"))
+            if len(batch) == BASELINE_BATCH:
+                images += run(batch)
+                batch = []
+        if batch:
+            images += run(batch)
+        seconds = time.perf_counter() - t0
+    return _measurement(images, seconds, mon, processor=Processor.__name__, batch_size=BASELINE_BATCH,
+                        precision="fp32")
+
+
+_redis_server: Any = None
+
+
+def bench_redis() -> str | None:
+    """A private redis-server for the task body's leases and progress (started once per process), or
+    None when redis-server is not installed."""
+    global _redis_server
+    if _redis_server is None:
+        import atexit
+
+        from embedjob.services import RedisServer
+
+        if not shutil.which("redis-server"):
+            return None
+        _redis_server = RedisServer(Path(tempfile.mkdtemp(prefix="embedjob-bench-redis-"))).start()
+        atexit.register(_redis_server.stop)
+    return _redis_server.url
+
+
+def measure_e2e(shards: list[str], stems: list[str], output: str, model: dict[str, Any], options: EmbedOptions,
+                storage_options: StorageOptions) -> dict[str, Any]:
+    """The real worker path: ``run_shard_task`` (the Celery task's body) on each shard in turn, from a
+    cold start (no model loaded, no decode pool), outputs written and checked."""
+    url = bench_redis()
+    if url is None:
+        return {"skipped": "redis-server is not installed: the task body needs Redis for its leases "
+                           "(apt-get install redis-server)"}
+    os.environ["EMBEDJOB_REDIS_URL"] = url
+    from embedjob.results import read_manifest
+    from embedjob.worker import tasks
+    from embedjob.worker.model import clear_cache, load_embedder
+    from embedjob.worker.prepare import discard_decode_pool
+
+    clear_cache()
+    discard_decode_pool()
+    job = f"bench-{uuid.uuid4().hex[:8]}"
+    storage = Storage(storage_options)
+    images = failed = 0
+    timings: dict[str, float] = {}
+    with TreeMonitor() as mon:
+        t0 = time.perf_counter()
+        for shard, stem in zip(shards, stems, strict=True):
+            task = ShardTask(job=job, shard=shard, stem=stem, output=output, model=model,
+                             options=asdict(options), storage=storage_options.to_dict())
+            result = tasks.run_shard_task(task)
+            if result.get("status") != "done":
+                raise RuntimeError(f"shard {stem}: {result}")
+            images += result["images"]
+            failed += result["failed"]
+            for k, v in result["timings"].items():
+                timings[k] = timings.get(k, 0.0) + v
+        seconds = time.perf_counter() - t0
+    manifests = [read_manifest(output, stem, storage) for stem in stems]
+    written = sum(m["counts"]["embedded"] for m in manifests)
+    if written != images:
+        raise RuntimeError(f"manifests record {written} images, the task results {images}")
+    embedder = load_embedder(model, device=options.device, precision=options.precision)
+    return _measurement(images, seconds, mon, failed=failed, shards=len(shards),
+                        stage_seconds={k: round(v, 3) for k, v in sorted(timings.items())},
+                        preprocessing_paths=_sum_paths(manifests), model_busy_seconds=round(embedder.busy_seconds(), 3))
+
+
+def _sum_paths(manifests: list[dict[str, Any]]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for m in manifests:
+        for k, v in (m.get("preprocessing_paths") or {}).items():
+            out[k] = out.get(k, 0) + v
+    return out
+
+
+# -- fast vs exact ---------------------------------------------------------------------------------------------
+def fast_crops(datas: list[bytes], device: Any, max_pixels: int) -> list[np.ndarray]:
+    """The fast path's crops as the worker makes them on ``device``: DCT-domain downscale on the CPU,
+    nvJPEG + resize on the GPU."""
+    from embedjob.worker.prepare import Crop, prepare_image
+
+    out = []
+    for d in datas:
+        item = prepare_image(d, max_pixels, "fast")
+        assert isinstance(item, Crop), item
+        out.append(item.pixels)
+    return out
+
+
+def measure_deviation(datas: list[bytes], device: Any, model_dir: str, precision: str) -> dict[str, Any]:
+    """Fast against exact on the same images: PSNR and mean absolute difference of the 224x224 crops,
+    and the cosine between the embeddings of the two crops."""
+    from embedjob.worker.model import load_embedder
+    from embedjob.worker.prepare import Crop, prepare_image
+
+    max_pixels = EmbedOptions().max_image_pixels
+    exact = []
+    for d in datas:
+        item = prepare_image(d, max_pixels, "exact")
+        assert isinstance(item, Crop), item
+        exact.append(item.pixels)
+    fast = fast_crops(datas, device, max_pixels)
+    psnr, mad = [], []
+    for a, b in zip(exact, fast, strict=True):
+        diff = a.astype(np.float64) - b.astype(np.float64)
+        mse = float(np.mean(diff**2))
+        psnr.append(math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse))
+        mad.append(float(np.mean(np.abs(diff))))
+    embedder = load_embedder(model_dir, device=str(device), precision=precision)
+    ea, eb = embedder.embed_uint8(np.stack(exact)), embedder.embed_uint8(np.stack(fast))
+    cos = (ea * eb).sum(1) / (np.linalg.norm(ea, axis=1) * np.linalg.norm(eb, axis=1))
+    finite = [p for p in psnr if math.isfinite(p)]
+    return {
+        "images": len(datas),
+        "identical_crops": sum(1 for p in psnr if not math.isfinite(p)),
+        "psnr_db_min": round(min(finite), 2) if finite else None,
+        "psnr_db_mean": round(float(np.mean(finite)), 2) if finite else None,
+        "mean_abs_diff": round(float(np.mean(mad)), 4),
+        "mean_abs_diff_max": round(float(np.max(mad)), 4),
+        "cosine_min": round(float(cos.min()), 6),
+        "cosine_mean": round(float(cos.mean()), 6),
+        "model": Path(model_dir).name,
+        "precision": embedder.precision,
+    }
+
+
+# -- device extras ----------------------------------------------------------------------------------------------
+def vision_flops_per_image(config: Any) -> float:
+    """Forward FLOPs of a CLIP ViT image tower (2 per multiply-add): patch embedding, per layer the
+    QKV/output projections, attention and MLP, and the final projection. ViT-L/14 at 224 px: ~162 G."""
+    d, dff, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    patches = (config.image_size // config.patch_size) ** 2
+    tokens = patches + 1
+    macs = patches * 3 * config.patch_size**2 * d
+    macs += layers * (tokens * (4 * d * d + 2 * d * dff) + 2 * tokens * tokens * d)
+    macs += d * getattr(config, "projection_dim", d)
+    return 2.0 * macs
+
+
+def matmul_peak_tflops(device: Any, dtype: Any, n: int = 8192, seconds: float = 1.0) -> float:
+    """Dense ``n x n`` matmul throughput on ``device`` in ``dtype``: the roofline the model's achieved
+    TFLOP/s is compared with."""
+    import torch
+
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(3):
+        a @ b
+    sync()
+    iters, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds or iters < 3:
+        for _ in range(10):
+            a @ b
+        sync()
+        iters += 10
+    return 2.0 * n**3 * iters / (time.perf_counter() - t0) / 1e12
+
+
+# -- the run -----------------------------------------------------------------------------------------------------
+def _model_dir(kind: str, workdir: Path) -> Path:
+    from transformers.utils import logging as hf_logging
+
+    from embedjob.worker.model import default_model_dir
+    from embedjob.worker.random_model import RANDOM_VIT_L14_DIRNAME, save_random_clip, save_random_vit_l14
+
+    hf_logging.disable_progress_bar()
+    if kind == "tiny":
+        path = workdir / "models" / "tiny"
+        return path if (path / "config.json").exists() else save_random_clip(path)
+    # 1.2 GB and a minute to make: kept in the model cache for the next run.
+    path = Path(default_model_dir()) / RANDOM_VIT_L14_DIRNAME
+    if not (path / "model.safetensors").exists():
+        tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+        save_random_vit_l14(tmp)
+        tmp.rename(path)
+    return path
+
+
+def load_average() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Every measurement of the module docstring; returns the report (see :func:`format_report`)."""
+    import torch
+
+    from embedjob.worker import prepare
+    from embedjob.worker.model import available_cpus, load_embedder, resolve_device, resolve_dtype
+
+    if cfg.model not in MODELS:
+        raise ValueError(f"--model must be one of {', '.join(MODELS)}")
+    if cfg.size not in SIZES:
+        raise ValueError(f"--size must be one of {', '.join(SIZES)}")
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.precision, device)
+    if cfg.decode_pool:
+        prepare.default_pool_kind = cfg.decode_pool
+    workdir = Path(cfg.workdir or tempfile.mkdtemp(prefix="embedjob-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {"config": {**asdict(cfg), "preprocessing": list(cfg.preprocessing)}}
+    try:
+        storage_options = StorageOptions(endpoint=cfg.s3_endpoint)
+        storage = Storage(storage_options)
+        if cfg.s3_endpoint:
+            from embedjob.storage import s3_client
+
+            client = s3_client(storage_options)
+            try:
+                client.create_bucket(Bucket=cfg.s3_bucket)
+            except client.exceptions.BucketAlreadyOwnedByYou:
+                pass
+            root = f"s3://{cfg.s3_bucket}/bench-{uuid.uuid4().hex[:8]}"
+        else:
+            root = str(workdir)
+        log(f"bench: writing {cfg.count} shards x {cfg.images_per_shard} images ({cfg.size}) under {root}")
+        shards = make_shards(join(root, "shards"), storage, cfg.size, cfg.count, cfg.images_per_shard, cfg.seed,
+                             cfg.jpeg_quality)
+        stems = [f"{i:05d}" for i in range(len(shards))]
+        model_path = _model_dir(cfg.model, workdir)
+        model = {"name": model_path.name, "revision": None, "path": str(model_path)}
+        base = EmbedOptions(dtype="float16", batch_size=cfg.batch_size, precision=cfg.precision, device=cfg.device,
+                            num_threads=cfg.decode_workers or EmbedOptions().num_threads, overwrite=True)
+        cpus = available_cpus()
+        report["environment"] = {
+            "device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else f"{os.cpu_count()} CPUs",
+            "cpus_available": cpus, "torch_threads": torch.get_num_threads(), "load_average_start": load_average(),
+            "torch": torch.__version__, "storage": "s3" if is_s3(root) else "local",
+        }
+        m: dict[str, Any] = {}
+        for mode in cfg.preprocessing:
+            log(f"bench: decode limit ({mode})")
+            limit_options = replace(base, preprocessing=mode, num_threads=cfg.decode_workers or available_cpus())
+            m[f"decode_limit_{mode}"] = measure_decode(shards, storage, limit_options,
+                                                       device_jpeg=(mode == "fast" and device.type == "cuda"))
+        log("bench: model limit")
+        embedder = load_embedder(model, device=cfg.device, precision=cfg.precision)
+        m["model_limit"] = measure_model(embedder, cfg.batch_size, cfg.model_seconds)
+        m["model_limit"]["precision"] = embedder.precision
+        config = embedder.module.config if embedder.module is not None else None
+        del embedder  # e2e loads its own, from a cold start
+        log(f"bench: baseline ({min(cfg.baseline_images, cfg.count * cfg.images_per_shard)} images)")
+        m["baseline"] = measure_baseline(shards, storage, str(model_path), cfg.device, cfg.baseline_images)
+        gc.collect()  # the baseline's model
+        for mode in cfg.preprocessing:
+            log(f"bench: embedjob e2e ({mode})")
+            out = join(root, f"out-{mode}")
+            m[f"e2e_{mode}"] = measure_e2e(shards, stems, out, model, replace(base, preprocessing=mode),
+                                           storage_options)
+        report["measurements"] = m
+
+        model_ips = m["model_limit"]["images_per_s"]
+        limits, ratios = {}, {}
+        for mode in cfg.preprocessing:
+            decode_ips = m[f"decode_limit_{mode}"]["images_per_s"]
+            if device.type == "cuda":
+                limit, rule = min(decode_ips, model_ips), "min(decode, model)"
+            else:
+                limit = 1 / (1 / decode_ips + 1 / model_ips) if decode_ips and model_ips else 0.0
+                rule = "1/(1/decode + 1/model)"
+            limits[mode] = {"images_per_s": round(limit, 2), "rule": rule}
+            e2e = m[f"e2e_{mode}"]
+            if "images_per_s" in e2e:
+                ratios[mode] = {
+                    "e2e_over_limit": round(e2e["images_per_s"] / limit, 3) if limit else None,
+                    "e2e_over_baseline": round(e2e["images_per_s"] / m["baseline"]["images_per_s"], 3),
+                }
+        report["limits"], report["ratios"] = limits, ratios
+
+        if config is not None:
+            flops = vision_flops_per_image(config)
+            peak_dtype = dtype if dtype != torch.float32 or device.type == "cuda" else torch.float32
+            log("bench: dense matmul peak")
+            peak = matmul_peak_tflops(device, peak_dtype, n=8192 if device.type == "cuda" else 2048)
+            achieved = model_ips * flops / 1e12
+            report["compute"] = {
+                "gflop_per_image": round(flops / 1e9, 2), "model_tflops": round(achieved, 4),
+                "matmul_peak_tflops": round(peak, 3), "matmul_dtype": str(peak_dtype).replace("torch.", ""),
+                "fraction_of_peak": round(achieved / peak, 3) if peak else None,
+            }
+            if device.type == "cuda":
+                for mode in cfg.preprocessing:
+                    e2e = m[f"e2e_{mode}"]
+                    if "seconds" in e2e:
+                        e2e["gpu_busy_fraction"] = round(e2e["model_busy_seconds"] / e2e["seconds"], 3)
+        if "fast" in cfg.preprocessing and cfg.deviation_images > 0:
+            log("bench: fast vs exact deviation")
+            dev_model = model_path if cfg.deviation_model == "same" else _model_dir("vit-l14", workdir)
+            datas = synthetic_jpegs(cfg.size, cfg.deviation_images, seed=cfg.seed + 7, quality=cfg.jpeg_quality)
+            report["deviation"] = measure_deviation(datas, device, str(dev_model), "fp32")
+        report["environment"]["load_average_end"] = load_average()
+        report["environment"]["peak_rss_mib_main"] = round(_max_rss_mib(), 1)
+        return report
+    finally:
+        if cfg.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _max_rss_mib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The human-readable table."""
+    cfg, env, m = report["config"], report["environment"], report["measurements"]
+    lines = [
+        f"embedjob bench: model {cfg['model']} (random weights), {env['device']} ({env['device_name']}), "
+        f"precision {m['model_limit'].get('precision')}, batch {cfg['batch_size']}",
+        f"  shards: {cfg['count']} x {cfg['images_per_shard']} JPEGs ({cfg['size']}), {env['storage']} storage; "
+        f"CPUs available {env['cpus_available']}, torch threads {env['torch_threads']}",
+        f"  load average: start {env['load_average_start']}, end {env.get('load_average_end')}",
+        "",
+        f"  {'measurement':<44}{'images':>8}{'seconds':>9}{'images/s':>10}{'peak MiB':>10}{'CPU busy':>10}",
+    ]
+
+    def row(label: str, r: dict[str, Any]) -> None:
+        if "skipped" in r:
+            lines.append(f"  {label:<44}skipped: {r['skipped']}")
+            return
+        lines.append(f"  {label:<44}{r['images']:>8}{r['seconds']:>9.2f}{r['images_per_s']:>10.1f}"
+                     f"{r['peak_pss_mib']:>10.0f}{r['cpu_cores_busy']:>10.2f}")
+
+    for mode in cfg["preprocessing"]:
+        d = m[f"decode_limit_{mode}"]
+        row(f"1. decode limit ({mode}, {d['workers']} {d['pool']} workers)", d)
+    row(f"2. model limit (uint8 batches of {cfg['batch_size']})", m["model_limit"])
+    row(f"3. baseline ({m['baseline']['processor']}, fp32, b{BASELINE_BATCH})", m["baseline"])
+    for mode in cfg["preprocessing"]:
+        row(f"4. embedjob e2e ({mode}, run_shard_task)", m[f"e2e_{mode}"])
+    lines.append("")
+    for mode in cfg["preprocessing"]:
+        lim = report["limits"][mode]
+        r = report["ratios"].get(mode)
+        ratio = (f"e2e/limit {r['e2e_over_limit']:.3f}   e2e/baseline {r['e2e_over_baseline']:.2f}" if r
+                 else "e2e skipped")
+        lines.append(f"  {mode}: limit {lim['images_per_s']:.1f} images/s ({lim['rule']});  {ratio}")
+    c = report.get("compute")
+    if c:
+        lines.append(f"  model: {c['gflop_per_image']} GFLOP/image, {c['model_tflops']} TFLOP/s achieved vs dense "
+                     f"{c['matmul_dtype']} matmul {c['matmul_peak_tflops']} TFLOP/s ({c['fraction_of_peak']})")
+    for mode in cfg["preprocessing"]:
+        busy = m[f"e2e_{mode}"].get("gpu_busy_fraction")
+        if busy is not None:
+            lines.append(f"  GPU busy during e2e ({mode}): {busy:.2f}")
+    d = report.get("deviation")
+    if d:
+        psnr = ("identical" if d["psnr_db_min"] is None
+                else f"PSNR min {d['psnr_db_min']} dB mean {d['psnr_db_mean']} dB")
+        lines.append(f"  fast vs exact ({d['images']} images, {d['identical_crops']} identical crops): {psnr}, "
+                     f"mean |diff| {d['mean_abs_diff']} (worst image {d['mean_abs_diff_max']}), cosine "
+                     f"min {d['cosine_min']} mean {d['cosine_mean']} on {d['model']} {d['precision']}")
+    lines.append(f"  peak RSS of the bench process: {env['peak_rss_mib_main']} MiB")
+    return "\n".join(lines)
+
+
+def write_json(report: dict[str, Any], path: str) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(report, indent=1, sort_keys=True, allow_nan=False))
+

@@ -25,7 +25,7 @@ class EmbedOptions:
     batch_size: int = 32
     precision: str = "auto"
     device: str = "auto"
-    num_threads: int = 4
+    num_threads: int = 0  # decode workers; 0: every CPU the worker process may use
     max_image_pixels: int = InferenceSpec().maxImagePixels
     overwrite: bool = False
     preprocessing: str = "exact"  # "exact" (OpenAI's reference, bit for bit) | "fast" (opt-in)

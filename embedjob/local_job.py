@@ -58,7 +58,7 @@ def _init_worker(progress_queue: Any, torch_threads: int | None) -> None:
         # The model loader sizes torch's thread pool from OMP_NUM_THREADS when set (else from every
         # CPU); setting it here makes several workers share the CPUs instead of each taking all.
         os.environ["OMP_NUM_THREADS"] = str(torch_threads)
-        import torch
+        from embedjob.worker.model import torch  # imported there, after torch's OpenMP policy is set
 
         torch.set_num_threads(torch_threads)
 
@@ -161,6 +161,8 @@ def _execute(job: Job, todo: list[Shard], workers: int, show_progress: bool, sum
     from embedjob.worker.model import available_cpus
 
     threads = max(1, available_cpus() // workers) if workers > 1 else None
+    if threads and not options["num_threads"]:
+        options["num_threads"] = threads  # each worker decodes on its share of the CPUs, not on all of them
 
     def new_pool() -> ProcessPoolExecutor:
         return ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,

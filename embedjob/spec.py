@@ -71,7 +71,7 @@ class InferenceSpec:
     batchSize: int = 32  # noqa: N815 - mirrors the CRD field name
     precision: str = "auto"
     device: str = "auto"
-    numThreads: int = 4  # noqa: N815
+    numThreads: int = 0  # noqa: N815 - decode workers; 0: every CPU the worker may use
     maxImagePixels: int = DEFAULT_MAX_IMAGE_PIXELS  # noqa: N815
 
 
@@ -247,7 +247,7 @@ def parse_spec(spec: Any, allow_local: bool = True, base_dir: Path | None = None
         batchSize=_int(i, "batchSize", "spec.inference", 32, 1, 4096),
         precision=_str(i, "precision", "spec.inference", "auto", PRECISIONS),
         device=_str(i, "device", "spec.inference", "auto", DEVICES),
-        numThreads=_int(i, "numThreads", "spec.inference", 4, 1, 64),
+        numThreads=_int(i, "numThreads", "spec.inference", 0, 0, 256),
         maxImagePixels=_int(i, "maxImagePixels", "spec.inference", DEFAULT_MAX_IMAGE_PIXELS, 1),
     )
 

@@ -52,7 +52,7 @@ def test_defaults_enums_bounds_and_patterns_match():
     for key in ("batchSize", "precision", "device", "numThreads", "maxImagePixels"):
         assert inf[key]["default"] == getattr(d, key), key
     assert (inf["batchSize"]["minimum"], inf["batchSize"]["maximum"]) == (1, 4096)
-    assert (inf["numThreads"]["minimum"], inf["numThreads"]["maximum"]) == (1, 64)
+    assert (inf["numThreads"]["minimum"], inf["numThreads"]["maximum"]) == (0, 256)
     assert tuple(inf["precision"]["enum"]) == sp.PRECISIONS and tuple(inf["device"]["enum"]) == sp.DEVICES
     assert tuple(s["output"]["properties"]["dtype"]["enum"]) == sp.DTYPES
     assert s["output"]["properties"]["dtype"]["default"] == sp.OutputSpec(uri="x").dtype

@@ -19,7 +19,8 @@ import pytest
 from embedjob.contract import EmbedOptions
 from embedjob.storage import Storage, StorageError, s3_client
 from embedjob.worker.model import clear_cache, load_embedder
-from embedjob.worker.pipeline import embed_shard
+from embedjob.worker.pipeline import decode_workers, embed_shard
+from embedjob.worker.prepare import shared_decode_pool
 from embedjob.worker.tar_reader import SourceReadError, TarOpenError
 from embedjob.worker.writer import METADATA_SCHEMA
 from tests import shards
@@ -338,6 +339,9 @@ def test_model_failure_mid_shard_stops_every_stage(embedder, tmp_path):
 
     failing = Embedder(forward, model_id="tiny", revision=None, dim=32, device=embedder.device, dtype=embedder.dtype)
     tar = shards.simple_shard(40).write(tmp_path / "s.tar")
+    # The decode pool (and its I/O threads) lives as long as the worker process, by design: start it
+    # first, so that what is counted is what this shard leaves behind.
+    shared_decode_pool(decode_workers(_opts()))
     before = threading.active_count()
     with pytest.raises(RuntimeError, match="fell off the bus"):
         embed_shard(str(tar), str(tmp_path / "out"), failing, _opts(batch_size=2))

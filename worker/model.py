@@ -26,7 +26,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
+
+# The decode processes keep every core busy while this process runs the model. With OpenMP's default
+# (spin-waiting) torch's threads then burn those cores between ops, and every op's barrier waits for
+# a peer thread the scheduler gave to a decoder: on 2 cores at 1 MP that cost a third of the
+# throughput (see README, Performance). Passive threads sleep instead. libgomp reads this once, when
+# torch is imported, so it is set here, before the import; a setting of the user's own wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch  # noqa: E402
 
 log = logging.getLogger(__name__)
 

@@ -35,7 +35,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 
@@ -51,6 +50,7 @@ from embedjob.worker.prepare import (
     FAST_PREPROCESSING_ID,
     Crop,
     DecodePool,
+    DecodePoolBroken,
     Prepared,
     Rejected,
     discard_decode_pool,
@@ -280,7 +280,7 @@ def embed_shard(
                             flush()
                     t = time.perf_counter()
                 flush()
-        except BrokenProcessPool:
+        except DecodePoolBroken:
             discard_decode_pool(pool)  # a decoder crashed: the next shard gets a fresh pool
             raise
         timings["read"] = stream.read_seconds

@@ -20,11 +20,18 @@ Threads sharing one interpreter with the model's Python code stop scaling long b
 
 from __future__ import annotations
 
-import multiprocessing as mp
+import itertools
+import os
+import pickle
+import queue
+import struct
+import subprocess
+import sys
 import threading
 import time
-from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import IO, Any
 
 import numpy as np
 
@@ -37,8 +44,9 @@ FAST_PREPROCESSING_ID = "embedjob-fast-v1"
 # The fast CPU path decodes JPEGs at 1/2, 1/4 or 1/8 scale in the DCT domain (Pillow's ``draft``)
 # but never below this multiple of the target, then applies the exact bicubic resize.
 DRAFT_FACTOR = 2
-# Images per pool task, and the bytes after which a chunk is sent even if not full.
-CHUNK_IMAGES = 4
+# Images per pool task, and the bytes after which a chunk is sent even if not full: a task costs the
+# worker process ~0.3 ms of its own CPU (queues, pickling, futures), so it carries several images.
+CHUNK_IMAGES = 16
 CHUNK_BYTES = 1 << 20
 
 
@@ -123,22 +131,129 @@ def prepare_images(datas: list[bytes], max_pixels: int, preprocessing: str = "ex
     return [prepare_image(d, max_pixels, preprocessing, device_jpeg) for d in datas]
 
 
+class DecodePoolBroken(RuntimeError):
+    """A decode worker process died (a crashing codec, the OOM killer): the shard fails and is
+    retried; the next shard gets a fresh pool."""
+
+
+class _DecodeProcess:
+    """One decode worker: ``python -m embedjob.worker.prepare`` with length-prefixed pickles over its
+    stdin/stdout. A plain subprocess, not multiprocessing: it starts the same way from a Celery
+    prefork child (a daemonic process multiprocessing will not let start children), from a spawned
+    ``embedjob run`` worker or from a script without a ``__main__`` guard, imports only what decoding
+    needs (no torch), and exits by itself when this process dies (its stdin closes)."""
+
+    def __init__(self, index: int) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "embedjob.worker.prepare"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, close_fds=True)
+        self.pending: dict[int, Future] = {}
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._broken: str | None = None
+        self._threads = [threading.Thread(target=self._send, name=f"embedjob-decode-send-{index}", daemon=True),
+                         threading.Thread(target=self._receive, name=f"embedjob-decode-recv-{index}", daemon=True)]
+        for t in self._threads:
+            t.start()
+
+    def submit(self, task_id: int, future: Future, args: tuple) -> None:
+        with self._lock:
+            if self._broken:
+                future.set_exception(DecodePoolBroken(self._broken))
+                return
+            self.pending[task_id] = future
+        self._inbox.put((task_id, future, args))
+
+    def _send(self) -> None:
+        pipe = self.proc.stdin
+        assert pipe is not None
+        try:
+            while (item := self._inbox.get()) is not None:
+                task_id, future, args = item
+                if not future.set_running_or_notify_cancel():  # cancelled while queued here
+                    with self._lock:
+                        self.pending.pop(task_id, None)
+                    continue
+                _write_frame(pipe, (task_id, args))
+        except (OSError, ValueError):
+            pass  # the process is gone: _receive fails what was pending
+        finally:
+            try:
+                pipe.close()
+            except OSError:
+                pass
+
+    def _receive(self) -> None:
+        pipe = self.proc.stdout
+        assert pipe is not None
+        while True:
+            try:
+                task_id, ok, value = _read_frame(pipe)
+            except (EOFError, OSError, pickle.UnpicklingError):
+                break
+            with self._lock:
+                future = self.pending.pop(task_id, None)
+            if future is not None:
+                future.set_result(value) if ok else future.set_exception(RuntimeError(value))
+        code = self.proc.wait()
+        with self._lock:
+            self._broken = f"a decode worker process exited with code {code}"
+            pending, self.pending = self.pending, {}
+        for future in pending.values():
+            try:
+                future.set_exception(DecodePoolBroken(self._broken))
+            except InvalidStateError:  # cancelled meanwhile
+                pass
+
+    @property
+    def load(self) -> int:
+        return len(self.pending)
+
+    def close(self, timeout: float = 10.0) -> None:
+        self._inbox.put(None)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        for t in self._threads:
+            t.join(timeout)
+
+
+def _write_frame(pipe: IO[bytes], obj: object) -> None:
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    pipe.write(struct.pack("<Q", len(data)))
+    pipe.write(data)
+    pipe.flush()
+
+
+def _read_frame(pipe: IO[bytes]) -> Any:
+    header = pipe.read(8)
+    if len(header) < 8:
+        raise EOFError
+    (size,) = struct.unpack("<Q", header)
+    data = pipe.read(size)
+    if len(data) < size:
+        raise EOFError
+    return pickle.loads(data)
+
+
 class DecodePool:
-    """``workers`` decode processes (``kind="process"``, the default) or threads. ``submit`` returns
-    a Future of the chunk's results, in order."""
+    """``workers`` decode processes (``kind="process"``, the default) or threads (``"thread"``, to
+    compare). ``submit`` returns a Future of the chunk's results, in order."""
 
     def __init__(self, workers: int, kind: str = "process") -> None:
         if kind not in ("process", "thread"):
             raise ValueError(f"unknown decode pool kind {kind!r}")
         self.workers = max(1, int(workers))
         self.kind = kind
-        self._executor: Executor
+        self._ids = itertools.count()
+        self._lock = threading.Lock()
+        self._threads: ThreadPoolExecutor | None = None
+        self._procs: list[_DecodeProcess] = []
         if kind == "process":
-            # spawn, not fork: the worker process has torch's OpenMP pool, a heartbeat thread and
-            # Redis connections, none of which survive a fork safely.
-            self._executor = ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"))
+            self._procs = [_DecodeProcess(i) for i in range(self.workers)]
         else:
-            self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="embedjob-decode")
+            self._threads = ThreadPoolExecutor(self.workers, thread_name_prefix="embedjob-decode")
 
     @property
     def chunk_images(self) -> int:
@@ -148,22 +263,57 @@ class DecodePool:
 
     def submit(self, datas: list[bytes], max_pixels: int, preprocessing: str = "exact",
                device_jpeg: bool = False) -> Future:
-        return self._executor.submit(prepare_images, datas, max_pixels, preprocessing, device_jpeg)
+        args = (datas, max_pixels, preprocessing, device_jpeg)
+        if self._threads is not None:
+            return self._threads.submit(prepare_images, *args)
+        future: Future = Future()
+        with self._lock:
+            proc = min(self._procs, key=lambda p: p.load)  # the least busy worker
+            proc.submit(next(self._ids), future, args)
+        return future
 
     def warm_up(self) -> None:
-        """Start every worker now (a spawned process takes a fraction of a second to import)."""
-        futures = [self.submit([], 1) for _ in range(self.workers * 2)]
+        """Wait until every worker has started (a new process takes a fraction of a second)."""
+        futures = [self.submit([], 1) for _ in range(self.workers)]
         for f in futures:
             f.result()
 
     def shutdown(self) -> None:
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        if self._threads is not None:
+            self._threads.shutdown(wait=True, cancel_futures=True)
+        for proc in self._procs:
+            proc.close()
+
+
+def serve(stdin: IO[bytes], stdout: IO[bytes]) -> None:
+    """The decode worker's loop: read a task, prepare its images, write the results; until EOF."""
+    while True:
+        try:
+            task_id, args = _read_frame(stdin)
+        except EOFError:
+            return
+        try:
+            reply: tuple = (task_id, True, prepare_images(*args))
+        except Exception as e:  # noqa: BLE001 - prepare_image never raises; anything else goes back
+            reply = (task_id, False, f"{type(e).__name__}: {e}")
+        _write_frame(stdout, reply)
+
+
+def _main() -> None:
+    # The protocol owns the real stdout; anything a library prints goes to stderr instead.
+    out = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    # Run as ``-m``, this file is __main__: serve from the module proper, so that what is pickled
+    # back names embedjob.worker.prepare.Crop, which the worker can unpickle.
+    from embedjob.worker import prepare
+
+    prepare.serve(sys.stdin.buffer, out)
 
 
 _pool: DecodePool | None = None
 _pool_lock = threading.Lock()
 # "process" in production; ``embedjob bench --decode-pool thread`` switches it to compare.
-default_pool_kind = "thread"
+default_pool_kind = "process"
 
 
 def shared_decode_pool(workers: int, kind: str | None = None) -> DecodePool:
@@ -188,4 +338,8 @@ def discard_decode_pool(pool: DecodePool | None = None) -> None:
         if _pool is not None and (pool is None or pool is _pool):
             _pool.shutdown()
             _pool = None
+
+
+if __name__ == "__main__":
+    _main()
 

@@ -176,7 +176,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         decode_workers=args.decode_workers, decode_pool=args.decode_pool, s3_endpoint=args.s3_endpoint,
         s3_bucket=args.s3_bucket, workdir=args.workdir, baseline_images=args.baseline_images,
         model_seconds=args.model_seconds, deviation_images=args.deviation_images,
-        deviation_model=args.deviation_model,
+        deviation_model=args.deviation_model, repeat=args.repeat,
     )
     report = run_bench(cfg, log=lambda msg: print(msg, file=sys.stderr, flush=True))
     print(format_report(report))
@@ -238,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--deviation-images", type=int, default=8, help="images compared fast vs exact (0: skip)")
     b.add_argument("--deviation-model", choices=["vit-l14", "same"], default="vit-l14",
                    help="model for the fast-vs-exact cosine (same: the --model)")
+    b.add_argument("--repeat", type=int, default=1,
+                   help="rounds of every measurement, each reporting its best (a machine shared with other work)")
     b.add_argument("--json", default=None, metavar="OUT", help="also write the report as JSON")
     b.set_defaults(func=_cmd_bench)
 

@@ -144,10 +144,12 @@ class Embedder:
         self.max_batch: int | None = None
         self._lock = threading.Lock()
         self._busy = 0.0  # seconds spent running batches (see busy_seconds)
+        self._copy_stream: Any = None  # CUDA: host-to-device copies overlap the forward
 
     def busy_seconds(self) -> float:
-        """Time this embedder spent running batches, results back on the host included (on CUDA the
-        result copy waits for the device, so this is the device's busy time plus launch gaps)."""
+        """Time this embedder's device spent on batches: wall time of each batch on the CPU or with
+        :meth:`embed`/:meth:`embed_uint8` (which wait for the result), device time measured with
+        CUDA events for :meth:`launch_uint8` batches."""
         return self._busy
 
     @property
@@ -224,6 +226,62 @@ class Embedder:
         with torch.inference_mode():
             x = normalize_on_device(chunk.to(self.device, non_blocking=True), self.dtype)
             return self._finish(self._forward(x))
+
+    # -- asynchronous launches (the engine's forward thread) -----------------------------------------
+    def launch_uint8(self, crops: torch.Tensor, out: torch.Tensor | None = None) -> Launched:
+        """Start embedding host uint8 crops ``[B, H, W, 3]`` and return at once with a handle whose
+        ``wait()`` gives what :meth:`embed_uint8` would. On CUDA nothing here waits for the device:
+        ``crops`` (pinned) go up on a copy stream with a non-blocking copy, normalisation and the
+        forward are queued on the compute stream, and the rows come back into ``out`` (pinned, float32
+        ``[>=B, dim]``) with a non-blocking copy; ``crops`` and ``out`` must stay untouched until
+        ``wait()`` returns. On the CPU the work is done before this returns. Raises
+        :class:`OutOfMemoryError` at once when the device has no room (the caller falls back to
+        :meth:`embed_uint8`, which halves the batch)."""
+        n = int(crops.shape[0])
+        if self.device.type != "cuda":
+            t = time.perf_counter()
+            with self._lock:
+                rows = self._run_uint8(crops)
+            self._busy += time.perf_counter() - t
+            return Launched(rows=rows)
+        if out is None:
+            out = torch.empty((n, self.dim), dtype=torch.float32, pin_memory=True)
+        with self._lock, torch.inference_mode():
+            compute = torch.cuda.current_stream(self.device)
+            if self._copy_stream is None:
+                self._copy_stream = torch.cuda.Stream(self.device)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            with torch.cuda.stream(self._copy_stream):
+                x = crops.to(self.device, non_blocking=True)
+            compute.wait_stream(self._copy_stream)
+            x.record_stream(compute)  # allocated on the copy stream, used on the compute stream
+            start.record(compute)
+            emb = self._forward(normalize_on_device(x, self.dtype))
+            emb = torch.nn.functional.normalize(emb.to(torch.float32), dim=-1)
+            out[:n].copy_(emb, non_blocking=True)
+            end.record(compute)
+        return Launched(out=out[:n], start=start, end=end, embedder=self)
+
+
+@dataclass
+class Launched:
+    """A batch :meth:`Embedder.launch_uint8` started; ``wait()`` returns its float32 unit rows."""
+
+    rows: np.ndarray | None = None  # CPU: already computed
+    out: torch.Tensor | None = None  # CUDA: pinned host rows, valid once ``end`` has completed
+    start: Any = None
+    end: Any = None
+    embedder: Embedder | None = None
+
+    def done(self) -> bool:
+        return self.rows is not None or self.end.query()
+
+    def wait(self) -> np.ndarray:
+        if self.rows is None:
+            self.end.synchronize()
+            self.rows = self.out.numpy().copy()  # the pinned buffer goes back to the engine
+            self.embedder._busy += self.start.elapsed_time(self.end) / 1000  # device time of this batch
+        return self.rows
 
 
 def normalize_on_device(crops: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

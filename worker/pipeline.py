@@ -21,14 +21,18 @@ and rows keep the tar's order::
       │  chunks of images to the decode pool; the chunks' Futures on a bounded queue (tar order)
     decode pool          prepare.prepare_images: decode + preprocess        (one process per CPU)
       │  Futures resolved in queue order                                      (PreparedStream)
-    calling thread       batches -> model.embed -> writer.ShardWriter
-                         -> commit: .npy, .parquet, then the manifest
+    calling thread       batches of uint8 crops into the engine's host buffers; finished batches to
+      │                  writer.ShardWriter, in order
+    forward thread       engine.InferenceEngine: to the device, normalise there, forward, rows back
+                         (asynchronous: decode, copy, forward and writing overlap)
+    calling thread       -> commit: .npy, .parquet, then the manifest
 
-At most ``queue size x chunk + batch size`` samples are alive at once, however large the shard.
+At most ``queue size x chunk + 3 batches`` samples are alive at once, however large the shard.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import threading
@@ -38,12 +42,11 @@ from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 
-import numpy as np
-
 from embedjob.contract import EmbedOptions
 from embedjob.layout import shard_outputs, shard_stem
 from embedjob.results import read_manifest, shard_counts
 from embedjob.storage import Storage
+from embedjob.worker.engine import InferenceEngine
 from embedjob.worker.model import Embedder, available_cpus
 from embedjob.worker.prepare import (
     CHUNK_BYTES,
@@ -56,7 +59,7 @@ from embedjob.worker.prepare import (
     discard_decode_pool,
     shared_decode_pool,
 )
-from embedjob.worker.preprocess import PREPROCESSING_ID, normalize
+from embedjob.worker.preprocess import PREPROCESSING_ID
 from embedjob.worker.tar_reader import SkippedMember, TarStats, iter_tar
 from embedjob.worker.writer import MetadataRow, ShardWriter, shard_manifest
 
@@ -172,14 +175,16 @@ class PreparedStream:
         infos: list[SampleInfo] = []
         datas: list[bytes] = []
         size = 0
+        chunk = 1  # the first chunks are small, so that every worker has work at once
 
         def send() -> bool:
-            nonlocal infos, datas, size
+            nonlocal infos, datas, size, chunk
             if not infos:
                 return True
             future = self.pool.submit(datas, self.max_pixels, self.preprocessing, self.device_jpeg)
             ok = self._put((infos, future))
             infos, datas, size = [], [], 0  # the image bytes now belong to the pool only
+            chunk = min(2 * chunk, self.pool.chunk_images)
             return ok
 
         try:
@@ -200,7 +205,7 @@ class PreparedStream:
                         datas.append(item.image)
                         size += len(item.image)
                         del item
-                        if (len(datas) >= self.pool.chunk_images or size >= CHUNK_BYTES) and not send():
+                        if (len(datas) >= chunk or size >= CHUNK_BYTES) and not send():
                             return
                     t = time.perf_counter()
             if send():
@@ -249,37 +254,48 @@ def embed_shard(
 
     with ShardWriter(outputs, storage, dim=model.dim, dtype=options.dtype) as writer:
         batch: list[tuple[SampleInfo, Crop]] = []
+        in_flight: collections.deque[tuple[Future, list[MetadataRow]]] = collections.deque()
+
+        def collect(wait: bool) -> None:
+            """Write every finished batch (all of them when ``wait``), in submission order."""
+            nonlocal embedded
+            while in_flight and (wait or in_flight[0][0].done()):
+                future, rows = in_flight.popleft()
+                t = time.perf_counter()
+                embeddings = future.result()
+                timings["inference"] += time.perf_counter() - t  # waiting for the engine
+                writer.add(embeddings, rows)
+                embedded += len(rows)
+                if on_progress is not None:
+                    on_progress(embedded)
 
         def flush() -> None:
-            nonlocal embedded
-            if not batch:
-                return
-            t = time.perf_counter()
-            embeddings = model.embed(normalize(np.stack([c.pixels for _, c in batch])))
-            timings["inference"] += time.perf_counter() - t
-            writer.add(embeddings, [info.row(shard, c.width, c.height) for info, c in batch])
-            embedded += len(batch)
-            batch.clear()
-            if on_progress is not None:
-                on_progress(embedded)
+            if batch:
+                t = time.perf_counter()
+                future = engine.submit([c.pixels for _, c in batch])
+                timings["inference"] += time.perf_counter() - t  # a free host buffer, the copy into it
+                in_flight.append((future, [info.row(shard, c.width, c.height) for info, c in batch]))
+                batch.clear()
+            collect(wait=False)
 
         try:
-            with PreparedStream(shard, storage, pool, options) as stream:
+            with InferenceEngine(model, options.batch_size) as engine, \
+                    PreparedStream(shard, storage, pool, options) as stream:
                 t = time.perf_counter()
                 for info, item in stream:
                     timings["wait"] += time.perf_counter() - t
                     timings["decode"] += item.decode_s
+                    timings["preprocess"] += item.preprocess_s
                     if isinstance(item, Rejected):
-                        timings["preprocess"] += item.preprocess_s
                         failures.append({"key": info.key, "member": info.member, "reason": item.reason})
                     else:
-                        timings["preprocess"] += item.preprocess_s
                         paths[item.path] = paths.get(item.path, 0) + 1
                         batch.append((info, item))
                         if len(batch) >= options.batch_size:
                             flush()
                     t = time.perf_counter()
                 flush()
+                collect(wait=True)
         except DecodePoolBroken:
             discard_decode_pool(pool)  # a decoder crashed: the next shard gets a fresh pool
             raise

@@ -1,0 +1,156 @@
+"""Stage 4 on its own thread — the engine: batches of uint8 crops to the model's device, normalised
+there, the forward in a thread of its own, results back asynchronously.
+
+The pipeline's calling thread only stacks crops into a free host buffer (pinned memory on CUDA, so
+the copy to the device is a non-blocking DMA) and hands it over; it then goes straight back to
+collecting decoded samples and writing finished batches. The forward thread launches each batch
+(:meth:`Embedder.launch_uint8`) and only then waits for the one before it, so on CUDA the device
+always has the next batch queued; on the CPU the forward simply runs while the calling thread keeps
+the decode workers supplied. Order is kept: futures resolve in submission order.
+
+    engine = InferenceEngine(embedder, batch_size=256)
+    future = engine.submit(list_of_224x224x3_uint8)   # blocks only while every host buffer is busy
+    rows = future.result()                            # float32 [n, dim], L2-normalised
+    engine.close()
+
+Device-agnostic: the same code runs on the CPU (plain buffers, synchronous forward) and on CUDA.
+"""
+
+from __future__ import annotations
+
+import collections
+import queue
+import threading
+import weakref
+from collections.abc import Sequence
+from concurrent.futures import Future
+
+import numpy as np
+
+from embedjob.worker.model import Embedder, Launched, OutOfMemoryError, torch
+
+# Host buffers: one being filled by the caller, one launched, one finishing.
+SLOTS = 3
+_STOP = object()
+
+
+_buffers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_buffers_lock = threading.Lock()
+
+
+def _host_buffers(embedder: Embedder, batch_size: int, slots: int) -> tuple[list, list]:
+    """Host buffers for the crops going up and the rows coming back, pinned on CUDA, allocated once
+    per embedder and batch size (pinning memory is slow; every shard reuses them)."""
+    with _buffers_lock:
+        per_embedder = _buffers.setdefault(embedder, {})
+        key = (batch_size, slots)
+        if key not in per_embedder:
+            pinned = embedder.device.type == "cuda"
+            per_embedder.clear()  # one size at a time
+            per_embedder[key] = (
+                [torch.empty((batch_size, 224, 224, 3), dtype=torch.uint8, pin_memory=pinned) for _ in range(slots)],
+                [torch.empty((batch_size, embedder.dim), dtype=torch.float32, pin_memory=pinned) for _ in range(slots)],
+            )
+        return per_embedder[key]
+
+
+class InferenceEngine:
+    """Runs ``embedder`` on a thread of its own; see the module docstring."""
+
+    def __init__(self, embedder: Embedder, batch_size: int, slots: int = SLOTS) -> None:
+        self.embedder = embedder
+        self.batch_size = int(batch_size)
+        self._crops, self._rows = _host_buffers(embedder, self.batch_size, slots)
+        self._free: queue.Queue[int] = queue.Queue()
+        for i in range(slots):
+            self._free.put(i)
+        self._inbox: queue.Queue = queue.Queue()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="embedjob-forward", daemon=True)
+        self._thread.start()
+
+    # -- the caller's side -----------------------------------------------------------------------
+    def submit(self, crops: Sequence[np.ndarray] | np.ndarray) -> Future:
+        """Queue a batch of uint8 ``[224, 224, 3]`` crops (at most ``batch_size``); the Future gives
+        float32 ``[n, dim]`` unit rows. Blocks while every host buffer is in use (back-pressure)."""
+        n = len(crops)
+        if not 0 < n <= self.batch_size:
+            raise ValueError(f"batch of {n} crops for an engine of batch size {self.batch_size}")
+        if not self._thread.is_alive():
+            raise RuntimeError("the inference engine is closed")
+        slot = self._free.get()
+        np.stack(crops, out=self._crops[slot][:n].numpy())  # straight into the (pinned) buffer
+        future: Future = Future()
+        self._inbox.put((slot, n, future))
+        return future
+
+    def close(self) -> None:
+        """Stop the forward thread; batches not started yet are cancelled."""
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if item is not _STOP:
+                item[2].cancel()
+                self._free.put(item[0])
+        self._inbox.put(_STOP)
+        self._thread.join()
+
+    def __enter__(self) -> InferenceEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- the forward thread ------------------------------------------------------------------------
+    def _launch(self, slot: int, n: int) -> Launched | np.ndarray:
+        crops = self._crops[slot][:n]
+        if self.embedder.max_batch is None or n <= self.embedder.max_batch:
+            try:
+                return self.embedder.launch_uint8(crops, out=self._rows[slot])
+            except OutOfMemoryError:
+                pass
+        # Too big for the device: the synchronous path halves the batch and remembers the size.
+        if self.embedder.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return self.embedder.embed_uint8(crops)
+
+    def _finish(self, slot: int, future: Future, launched: Launched | np.ndarray | BaseException) -> None:
+        try:
+            if isinstance(launched, BaseException):
+                raise launched
+            rows = launched if isinstance(launched, np.ndarray) else launched.wait()
+        except BaseException as e:  # noqa: BLE001 - the caller re-raises it from the Future
+            future.set_exception(e)
+        else:
+            future.set_result(rows)
+        finally:
+            self._free.put(slot)
+
+    def _run(self) -> None:
+        in_flight: collections.deque = collections.deque()
+        while True:
+            if in_flight:
+                try:
+                    item = self._inbox.get_nowait()
+                except queue.Empty:  # nothing new to launch: finish the oldest batch meanwhile
+                    self._finish(*in_flight.popleft())
+                    continue
+            else:
+                item = self._inbox.get()
+            if item is _STOP:
+                break
+            slot, n, future = item
+            if not future.set_running_or_notify_cancel():
+                self._free.put(slot)
+                continue
+            try:
+                launched: Launched | np.ndarray | BaseException = self._launch(slot, n)
+            except BaseException as e:  # noqa: BLE001 - delivered through the Future
+                launched = e
+            in_flight.append((slot, future, launched))
+            while len(in_flight) > 1:  # the device has the newest batch queued: wait for the older
+                self._finish(*in_flight.popleft())
+        while in_flight:
+            self._finish(*in_flight.popleft())

@@ -41,6 +41,7 @@ class EmbedOptions:
             num_threads=i.numThreads,
             max_image_pixels=i.maxImagePixels,
             overwrite=spec.output.overwrite,
+            preprocessing=i.preprocessing,
         )
 
 

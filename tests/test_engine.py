@@ -38,7 +38,7 @@ def test_uint8_with_on_device_normalisation_equals_the_exact_float_path(embedder
     exact = embedder.embed(torch.from_numpy(np.stack([clip_reference(img) for img in images])))
     with InferenceEngine(embedder, batch_size=8) as engine:
         futures = [engine.submit(crops[i : i + 8]) for i in range(0, len(crops), 8)]
-        rows = np.concatenate([f.result() for f in futures])
+        rows = np.concatenate([f.result().rows for f in futures])
     assert rows.shape == exact.shape == (len(images), 32) and rows.dtype == np.float32
     cos = _cosines(rows, exact)
     assert cos.min() >= 0.99999, dict(zip(REFERENCE_CASES, cos, strict=True))
@@ -56,7 +56,7 @@ def test_batches_come_back_in_order_and_no_thread_is_left(embedder):
     engine = InferenceEngine(embedder, batch_size=8)
     futures = [engine.submit(list(b)) for b in batches]  # more batches than host buffers: back-pressure
     for f, e in zip(futures, expected, strict=True):
-        np.testing.assert_allclose(f.result(timeout=60), e, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(f.result(timeout=60).rows, e, rtol=1e-5, atol=1e-6)
     engine.close()
     assert threading.active_count() == before
     with pytest.raises(RuntimeError, match="closed"):
@@ -91,9 +91,9 @@ def test_out_of_memory_in_the_engine_halves_the_batch():
     net = _FakeNet(limit=3)
     embedder = _fake(net)
     with InferenceEngine(embedder, batch_size=8) as engine:
-        first = engine.submit(list(crops)).result()
+        first = engine.submit(list(crops)).result().rows
         net.calls.clear()
-        second = engine.submit(list(crops)).result()
+        second = engine.submit(list(crops)).result().rows
     np.testing.assert_allclose(first, expected, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(second, expected, rtol=1e-6, atol=1e-6)
     assert embedder.max_batch == 2 and net.calls == [2, 2, 2, 2]  # the learned size sticks
@@ -103,7 +103,7 @@ def test_a_failing_batch_fails_its_future_and_the_engine_goes_on():
     crops = list(np.zeros((4, 224, 224, 3), dtype=np.uint8))
     with InferenceEngine(_fake(_FakeNet(fail_on=2)), batch_size=4) as engine:
         futures = [engine.submit(crops) for _ in range(3)]
-        assert futures[0].result().shape == (4, 8)
+        assert futures[0].result().rows.shape == (4, 8)
         with pytest.raises(RuntimeError, match="fell off the bus"):
             futures[1].result()
-        assert futures[2].result().shape == (4, 8)
+        assert futures[2].result().rows.shape == (4, 8)

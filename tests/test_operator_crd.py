@@ -49,8 +49,9 @@ def test_fields_mirror_the_spec_dataclasses():
 def test_defaults_enums_bounds_and_patterns_match():
     s = spec_schema()["properties"]
     inf, d = s["inference"]["properties"], sp.InferenceSpec()
-    for key in ("batchSize", "precision", "device", "numThreads", "maxImagePixels"):
+    for key in ("batchSize", "precision", "device", "numThreads", "maxImagePixels", "preprocessing"):
         assert inf[key]["default"] == getattr(d, key), key
+    assert tuple(inf["preprocessing"]["enum"]) == sp.PREPROCESSINGS
     assert (inf["batchSize"]["minimum"], inf["batchSize"]["maximum"]) == (1, 4096)
     assert (inf["numThreads"]["minimum"], inf["numThreads"]["maximum"]) == (0, 256)
     assert tuple(inf["precision"]["enum"]) == sp.PRECISIONS and tuple(inf["device"]["enum"]) == sp.DEVICES

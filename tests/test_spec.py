@@ -20,6 +20,16 @@ def test_defaults_filled():
     assert s.model.name == DEFAULT_MODEL and s.model.revision == DEFAULT_REVISION
     assert s.output.dtype == "float16" and s.inference.batchSize == 32 and s.inference.precision == "auto"
     assert s.retries.perShard == 3 and s.maxFailedShards == 0 and s.queue == "embedjob" and not s.suspend
+    assert s.inference.preprocessing == "exact" and s.inference.numThreads == 0  # 0: every usable CPU
+
+
+def test_fast_preprocessing_is_opt_in_and_reaches_the_task_options():
+    from embedjob.contract import EmbedOptions
+
+    s = parse_job(job(inference={"preprocessing": "fast", "numThreads": 6})).spec
+    options = EmbedOptions.from_spec(s)
+    assert (options.preprocessing, options.num_threads) == ("fast", 6)
+    assert EmbedOptions.from_spec(parse_job(job()).spec).preprocessing == "exact"
 
 
 @pytest.mark.parametrize(
@@ -29,6 +39,8 @@ def test_defaults_filled():
         ({"inference": {"batchSize": 0}}, "spec.inference.batchSize"),
         ({"inference": {"batchSize": "32"}}, "spec.inference.batchSize"),
         ({"inference": {"precision": "fp8"}}, "spec.inference.precision"),
+        ({"inference": {"preprocessing": "fastest"}}, "spec.inference.preprocessing"),
+        ({"inference": {"numThreads": -1}}, "spec.inference.numThreads"),
         ({"retries": {"perShard": -1}}, "spec.retries.perShard"),
         ({"maxFailedShards": -2}, "spec.maxFailedShards"),
         ({"suspend": "yes"}, "spec.suspend"),

@@ -257,15 +257,30 @@ def _measurement(images: int, seconds: float, monitor: TreeMonitor, **extra: Any
             **usage, **extra}
 
 
-def measure_decode(shards: list[str], storage: Storage, options: EmbedOptions, device_jpeg: bool = False
-                   ) -> dict[str, Any]:
-    """Decode limit: every shard through the worker's reader + decode pool, nothing else."""
+def measure_decode(shards: list[str], storage: Storage, options: EmbedOptions, device: Any = None,
+                   device_jpeg: bool = False) -> dict[str, Any]:
+    """Decode limit: every shard through the worker's reader + decode pool, nothing else. With
+    ``device_jpeg`` (the fast path on CUDA) the JPEGs the workers leave encoded are decoded, resized
+    and cropped on ``device`` in batches, as the engine does, still without the model."""
     from embedjob.worker.pipeline import PreparedStream, decode_workers
-    from embedjob.worker.prepare import Rejected, shared_decode_pool
+    from embedjob.worker.prepare import EncodedJpeg, Rejected, shared_decode_pool
 
     pool = shared_decode_pool(decode_workers(options))
     pool.warm_up()
     images = rejected = 0
+    pending: list[bytes] = []
+
+    def decode_on_device() -> None:
+        nonlocal images
+        if pending:
+            from embedjob.worker.device_decode import device_crops, nvjpeg_decoder
+            from embedjob.worker.model import torch
+
+            crops = device_crops(pending, device, nvjpeg_decoder())
+            torch.cuda.synchronize(device)
+            images += sum(1 for c in crops if not isinstance(c, BaseException))
+            pending.clear()
+
     with TreeMonitor() as mon:
         t0 = time.perf_counter()
         for shard in shards:
@@ -273,10 +288,16 @@ def measure_decode(shards: list[str], storage: Storage, options: EmbedOptions, d
                 for _, item in stream:
                     if isinstance(item, Rejected):
                         rejected += 1
+                    elif isinstance(item, EncodedJpeg):
+                        pending.append(item.data)
+                        if len(pending) >= options.batch_size:
+                            decode_on_device()
                     else:
                         images += 1
+        decode_on_device()
         seconds = time.perf_counter() - t0
-    return _measurement(images, seconds, mon, rejected=rejected, workers=pool.workers, pool=pool.kind)
+    return _measurement(images, seconds, mon, rejected=rejected, workers=pool.workers, pool=pool.kind,
+                        on_device=device_jpeg)
 
 
 def measure_model(embedder: Any, batch_size: int, min_seconds: float) -> dict[str, Any]:
@@ -295,9 +316,9 @@ def measure_model(embedder: Any, batch_size: int, min_seconds: float) -> dict[st
                 futures.append(engine.submit(crops))
                 batches += 1
                 while futures and (futures[0].done() or len(futures) > 2):
-                    images += futures.pop(0).result().shape[0]
+                    images += futures.pop(0).result().rows.shape[0]
             for f in futures:
-                images += f.result().shape[0]
+                images += f.result().rows.shape[0]
             seconds = time.perf_counter() - t0
     return _measurement(images, seconds, mon, batches=batches, batch_size=batch_size)
 
@@ -441,17 +462,26 @@ def _sum_paths(manifests: list[dict[str, Any]]) -> dict[str, int]:
 
 
 # -- fast vs exact ---------------------------------------------------------------------------------------------
-def fast_crops(datas: list[bytes], device: Any, max_pixels: int) -> list[np.ndarray]:
-    """The fast path's crops as the worker makes them on ``device``: DCT-domain downscale on the CPU,
-    nvJPEG + resize on the GPU."""
+def fast_crops(datas: list[bytes], device: Any, max_pixels: int) -> tuple[list[np.ndarray], str]:
+    """The fast path's crops as the worker makes them on ``device``: nvJPEG + resize on the device on
+    CUDA (the CPU path for what it refuses), DCT-domain downscale + exact resize on the CPU."""
     from embedjob.worker.prepare import Crop, prepare_image
 
-    out = []
-    for d in datas:
-        item = prepare_image(d, max_pixels, "fast")
-        assert isinstance(item, Crop), item
-        out.append(item.pixels)
-    return out
+    out: list[Any] = [None] * len(datas)
+    path = "cpu-draft"
+    if device.type == "cuda":
+        from embedjob.worker.device_decode import device_crops, nvjpeg_decoder
+
+        path = "device-nvjpeg"
+        for i, crop in enumerate(device_crops(datas, device, nvjpeg_decoder())):
+            if not isinstance(crop, BaseException):
+                out[i] = crop.cpu().numpy()
+    for i, d in enumerate(datas):
+        if out[i] is None:
+            item = prepare_image(d, max_pixels, "fast")
+            assert isinstance(item, Crop), item
+            out[i] = item.pixels
+    return out, path
 
 
 def measure_deviation(datas: list[bytes], device: Any, model_dir: str, precision: str) -> dict[str, Any]:
@@ -466,7 +496,7 @@ def measure_deviation(datas: list[bytes], device: Any, model_dir: str, precision
         item = prepare_image(d, max_pixels, "exact")
         assert isinstance(item, Crop), item
         exact.append(item.pixels)
-    fast = fast_crops(datas, device, max_pixels)
+    fast, path = fast_crops(datas, device, max_pixels)
     psnr, mad = [], []
     for a, b in zip(exact, fast, strict=True):
         diff = a.astype(np.float64) - b.astype(np.float64)
@@ -488,6 +518,7 @@ def measure_deviation(datas: list[bytes], device: Any, model_dir: str, precision
         "cosine_mean": round(float(cos.mean()), 6),
         "model": Path(model_dir).name,
         "precision": embedder.precision,
+        "fast_path": path,
     }
 
 
@@ -607,7 +638,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
                 log(f"bench: decode limit ({mode}){round_}")
                 limit_options = replace(base, preprocessing=mode, num_threads=cfg.decode_workers or available_cpus())
                 runs.setdefault(f"decode_limit_{mode}", []).append(measure_decode(
-                    shards, storage, limit_options, device_jpeg=(mode == "fast" and device.type == "cuda")))
+                    shards, storage, limit_options, device, device_jpeg=(mode == "fast" and device.type == "cuda")))
             log(f"bench: model limit{round_}")
             embedder = load_embedder(model, device=cfg.device, precision=cfg.precision)
             runs.setdefault("model_limit", []).append(measure_model(embedder, cfg.batch_size, cfg.model_seconds))
@@ -704,7 +735,8 @@ def format_report(report: dict[str, Any]) -> str:
 
     for mode in cfg["preprocessing"]:
         d = m[f"decode_limit_{mode}"]
-        row(f"1. decode limit ({mode}, {d['workers']} {d['pool']} workers)", d)
+        where = " + nvJPEG" if d.get("on_device") else ""
+        row(f"1. decode limit ({mode}, {d['workers']} {d['pool']} workers{where})", d)
     row(f"2. model limit (uint8 batches of {cfg['batch_size']})", m["model_limit"])
     row(f"3. baseline ({m['baseline']['processor']}, fp32, b{BASELINE_BATCH})", m["baseline"])
     for mode in cfg["preprocessing"]:
@@ -728,7 +760,8 @@ def format_report(report: dict[str, Any]) -> str:
     if d:
         psnr = ("identical" if d["psnr_db_min"] is None
                 else f"PSNR min {d['psnr_db_min']} dB mean {d['psnr_db_mean']} dB")
-        lines.append(f"  fast vs exact ({d['images']} images, {d['identical_crops']} identical crops): {psnr}, "
+        lines.append(f"  fast ({d['fast_path']}) vs exact ({d['images']} images, {d['identical_crops']} identical "
+                     f"crops): {psnr}, "
                      f"mean |diff| {d['mean_abs_diff']} (worst image {d['mean_abs_diff_max']}), cosine "
                      f"min {d['cosine_min']} mean {d['cosine_mean']} on {d['model']} {d['precision']}")
     lines.append(f"  peak RSS of the bench process: {env['peak_rss_mib_main']} MiB")

@@ -10,8 +10,13 @@ the decode workers supplied. Order is kept: futures resolve in submission order.
 
     engine = InferenceEngine(embedder, batch_size=256)
     future = engine.submit(list_of_224x224x3_uint8)   # blocks only while every host buffer is busy
-    rows = future.result()                            # float32 [n, dim], L2-normalised
+    rows = future.result().rows                       # float32 [n, dim], L2-normalised
     engine.close()
+
+With the fast path on CUDA, items may also be encoded JPEGs (prepare.EncodedJpeg): the forward
+thread decodes them on the device (device_decode), resizes and crops them there, and puts them in
+their places in the batch; one nvJPEG refuses takes the CPU path, and one that fails there too is
+left out of the rows and reported in ``BatchResult.rejected``.
 
 Device-agnostic: the same code runs on the CPU (plain buffers, synchronous forward) and on CUDA.
 """
@@ -24,14 +29,27 @@ import threading
 import weakref
 from collections.abc import Sequence
 from concurrent.futures import Future
+from dataclasses import dataclass, field
 
 import numpy as np
 
+from embedjob.worker.device_decode import JpegDecoder, device_crops
 from embedjob.worker.model import Embedder, Launched, OutOfMemoryError, torch
+from embedjob.worker.prepare import Crop, EncodedJpeg, prepare_image
 
 # Host buffers: one being filled by the caller, one launched, one finishing.
 SLOTS = 3
 _STOP = object()
+DEVICE_JPEG_PATH = "device-nvjpeg"
+
+
+@dataclass
+class BatchResult:
+    """What a batch gave: ``rows[j]`` is the embedding of the j-th item not in ``rejected``."""
+
+    rows: np.ndarray  # float32 [n - len(rejected), dim], L2-normalised, in item order
+    rejected: dict[int, str] = field(default_factory=dict)  # item index -> reason (device-path items only)
+    paths: dict[int, str] = field(default_factory=dict)  # item index -> how a device-path item was made
 
 
 _buffers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -57,9 +75,12 @@ def _host_buffers(embedder: Embedder, batch_size: int, slots: int) -> tuple[list
 class InferenceEngine:
     """Runs ``embedder`` on a thread of its own; see the module docstring."""
 
-    def __init__(self, embedder: Embedder, batch_size: int, slots: int = SLOTS) -> None:
+    def __init__(self, embedder: Embedder, batch_size: int, slots: int = SLOTS, *,
+                 jpeg_decoder: JpegDecoder | None = None, max_pixels: int = 0) -> None:
         self.embedder = embedder
         self.batch_size = int(batch_size)
+        self.jpeg_decoder = jpeg_decoder  # for EncodedJpeg items (the fast path on CUDA)
+        self.max_pixels = max_pixels  # for their CPU fallback
         self._crops, self._rows = _host_buffers(embedder, self.batch_size, slots)
         self._free: queue.Queue[int] = queue.Queue()
         for i in range(slots):
@@ -70,18 +91,28 @@ class InferenceEngine:
         self._thread.start()
 
     # -- the caller's side -----------------------------------------------------------------------
-    def submit(self, crops: Sequence[np.ndarray] | np.ndarray) -> Future:
-        """Queue a batch of uint8 ``[224, 224, 3]`` crops (at most ``batch_size``); the Future gives
-        float32 ``[n, dim]`` unit rows. Blocks while every host buffer is in use (back-pressure)."""
-        n = len(crops)
+    def submit(self, items: Sequence[np.ndarray | EncodedJpeg] | np.ndarray) -> Future:
+        """Queue a batch (at most ``batch_size``) of uint8 ``[224, 224, 3]`` crops, or encoded JPEGs
+        for the device; the Future gives a :class:`BatchResult`. Blocks while every host buffer is in
+        use (back-pressure)."""
+        n = len(items)
         if not 0 < n <= self.batch_size:
             raise ValueError(f"batch of {n} crops for an engine of batch size {self.batch_size}")
         if not self._thread.is_alive():
             raise RuntimeError("the inference engine is closed")
+        jpegs = {i: it for i, it in enumerate(items) if isinstance(it, EncodedJpeg)}
+        if jpegs and self.jpeg_decoder is None:
+            raise ValueError("encoded JPEGs given to an engine without a device JPEG decoder")
         slot = self._free.get()
-        np.stack(crops, out=self._crops[slot][:n].numpy())  # straight into the (pinned) buffer
+        host = self._crops[slot].numpy()
+        if not jpegs:
+            np.stack(items, out=host[:n])  # straight into the (pinned) buffer
+        else:
+            for i, it in enumerate(items):
+                if i not in jpegs:
+                    host[i] = it
         future: Future = Future()
-        self._inbox.put((slot, n, future))
+        self._inbox.put((slot, n, jpegs, future))
         return future
 
     def close(self) -> None:
@@ -92,7 +123,7 @@ class InferenceEngine:
             except queue.Empty:
                 break
             if item is not _STOP:
-                item[2].cancel()
+                item[3].cancel()
                 self._free.put(item[0])
         self._inbox.put(_STOP)
         self._thread.join()
@@ -104,27 +135,56 @@ class InferenceEngine:
         self.close()
 
     # -- the forward thread ------------------------------------------------------------------------
-    def _launch(self, slot: int, n: int) -> Launched | np.ndarray:
+    def _batch(self, slot: int, n: int, jpegs: dict[int, EncodedJpeg]) -> tuple[torch.Tensor, dict, dict]:
+        """The batch to embed: the host crops as they are, or, with encoded JPEGs, the crops on the
+        device with the device-decoded images in their places and the rejected ones left out."""
         crops = self._crops[slot][:n]
+        if not jpegs:
+            return crops, {}, {}
+        device = self.embedder.device
+        batch = crops.to(device, non_blocking=True)
+        order = sorted(jpegs)
+        rejected: dict[int, str] = {}
+        paths: dict[int, str] = {}
+        for i, crop in zip(order, device_crops([jpegs[i].data for i in order], device, self.jpeg_decoder),
+                           strict=True):
+            if isinstance(crop, BaseException):  # nvJPEG refused it: the CPU path, for this image only
+                fallback = prepare_image(jpegs[i].data, self.max_pixels, "fast")
+                if not isinstance(fallback, Crop):
+                    rejected[i] = fallback.reason
+                    continue
+                crop, paths[i] = torch.from_numpy(fallback.pixels).to(device), fallback.path
+            else:
+                paths[i] = DEVICE_JPEG_PATH
+            batch[i] = crop
+        if rejected:
+            batch = batch[[i for i in range(n) if i not in rejected]]
+        return batch, rejected, paths
+
+    def _launch(self, slot: int, batch: torch.Tensor) -> Launched | np.ndarray:
+        n = int(batch.shape[0])
+        if n == 0:
+            return np.zeros((0, self.embedder.dim), dtype=np.float32)
         if self.embedder.max_batch is None or n <= self.embedder.max_batch:
             try:
-                return self.embedder.launch_uint8(crops, out=self._rows[slot])
+                return self.embedder.launch_uint8(batch, out=self._rows[slot])
             except OutOfMemoryError:
                 pass
         # Too big for the device: the synchronous path halves the batch and remembers the size.
         if self.embedder.device.type == "cuda":
             torch.cuda.empty_cache()
-        return self.embedder.embed_uint8(crops)
+        return self.embedder.embed_uint8(batch)
 
-    def _finish(self, slot: int, future: Future, launched: Launched | np.ndarray | BaseException) -> None:
+    def _finish(self, slot: int, future: Future, launched: tuple | BaseException) -> None:
         try:
             if isinstance(launched, BaseException):
                 raise launched
-            rows = launched if isinstance(launched, np.ndarray) else launched.wait()
+            handle, rejected, paths = launched
+            rows = handle if isinstance(handle, np.ndarray) else handle.wait()
         except BaseException as e:  # noqa: BLE001 - the caller re-raises it from the Future
             future.set_exception(e)
         else:
-            future.set_result(rows)
+            future.set_result(BatchResult(rows, rejected, paths))
         finally:
             self._free.put(slot)
 
@@ -141,12 +201,13 @@ class InferenceEngine:
                 item = self._inbox.get()
             if item is _STOP:
                 break
-            slot, n, future = item
+            slot, n, jpegs, future = item
             if not future.set_running_or_notify_cancel():
                 self._free.put(slot)
                 continue
             try:
-                launched: Launched | np.ndarray | BaseException = self._launch(slot, n)
+                batch, rejected, paths = self._batch(slot, n, jpegs)
+                launched: tuple | BaseException = (self._launch(slot, batch), rejected, paths)
             except BaseException as e:  # noqa: BLE001 - delivered through the Future
                 launched = e
             in_flight.append((slot, future, launched))

@@ -46,6 +46,7 @@ from embedjob.contract import EmbedOptions
 from embedjob.layout import shard_outputs, shard_stem
 from embedjob.results import read_manifest, shard_counts
 from embedjob.storage import Storage
+from embedjob.worker.device_decode import JpegDecoder, nvjpeg_decoder
 from embedjob.worker.engine import InferenceEngine
 from embedjob.worker.model import Embedder, available_cpus
 from embedjob.worker.prepare import (
@@ -54,6 +55,7 @@ from embedjob.worker.prepare import (
     Crop,
     DecodePool,
     DecodePoolBroken,
+    EncodedJpeg,
     Prepared,
     Rejected,
     discard_decode_pool,
@@ -223,6 +225,81 @@ def _skip_result(shard: str, stem: str, output: str, storage: Storage, started: 
                        seconds=time.perf_counter() - started, manifest=shard_outputs(output, stem).manifest)
 
 
+def device_jpeg_decoder(options: EmbedOptions, model: Embedder) -> JpegDecoder | None:
+    """The GPU JPEG decoder when the fast path decodes on the device (preprocessing "fast" on CUDA),
+    else None. Raises at once, naming the field, when this worker cannot (no torchvision)."""
+    if options.preprocessing != "fast" or model.device.type != "cuda":
+        return None
+    return nvjpeg_decoder()
+
+
+class _Batches:
+    """The calling thread's side of stages 4-5: prepared samples into batches for the engine, and
+    finished batches into the writer, in tar order."""
+
+    def __init__(self, engine: InferenceEngine, writer: ShardWriter, shard: str, batch_size: int,
+                 on_progress: Callable[[int], None] | None, timings: dict[str, float]) -> None:
+        self.engine, self.writer, self.shard, self.batch_size = engine, writer, shard, batch_size
+        self.on_progress, self.timings = on_progress, timings
+        self.embedded = 0
+        self.paths: dict[str, int] = {}  # how the embedded images were preprocessed
+        self._failures: list[tuple[int, dict[str, str]]] = []  # (sample number, record): kept in tar order
+        self._seq = 0
+        self._batch: list[tuple[int, SampleInfo, Crop | EncodedJpeg]] = []
+        self._in_flight: collections.deque[tuple[Future, list]] = collections.deque()
+
+    @property
+    def failures(self) -> list[dict[str, str]]:
+        return [record for _, record in sorted(self._failures, key=lambda f: f[0])]
+
+    def add(self, info: SampleInfo, item: Prepared) -> None:
+        self._seq += 1
+        if isinstance(item, Rejected):
+            self._fail(self._seq, info, item.reason)
+            return
+        if isinstance(item, Crop):
+            self.paths[item.path] = self.paths.get(item.path, 0) + 1
+        self._batch.append((self._seq, info, item))
+        if len(self._batch) >= self.batch_size:
+            self.flush()
+
+    def _fail(self, seq: int, info: SampleInfo, reason: str) -> None:
+        self._failures.append((seq, {"key": info.key, "member": info.member, "reason": reason}))
+
+    def flush(self) -> None:
+        if self._batch:
+            t = time.perf_counter()
+            future = self.engine.submit([x.pixels if isinstance(x, Crop) else x for _, _, x in self._batch])
+            self.timings["inference"] += time.perf_counter() - t  # a free host buffer, the copy into it
+            self._in_flight.append((future, self._batch))
+            self._batch = []
+        self.collect(wait=False)
+
+    def collect(self, wait: bool) -> None:
+        """Write every finished batch (all of them when ``wait``), in submission order."""
+        while self._in_flight and (wait or self._in_flight[0][0].done()):
+            future, batch = self._in_flight.popleft()
+            t = time.perf_counter()
+            result = future.result()
+            self.timings["inference"] += time.perf_counter() - t  # waiting for the engine
+            rows = []
+            for i, (seq, info, item) in enumerate(batch):
+                if i in result.rejected:
+                    self._fail(seq, info, result.rejected[i])
+                    continue
+                if i in result.paths:
+                    self.paths[result.paths[i]] = self.paths.get(result.paths[i], 0) + 1
+                rows.append(info.row(self.shard, item.width, item.height))
+            self.writer.add(result.rows, rows)
+            self.embedded += len(rows)
+            if self.on_progress is not None:
+                self.on_progress(self.embedded)
+
+    def finish(self) -> None:
+        self.flush()
+        self.collect(wait=True)
+
+
 def embed_shard(
     shard: str,
     output: str,
@@ -245,69 +322,35 @@ def embed_shard(
         # Redoing a finished shard: it stops being "done" until the new outputs are all in place.
         storage.delete(outputs.manifest)
 
+    jpeg_decoder = device_jpeg_decoder(options, model)
+    pool = shared_decode_pool(decode_workers(options))
     created = datetime.now(UTC)
     timings = dict.fromkeys(STAGES, 0.0)
-    failures: list[dict[str, str]] = []
-    paths: dict[str, int] = {}
-    embedded = 0
-    pool = shared_decode_pool(decode_workers(options))
-
     with ShardWriter(outputs, storage, dim=model.dim, dtype=options.dtype) as writer:
-        batch: list[tuple[SampleInfo, Crop]] = []
-        in_flight: collections.deque[tuple[Future, list[MetadataRow]]] = collections.deque()
-
-        def collect(wait: bool) -> None:
-            """Write every finished batch (all of them when ``wait``), in submission order."""
-            nonlocal embedded
-            while in_flight and (wait or in_flight[0][0].done()):
-                future, rows = in_flight.popleft()
-                t = time.perf_counter()
-                embeddings = future.result()
-                timings["inference"] += time.perf_counter() - t  # waiting for the engine
-                writer.add(embeddings, rows)
-                embedded += len(rows)
-                if on_progress is not None:
-                    on_progress(embedded)
-
-        def flush() -> None:
-            if batch:
-                t = time.perf_counter()
-                future = engine.submit([c.pixels for _, c in batch])
-                timings["inference"] += time.perf_counter() - t  # a free host buffer, the copy into it
-                in_flight.append((future, [info.row(shard, c.width, c.height) for info, c in batch]))
-                batch.clear()
-            collect(wait=False)
-
         try:
-            with InferenceEngine(model, options.batch_size) as engine, \
-                    PreparedStream(shard, storage, pool, options) as stream:
+            with InferenceEngine(model, options.batch_size, jpeg_decoder=jpeg_decoder,
+                                 max_pixels=options.max_image_pixels) as engine, \
+                    PreparedStream(shard, storage, pool, options, device_jpeg=jpeg_decoder is not None) as stream:
+                batches = _Batches(engine, writer, shard, options.batch_size, on_progress, timings)
                 t = time.perf_counter()
                 for info, item in stream:
                     timings["wait"] += time.perf_counter() - t
                     timings["decode"] += item.decode_s
-                    timings["preprocess"] += item.preprocess_s
-                    if isinstance(item, Rejected):
-                        failures.append({"key": info.key, "member": info.member, "reason": item.reason})
-                    else:
-                        paths[item.path] = paths.get(item.path, 0) + 1
-                        batch.append((info, item))
-                        if len(batch) >= options.batch_size:
-                            flush()
+                    timings["preprocess"] += getattr(item, "preprocess_s", 0.0)
+                    batches.add(info, item)
                     t = time.perf_counter()
-                flush()
-                collect(wait=True)
+                batches.finish()
         except DecodePoolBroken:
             discard_decode_pool(pool)  # a decoder crashed: the next shard gets a fresh pool
             raise
         timings["read"] = stream.read_seconds
-
         if stream.stats.error:
-            log.warning("shard %s: %s (kept %d images read before it)", shard, stream.stats.error, embedded)
+            log.warning("shard %s: %s (kept %d images read before it)", shard, stream.stats.error, batches.embedded)
         manifest = shard_manifest(
-            shard=shard, stem=stem, output=output, embedded=embedded, failures=failures, stats=stream.stats,
-            model=model.describe(),
+            shard=shard, stem=stem, output=output, embedded=batches.embedded, failures=batches.failures,
+            stats=stream.stats, model=model.describe(),
             preprocessing=PREPROCESSING_ID if options.preprocessing == "exact" else FAST_PREPROCESSING_ID,
-            preprocessing_paths=paths,
+            preprocessing_paths=batches.paths,
             options={"batch_size": options.batch_size, "precision": options.precision,
                      "num_threads": pool.workers, "max_image_pixels": options.max_image_pixels},
             timings=timings, created=created,
@@ -316,7 +359,6 @@ def embed_shard(
         writer.commit(manifest)
         timings["write"] = time.perf_counter() - t
 
-    seconds = time.perf_counter() - started
-    timings["total"] = seconds
-    return ShardResult(shard=shard, stem=stem, status="done", images=embedded, failed=len(failures),
-                       seconds=seconds, manifest=outputs.manifest, timings=timings)
+    timings["total"] = seconds = time.perf_counter() - started
+    return ShardResult(shard=shard, stem=stem, status="done", images=batches.embedded,
+                       failed=len(manifest["failed"]), seconds=seconds, manifest=outputs.manifest, timings=timings)

@@ -38,7 +38,6 @@ import numpy as np
 from embedjob.worker.decode import DecodeError, load_image, open_image
 from embedjob.worker.preprocess import IMAGE_SIZE, PreprocessError, reference_crop
 
-PREPROCESSING_MODES = ("exact", "fast")
 # What a manifest records for preprocessing "fast" ("exact" records preprocess.PREPROCESSING_ID).
 FAST_PREPROCESSING_ID = "embedjob-fast-v1"
 # The fast CPU path decodes JPEGs at 1/2, 1/4 or 1/8 scale in the DCT domain (Pillow's ``draft``)

@@ -176,7 +176,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         decode_workers=args.decode_workers, decode_pool=args.decode_pool, s3_endpoint=args.s3_endpoint,
         s3_bucket=args.s3_bucket, workdir=args.workdir, baseline_images=args.baseline_images,
         model_seconds=args.model_seconds, deviation_images=args.deviation_images,
-        deviation_model=args.deviation_model, repeat=args.repeat,
+        deviation_model=args.deviation_model, repeat=args.repeat, decode_scaling=args.decode_scaling,
     )
     report = run_bench(cfg, log=lambda msg: print(msg, file=sys.stderr, flush=True))
     print(format_report(report))
@@ -240,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model for the fast-vs-exact cosine (same: the --model)")
     b.add_argument("--repeat", type=int, default=1,
                    help="rounds of every measurement, each reporting its best (a machine shared with other work)")
+    b.add_argument("--decode-scaling", action="store_true",
+                   help="also the exact decode limit on 1, 2, 4 ... all usable CPUs (first shard)")
     b.add_argument("--json", default=None, metavar="OUT", help="also write the report as JSON")
     b.set_defaults(func=_cmd_bench)
 

@@ -80,6 +80,7 @@ class BenchConfig:
     jpeg_quality: int = 90
     seed: int = 0
     repeat: int = 1  # rounds of all measurements; each reports its best round
+    decode_scaling: bool = False  # also the exact decode limit on 1, 2, 4 ... all CPUs
 
 
 # -- shards ---------------------------------------------------------------------------------------------
@@ -630,11 +631,12 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
             "cpus_available": cpus, "torch_threads": torch.get_num_threads(), "load_average_start": load_average(),
             "torch": torch.__version__, "storage": "s3" if is_s3(root) else "local",
         }
+        modes = _available_modes(cfg.preprocessing, device, report, log)
         runs: dict[str, list[dict[str, Any]]] = {}
         config, precision = None, None
         for r in range(cfg.repeat):
             round_ = f" [round {r + 1}/{cfg.repeat}]" if cfg.repeat > 1 else ""
-            for mode in cfg.preprocessing:
+            for mode in modes:
                 log(f"bench: decode limit ({mode}){round_}")
                 limit_options = replace(base, preprocessing=mode, num_threads=cfg.decode_workers or available_cpus())
                 runs.setdefault(f"decode_limit_{mode}", []).append(measure_decode(
@@ -649,7 +651,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
             runs.setdefault("baseline", []).append(
                 measure_baseline(shards, storage, str(model_path), cfg.device, cfg.baseline_images))
             gc.collect()  # the baseline's model
-            for mode in cfg.preprocessing:
+            for mode in modes:
                 log(f"bench: embedjob e2e ({mode}){round_}")
                 out = join(root, f"out-{mode}")
                 runs.setdefault(f"e2e_{mode}", []).append(measure_e2e(
@@ -658,42 +660,19 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
         m = {k: _best(v) for k, v in runs.items()}
         m["model_limit"]["precision"] = precision
         report["measurements"] = m
-
-        model_ips = m["model_limit"]["images_per_s"]
-        limits, ratios = {}, {}
-        for mode in cfg.preprocessing:
-            decode_ips = m[f"decode_limit_{mode}"]["images_per_s"]
-            if device.type == "cuda":
-                limit, rule = min(decode_ips, model_ips), "min(decode, model)"
-            else:
-                limit = 1 / (1 / decode_ips + 1 / model_ips) if decode_ips and model_ips else 0.0
-                rule = "1/(1/decode + 1/model)"
-            limits[mode] = {"images_per_s": round(limit, 2), "rule": rule}
-            e2e = m[f"e2e_{mode}"]
-            if "images_per_s" in e2e:
-                ratios[mode] = {
-                    "e2e_over_limit": round(e2e["images_per_s"] / limit, 3) if limit else None,
-                    "e2e_over_baseline": round(e2e["images_per_s"] / m["baseline"]["images_per_s"], 3),
-                }
-        report["limits"], report["ratios"] = limits, ratios
-
+        report["limits"], report["ratios"] = limits_and_ratios(m, modes, device.type)
         if config is not None:
-            flops = vision_flops_per_image(config)
-            peak_dtype = dtype if dtype != torch.float32 or device.type == "cuda" else torch.float32
             log("bench: dense matmul peak")
-            peak = matmul_peak_tflops(device, peak_dtype, n=8192 if device.type == "cuda" else 2048)
-            achieved = model_ips * flops / 1e12
-            report["compute"] = {
-                "gflop_per_image": round(flops / 1e9, 2), "model_tflops": round(achieved, 4),
-                "matmul_peak_tflops": round(peak, 3), "matmul_dtype": str(peak_dtype).replace("torch.", ""),
-                "fraction_of_peak": round(achieved / peak, 3) if peak else None,
-            }
-            if device.type == "cuda":
-                for mode in cfg.preprocessing:
-                    e2e = m[f"e2e_{mode}"]
-                    if "seconds" in e2e:
-                        e2e["gpu_busy_fraction"] = round(e2e["model_busy_seconds"] / e2e["seconds"], 3)
-        if "fast" in cfg.preprocessing and cfg.deviation_images > 0:
+            report["compute"] = compute_section(config, m["model_limit"]["images_per_s"], device, dtype)
+        if device.type == "cuda":
+            for mode in modes:
+                e2e = m[f"e2e_{mode}"]
+                if "seconds" in e2e:
+                    e2e["gpu_busy_fraction"] = round(e2e["model_busy_seconds"] / e2e["seconds"], 3)
+        if cfg.decode_scaling:
+            report["decode_scaling"] = measure_scaling(shards[:1], storage, replace(base, preprocessing="exact"),
+                                                       available_cpus(), log)
+        if "fast" in modes and cfg.deviation_images > 0:
             log("bench: fast vs exact deviation")
             dev_model = model_path if cfg.deviation_model == "same" else _model_dir("vit-l14", workdir)
             datas = synthetic_jpegs(cfg.size, cfg.deviation_images, seed=cfg.seed + 7, quality=cfg.jpeg_quality)
@@ -704,6 +683,76 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
     finally:
         if cfg.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _available_modes(modes: tuple[str, ...], device: Any, report: dict[str, Any], log: Callable[[str], None]
+                     ) -> tuple[str, ...]:
+    """The preprocessing modes this machine can run: the fast path on CUDA needs torchvision."""
+    if "fast" not in modes or device.type != "cuda":
+        return modes
+    from embedjob.worker.device_decode import DeviceDecodeUnavailable, nvjpeg_decoder
+
+    try:
+        nvjpeg_decoder()
+    except DeviceDecodeUnavailable as e:
+        log(f"bench: skipping the fast path: {e}")
+        report.setdefault("notes", []).append(f"fast path not measured: {e}")
+        return tuple(m for m in modes if m != "fast")
+    return modes
+
+
+def limits_and_ratios(m: dict[str, Any], modes: tuple[str, ...], device_type: str
+                      ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The limit per preprocessing mode (CPU: decode and model share the cores; CUDA: side by side)
+    and the e2e ratios. On the CPU also the ratio of CPU time per image (decode + model against e2e),
+    which other processes on the machine do not distort."""
+    model = m["model_limit"]
+    limits, ratios = {}, {}
+    for mode in modes:
+        decode, e2e = m[f"decode_limit_{mode}"], m[f"e2e_{mode}"]
+        if device_type == "cuda":
+            limit, rule = min(decode["images_per_s"], model["images_per_s"]), "min(decode, model)"
+        else:
+            both = decode["images_per_s"] and model["images_per_s"]
+            limit = 1 / (1 / decode["images_per_s"] + 1 / model["images_per_s"]) if both else 0.0
+            rule = "1/(1/decode + 1/model)"
+        limits[mode] = {"images_per_s": round(limit, 2), "rule": rule}
+        if "images_per_s" not in e2e:
+            continue
+        ratios[mode] = {
+            "e2e_over_limit": round(e2e["images_per_s"] / limit, 3) if limit else None,
+            "e2e_over_baseline": round(e2e["images_per_s"] / m["baseline"]["images_per_s"], 3),
+        }
+        if device_type != "cuda" and e2e.get("cpu_ms_per_image"):
+            ratios[mode]["cpu_time_ratio"] = round(
+                (decode["cpu_ms_per_image"] + model["cpu_ms_per_image"]) / e2e["cpu_ms_per_image"], 3)
+    return limits, ratios
+
+
+def compute_section(config: Any, model_ips: float, device: Any, dtype: Any) -> dict[str, Any]:
+    """The model's achieved TFLOP/s against a dense matmul in the compute dtype, measured now."""
+    flops = vision_flops_per_image(config)
+    peak = matmul_peak_tflops(device, dtype, n=8192 if device.type == "cuda" else 2048)
+    achieved = model_ips * flops / 1e12
+    return {"gflop_per_image": round(flops / 1e9, 2), "model_tflops": round(achieved, 4),
+            "matmul_peak_tflops": round(peak, 3), "matmul_dtype": str(dtype).replace("torch.", ""),
+            "fraction_of_peak": round(achieved / peak, 3) if peak else None}
+
+
+def measure_scaling(shards: list[str], storage: Storage, options: EmbedOptions, cpus: int,
+                    log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """The exact decode limit with 1, 2, 4, ... and all usable CPUs: whether decoding scales."""
+    from embedjob.worker.prepare import discard_decode_pool
+
+    counts = sorted({*(2**k for k in range(cpus.bit_length()) if 2**k <= cpus), cpus})
+    out = []
+    for n in counts:
+        log(f"bench: decode scaling, {n} workers")
+        r = measure_decode(shards, storage, replace(options, num_threads=n))
+        out.append({"workers": n, "images_per_s": r["images_per_s"], "cpu_ms_per_image": r["cpu_ms_per_image"],
+                    "cpu_cores_busy": r["cpu_cores_busy"]})
+    discard_decode_pool()
+    return out
 
 
 def _max_rss_mib() -> float:
@@ -733,26 +782,29 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"  {label:<44}{r['images']:>8}{r['seconds']:>9.2f}{r['images_per_s']:>10.1f}"
                      f"{r['peak_pss_mib']:>10.0f}{r['cpu_cores_busy']:>10.2f}{r['cpu_ms_per_image']:>11.2f}")
 
-    for mode in cfg["preprocessing"]:
+    modes = list(report["limits"])
+    for mode in modes:
         d = m[f"decode_limit_{mode}"]
         where = " + nvJPEG" if d.get("on_device") else ""
         row(f"1. decode limit ({mode}, {d['workers']} {d['pool']} workers{where})", d)
     row(f"2. model limit (uint8 batches of {cfg['batch_size']})", m["model_limit"])
     row(f"3. baseline ({m['baseline']['processor']}, fp32, b{BASELINE_BATCH})", m["baseline"])
-    for mode in cfg["preprocessing"]:
+    for mode in modes:
         row(f"4. embedjob e2e ({mode}, run_shard_task)", m[f"e2e_{mode}"])
     lines.append("")
-    for mode in cfg["preprocessing"]:
+    for mode in modes:
         lim = report["limits"][mode]
         r = report["ratios"].get(mode)
         ratio = (f"e2e/limit {r['e2e_over_limit']:.3f}   e2e/baseline {r['e2e_over_baseline']:.2f}" if r
                  else "e2e skipped")
+        if r and "cpu_time_ratio" in r:
+            ratio += f"   CPU time (decode+model)/e2e {r['cpu_time_ratio']:.3f}"
         lines.append(f"  {mode}: limit {lim['images_per_s']:.1f} images/s ({lim['rule']});  {ratio}")
     c = report.get("compute")
     if c:
         lines.append(f"  model: {c['gflop_per_image']} GFLOP/image, {c['model_tflops']} TFLOP/s achieved vs dense "
                      f"{c['matmul_dtype']} matmul {c['matmul_peak_tflops']} TFLOP/s ({c['fraction_of_peak']})")
-    for mode in cfg["preprocessing"]:
+    for mode in modes:
         busy = m[f"e2e_{mode}"].get("gpu_busy_fraction")
         if busy is not None:
             lines.append(f"  GPU busy during e2e ({mode}): {busy:.2f}")
@@ -764,6 +816,12 @@ def format_report(report: dict[str, Any]) -> str:
                      f"crops): {psnr}, "
                      f"mean |diff| {d['mean_abs_diff']} (worst image {d['mean_abs_diff_max']}), cosine "
                      f"min {d['cosine_min']} mean {d['cosine_mean']} on {d['model']} {d['precision']}")
+    scaling = report.get("decode_scaling")
+    if scaling:
+        lines.append("  decode scaling (exact): " + ", ".join(
+            f"{x['workers']} workers {x['images_per_s']:.0f}/s" for x in scaling))
+    for note in report.get("notes", []):
+        lines.append(f"  note: {note}")
     lines.append(f"  peak RSS of the bench process: {env['peak_rss_mib_main']} MiB")
     return "\n".join(lines)
 
@@ -772,3 +830,24 @@ def write_json(report: dict[str, Any], path: str) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(report, indent=1, sort_keys=True, allow_nan=False))
 
+
+
+def summary_markdown(reports: list[dict[str, Any]]) -> str:
+    """One Markdown table over several reports (sizes, paths): what the README and a closing note show."""
+    head = ("| size | path | decode limit | model limit | limit | embedjob e2e | e2e/limit | baseline | e2e/baseline "
+            "| GPU busy | model TFLOP/s (of peak) |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in reports:
+        m, cfg = r["measurements"], r["config"]
+        c = r.get("compute") or {}
+        for mode, lim in r["limits"].items():
+            e2e, ratio = m[f"e2e_{mode}"], r["ratios"].get(mode, {})
+            busy = e2e.get("gpu_busy_fraction")
+            lines.append(
+                f"| {cfg['size']} | {mode} | {m[f'decode_limit_{mode}']['images_per_s']:.0f} "
+                f"| {m['model_limit']['images_per_s']:.0f} | {lim['images_per_s']:.0f} "
+                f"| {e2e.get('images_per_s', 0):.0f} | {ratio.get('e2e_over_limit')} "
+                f"| {m['baseline']['images_per_s']:.1f} | {ratio.get('e2e_over_baseline')} "
+                f"| {'' if busy is None else busy} "
+                f"| {c.get('model_tflops', '')} ({c.get('fraction_of_peak', '')}) |")
+    return "\n".join(lines)

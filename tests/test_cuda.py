@@ -1,0 +1,111 @@
+"""On a CUDA device only (skipped elsewhere; scripts/gpu-check.sh runs them): the engine's pinned
+buffers, copy stream and asynchronous launches give the exact path's rows; nvJPEG's crops stay within
+the fast path's bounds; a whole shard through the fast path on the device."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from embedjob.contract import EmbedOptions
+from embedjob.worker.bench import synthetic_jpegs
+from embedjob.worker.engine import DEVICE_JPEG_PATH, InferenceEngine
+from embedjob.worker.model import clear_cache, load_embedder
+from embedjob.worker.pipeline import embed_shard
+from embedjob.worker.prepare import Crop, prepare_image
+from embedjob.worker.preprocess import reference_crop
+from tests import shards
+from tests.test_preprocess import REFERENCE_CASES, clip_reference
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+def _torchvision() -> bool:
+    try:
+        import torchvision  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.fixture()
+def gpu(tiny_clip_dir):
+    clear_cache()
+    yield load_embedder(str(tiny_clip_dir), device="cuda", precision="fp32")
+    clear_cache()
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def test_engine_on_cuda_equals_the_exact_float_path(gpu):
+    images = [Image.open(io.BytesIO(shards.varied_images()[n][1])) for n in REFERENCE_CASES]
+    crops = [reference_crop(i) for i in images]
+    exact = gpu.embed(torch.from_numpy(np.stack([clip_reference(i) for i in images])))
+    with InferenceEngine(gpu, batch_size=8) as engine:
+        assert engine._crops[0].is_pinned() and engine._rows[0].is_pinned()
+        futures = [engine.submit(crops[i : i + 8]) for i in range(0, len(crops), 8)]
+        rows = np.concatenate([f.result(timeout=120).rows for f in futures])
+    assert _cos(rows, exact).min() >= 0.99999
+    assert gpu.busy_seconds() > 0  # measured with CUDA events
+
+
+def test_asynchronous_launches_keep_their_order(gpu):
+    rng = np.random.default_rng(0)
+    batches = [rng.integers(0, 256, (n, 224, 224, 3), dtype=np.uint8) for n in (16, 3, 16, 16, 7, 16)]
+    expected = [gpu.embed_uint8(b) for b in batches]
+    with InferenceEngine(gpu, batch_size=16) as engine:
+        futures = [engine.submit(list(b)) for b in batches]
+        for f, e in zip(futures, expected, strict=True):
+            np.testing.assert_allclose(f.result(timeout=120).rows, e, atol=1e-5)
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_half_precision_on_cuda_stays_close(tiny_clip_dir, precision):
+    clear_cache()
+    crops = np.stack([reference_crop(Image.open(io.BytesIO(j))) for j in synthetic_jpegs("mix", 10)])
+    ref = load_embedder(str(tiny_clip_dir), device="cuda", precision="fp32").embed_uint8(crops)
+    half = load_embedder(str(tiny_clip_dir), device="cuda", precision=precision)
+    with InferenceEngine(half, batch_size=10) as engine:
+        rows = engine.submit(list(crops)).result(timeout=120).rows
+    assert rows.dtype == np.float32 and _cos(rows, ref).min() >= 0.999
+    clear_cache()
+
+
+@pytest.mark.skipif(not _torchvision(), reason="the fast path on CUDA needs torchvision")
+def test_nvjpeg_crops_stay_within_30_db_of_exact():
+    from embedjob.worker.device_decode import device_crops, nvjpeg_decoder
+
+    datas = [*synthetic_jpegs("mix", 10, seed=4), shards.encode(shards.rgb(1200, 900, seed=5), "JPEG", quality=90)]
+    crops = device_crops(datas + [b"\xff\xd8 not a jpeg \xff\xd9"], torch.device("cuda"), nvjpeg_decoder())
+    assert isinstance(crops[-1], BaseException)  # refused: the CPU path takes it
+    for data, crop in zip(datas, crops, strict=False):
+        exact = prepare_image(data, 10**8, "exact")
+        assert isinstance(exact, Crop)
+        diff = exact.pixels.astype(np.float64) - crop.cpu().numpy().astype(np.float64)
+        assert 10 * math.log10(255.0**2 / max(float(np.mean(diff**2)), 1e-12)) >= 30.0
+
+
+@pytest.mark.skipif(not _torchvision(), reason="the fast path on CUDA needs torchvision")
+def test_a_shard_through_the_fast_path_on_the_device(gpu, tmp_path):
+    spec = shards.varied_shard()
+    tar = spec.write(tmp_path / "varied.tar")
+    fast = embed_shard(str(tar), str(tmp_path / "fast"), gpu, EmbedOptions(batch_size=8, preprocessing="fast"))
+    exact = embed_shard(str(tar), str(tmp_path / "exact"), gpu, EmbedOptions(batch_size=8))
+    assert (fast.images, fast.failed) == (exact.images, exact.failed)
+    manifest = json.loads((tmp_path / "fast" / "_manifests" / "varied.json").read_text())
+    assert manifest["preprocessing_paths"].get(DEVICE_JPEG_PATH, 0) >= 5
+    assert [f["key"] for f in manifest["failed"]] == spec.failed_keys
+    a = np.load(tmp_path / "fast" / "img_emb" / "varied.npy").astype(np.float32)
+    b = np.load(tmp_path / "exact" / "img_emb" / "varied.npy").astype(np.float32)
+    assert _cos(a, b).min() > 0.99

@@ -160,7 +160,16 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         multiproc.prepare(settings.metrics_dir)
     from embedjob.worker.tasks import app
 
-    argv = ["worker", "-Q", args.queue, "-c", str(args.concurrency), "--loglevel", args.loglevel,
+    if args.concurrency > 1 and args.shards_in_flight > 1:
+        print("error: --shards-in-flight > 1 runs in one process; use it with --concurrency 1", file=sys.stderr)
+        return 2
+    if args.concurrency > 1:  # several processes (one per GPU), one shard each
+        pool = ["-P", "prefork", "-c", str(args.concurrency)]
+    else:
+        # One process, one model, one decode pool, several shards in flight as threads: while one shard
+        # finishes and uploads, the next one is already decoding, and the GPU never waits for a shard.
+        pool = ["-P", "threads", "-c", str(args.shards_in_flight)]
+    argv = ["worker", "-Q", args.queue, *pool, "--loglevel", args.loglevel,
             "-n", args.hostname, "--without-gossip", "--without-mingle", "--prefetch-multiplier", "1"]
     app.worker_main(argv)
     return 0
@@ -177,6 +186,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         s3_bucket=args.s3_bucket, workdir=args.workdir, baseline_images=args.baseline_images,
         model_seconds=args.model_seconds, deviation_images=args.deviation_images,
         deviation_model=args.deviation_model, repeat=args.repeat, decode_scaling=args.decode_scaling,
+        shards_in_flight=args.shards_in_flight,
     )
     report = run_bench(cfg, log=lambda msg: print(msg, file=sys.stderr, flush=True))
     print(format_report(report))
@@ -210,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     w = sub.add_parser("worker", help="start a Celery worker (broker: EMBEDJOB_REDIS_URL)")
     w.add_argument("--queue", default="embedjob")
     w.add_argument("--concurrency", type=int, default=1, help="processes; one per GPU")
+    w.add_argument("--shards-in-flight", type=int, default=2,
+                   help="shards one process works on at once, sharing its model and decode workers (default 2)")
     w.add_argument("--loglevel", default="info")
     w.add_argument("--hostname", default="embedjob@%h")
     w.set_defaults(func=_cmd_worker)
@@ -240,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model for the fast-vs-exact cosine (same: the --model)")
     b.add_argument("--repeat", type=int, default=1,
                    help="rounds of every measurement, each reporting its best (a machine shared with other work)")
+    b.add_argument("--shards-in-flight", type=int, default=2,
+                   help="e2e: shards at once in one process, as embedjob worker runs them (default 2)")
     b.add_argument("--decode-scaling", action="store_true",
                    help="also the exact decode limit on 1, 2, 4 ... all usable CPUs (first shard)")
     b.add_argument("--json", default=None, metavar="OUT", help="also write the report as JSON")

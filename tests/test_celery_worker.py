@@ -194,3 +194,52 @@ def test_storage_error_before_embedding_is_recorded_not_lost(bucket, env, worker
     assert info["transient"] is True and info["errorCode"] == "EndpointConnectionError"
     assert info["error"].startswith(f"StorageError: HeadObject s3://{bucket}/out/_manifests/000.json: ")
     assert store.executions() == {}  # nothing was embedded
+
+
+def test_two_shards_in_flight_share_one_worker_and_survive_its_sigkill(bucket, env, workers, tiny_clip_dir,
+                                                                       redis_url):
+    """`embedjob worker` works on two shards at once (one model, one decode pool): while one finishes
+    and uploads, the other is decoding. Both run at the same time; killed mid-shard, both are redone by
+    another worker and committed exactly once, with the rows of a shard embedded on its own."""
+    n = 300
+    specs = {stem: simple_shard(n, size=(320, 240), seed=i) for i, stem in enumerate(("a", "b"))}
+    job = f"job-{uuid.uuid4().hex[:6]}"
+    tasks = [ShardTask(job=job, shard=_put_shard(bucket, f"in/{stem}.tar", spec), stem=stem,
+                       output=f"s3://{bucket}/out", model={"name": "x", "revision": None, "path": str(tiny_clip_dir)},
+                       options={**EmbedOptions().__dict__, "device": "cpu", "batch_size": 8, "num_threads": 1})
+             for stem, spec in specs.items()]
+    store = ProgressStore(redis_client(redis_url), job)
+    storage = Storage()
+
+    victim = workers.start("victim")
+    for t in tasks:
+        _send(env, workers.queue, t)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not all(store.info(s).get("imagesSoFar", 0) > 0 for s in specs):
+        time.sleep(0.1)
+    assert all(store.info(s).get("imagesSoFar", 0) > 0 for s in specs), "the two shards were not in flight at once"
+    workers.kill(victim)
+    assert not any(storage.exists(shard_outputs(tasks[0].output, s).manifest) for s in specs)
+
+    workers.start("rescuer")
+    for s in specs:
+        _wait_state(store, s, "succeeded", 240)
+    assert store.executions() == {"a": 2, "b": 2}
+    assert sorted(storage.list(f"s3://{bucket}/out/_manifests/")) == [
+        shard_outputs(tasks[0].output, s).manifest for s in ("a", "b")]
+
+    # Each shard's rows are those of the shard embedded alone (no batch of one shard mixed into the other).
+    from embedjob.worker.model import clear_cache, load_embedder
+    from embedjob.worker.pipeline import embed_shard
+
+    clear_cache()
+    alone = load_embedder(str(tiny_clip_dir), device="cpu", precision="fp32")
+    for stem, spec in specs.items():
+        out = shard_outputs(tasks[0].output, stem)
+        emb = np.load(io.BytesIO(storage.read_bytes(out.embeddings))).astype(np.float32)
+        keys = pq.read_table(io.BytesIO(storage.read_bytes(out.metadata))).column("key").to_pylist()
+        assert keys == spec.good_keys and emb.shape == (n, 32)
+        embed_shard(tasks[0].shard.replace("/a.tar", f"/{stem}.tar"), f"s3://{bucket}/alone", alone,
+                    EmbedOptions(batch_size=8, num_threads=1, dtype="float32"), stem=stem)
+        ref = np.load(io.BytesIO(storage.read_bytes(shard_outputs(f"s3://{bucket}/alone", stem).embeddings)))
+        assert (emb * ref).sum(1).min() > 0.999

@@ -56,20 +56,25 @@ _buffers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _buffers_lock = threading.Lock()
 
 
-def _host_buffers(embedder: Embedder, batch_size: int, slots: int) -> tuple[list, list]:
-    """Host buffers for the crops going up and the rows coming back, pinned on CUDA, allocated once
-    per embedder and batch size (pinning memory is slow; every shard reuses them)."""
+def _take_buffers(embedder: Embedder, batch_size: int, slots: int) -> tuple[list, list]:
+    """Host buffers for the crops going up and the rows coming back, pinned on CUDA. Pinning memory
+    is slow, so an engine that closes gives its buffers back for the next shard; two engines on one
+    embedder (two shards in flight) each get their own."""
     with _buffers_lock:
-        per_embedder = _buffers.setdefault(embedder, {})
-        key = (batch_size, slots)
-        if key not in per_embedder:
-            pinned = embedder.device.type == "cuda"
-            per_embedder.clear()  # one size at a time
-            per_embedder[key] = (
-                [torch.empty((batch_size, 224, 224, 3), dtype=torch.uint8, pin_memory=pinned) for _ in range(slots)],
-                [torch.empty((batch_size, embedder.dim), dtype=torch.float32, pin_memory=pinned) for _ in range(slots)],
-            )
-        return per_embedder[key]
+        free = _buffers.setdefault(embedder, {}).setdefault((batch_size, slots), [])
+        if free:
+            return free.pop()
+    pinned = embedder.device.type == "cuda"
+    return ([torch.empty((batch_size, 224, 224, 3), dtype=torch.uint8, pin_memory=pinned) for _ in range(slots)],
+            [torch.empty((batch_size, embedder.dim), dtype=torch.float32, pin_memory=pinned) for _ in range(slots)])
+
+
+def _give_back_buffers(embedder: Embedder, batch_size: int, slots: int, buffers: tuple[list, list]) -> None:
+    with _buffers_lock:
+        per_size = _buffers.setdefault(embedder, {})
+        for key in [k for k in per_size if k != (batch_size, slots)]:
+            del per_size[key]  # keep one batch size's buffers, the one in use
+        per_size.setdefault((batch_size, slots), []).append(buffers)
 
 
 class InferenceEngine:
@@ -81,7 +86,8 @@ class InferenceEngine:
         self.batch_size = int(batch_size)
         self.jpeg_decoder = jpeg_decoder  # for EncodedJpeg items (the fast path on CUDA)
         self.max_pixels = max_pixels  # for their CPU fallback
-        self._crops, self._rows = _host_buffers(embedder, self.batch_size, slots)
+        self._slots = slots
+        self._crops, self._rows = _take_buffers(embedder, self.batch_size, slots)
         self._free: queue.Queue[int] = queue.Queue()
         for i in range(slots):
             self._free.put(i)
@@ -98,7 +104,7 @@ class InferenceEngine:
         n = len(items)
         if not 0 < n <= self.batch_size:
             raise ValueError(f"batch of {n} crops for an engine of batch size {self.batch_size}")
-        if not self._thread.is_alive():
+        if not self._crops or not self._thread.is_alive():
             raise RuntimeError("the inference engine is closed")
         jpegs = {i: it for i, it in enumerate(items) if isinstance(it, EncodedJpeg)}
         if jpegs and self.jpeg_decoder is None:
@@ -127,6 +133,9 @@ class InferenceEngine:
                 self._free.put(item[0])
         self._inbox.put(_STOP)
         self._thread.join()
+        if self._crops:
+            _give_back_buffers(self.embedder, self.batch_size, self._slots, (self._crops, self._rows))
+            self._crops, self._rows = [], []
 
     def __enter__(self) -> InferenceEngine:
         return self

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import socket
 import sys
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 from urllib.parse import urlparse
@@ -22,6 +24,7 @@ from urllib.parse import urlparse
 from embedjob import __version__
 from embedjob.bundled import sample_shards, sample_shards_dir
 from embedjob.dev.cli import add_commands as add_dev_commands
+from embedjob.dev.services import RedisServer
 from embedjob.operator.cli import add_commands as add_operator_commands
 from embedjob.spec import DEFAULT_REVISION, Job, SpecError, load_job_file, parse_job
 
@@ -188,7 +191,18 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         deviation_model=args.deviation_model, repeat=args.repeat, decode_scaling=args.decode_scaling,
         shards_in_flight=args.shards_in_flight,
     )
-    report = run_bench(cfg, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    # The task body keeps leases and progress in Redis: the bench gets a private one on a free port,
+    # never the EMBEDJOB_REDIS_URL of a real deployment.
+    redis = None
+    if shutil.which("redis-server"):
+        redis = RedisServer(Path(tempfile.mkdtemp(prefix="embedjob-bench-redis-"))).start()
+    try:
+        report = run_bench(replace(cfg, redis_url=redis.url if redis else None),
+                           log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    finally:
+        if redis is not None:
+            redis.stop()
+            shutil.rmtree(redis.dir, ignore_errors=True)
     print(format_report(report))
     if args.json:
         write_json(report, args.json)

@@ -9,7 +9,7 @@
 #                                                      # shards (tests/test_gpu_check.py runs this)
 #
 # Needs a Python with a CUDA build of torch and embedjob installed (the worker image, or
-# `pip install -e .[worker]`); torchvision for the fast path on the GPU (without it the bench says
+# scripts/setup.sh); -P everywhere, so the checkout's embedjob/ folder never shadows the install; torchvision for the fast path on the GPU (without it the bench says
 # so and measures exact only). PYTHON overrides the interpreter.
 set -euo pipefail
 OUT=${1:?usage: scripts/gpu-check.sh OUTDIR}
@@ -25,7 +25,7 @@ if [ "${GPU_CHECK_DRY_RUN:-0}" = "1" ]; then
 else
   DEVICE=cuda MODEL=vit-l14 PRECISION=bf16 BATCH=256 COUNT=8 PER_SHARD=1000 BASELINE=512
   DEV_IMAGES=64 DEV_MODEL=vit-l14 MODEL_SECONDS=5
-  "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu-check: torch sees no CUDA device')"
+  "$PY" -P -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu-check: torch sees no CUDA device')"
 fi
 
 step() { printf '\n== %s (%s)\n' "$1" "$(date +%T)" >&2; }
@@ -34,7 +34,7 @@ step "environment"
 {
   date -u; uptime; nproc
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>/dev/null || echo "no nvidia-smi"
-  "$PY" - <<'EOF'
+  "$PY" -P - <<'EOF'
 import torch
 from embedjob.worker.model import available_cpus
 print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
@@ -49,13 +49,13 @@ EOF
 
 step "CUDA tests"
 # On the CPU they are skipped (and say so); the marker selects exactly them.
-"$PY" -m pytest -q -rs -m cuda tests/test_cuda.py 2>&1 | tee "$OUT/pytest-cuda.txt"
+"$PY" -P -m pytest -q -rs -m cuda tests/test_cuda.py 2>&1 | tee "$OUT/pytest-cuda.txt"
 
 for SIZE in 500x375 1mp; do
   step "bench $SIZE"
   EXTRA=()
   [ "$SIZE" = "500x375" ] && EXTRA+=(--decode-scaling)
-  "$PY" -m embedjob.cli bench --device "$DEVICE" --model "$MODEL" --precision "$PRECISION" \
+  "$PY" -P -m embedjob.cli bench --device "$DEVICE" --model "$MODEL" --precision "$PRECISION" \
       --batch-size "$BATCH" --size "$SIZE" --count "$COUNT" --images-per-shard "$PER_SHARD" \
       --baseline-images "$BASELINE" --preprocessing both --deviation-images "$DEV_IMAGES" \
       --deviation-model "$DEV_MODEL" --model-seconds "$MODEL_SECONDS" "${EXTRA[@]}" \
@@ -63,7 +63,7 @@ for SIZE in 500x375 1mp; do
 done
 
 step "summary"
-"$PY" - "$OUT" <<'EOF' | tee "$OUT/summary.md"
+"$PY" -P - "$OUT" <<'EOF' | tee "$OUT/summary.md"
 import json, sys
 from pathlib import Path
 from embedjob.worker.bench import summary_markdown

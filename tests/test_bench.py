@@ -8,19 +8,19 @@ import json
 import math
 import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 
+from embedjob.dev.services import embedjob_command
 from embedjob.worker.bench import SIZES, synthetic_jpegs, vision_flops_per_image
 
 
 def _bench(tmp_path, *args: str, env: dict | None = None) -> tuple[dict, str]:
     out = tmp_path / "bench.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "embedjob.cli", "bench", "--device", "cpu", "--model-seconds", "0.2",
-         "--workdir", str(tmp_path / "work"), "--json", str(out), *args],
+        embedjob_command("bench", "--device", "cpu", "--model-seconds", "0.2",
+                         "--workdir", str(tmp_path / "work"), "--json", str(out), *args),
         capture_output=True, text=True, timeout=420, env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

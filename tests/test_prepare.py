@@ -88,7 +88,7 @@ def test_decode_workers_exit_when_their_parent_is_killed(tmp_path):
         print(" ".join(str(p.proc.pid) for p in pool._procs), flush=True)
         time.sleep(600)
     """)
-    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    parent = subprocess.Popen([sys.executable, "-P", "-c", script], stdout=subprocess.PIPE, text=True)
     pids = [int(p) for p in parent.stdout.readline().split()]
     assert len(pids) == 2 and all(_alive(p) for p in pids)
     parent.send_signal(signal.SIGKILL)

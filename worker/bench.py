@@ -82,6 +82,7 @@ class BenchConfig:
     repeat: int = 1  # rounds of all measurements; each reports its best round
     decode_scaling: bool = False  # also the exact decode limit on 1, 2, 4 ... all CPUs
     shards_in_flight: int = 2  # e2e: shards at once in the one worker process (embedjob worker's default)
+    redis_url: str | None = None  # e2e: a Redis of the benchmark's own (the CLI starts one); None: e2e skipped
 
 
 # -- shards ---------------------------------------------------------------------------------------------
@@ -384,36 +385,20 @@ def measure_baseline(shards: list[str], storage: Storage, model_dir: str, device
                         precision="fp32")
 
 
-_redis_server: Any = None
-
-
-def bench_redis() -> str | None:
-    """A private redis-server for the task body's leases and progress (started once per process), or
-    None when redis-server is not installed."""
-    global _redis_server
-    if _redis_server is None:
-        import atexit
-
-        from embedjob.services import RedisServer
-
-        if not shutil.which("redis-server"):
-            return None
-        _redis_server = RedisServer(Path(tempfile.mkdtemp(prefix="embedjob-bench-redis-"))).start()
-        atexit.register(_redis_server.stop)
-    return _redis_server.url
-
-
 def measure_e2e(shards: list[str], stems: list[str], output: str, model: dict[str, Any], options: EmbedOptions,
-                storage_options: StorageOptions, in_flight: int = 2) -> dict[str, Any]:
+                storage_options: StorageOptions, redis_url: str | None, in_flight: int = 2) -> dict[str, Any]:
     """The real worker path: ``run_shard_task`` (the Celery task's body) on every shard, ``in_flight``
     at a time on threads of one process as ``embedjob worker`` runs them, from a cold start (no
     model loaded, no decode pool), outputs written and checked."""
-    url = bench_redis()
-    if url is None:
-        return {"skipped": "redis-server is not installed: the task body needs Redis for its leases "
-                           "(apt-get install redis-server)"}
-    os.environ["EMBEDJOB_REDIS_URL"] = url
+    if redis_url is None:
+        return {"skipped": "no Redis: the task body keeps its leases and progress there (embedjob bench starts "
+                           "a private redis-server when one is installed: apt-get install redis-server)"}
     from concurrent.futures import ThreadPoolExecutor
+
+    from embedjob import settings
+
+    os.environ["EMBEDJOB_REDIS_URL"] = redis_url
+    settings.reload()  # the task body reads its Redis from the process settings
 
     from embedjob.results import read_manifest
     from embedjob.worker import tasks
@@ -664,7 +649,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
                 out = join(root, f"out-{mode}")
                 runs.setdefault(f"e2e_{mode}", []).append(measure_e2e(
                     shards, stems, out, model, replace(base, preprocessing=mode), storage_options,
-                    cfg.shards_in_flight))
+                    cfg.redis_url, cfg.shards_in_flight))
         # On a machine shared with other work, the best of several rounds is the least disturbed one.
         m = {k: _best(v) for k, v in runs.items()}
         m["model_limit"]["precision"] = precision

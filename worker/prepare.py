@@ -138,14 +138,15 @@ class DecodePoolBroken(RuntimeError):
 
 
 class _DecodeProcess:
-    """One decode worker: ``python -m embedjob.worker.prepare`` with length-prefixed pickles over its
+    """One decode worker: ``python -P -m embedjob.worker.prepare`` with length-prefixed pickles over its
     stdin/stdout. A plain subprocess, not multiprocessing: it starts the same way from a Celery
     prefork child (a daemonic process multiprocessing will not let start children), from a spawned
     ``embedjob run`` worker or from a script without a ``__main__`` guard, imports only what decoding
     needs (no torch), and exits by itself when this process dies (its stdin closes)."""
 
     def __init__(self, index: int) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "embedjob.worker.prepare"], stdin=subprocess.PIPE,
+        # -P: a source checkout's embedjob/ in the working folder must not shadow the installed package.
+        self.proc = subprocess.Popen([sys.executable, "-P", "-m", "embedjob.worker.prepare"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, close_fds=True)
         self.pending: dict[int, Future] = {}
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()

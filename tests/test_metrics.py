@@ -161,6 +161,7 @@ def test_multiprocess_mode_sums_forked_children_and_drops_dead_gauges(tmp_path):
     lines = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in out.splitlines()
              if line and not line.startswith("#")}
     assert lines["embedjob_worker_images_embedded_total"] == 30
+    assert lines["embedjob_worker_model_busy_ratio"] == 0.25  # 0.5 s of inference in a 2 s shard
     assert lines['embedjob_worker_images_failed_total{reason="empty"}'] == 3
     assert lines['embedjob_worker_images_failed_total{reason="preprocess"}'] == 3
     assert lines['embedjob_worker_stage_seconds_total{stage="read"}'] == 3

@@ -40,6 +40,9 @@ SHARDS_RUNNING = Gauge("embedjob_worker_shards_running", "Shards this worker is 
                        multiprocess_mode="livesum")
 BATCH_SIZE = Gauge("embedjob_worker_batch_size", "Images per forward pass of the latest shard.",
                    multiprocess_mode="livemax")
+MODEL_BUSY = Gauge("embedjob_worker_model_busy_ratio", "Fraction of the latest shard's wall time the model "
+                   "was running forwards (inference seconds / shard seconds; on CUDA, the GPU busy fraction "
+                   "as the worker sees it: low means decode or I/O starves the GPU).", multiprocess_mode="livemax")
 OOM_BACKOFFS = Counter("embedjob_worker_oom_backoffs", "Shards during which the batch size was lowered after "
                        "a CUDA out-of-memory error (the model keeps the smaller size).")
 MODEL_LOAD_SECONDS = Histogram("embedjob_worker_model_load_seconds", "Time to load the CLIP model into a "
@@ -95,6 +98,8 @@ def record_success(images: int, failed_reasons: Iterable[str], seconds: float, t
         if stage != "total" and s > 0:
             STAGE_SECONDS.labels(stage).inc(s)
     BATCH_SIZE.set(batch_size)
+    if seconds > 0:
+        MODEL_BUSY.set(min(1.0, timings.get("inference", 0.0) / seconds))
     record_cuda()
 
 

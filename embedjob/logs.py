@@ -2,8 +2,9 @@
 
 While a worker process embeds a shard, every line it logs, from any of its threads (reader, decode
 pool, heartbeat), carries the job, the shard, its stem, the attempt and the worker id, so a log
-system can follow one shard across retries and workers. A worker process embeds one shard at a
-time, so the context is process-wide (threads of the decode pool do not inherit contextvars).
+system can follow one shard across retries and workers. The context belongs to the thread that
+opened it (a worker process may have two shards in flight); other threads of the process take it
+when only one shard is in flight (threads do not inherit contextvars).
 """
 
 from __future__ import annotations
@@ -19,29 +20,42 @@ from typing import Any
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 CONTEXT_KEYS = ("job", "shard", "stem", "attempt", "worker")
 
-_context: dict[str, Any] = {}
+_active: dict[int, dict[str, Any]] = {}  # thread id -> the shard context that thread opened
 _lock = threading.Lock()
 
 
 @contextmanager
 def shard_context(**fields: Any) -> Iterator[None]:
-    """Fields added to every log record while the block runs (job, shard, stem, attempt, worker)."""
+    """Fields added to every log record while the block runs (job, shard, stem, attempt, worker).
+    A worker process may embed two shards at once (one thread each): a record carries the context of
+    the thread that logs it, and a helper thread (reader, heartbeat) the only shard in flight's."""
+    me = threading.get_ident()
     with _lock:
-        saved = dict(_context)
-        _context.update({k: v for k, v in fields.items() if v is not None})
+        saved = _active.get(me)
+        _active[me] = {**(saved or {}), **{k: v for k, v in fields.items() if v is not None}}
     try:
         yield
     finally:
         with _lock:
-            _context.clear()
-            _context.update(saved)
+            if saved is None:
+                _active.pop(me, None)
+            else:
+                _active[me] = saved
+
+
+def _current() -> dict[str, Any]:
+    with _lock:
+        mine = _active.get(threading.get_ident())
+        if mine is not None:
+            return mine
+        return next(iter(_active.values())) if len(_active) == 1 else {}
 
 
 class ContextFilter(logging.Filter):
     """Puts the current shard context on each record (``record.job`` ...; absent outside a shard)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        for k, v in _context.items():
+        for k, v in _current().items():
             if not hasattr(record, k):
                 setattr(record, k, v)
         return True

@@ -215,3 +215,32 @@ def test_log_format_setting_is_checked():
     assert Settings.from_env({}).log_format == "text"
     with pytest.raises(ValueError, match="EMBEDJOB_LOG_FORMAT"):
         Settings.from_env({"EMBEDJOB_LOG_FORMAT": "xml"})
+
+
+def test_log_context_follows_the_thread_when_two_shards_are_in_flight():
+    import logging
+    import threading
+
+    from embedjob import logs
+
+    seen: dict[str, str] = {}
+    started, release = threading.Barrier(2), threading.Event()
+
+    def shard(stem: str) -> None:
+        with logs.shard_context(job="j", stem=stem):
+            started.wait()
+            record = logging.LogRecord("t", logging.ERROR, __file__, 1, "x", None, None)
+            logs.ContextFilter().filter(record)
+            seen[stem] = record.stem
+            release.wait(5)
+
+    threads = [threading.Thread(target=shard, args=(s,)) for s in ("0001", "0009")]
+    for t in threads:
+        t.start()
+    import time
+
+    time.sleep(0.2)
+    release.set()
+    for t in threads:
+        t.join()
+    assert seen == {"0001": "0001", "0009": "0009"}

@@ -57,6 +57,7 @@ def test_batches_come_back_in_order_and_no_thread_is_left(embedder):
     futures = [engine.submit(list(b)) for b in batches]  # more batches than host buffers: back-pressure
     for f, e in zip(futures, expected, strict=True):
         np.testing.assert_allclose(f.result(timeout=60).rows, e, rtol=1e-5, atol=1e-6)
+    assert engine.busy_seconds > 0  # the model's own time on these batches (the shard's "inference")
     engine.close()
     assert threading.active_count() == before
     with pytest.raises(RuntimeError, match="closed"):

@@ -26,6 +26,7 @@ from __future__ import annotations
 import collections
 import queue
 import threading
+import time
 import weakref
 from collections.abc import Sequence
 from concurrent.futures import Future
@@ -93,6 +94,7 @@ class InferenceEngine:
             self._free.put(i)
         self._inbox: queue.Queue = queue.Queue()
         self._error: BaseException | None = None
+        self.busy_seconds = 0.0  # the model's time on this engine's batches (device time on CUDA)
         self._thread = threading.Thread(target=self._run, name="embedjob-forward", daemon=True)
         self._thread.start()
 
@@ -170,10 +172,10 @@ class InferenceEngine:
             batch = batch[[i for i in range(n) if i not in rejected]]
         return batch, rejected, paths
 
-    def _launch(self, slot: int, batch: torch.Tensor) -> Launched | np.ndarray:
+    def _launch(self, slot: int, batch: torch.Tensor) -> Launched:
         n = int(batch.shape[0])
         if n == 0:
-            return np.zeros((0, self.embedder.dim), dtype=np.float32)
+            return Launched(rows=np.zeros((0, self.embedder.dim), dtype=np.float32))
         if self.embedder.max_batch is None or n <= self.embedder.max_batch:
             try:
                 return self.embedder.launch_uint8(batch, out=self._rows[slot])
@@ -182,14 +184,17 @@ class InferenceEngine:
         # Too big for the device: the synchronous path halves the batch and remembers the size.
         if self.embedder.device.type == "cuda":
             torch.cuda.empty_cache()
-        return self.embedder.embed_uint8(batch)
+        t = time.perf_counter()
+        rows = self.embedder.embed_uint8(batch)
+        return Launched(rows=rows, seconds=time.perf_counter() - t)
 
     def _finish(self, slot: int, future: Future, launched: tuple | BaseException) -> None:
         try:
             if isinstance(launched, BaseException):
                 raise launched
             handle, rejected, paths = launched
-            rows = handle if isinstance(handle, np.ndarray) else handle.wait()
+            rows = handle.wait()
+            self.busy_seconds += handle.seconds
         except BaseException as e:  # noqa: BLE001 - the caller re-raises it from the Future
             future.set_exception(e)
         else:

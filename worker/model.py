@@ -242,8 +242,9 @@ class Embedder:
             t = time.perf_counter()
             with self._lock:
                 rows = self._run_uint8(crops)
-            self._busy += time.perf_counter() - t
-            return Launched(rows=rows)
+            seconds = time.perf_counter() - t
+            self._busy += seconds
+            return Launched(rows=rows, seconds=seconds)
         if out is None:
             out = torch.empty((n, self.dim), dtype=torch.float32, pin_memory=True)
         with self._lock, torch.inference_mode():
@@ -268,6 +269,7 @@ class Launched:
     """A batch :meth:`Embedder.launch_uint8` started; ``wait()`` returns its float32 unit rows."""
 
     rows: np.ndarray | None = None  # CPU: already computed
+    seconds: float = 0.0  # the model's time on this batch: wall time on the CPU, device time on CUDA
     out: torch.Tensor | None = None  # CUDA: pinned host rows, valid once ``end`` has completed
     start: Any = None
     end: Any = None
@@ -280,7 +282,8 @@ class Launched:
         if self.rows is None:
             self.end.synchronize()
             self.rows = self.out.numpy().copy()  # the pinned buffer goes back to the engine
-            self.embedder._busy += self.start.elapsed_time(self.end) / 1000  # device time of this batch
+            self.seconds = self.start.elapsed_time(self.end) / 1000  # device time of this batch
+            self.embedder._busy += self.seconds
         return self.rows
 
 

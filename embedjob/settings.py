@@ -33,7 +33,7 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -89,9 +89,6 @@ class Settings:
             metrics_dir=env.get("EMBEDJOB_METRICS_DIR") or d.metrics_dir,
             log_format=_log_format(env.get("EMBEDJOB_LOG_FORMAT") or d.log_format),
         )
-
-    def with_(self, **changes: object) -> Settings:
-        return replace(self, **changes)  # type: ignore[arg-type]
 
     @property
     def expiry_grace(self) -> float:

@@ -43,7 +43,9 @@ def _store(memo: kopf.Memo, uid: str) -> ProgressStore:
 
 
 def _job(memo: kopf.Memo) -> JobMemory:
-    return memo.setdefault("job", JobMemory())
+    if "job" not in memo:  # made once per resource, not on every tick
+        memo.setdefault("job", JobMemory())
+    return memo["job"]
 
 
 def _post(body: kopf.Body, events: list[Event]) -> None:

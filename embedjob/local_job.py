@@ -12,7 +12,6 @@ from __future__ import annotations
 import heapq
 import itertools
 import multiprocessing as mp
-import os
 import queue as queue_mod
 import sys
 import time
@@ -25,6 +24,7 @@ from embedjob import policy
 from embedjob.contract import EmbedOptions
 from embedjob.planning import Shard, plan_shards
 from embedjob.results import done_stems, write_job_manifest
+from embedjob.settings import set_library_env
 from embedjob.spec import Job, SpecError
 from embedjob.storage import Storage, StorageOptions
 
@@ -57,7 +57,7 @@ def _init_worker(progress_queue: Any, torch_threads: int | None) -> None:
     if torch_threads:
         # The model loader sizes torch's thread pool from OMP_NUM_THREADS when set (else from every
         # CPU); setting it here makes several workers share the CPUs instead of each taking all.
-        os.environ["OMP_NUM_THREADS"] = str(torch_threads)
+        set_library_env("OMP_NUM_THREADS", str(torch_threads))
         from embedjob.worker.model import torch  # imported there, after torch's OpenMP policy is set
 
         torch.set_num_threads(torch_threads)

@@ -1,7 +1,10 @@
 """Process settings, read from the environment once at start-up into one frozen object.
 
 The entry points (``embedjob operator``, ``embedjob worker``, ``embedjob run``, the Celery app) build
-it with :func:`load` and pass it in; nothing else reads ``EMBEDJOB_*`` variables. Credentials are not
+it with :func:`load` and pass it in; nothing else reads ``EMBEDJOB_*`` variables. This module is also
+the one place outside the entry points that touches the process environment at all: the variables
+that libraries read themselves (OpenMP's, prometheus_client's) go through :func:`library_env` and
+:func:`set_library_env`. Credentials are not
 settings: boto3 reads ``AWS_*`` from the environment itself, so they never travel through this object.
 
 Environment variables (defaults in brackets):
@@ -123,3 +126,19 @@ def s3_defaults() -> tuple[str | None, str]:
     env = os.environ
     return (env.get("AWS_ENDPOINT_URL") or None,
             env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1")
+
+
+# -- the environment that libraries read themselves ------------------------------------------------
+def library_env(name: str) -> str | None:
+    """A variable a library reads on its own (``OMP_NUM_THREADS``, ``PROMETHEUS_MULTIPROC_DIR``):
+    what this process (and the children it starts) will hand that library."""
+    return os.environ.get(name) or None
+
+
+def set_library_env(name: str, value: str, *, keep_users: bool = False) -> None:
+    """Set a variable a library reads on its own, for this process and the children it starts.
+    ``keep_users``: a value the user set already wins."""
+    if keep_users:
+        os.environ.setdefault(name, value)
+    else:
+        os.environ[name] = value

@@ -127,6 +127,8 @@ def test_worker_embeds_good_and_corrupt_images(bucket, env, workers, tiny_clip_d
     _send(env, workers.queue, ShardTask(**{**task.to_dict(), "attempt": 2}))
     time.sleep(3)
     assert store.executions() == {"000": 1}
+    assert json.loads(storage.read_bytes(out.manifest))["created"] == manifest["created"]
+    assert (store.state("000"), store.info("000")["images"]) == ("succeeded", 7)
 
 
 def test_sigkilled_worker_shard_redelivered_and_completed_once(bucket, env, workers, tiny_clip_dir, redis_url):

@@ -15,10 +15,11 @@ shard or an image (per-job numbers come from the operator).
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterable, Mapping
 
 from prometheus_client import Counter, Gauge, Histogram
+
+from embedjob.settings import library_env
 
 log = logging.getLogger("embedjob.worker")
 
@@ -84,11 +85,8 @@ def record_backoff(before: int | None, after: int | None) -> None:
 
 
 def record_success(images: int, failed_reasons: Iterable[str], seconds: float, timings: Mapping[str, float],
-                   batch_size: int, embedded: bool = True) -> None:
-    """An outcome recorded as succeeded; ``embedded`` False when the pipeline found the work done."""
-    if not embedded:
-        SHARDS.labels("skipped").inc()
-        return
+                   batch_size: int) -> None:
+    """A shard embedded and committed."""
     SHARDS.labels("succeeded").inc()
     IMAGES_EMBEDDED.inc(images)
     for r in failed_reasons:
@@ -123,7 +121,7 @@ def serve(port: int, addr: str = "0.0.0.0") -> None:
     from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
     from prometheus_client.multiprocess import MultiProcessCollector
 
-    if not os.environ.get(ENV):
+    if not library_env(ENV):
         # Started without `embedjob worker` (e.g. `celery -A ... worker`) and no folder set before
         # start: only this process's values can be shown, and pool children's are not among them.
         log.warning("%s is not set: /metrics shows the main process only (start with `embedjob worker`)", ENV)
@@ -132,12 +130,12 @@ def serve(port: int, addr: str = "0.0.0.0") -> None:
     registry = CollectorRegistry()
     MultiProcessCollector(registry)
     start_http_server(port, addr=addr, registry=registry)
-    log.info("worker metrics on http://%s:%d/metrics (multiprocess folder %s)", addr, port, os.environ.get(ENV))
+    log.info("worker metrics on http://%s:%d/metrics (multiprocess folder %s)", addr, port, library_env(ENV))
 
 
 def child_exited(pid: int) -> None:
     """A pool child is gone: drop its live gauges (its counters stay in the totals)."""
-    if os.environ.get(ENV):
+    if library_env(ENV):
         from prometheus_client import multiprocess
 
         multiprocess.mark_process_dead(pid)

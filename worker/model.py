@@ -27,12 +27,15 @@ from typing import Any
 
 import numpy as np
 
+from embedjob import settings
+from embedjob.settings import library_env, set_library_env
+
 # The decode processes keep every core busy while this process runs the model. With OpenMP's default
 # (spin-waiting) torch's threads then burn those cores between ops, and every op's barrier waits for
 # a peer thread the scheduler gave to a decoder: on 2 cores at 1 MP that cost a third of the
 # throughput (see README, Performance). Passive threads sleep instead. libgomp reads this once, when
 # torch is imported, so it is set here, before the import; a setting of the user's own wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+set_library_env("OMP_WAIT_POLICY", "PASSIVE", keep_users=True)
 import torch  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -74,7 +77,7 @@ class ModelRef:
 
 
 def default_model_dir() -> str:
-    return os.environ.get("EMBEDJOB_MODEL_DIR") or str(Path.home() / ".cache" / "embedjob" / "models")
+    return settings.load().model_dir
 
 
 def available_cpus() -> int:
@@ -307,7 +310,7 @@ def _configure_cpu_threads() -> None:
     if _threads_configured:
         return
     _threads_configured = True
-    if not os.environ.get("OMP_NUM_THREADS"):
+    if not library_env("OMP_NUM_THREADS"):
         torch.set_num_threads(available_cpus())
 
 

@@ -4,10 +4,11 @@ imports prometheus_client (it picks its file-backed values at import time, from
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from pathlib import Path
+
+from embedjob.settings import set_library_env
 
 ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -23,5 +24,5 @@ def prepare(path: str = "") -> str:
             else:
                 child.unlink()
     folder.mkdir(parents=True, exist_ok=True)
-    os.environ[ENV] = str(folder)
+    set_library_env(ENV, str(folder))
     return str(folder)

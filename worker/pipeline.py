@@ -10,7 +10,9 @@ CONTRACT (other modules code against this; keep it stable):
 - ``stem``: output stem (default: the shard's basename without .tar).
 - ``model``: a loaded embedder (embedjob.worker.model.load_embedder), loaded once per process.
 - ``on_progress(n)``: called with the number of images embedded so far (cheap; may be called often).
-- Skips (status "skipped") when the manifest exists and options.overwrite is false.
+- Always embeds: whether a shard needs doing is decided by its callers (the plans of the operator
+  and of ``embedjob run`` choose what to run; the Celery task re-checks a delivery under its lease).
+  An existing manifest is deleted first, so a redone shard is not "done" until its new outputs are.
 - Raises only for shard-level failures that leave no usable output (e.g. the shard cannot be
   opened at all); a corrupt/truncated tar keeps what was read and records the error.
 
@@ -44,7 +46,6 @@ from datetime import UTC, datetime
 
 from embedjob.contract import EmbedOptions
 from embedjob.layout import shard_outputs, shard_stem
-from embedjob.results import read_manifest, shard_counts
 from embedjob.storage import Storage
 from embedjob.worker.device_decode import JpegDecoder, nvjpeg_decoder
 from embedjob.worker.engine import InferenceEngine
@@ -74,7 +75,7 @@ STAGES = ("read", "decode", "preprocess", "inference", "write", "wait")
 class ShardResult:
     shard: str
     stem: str
-    status: str  # "done" | "skipped"
+    status: str  # "done"
     images: int = 0  # rows written to the .npy
     failed: int = 0  # samples skipped and recorded in the manifest
     seconds: float = 0.0
@@ -216,15 +217,6 @@ class PreparedStream:
             self._put(_ReaderError(e))
 
 
-def _skip_result(shard: str, stem: str, output: str, storage: Storage, started: float) -> ShardResult:
-    try:
-        images, failed = shard_counts(read_manifest(output, stem, storage))
-    except Exception:  # noqa: BLE001 - a skip must not fail because an old manifest is odd
-        images, failed = 0, 0
-    return ShardResult(shard=shard, stem=stem, status="skipped", images=images, failed=failed,
-                       seconds=time.perf_counter() - started, manifest=shard_outputs(output, stem).manifest)
-
-
 def device_jpeg_decoder(options: EmbedOptions, model: Embedder) -> JpegDecoder | None:
     """The GPU JPEG decoder when the fast path decodes on the device (preprocessing "fast" on CUDA),
     else None. Raises at once, naming the field, when this worker cannot (no torchvision)."""
@@ -320,8 +312,6 @@ def embed_shard(
     stem = stem or shard_stem(shard, "")
     outputs = shard_outputs(output, stem)
     if storage.exists(outputs.manifest):
-        if not options.overwrite:
-            return _skip_result(shard, stem, output, storage, started)
         # Redoing a finished shard: it stops being "done" until the new outputs are all in place.
         storage.delete(outputs.manifest)
 

@@ -142,14 +142,8 @@ def _run_shard_task(task: ShardTask, owner: str) -> dict[str, Any]:
     try:
         options = EmbedOptions(**task.options)
         storage = Storage(StorageOptions.from_dict(task.storage))
-        done = not options.overwrite and storage.exists(shard_outputs(task.output, task.stem).manifest)
-        counts = shard_counts(read_manifest(task.output, task.stem, storage)) if done else None
-    except Exception as e:  # noqa: BLE001 - storage unreachable, access denied, a bad message: recorded
+    except Exception as e:  # noqa: BLE001 - a bad message: recorded
         return _failed(store, task, e)
-    if counts is not None:
-        _record(store, task.stem, "succeeded", images=counts[0], failedImages=counts[1], finishedAt=time.time())
-        metrics.SHARDS.labels("skipped").inc()
-        return {"status": "skipped", "stem": task.stem}
 
     if not with_redis(lambda: store.acquire_lease(task.stem, owner), f"taking the lease on {task.stem}"):
         holder = with_redis(lambda: store.lease_owner(task.stem), "reading the lease")
@@ -159,6 +153,17 @@ def _run_shard_task(task: ShardTask, owner: str) -> dict[str, Any]:
     heartbeat = _Heartbeat(store, task.stem, owner)
     metrics.SHARDS_RUNNING.inc()
     try:
+        # The skip decision of a delivered task lives here, and only here (the plans decide what
+        # to enqueue; embed_shard always embeds). Checked under the lease: a duplicate delivery
+        # that arrives after another worker committed sees the manifest and does not redo it.
+        try:
+            counts = None if options.overwrite else _committed_counts(task, storage)
+        except Exception as e:  # noqa: BLE001 - storage unreachable, access denied: recorded
+            return _failed(store, task, e)
+        if counts is not None:
+            _record(store, task.stem, "succeeded", images=counts[0], failedImages=counts[1], finishedAt=time.time())
+            metrics.SHARDS.labels("skipped").inc()
+            return {"status": "skipped", "stem": task.stem}
         try:
             with_redis(lambda: store.set_state(task.stem, "running", attempt=task.attempt, worker=owner,
                                                startedAt=time.time(), error=None, imagesSoFar=0),
@@ -181,7 +186,7 @@ def _run_shard_task(task: ShardTask, owner: str) -> dict[str, Any]:
             return _failed(store, task, e)
         # The outputs are committed (manifest written): record success even if the lease was lost meanwhile.
         heartbeat.stop()
-        _record(store, task.stem, "succeeded", commit=result.status == "done", attempt=task.attempt,
+        _record(store, task.stem, "succeeded", commit=True, attempt=task.attempt,
                 images=result.images,
                 failedImages=result.failed, seconds=round(result.seconds, 3), finishedAt=time.time(),
                 error=None, transient=None, errorCode=None, accessError=None)
@@ -198,6 +203,13 @@ def _run_shard_task(task: ShardTask, owner: str) -> dict[str, Any]:
             store.release_lease(task.stem, owner)
         except Exception as e:  # noqa: BLE001 - it expires by itself; the outcome is what counts
             log.warning("could not release the lease on %s: %s", task.stem, e)
+
+
+def _committed_counts(task: ShardTask, storage: Storage) -> tuple[int, int] | None:
+    """(images, failed images) of the shard's committed outputs, or None when it is not done."""
+    if not storage.exists(shard_outputs(task.output, task.stem).manifest):
+        return None
+    return shard_counts(read_manifest(task.output, task.stem, storage))
 
 
 def _load_embedder(load: Callable[..., Any], task: ShardTask, options: EmbedOptions) -> Any:
@@ -225,8 +237,7 @@ def _count_success(task: ShardTask, storage: Storage, result: Any, batch_size: i
             log.warning("metrics: cannot read the failure reasons of %s: %s", task.stem, e)
         reasons += ["unknown"] * max(0, result.failed - len(reasons))
     try:
-        metrics.record_success(result.images, reasons, result.seconds, result.timings, batch_size,
-                               embedded=result.status == "done")
+        metrics.record_success(result.images, reasons, result.seconds, result.timings, batch_size)
     except Exception as e:  # noqa: BLE001
         log.warning("metrics: %s", e)
 

@@ -143,7 +143,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             "input": {"uri": str(sample_shards_dir()) + "/"},
             "output": {"uri": output, "dtype": "float16", "overwrite": True},
             "model": model,
-            "inference": {"batchSize": 32, "precision": "auto"},
+            "inference": {"precision": "auto"},
         },
     }
     rc = _run(parse_job(doc), args.workers, not args.no_progress, extra)
@@ -185,6 +185,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     cfg = BenchConfig(
         model=args.model, size=args.size, count=args.count, images_per_shard=args.images_per_shard,
         device=args.device, precision=args.precision, batch_size=args.batch_size, preprocessing=modes,
+        compile=args.compile,
         decode_workers=args.decode_workers, decode_pool=args.decode_pool, s3_endpoint=args.s3_endpoint,
         s3_bucket=args.s3_bucket, workdir=args.workdir, baseline_images=args.baseline_images,
         model_seconds=args.model_seconds, deviation_images=args.deviation_images,
@@ -249,7 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--images-per-shard", type=int, default=500)
     b.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     b.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
-    b.add_argument("--batch-size", type=int, default=32)
+    b.add_argument("--batch-size", type=int, default=0, help="0 (default): tuned on the device, as in a job")
+    b.add_argument("--compile", choices=["none", "default", "reduce-overhead", "max-autotune"], default="none",
+                   help="torch.compile mode (spec.inference.compile); the warm-up is reported on its own row")
     b.add_argument("--preprocessing", choices=["exact", "fast", "both"], default="exact")
     b.add_argument("--decode-workers", type=int, default=0,
                    help="decode workers (default: every usable CPU for the decode limit, the job default for e2e)")

@@ -22,13 +22,14 @@ class EmbedOptions:
     """Per-shard processing options (everything except where the shard and outputs live)."""
 
     dtype: str = "float16"
-    batch_size: int = 32
+    batch_size: int = 0  # 0: tuned on the device (embedjob.worker.model.Embedder.resolve_batch_size)
     precision: str = "auto"
     device: str = "auto"
     num_threads: int = 0  # decode workers; 0: every CPU the worker process may use
     max_image_pixels: int = InferenceSpec().maxImagePixels
     overwrite: bool = False
     preprocessing: str = "exact"  # "exact" (OpenAI's reference, bit for bit) | "fast" (opt-in)
+    compile: str = "none"  # torch.compile mode: none | default | reduce-overhead | max-autotune
 
     @classmethod
     def from_spec(cls, spec: JobSpec) -> EmbedOptions:
@@ -42,6 +43,7 @@ class EmbedOptions:
             max_image_pixels=i.maxImagePixels,
             overwrite=spec.output.overwrite,
             preprocessing=i.preprocessing,
+            compile=i.compile,
         )
 
 

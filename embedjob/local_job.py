@@ -71,7 +71,7 @@ def _run_one(shard_uri: str, stem: str, output: str, model: dict, options: dict,
 
     try:
         opts = EmbedOptions(**options)
-        embedder = load_embedder(model, device=opts.device, precision=opts.precision)
+        embedder = load_embedder(model, device=opts.device, precision=opts.precision, compile=opts.compile)
         last = [0.0]
 
         def on_progress(n: int) -> None:

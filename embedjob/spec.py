@@ -28,6 +28,7 @@ DEVICES = ("auto", "cpu", "cuda")
 # exact: OpenAI CLIP's reference transform, bit for bit. fast (opt-in): JPEGs decoded at reduced scale
 # on the CPU (>= 2x the target) or by nvJPEG on the GPU; its deviation is measured by `embedjob bench`.
 PREPROCESSINGS = ("exact", "fast")
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
 # Pillow's own decompression-bomb threshold; larger images are skipped and recorded.
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
 
@@ -71,12 +72,13 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class InferenceSpec:
-    batchSize: int = 32  # noqa: N815 - mirrors the CRD field name
+    batchSize: int = 0  # noqa: N815 - mirrors the CRD field name; 0: tuned on the device
     precision: str = "auto"
     device: str = "auto"
     numThreads: int = 0  # noqa: N815 - decode workers; 0: every CPU the worker may use
     maxImagePixels: int = DEFAULT_MAX_IMAGE_PIXELS  # noqa: N815
     preprocessing: str = "exact"
+    compile: str = "none"
 
 
 @dataclass(frozen=True)
@@ -246,15 +248,16 @@ def parse_spec(spec: Any, allow_local: bool = True, base_dir: Path | None = None
     model_spec = ModelSpec(name=name, revision=revision, path=local(mpath) if mpath else None)
 
     i = _mapping(spec.get("inference"), "spec.inference")
-    _unknown(i, {"batchSize", "precision", "device", "numThreads", "maxImagePixels", "preprocessing"},
+    _unknown(i, {"batchSize", "precision", "device", "numThreads", "maxImagePixels", "preprocessing", "compile"},
              "spec.inference")
     inference_spec = InferenceSpec(
-        batchSize=_int(i, "batchSize", "spec.inference", 32, 1, 4096),
+        batchSize=_int(i, "batchSize", "spec.inference", 0, 0, 4096),
         precision=_str(i, "precision", "spec.inference", "auto", PRECISIONS),
         device=_str(i, "device", "spec.inference", "auto", DEVICES),
         numThreads=_int(i, "numThreads", "spec.inference", 0, 0, 256),
         maxImagePixels=_int(i, "maxImagePixels", "spec.inference", DEFAULT_MAX_IMAGE_PIXELS, 1),
         preprocessing=_str(i, "preprocessing", "spec.inference", "exact", PREPROCESSINGS),
+        compile=_str(i, "compile", "spec.inference", "none", COMPILE_MODES),
     )
 
     st = _mapping(spec.get("storage"), "spec.storage")

@@ -109,3 +109,28 @@ def test_a_shard_through_the_fast_path_on_the_device(gpu, tmp_path):
     a = np.load(tmp_path / "fast" / "img_emb" / "varied.npy").astype(np.float32)
     b = np.load(tmp_path / "exact" / "img_emb" / "varied.npy").astype(np.float32)
     assert _cos(a, b).min() > 0.99
+
+
+def test_auto_batch_size_is_tuned_on_the_device(gpu):
+    size = gpu.resolve_batch_size(0)
+    assert size in gpu.auto_batch_trials and gpu.auto_batch_trials[size] > 0
+    assert gpu.resolve_batch_size(0) == size  # timed once per loaded model
+
+
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_compiled_forward_on_cuda_matches_eager(tiny_clip_dir, tmp_path, mode):
+    clear_cache()
+    eager = load_embedder(str(tiny_clip_dir), device="cuda", precision="fp16")
+    compiled = load_embedder(str(tiny_clip_dir), device="cuda", precision="fp16", compile=mode)
+    assert compiled.warm_up(16) > 0
+    crops = torch.from_numpy(np.random.default_rng(2).integers(0, 256, (16, 224, 224, 3), dtype=np.uint8))
+    with InferenceEngine(compiled, batch_size=16) as engine:  # the asynchronous launch path
+        rows = np.concatenate([engine.submit(list(crops[:16])).result(timeout=120).rows,
+                               engine.submit(list(crops[:5])).result(timeout=120).rows])  # padded short batch
+    want = np.concatenate([eager.embed_uint8(crops), eager.embed_uint8(crops[:5])])
+    assert _cos(rows, want).min() >= 0.999
+    tar = shards.simple_shard(21).write(tmp_path / "s.tar")
+    result = embed_shard(str(tar), str(tmp_path / "out"), compiled, EmbedOptions(batch_size=16, compile=mode))
+    manifest = json.loads((tmp_path / "out" / "_manifests" / "s.json").read_text())
+    assert result.images == 21 and manifest["model"]["compile"] == mode
+    clear_cache()

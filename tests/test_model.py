@@ -65,7 +65,8 @@ def test_loads_from_a_full_clip_checkpoint_folder(tiny_clip_dir):
     assert e.source == str(tiny_clip_dir)
     assert not hasattr(e.module, "text_model")  # only the vision tower was built
     assert e.describe() == {"id": "tiny-clip", "revision": None, "source": str(tiny_clip_dir), "dim": 32,
-                            "device": "cpu", "precision": "fp32"}
+                            "device": "cpu", "precision": "fp32", "attention": "sdpa", "compile": "none",
+                            "compileWarmupSeconds": 0.0}
     # Loaded once per process: the same object comes back.
     assert load_embedder({"name": "tiny-clip", "path": str(tiny_clip_dir)}) is e
     # A bare path works too.
@@ -184,3 +185,80 @@ def test_incomplete_vision_weights_are_an_error_not_random_layers(tmp_path, tiny
     (broken / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelLoadError, match="cannot load|complete"):
         load_embedder(str(broken))
+
+
+# -- attention, batch size, compiled forward ---------------------------------------------------------
+def test_sdpa_attention_is_used_recorded_and_matches_eager_attention(tiny_clip_dir):
+    from transformers import CLIPVisionModelWithProjection
+
+    embedder = load_embedder({"name": "x", "path": str(tiny_clip_dir)}, device="cpu", precision="fp32")
+    assert embedder.describe()["attention"] == "sdpa"
+    crops = torch.from_numpy(np.random.default_rng(3).integers(0, 256, (4, 224, 224, 3), dtype=np.uint8))
+    eager = CLIPVisionModelWithProjection.from_pretrained(
+        str(tiny_clip_dir), config=embedder.module.config.__class__.from_dict(
+            {**embedder.module.config.to_dict(), "_attn_implementation": "eager"}),
+        attn_implementation="eager").eval()
+    from embedjob.worker.model import normalize_on_device
+
+    with torch.inference_mode():
+        ref = eager(pixel_values=normalize_on_device(crops)).image_embeds.numpy()
+    assert _cosines(embedder.embed_uint8(crops), ref).min() >= 0.99999
+
+
+def test_auto_batch_size_is_32_on_a_cpu_and_an_explicit_size_is_kept():
+    embedder = _fake_embedder(_FakeNet(limit=100))
+    assert embedder.resolve_batch_size(0) == 32 and embedder.resolve_batch_size(7) == 7
+    embedder.max_batch = 16  # an OOM taught a smaller size: it caps both
+    assert embedder.resolve_batch_size(0) == 16 and embedder.resolve_batch_size(64) == 16
+
+
+class _CropNet(torch.nn.Module):
+    """A [B, 3, 224, 224] -> [B, 8] net whose time grows with the batch and that runs out of memory
+    above ``limit`` images."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit, self.calls = limit, []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.append(int(x.shape[0]))
+        if x.shape[0] > self.limit:
+            raise OutOfMemoryError("CUDA out of memory (simulated)")
+        return x.mean(dim=(2, 3)).repeat(1, 3)[:, :8] + 1
+
+
+def test_batch_size_tuning_stops_at_the_first_size_that_does_not_fit():
+    net = _CropNet(limit=16)
+    embedder = Embedder(net, model_id="fake", revision=None, dim=8, device=torch.device("cpu"), dtype=torch.float32)
+    best = embedder.tune_batch_size(candidates=(4, 8, 16, 32, 64), rounds=1)
+    assert best in (4, 8, 16)  # 32 ran out of memory: the search ended there
+    assert 64 not in net.calls and set(embedder.auto_batch_trials) <= {4, 8, 16}
+    assert best in embedder.auto_batch_trials
+
+
+def test_compiled_forward_matches_eager_pads_short_batches_and_records_its_warm_up(tiny_clip_dir, tmp_path):
+    ref = {"name": "x", "path": str(tiny_clip_dir)}
+    eager = load_embedder(ref, device="cpu", precision="fp32")
+    compiled = load_embedder(ref, device="cpu", precision="fp32", compile="default")
+    assert compiled is not eager and compiled.describe()["compile"] == "default"
+    assert compiled.warm_up(8) > 0 and compiled.warm_up(8) == 0.0  # once per batch size
+    crops = torch.from_numpy(np.random.default_rng(5).integers(0, 256, (8, 224, 224, 3), dtype=np.uint8))
+    assert _cosines(compiled.embed_uint8(crops), eager.embed_uint8(crops)).min() >= 0.9999
+    short = compiled.embed_uint8(crops[:3])  # padded to the compiled size of 8, sliced back
+    assert short.shape == (3, eager.dim) and _cosines(short, eager.embed_uint8(crops[:3])).min() >= 0.9999
+
+    tar = shards.simple_shard(11).write(tmp_path / "s.tar")
+    embed_shard(str(tar), str(tmp_path / "out"), compiled, EmbedOptions(batch_size=8, num_threads=1,
+                                                                         compile="default"))
+    manifest = json.loads((tmp_path / "out" / "_manifests" / "s.json").read_text())
+    assert manifest["model"]["compile"] == "default" and manifest["model"]["compileWarmupSeconds"] > 0
+    assert manifest["model"]["attention"] == "sdpa"
+    assert (manifest["options"]["batch_size"], manifest["counts"]["embedded"]) == (8, 11)
+
+
+def test_compile_modes_are_checked_and_cuda_graphs_need_cuda(tiny_clip_dir):
+    ref = {"name": "x", "path": str(tiny_clip_dir)}
+    with pytest.raises(ModelLoadError, match="compile mode 'fast'"):
+        load_embedder(ref, device="cpu", compile="fast")
+    with pytest.raises(ModelLoadError, match="needs a CUDA device"):
+        load_embedder(ref, device="cpu", compile="reduce-overhead")

@@ -49,10 +49,11 @@ def test_fields_mirror_the_spec_dataclasses():
 def test_defaults_enums_bounds_and_patterns_match():
     s = spec_schema()["properties"]
     inf, d = s["inference"]["properties"], sp.InferenceSpec()
-    for key in ("batchSize", "precision", "device", "numThreads", "maxImagePixels", "preprocessing"):
+    for key in ("batchSize", "precision", "device", "numThreads", "maxImagePixels", "preprocessing", "compile"):
         assert inf[key]["default"] == getattr(d, key), key
     assert tuple(inf["preprocessing"]["enum"]) == sp.PREPROCESSINGS
-    assert (inf["batchSize"]["minimum"], inf["batchSize"]["maximum"]) == (1, 4096)
+    assert tuple(inf["compile"]["enum"]) == sp.COMPILE_MODES
+    assert (inf["batchSize"]["minimum"], inf["batchSize"]["maximum"]) == (0, 4096)
     assert (inf["numThreads"]["minimum"], inf["numThreads"]["maximum"]) == (0, 256)
     assert tuple(inf["precision"]["enum"]) == sp.PRECISIONS and tuple(inf["device"]["enum"]) == sp.DEVICES
     assert tuple(s["output"]["properties"]["dtype"]["enum"]) == sp.DTYPES

@@ -18,9 +18,10 @@ def test_defaults_filled():
     s = j.spec
     assert (j.name, j.namespace) == ("j", "default")
     assert s.model.name == DEFAULT_MODEL and s.model.revision == DEFAULT_REVISION
-    assert s.output.dtype == "float16" and s.inference.batchSize == 32 and s.inference.precision == "auto"
+    assert s.output.dtype == "float16" and s.inference.batchSize == 0 and s.inference.precision == "auto"
     assert s.retries.perShard == 3 and s.maxFailedShards == 0 and s.queue == "embedjob" and not s.suspend
     assert s.inference.preprocessing == "exact" and s.inference.numThreads == 0  # 0: every usable CPU
+    assert s.inference.compile == "none"  # 0 batch size above: tuned on the device
 
 
 def test_fast_preprocessing_is_opt_in_and_reaches_the_task_options():
@@ -36,7 +37,9 @@ def test_fast_preprocessing_is_opt_in_and_reaches_the_task_options():
     "spec, field",
     [
         ({"output": {"uri": "s3://embeddings/x/", "dtype": "int8"}}, "spec.output.dtype"),
-        ({"inference": {"batchSize": 0}}, "spec.inference.batchSize"),
+        ({"inference": {"batchSize": -1}}, "spec.inference.batchSize"),
+        ({"inference": {"batchSize": 5000}}, "spec.inference.batchSize"),
+        ({"inference": {"compile": "yes"}}, "spec.inference.compile"),
         ({"inference": {"batchSize": "32"}}, "spec.inference.batchSize"),
         ({"inference": {"precision": "fp8"}}, "spec.inference.precision"),
         ({"inference": {"preprocessing": "fastest"}}, "spec.inference.preprocessing"),

@@ -66,7 +66,8 @@ class BenchConfig:
     images_per_shard: int = 500
     device: str = "auto"
     precision: str = "auto"
-    batch_size: int = 32
+    batch_size: int = 0  # 0: tuned on the device, as in a job
+    compile: str = "none"  # torch.compile mode; its warm-up is reported separately
     preprocessing: tuple[str, ...] = ("exact",)
     decode_workers: int = 0  # 0: decode limit on every CPU the process may use, e2e with the job default
     decode_pool: str | None = None  # None: the worker's own; "thread" or "process" to compare
@@ -432,10 +433,14 @@ def measure_e2e(shards: list[str], stems: list[str], output: str, model: dict[st
     written = sum(m["counts"]["embedded"] for m in manifests)
     if written != images:
         raise RuntimeError(f"manifests record {written} images, the task results {images}")
-    embedder = load_embedder(model, device=options.device, precision=options.precision)
+    embedder = load_embedder(model, device=options.device, precision=options.precision, compile=options.compile)
+    # Included in ``seconds`` (the first task loads the model, tunes the batch and compiles), and
+    # shown on its own: a long job pays it once per worker.
+    warmup = max(float(m["model"].get("compileWarmupSeconds") or 0) for m in manifests)
     return _measurement(images, seconds, mon, failed=sum(r["failed"] for r in results), shards=len(shards),
                         shards_in_flight=in_flight, stage_seconds={k: round(v, 3) for k, v in sorted(timings.items())},
-                        preprocessing_paths=_sum_paths(manifests), model_busy_seconds=round(embedder.busy_seconds(), 3))
+                        preprocessing_paths=_sum_paths(manifests), model_busy_seconds=round(embedder.busy_seconds(), 3),
+                        batch_size=manifests[0]["options"]["batch_size"], compile_warmup_seconds=round(warmup, 3))
 
 
 def _best(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -616,6 +621,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
         model_path = _model_dir(cfg.model, workdir)
         model = {"name": model_path.name, "revision": None, "path": str(model_path)}
         base = EmbedOptions(dtype="float16", batch_size=cfg.batch_size, precision=cfg.precision, device=cfg.device,
+                            compile=cfg.compile,
                             num_threads=cfg.decode_workers or EmbedOptions().num_threads, overwrite=True)
         cpus = available_cpus()
         report["environment"] = {
@@ -635,8 +641,12 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
                 runs.setdefault(f"decode_limit_{mode}", []).append(measure_decode(
                     shards, storage, limit_options, device, device_jpeg=(mode == "fast" and device.type == "cuda")))
             log(f"bench: model limit{round_}")
-            embedder = load_embedder(model, device=cfg.device, precision=cfg.precision)
-            runs.setdefault("model_limit", []).append(measure_model(embedder, cfg.batch_size, cfg.model_seconds))
+            embedder = load_embedder(model, device=cfg.device, precision=cfg.precision, compile=cfg.compile)
+            batch_size = embedder.resolve_batch_size(cfg.batch_size)
+            warmup = embedder.warm_up(batch_size)
+            runs.setdefault("model_limit", []).append(measure_model(embedder, batch_size, cfg.model_seconds))
+            runs["model_limit"][-1].update(compile=cfg.compile, compile_warmup_seconds=round(warmup, 3),
+                                           batch_size_trials=dict(embedder.auto_batch_trials))
             config = embedder.module.config if embedder.module is not None else None
             precision = embedder.precision
             del embedder  # e2e loads its own, from a cold start
@@ -758,9 +768,13 @@ def _max_rss_mib() -> float:
 def format_report(report: dict[str, Any]) -> str:
     """The human-readable table."""
     cfg, env, m = report["config"], report["environment"], report["measurements"]
+    trials = m["model_limit"].get("batch_size_trials") or "CPU default"
+    tuned = "" if cfg["batch_size"] else f" (tuned: {trials})"
     lines = [
         f"embedjob bench: model {cfg['model']} (random weights), {env['device']} ({env['device_name']}), "
-        f"precision {m['model_limit'].get('precision')}, batch {cfg['batch_size']}",
+        f"precision {m['model_limit'].get('precision')}, batch {m['model_limit'].get('batch_size')}"
+        f"{tuned}"
+        f", compile {cfg.get('compile', 'none')}",
         f"  shards: {cfg['count']} x {cfg['images_per_shard']} JPEGs ({cfg['size']}), {env['storage']} storage; "
         f"CPUs available {env['cpus_available']}, torch threads {env['torch_threads']}",
         f"  load average: start {env['load_average_start']}, end {env.get('load_average_end')}",
@@ -781,11 +795,15 @@ def format_report(report: dict[str, Any]) -> str:
         d = m[f"decode_limit_{mode}"]
         where = " + nvJPEG" if d.get("on_device") else ""
         row(f"1. decode limit ({mode}, {d['workers']} {d['pool']} workers{where})", d)
-    row(f"2. model limit (uint8 batches of {cfg['batch_size']})", m["model_limit"])
+    row(f"2. model limit (uint8 batches of {m['model_limit'].get('batch_size')})", m["model_limit"])
     row(f"3. baseline ({m['baseline']['processor']}, fp32, b{BASELINE_BATCH})", m["baseline"])
     for mode in modes:
         e2e = m[f"e2e_{mode}"]
         row(f"4. embedjob e2e ({mode}, run_shard_task x{e2e.get('shards_in_flight', 1)})", e2e)
+    if cfg.get("compile", "none") != "none":
+        lines.append(f"  compile warm-up ({cfg['compile']}): {m['model_limit'].get('compile_warmup_seconds')} s before "
+                     "the model limit (not in it); e2e includes its own: "
+                     + ", ".join(f"{mode} {m[f'e2e_{mode}'].get('compile_warmup_seconds')} s" for mode in modes))
     lines.append("")
     for mode in modes:
         lim = report["limits"][mode]

@@ -11,6 +11,13 @@ is never passed, so no code shipped with a checkpoint runs.
 An :class:`Embedder` is loaded once per worker process (:func:`load_embedder` caches it) and reused
 for every shard. On CUDA, a batch that runs out of memory is halved and retried, and the smaller
 size is kept for the following batches.
+
+Speed: attention runs through PyTorch's scaled-dot-product attention (``attn_implementation="sdpa"``:
+flash / memory-efficient kernels on CUDA), in fp16 on CUDA by default. The batch size is tuned on
+the device when the job leaves it at 0 (:meth:`Embedder.resolve_batch_size`). ``compile`` wraps the
+forward in ``torch.compile`` (``reduce-overhead`` adds CUDA graphs); batches keep one static shape
+(a short last batch is padded), and the compile's warm-up is timed and recorded in every manifest
+(``model.compileWarmupSeconds``), never hidden in the first shard's throughput.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import numpy as np
 
 from embedjob import settings
 from embedjob.settings import library_env, set_library_env
+from embedjob.spec import COMPILE_MODES
 
 # The decode processes keep every core busy while this process runs the model. With OpenMP's default
 # (spin-waiting) torch's threads then burn those cores between ops, and every op's barrier waits for
@@ -42,6 +50,12 @@ log = logging.getLogger(__name__)
 
 PRECISION_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SUPPORTED_MODEL_TYPES = ("clip", "clip_vision_model")
+ATTENTION = "sdpa"
+# Batch size 0 ("auto"): on the CPU throughput is flat in the batch size, so a small batch keeps
+# memory low; on CUDA the candidates are timed once per loaded model and the fastest that fits wins.
+AUTO_BATCH_CPU = 32
+AUTO_BATCH_CANDIDATES = (32, 64, 128, 256, 512)
+AUTO_BATCH_GAIN = 1.05  # a larger batch must be this much faster to be taken
 # torch >= 2.5 names it torch.OutOfMemoryError; torch.cuda.OutOfMemoryError is the same class.
 OutOfMemoryError = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
@@ -148,6 +162,12 @@ class Embedder:
         self._lock = threading.Lock()
         self._busy = 0.0  # seconds spent running batches (see busy_seconds)
         self._copy_stream: Any = None  # CUDA: host-to-device copies overlap the forward
+        self.compile_mode = "none"
+        self.compile_warmup_seconds = 0.0  # time spent compiling (and capturing graphs), all sizes
+        self._warm_sizes: set[int] = set()
+        self._eager_forward: Callable[[torch.Tensor], torch.Tensor] | None = None  # set when compiled
+        self.auto_batch_size: int | None = None  # what resolve_batch_size(0) chose, once
+        self.auto_batch_trials: dict[int, float] = {}  # candidate -> images/s (CUDA tuning)
 
     def busy_seconds(self) -> float:
         """Time this embedder's device spent on batches: wall time of each batch on the CPU or with
@@ -168,7 +188,108 @@ class Embedder:
             "dim": self.dim,
             "device": str(self.device),
             "precision": self.precision,
+            "attention": self.attention,
+            "compile": self.compile_mode,
+            "compileWarmupSeconds": round(self.compile_warmup_seconds, 3),
         }
+
+    @property
+    def attention(self) -> str:
+        config = getattr(self.module, "config", None)
+        return str(getattr(config, "_attn_implementation", None) or "injected")
+
+    # -- batch size and compiled graphs ---------------------------------------------------------------
+    def resolve_batch_size(self, requested: int) -> int:
+        """The batch size to run: ``requested`` when set (> 0); for 0 ("auto"), AUTO_BATCH_CPU on the
+        CPU, and on CUDA the fastest of AUTO_BATCH_CANDIDATES that fits, timed once per loaded model
+        on random uint8 batches (a larger one must be AUTO_BATCH_GAIN faster; an out-of-memory
+        candidate ends the search). Always capped by what an OOM has taught (``max_batch``)."""
+        if requested > 0:
+            return requested if self.max_batch is None else min(requested, self.max_batch)
+        if self.auto_batch_size is None:
+            self.auto_batch_size = AUTO_BATCH_CPU if self.device.type != "cuda" else self.tune_batch_size()
+            log.info("batch size: %d (tuned on %s; images/s by size: %s)", self.auto_batch_size, self.device,
+                     self.auto_batch_trials or "not timed on the CPU")
+        size = self.auto_batch_size
+        return size if self.max_batch is None else min(size, self.max_batch)
+
+    def tune_batch_size(self, candidates: tuple[int, ...] = AUTO_BATCH_CANDIDATES, rounds: int = 3) -> int:
+        best, best_rate = candidates[0], 0.0
+        rng = np.random.default_rng(0)
+        for size in candidates:
+            crops = torch.from_numpy(rng.integers(0, 256, (size, 224, 224, 3), dtype=np.uint8))
+            try:
+                self._embed_static(crops, eager=True)  # warm-up; timed eager (compiling each would cost minutes)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                t = time.perf_counter()
+                for _ in range(rounds):
+                    self._embed_static(crops, eager=True)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                rate = rounds * size / (time.perf_counter() - t)
+            except OutOfMemoryError:
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                break
+            self.auto_batch_trials[size] = round(rate, 1)
+            if rate < best_rate * AUTO_BATCH_GAIN:
+                break
+            best, best_rate = size, rate
+        return best
+
+    def _embed_static(self, crops: torch.Tensor, *, eager: bool = False) -> np.ndarray:
+        with self._lock:
+            if not eager or self._eager_forward is None:
+                return self._run_uint8(crops)
+            compiled, self._forward = self._forward, self._eager_forward
+            try:
+                return self._run_uint8(crops)
+            finally:
+                self._forward = compiled
+
+    def enable_compile(self, mode: str) -> None:
+        """Run the forward through ``torch.compile(mode=mode)`` from now on (``none``: eager)."""
+        if mode not in COMPILE_MODES:
+            raise ModelLoadError(f"unsupported compile mode {mode!r} (use {', '.join(COMPILE_MODES)})")
+        self.compile_mode = mode
+        if mode == "none":
+            return
+        if mode == "reduce-overhead" and self.device.type != "cuda":
+            raise ModelLoadError("compile mode 'reduce-overhead' (CUDA graphs) needs a CUDA device")
+        self._eager_forward = eager = self._forward
+        compiled = torch.compile(eager, mode=None if mode == "default" else mode, dynamic=False)
+
+        def forward(pixels: torch.Tensor) -> torch.Tensor:
+            # Static shapes: a short batch (the last of a shard) is padded up to the smallest size
+            # already compiled, so it reuses that graph instead of compiling one of its own.
+            n = int(pixels.shape[0])
+            target = min((s for s in self._warm_sizes if s >= n), default=n)
+            if target > n:
+                pixels = torch.cat([pixels, pixels.new_zeros((target - n, *pixels.shape[1:]))])
+            if mode == "reduce-overhead":
+                torch.compiler.cudagraph_mark_step_begin()
+            return compiled(pixels)[:n].clone()  # a copy: a graph's outputs are reused by its next run
+
+        self._forward = forward
+
+    def warm_up(self, batch_size: int) -> float:
+        """Compile (and capture) the forward for ``batch_size`` before the first real batch; returns
+        the seconds it took (0 when already warm or not compiled). Counted in
+        ``compile_warmup_seconds`` and in every manifest."""
+        if self.compile_mode == "none" or batch_size in self._warm_sizes:
+            return 0.0
+        t = time.perf_counter()
+        crops = torch.zeros((batch_size, 224, 224, 3), dtype=torch.uint8)
+        for _ in range(3 if self.compile_mode == "reduce-overhead" else 1):  # graphs record on the 2nd+ run
+            self._embed_static(crops)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - t
+        self._warm_sizes.add(batch_size)
+        self.compile_warmup_seconds += seconds
+        log.info("compiled the forward (%s) for batches of %d in %.1f s", self.compile_mode, batch_size, seconds)
+        return seconds
 
     def embed(self, pixels: torch.Tensor | np.ndarray) -> np.ndarray:
         """Embed a normalised float batch ``[B, 3, H, W]``; returns float32 ``[B, dim]`` unit rows. On
@@ -356,6 +477,7 @@ def _load_module(ref: ModelRef, cache_dir: str, dtype: torch.dtype) -> torch.nn.
             cache_dir=cache_dir,
             use_safetensors=True,
             dtype=dtype,
+            attn_implementation=ATTENTION,
             output_loading_info=True,
         )
     except ModelLoadError:
@@ -375,18 +497,22 @@ def load_embedder(
     device: str = "auto",
     precision: str = "auto",
     model_dir: str | None = None,
+    compile: str = "none",  # noqa: A002 - the spec's name (spec.inference.compile)
 ) -> Embedder:
     """Load (or reuse, once per process) the CLIP image embedder for ``model`` — a ModelSpec, a dict
     with ``name``/``revision``/``path``, or an id/path string.
 
     ``device``: auto (CUDA if available, else CPU) | cpu | cuda[:N]. ``precision``: auto (fp16 on
     CUDA, fp32 on CPU) | fp32 | fp16 | bf16. ``model_dir``: the download cache (default
-    ``$EMBEDJOB_MODEL_DIR`` or ``~/.cache/embedjob/models``). Raises :class:`ModelLoadError`."""
+    ``$EMBEDJOB_MODEL_DIR`` or ``~/.cache/embedjob/models``). ``compile``: one of COMPILE_MODES
+    (see :meth:`Embedder.enable_compile`). Raises :class:`ModelLoadError`."""
     ref = ModelRef.of(model)
     dev = resolve_device(device)
     dtype = resolve_dtype(precision, dev)
     cache_dir = model_dir or default_model_dir()
-    key = (ref, str(dev), dtype, cache_dir)
+    if compile not in COMPILE_MODES:
+        raise ModelLoadError(f"unsupported compile mode {compile!r} (use {', '.join(COMPILE_MODES)})")
+    key = (ref, str(dev), dtype, cache_dir, compile)
     with _cache_lock:
         cached = _cache.get(key)
         if cached is not None:
@@ -411,6 +537,7 @@ def load_embedder(
         )
         if dev.type == "cpu" and dtype != torch.float32:
             _check_runs(embedder, precision)
+        embedder.enable_compile(compile)
         _cache[key] = embedder
         return embedder
 

@@ -41,7 +41,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 
 from embedjob.contract import EmbedOptions
@@ -315,6 +315,9 @@ def embed_shard(
         # Redoing a finished shard: it stops being "done" until the new outputs are all in place.
         storage.delete(outputs.manifest)
 
+    requested_batch = options.batch_size
+    options = replace(options, batch_size=model.resolve_batch_size(options.batch_size))  # 0: tuned on the device
+    model.warm_up(options.batch_size)  # compiled forward only; timed and recorded in the manifest
     jpeg_decoder = device_jpeg_decoder(options, model)
     pool = shared_decode_pool(decode_workers(options))
     created = datetime.now(UTC)
@@ -344,7 +347,8 @@ def embed_shard(
             stats=stream.stats, model=model.describe(),
             preprocessing=PREPROCESSING_ID if options.preprocessing == "exact" else FAST_PREPROCESSING_ID,
             preprocessing_paths=batches.paths,
-            options={"batch_size": options.batch_size, "precision": options.precision,
+            options={"batch_size": options.batch_size, "batch_size_requested": requested_batch,
+                     "precision": options.precision,
                      "num_threads": pool.workers, "max_image_pixels": options.max_image_pixels},
             timings=timings, created=created,
         )

@@ -219,7 +219,7 @@ def _load_embedder(load: Callable[..., Any], task: ShardTask, options: EmbedOpti
     cache = getattr(model_module, "_cache", None)
     before = len(cache) if isinstance(cache, dict) else None
     t0 = time.perf_counter()
-    embedder = load(task.model, device=options.device, precision=options.precision)
+    embedder = load(task.model, device=options.device, precision=options.precision, compile=options.compile)
     if before is None or len(cache) > before:
         metrics.MODEL_LOAD_SECONDS.observe(time.perf_counter() - t0)
     return embedder

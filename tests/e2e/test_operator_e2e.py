@@ -95,7 +95,7 @@ def test_apply_job_succeeds_with_exact_counters_and_verified_outputs(stack, buck
 
 def test_invalid_specs_are_rejected_naming_the_field(stack, bucket):
     doc = stack.job_doc("bad", {"input": {"uri": f"s3://{bucket}/in/"}, "output": {"uri": f"s3://{bucket}/out/"}})
-    doc["spec"]["inference"]["batchSize"] = 0
+    doc["spec"]["inference"]["batchSize"] = 5000
     r = stack.apply(doc, check=False)
     assert r.returncode != 0 and "spec.inference.batchSize" in r.stderr
     doc = stack.job_doc("bad", {"input": {"uri": "http://example.com/x"}, "output": {"uri": f"s3://{bucket}/o/"}})

@@ -113,12 +113,9 @@ def test_failure_reasons_fall_into_classes():
     assert reason_class("something new") == "other"
 
 
-def test_batch_in_use_and_oom_backoffs():
+def test_oom_backoffs():  # the batch size in use after a back-off: test_model, resolve_batch_size
     from embedjob.worker import metrics
 
-    assert metrics.batch_in_use(32, None) == 32
-    assert metrics.batch_in_use(32, 8) == 8
-    assert metrics.batch_in_use(4, 8) == 4
     start = metrics.OOM_BACKOFFS._value.get()
     metrics.record_backoff(None, None)
     metrics.record_backoff(8, 8)

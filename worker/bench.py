@@ -55,6 +55,7 @@ SIZES: dict[str, tuple[tuple[int, int], ...]] = {
 }
 MODELS = ("tiny", "vit-l14")
 BASELINE_BATCH = 32
+DEVICE_DECODE_BATCH = 128  # JPEGs per nvJPEG call in the decode limit when the batch size is auto
 MEASUREMENTS = ("decode_limit", "model_limit", "baseline", "e2e")
 
 
@@ -294,7 +295,7 @@ def measure_decode(shards: list[str], storage: Storage, options: EmbedOptions, d
                         rejected += 1
                     elif isinstance(item, EncodedJpeg):
                         pending.append(item.data)
-                        if len(pending) >= options.batch_size:
+                        if len(pending) >= (options.batch_size or DEVICE_DECODE_BATCH):
                             decode_on_device()
                     else:
                         images += 1

@@ -73,11 +73,6 @@ def reason_class(reason: str) -> str:
     return "other"
 
 
-def batch_in_use(configured: int, max_batch: int | None) -> int:
-    """The batch size the model really runs: the configured one, or less after an OOM back-off."""
-    return min(configured, max_batch) if max_batch else configured
-
-
 def record_backoff(before: int | None, after: int | None) -> None:
     """Counts a shard whose embedder lowered its largest batch (``Embedder.max_batch``)."""
     if after is not None and (before is None or after < before):

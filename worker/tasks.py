@@ -190,8 +190,7 @@ def _run_shard_task(task: ShardTask, owner: str) -> dict[str, Any]:
                 images=result.images,
                 failedImages=result.failed, seconds=round(result.seconds, 3), finishedAt=time.time(),
                 error=None, transient=None, errorCode=None, accessError=None)
-        _count_success(task, storage, result, metrics.batch_in_use(options.batch_size,
-                                                                   getattr(embedder, "max_batch", None)))
+        _count_success(task, storage, result, embedder.resolve_batch_size(options.batch_size))
         summary = result.to_dict()
         summary["timings"] = {k: round(v, 3) for k, v in result.timings.items()}
         return summary

@@ -21,7 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 from urllib.parse import urlparse
 
-from embedjob import __version__
+from embedjob import __version__, settings
 from embedjob.bundled import sample_shards, sample_shards_dir
 from embedjob.dev.cli import add_commands as add_dev_commands
 from embedjob.dev.services import RedisServer
@@ -197,6 +197,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     redis = None
     if shutil.which("redis-server"):
         redis = RedisServer(Path(tempfile.mkdtemp(prefix="embedjob-bench-redis-"))).start()
+        os.environ["EMBEDJOB_REDIS_URL"] = redis.url  # what the task body (run_shard_task) reads
+        settings.reload()
     try:
         report = run_bench(replace(cfg, redis_url=redis.url if redis else None),
                            log=lambda msg: print(msg, file=sys.stderr, flush=True))

@@ -399,8 +399,9 @@ def measure_e2e(shards: list[str], stems: list[str], output: str, model: dict[st
 
     from embedjob import settings
 
-    os.environ["EMBEDJOB_REDIS_URL"] = redis_url
-    settings.reload()  # the task body reads its Redis from the process settings
+    if settings.load().redis_url != redis_url:  # the task body reads its Redis from the process settings
+        raise RuntimeError(f"e2e needs EMBEDJOB_REDIS_URL={redis_url} in the process settings "
+                           "(the embedjob bench command sets it to its private Redis)")
 
     from embedjob.results import read_manifest
     from embedjob.worker import tasks

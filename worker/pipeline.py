@@ -315,10 +315,10 @@ def embed_shard(
         # Redoing a finished shard: it stops being "done" until the new outputs are all in place.
         storage.delete(outputs.manifest)
 
+    jpeg_decoder = device_jpeg_decoder(options, model)  # fails first: a worker that cannot, tunes nothing
     requested_batch = options.batch_size
     options = replace(options, batch_size=model.resolve_batch_size(options.batch_size))  # 0: tuned on the device
     model.warm_up(options.batch_size)  # compiled forward only; timed and recorded in the manifest
-    jpeg_decoder = device_jpeg_decoder(options, model)
     pool = shared_decode_pool(decode_workers(options))
     created = datetime.now(UTC)
     timings = dict.fromkeys(STAGES, 0.0)

@@ -1,8 +1,10 @@
 """Process settings, read from the environment once at start-up into one frozen object.
 
 The entry points (``embedjob operator``, ``embedjob worker``, ``embedjob run``, the Celery app) build
-it with :func:`load` and pass it in; nothing else reads ``EMBEDJOB_*`` variables. Credentials are not
-settings: boto3 reads ``AWS_*`` from the environment itself, so they never travel through this object.
+it with :func:`load` and pass it in; nothing else reads ``EMBEDJOB_*`` variables. S3 credentials are
+not settings: boto3 reads ``AWS_*`` from the environment itself. The Redis password is (it must be
+composed into the connection): it is kept out of ``repr()``, composed only by
+:attr:`Settings.redis_connection_url`, and :func:`redact_url` is what messages show.
 
 Environment variables (defaults in brackets):
 

@@ -28,7 +28,7 @@ from embedjob.operator import status as job_status
 from embedjob.operator.events import Event, JobMemory
 from embedjob.operator.metrics import OperatorMetrics
 from embedjob.progress import ProgressStore, redis_client
-from embedjob.settings import load
+from embedjob.settings import load, redact_url
 from embedjob.spec import API_GROUP, API_VERSION, PLURAL
 
 FINALIZER = f"{API_GROUP}/cleanup"
@@ -62,6 +62,11 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     memo.redis = redis_client(config=SETTINGS)  # password and TLS from the settings, never logged
     memo.celery = make_app(settings=SETTINGS)
     memo.api = None  # the Kubernetes client, made on first use (ttlSecondsAfterFinished)
+    log.info("broker and progress store: %s%s%s", redact_url(SETTINGS.redis_connection_url),
+             " (password from EMBEDJOB_REDIS_PASSWORD)" if SETTINGS.redis_password else "",
+             f" (TLS, CA {SETTINGS.redis_ca_file})" if SETTINGS.redis_ca_file else "")
+    if SETTINGS.storage_allow_list is not None:
+        log.info("storage allow-list: %s", dict(SETTINGS.storage_allow_list))
     memo.metrics = OperatorMetrics(memo.redis)
     if SETTINGS.metrics_port:
         memo.metrics.serve(SETTINGS.metrics_port, SETTINGS.metrics_addr)

@@ -398,6 +398,12 @@ def measure_e2e(shards: list[str], stems: list[str], output: str, model: dict[st
     from embedjob import settings
 
     os.environ["EMBEDJOB_REDIS_URL"] = redis_url
+    # The private Redis has no password or TLS; the bench makes its own tasks (its workdir may be local),
+    # so a deployment's password, CA and storage allow-list (e.g. in a worker pod) do not apply to it.
+    for name in ("EMBEDJOB_REDIS_PASSWORD", "EMBEDJOB_REDIS_USERNAME", "EMBEDJOB_REDIS_CA_FILE",
+                 "EMBEDJOB_STORAGE_ALLOW_LIST"):
+        os.environ.pop(name, None)
+    os.environ["EMBEDJOB_ALLOW_LOCAL_PATHS"] = "true"
     settings.reload()  # the task body reads its Redis from the process settings
 
     from embedjob.results import read_manifest

@@ -27,7 +27,7 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from embedjob.settings import Settings
+from embedjob.settings import Settings, s3_defaults
 from embedjob.spec import JobSpec, SpecError
 
 NOT_ALLOWED = "StorageNotAllowed"
@@ -56,10 +56,23 @@ class AccessPolicy:
     allow: tuple[tuple[str, tuple[str, ...]], ...] | None = None  # None: any S3 location
     local_paths: bool = True
     model_dir: str = ""
+    endpoint: str | None = None  # the workers' own S3 endpoint (AWS_ENDPOINT_URL); None: AWS's
 
     @classmethod
     def from_settings(cls, settings: Settings) -> AccessPolicy:
-        return cls(settings.storage_allow_list, settings.allow_local_paths, settings.model_dir)
+        return cls(settings.storage_allow_list, settings.allow_local_paths, settings.model_dir,
+                   s3_defaults()[0])
+
+    def check_endpoint(self, field: str, endpoint: str | None) -> None:
+        """With an allow-list, a bucket name means a bucket of the workers' own S3 service: a job may not
+        point the workers' credentials at another endpoint (``spec.storage.endpoint``) unless it is
+        that one."""
+        if self.allow is None or not endpoint:
+            return
+        if endpoint.rstrip("/") != (self.endpoint or "").rstrip("/"):
+            own = self.endpoint or "AWS's default"
+            raise StorageNotAllowed(field, f"{endpoint!r}: with the storage allow-list, only the workers' own "
+                                           f"S3 endpoint ({own}) may be used; leave it empty")
 
     def prefixes(self, namespace: str | None) -> list[str]:
         """The prefixes a job of ``namespace`` may use; None: every namespace's (the workers' view)."""
@@ -93,9 +106,11 @@ class AccessPolicy:
         self.check("spec.output.uri", spec.output.uri, namespace)
         if spec.model.path:
             self.check("spec.model.path", spec.model.path, namespace, model=True)
+        self.check_endpoint("spec.storage.endpoint", spec.storage.endpoint)
 
-    def check_task(self, shard: str, output: str, model_path: str | None) -> None:
+    def check_task(self, shard: str, output: str, model_path: str | None, endpoint: str | None = None) -> None:
         """The worker's check of one task message (namespace unknown: the union of every entry)."""
+        self.check_endpoint("task storage.endpoint", endpoint)
         checks: Iterable[tuple[str, str, bool]] = [("input", shard, False), ("output", output, False)]
         if model_path:
             checks = [*checks, ("model.path", model_path, True)]

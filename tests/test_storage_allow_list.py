@@ -66,6 +66,16 @@ def test_local_paths_and_the_model_cache():
     AccessPolicy.from_settings(Settings.from_env({})).check("spec.input.uri", "s3://anything/")
 
 
+def test_with_an_allow_list_only_the_workers_own_endpoint_may_be_named():
+    p = AccessPolicy(allow=(("*", ("s3://b/",)),), endpoint="http://seaweedfs-s3:8333")
+    p.check_endpoint("spec.storage.endpoint", None)
+    p.check_endpoint("spec.storage.endpoint", "http://seaweedfs-s3:8333/")
+    with pytest.raises(StorageNotAllowed, match="only the workers' own S3 endpoint") as e:
+        p.check_endpoint("spec.storage.endpoint", "http://s3.evil.example")
+    assert e.value.field == "spec.storage.endpoint"
+    AccessPolicy(endpoint=None).check_endpoint("spec.storage.endpoint", "http://anything")  # no list: as before
+
+
 def test_a_bad_allow_list_setting_fails_the_start_naming_the_variable():
     for raw, why in (("[1]", "expected a JSON object"), ('{"*": "s3://a/"}', "expected a list"),
                      ('{"*": ["/data/"]}', "is not an s3://bucket/prefix"), ("{", "not valid JSON")):
@@ -95,7 +105,8 @@ def _spec(in_bucket: str, out_uri: str, **extra) -> dict:  # noqa: ANN003
             "queue": "embedjob-allow", **extra}
 
 
-@pytest.mark.parametrize("field", ["spec.input.uri", "spec.output.uri", "spec.model.path", "spec.input.shards[1]"])
+@pytest.mark.parametrize("field", ["spec.input.uri", "spec.output.uri", "spec.model.path", "spec.input.shards[1]",
+                                   "spec.storage.endpoint"])
 def test_operator_fails_a_job_outside_its_namespaces_allow_list_naming_the_field(store, bucket, field):
     other = f"o-{uuid.uuid4().hex[:12]}"
     s3_client().create_bucket(Bucket=other)  # it exists and is readable: only the allow-list says no
@@ -106,6 +117,8 @@ def test_operator_fails_a_job_outside_its_namespaces_allow_list_naming_the_field
             "model.path": _spec(bucket, f"s3://{bucket}/out/", model={"path": "/etc/models/clip"}),
             "input.shards[1]": {"input": {"shards": [f"s3://{bucket}/in/0.tar", f"s3://{other}/in/1.tar"]},
                                 "output": {"uri": f"s3://{bucket}/out/"}},
+            # an allowed bucket name, but on someone else's S3 service: the credentials would go there
+            "storage.endpoint": _spec(bucket, f"s3://{bucket}/out/", storage={"endpoint": "http://s3.evil.example"}),
             }[field.removeprefix("spec.")]
     acc = accept(store, spec, {}, 1, namespace="team-a", policy=allowed)
     assert not acc.ok and acc.status["phase"] == "Failed"
@@ -157,6 +170,8 @@ def test_worker_refuses_forged_messages_and_embeds_the_allowed_one(secured_redis
         "local": task("local", str(local_in)),
         "model": task("model", allowed_in, model={"name": "x", "revision": None, "path": str(tmp_path)}),
         "modelname": task("modelname", allowed_in, model={"name": str(tmp_path), "revision": None, "path": None}),
+        "endpoint": ShardTask(job=job, shard=allowed_in, stem="endpoint", output=out, model=model, options=options,
+                              storage={"endpoint": "http://127.0.0.1:9", "region": "us-east-1"}),
     }
     env_send = {"EMBEDJOB_REDIS_URL": secured_redis.authed_url}  # the forger can write to Redis
     workers = Workers(env, f"q-{uuid.uuid4().hex[:8]}", tmp_path)
@@ -175,6 +190,7 @@ def test_worker_refuses_forged_messages_and_embeds_the_allowed_one(secured_redis
         assert "outside the storage allow-list" in store.info("foreign")["error"]
         assert "local paths are not allowed" in store.info("local")["error"]
         assert "model cache" in store.info("model")["error"] and "model cache" in store.info("modelname")["error"]
+        assert "only the workers' own S3 endpoint" in store.info("endpoint")["error"]
         # Nothing embedded for any forged message; the allowed one, once.
         assert store.executions() == {"good": 1}
         storage = Storage()

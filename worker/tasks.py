@@ -212,7 +212,9 @@ def check_task_locations(task: ShardTask) -> None:
     name = str(model.get("name") or "")
     if not model_path and name and (os.path.isabs(name) or name.startswith(".") or os.path.exists(name)):
         model_path = name  # a "hub id" that is really a folder loads from disk: it is a path
-    AccessPolicy.from_settings(settings_module.load()).check_task(str(task.shard), str(task.output), model_path)
+    endpoint = (task.storage or {}).get("endpoint") if isinstance(task.storage, dict) else None
+    AccessPolicy.from_settings(settings_module.load()).check_task(str(task.shard), str(task.output), model_path,
+                                                                  endpoint)
 
 
 def _load_embedder(load: Callable[..., Any], task: ShardTask, options: EmbedOptions) -> Any:

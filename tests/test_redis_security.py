@@ -135,3 +135,33 @@ def test_rediss_refuses_a_server_whose_certificate_it_cannot_verify(tls_redis):
     client = redis_client(config=_tls_settings(tls_redis["url"]))
     with pytest.raises(redis.exceptions.ConnectionError, match="(?i)certificate verify failed"):
         client.ping()
+
+
+def test_a_real_worker_over_rediss_with_a_password_embeds_a_shard(tls_redis, s3_env, bucket, tiny_clip_dir, tmp_path):
+    """`embedjob worker` consumes over TLS (kombu with broker_use_ssl, CERT_REQUIRED, our CA) with the
+    password from the environment, records progress over the same connection and embeds the shard."""
+    import os
+
+    from embedjob.contract import EmbedOptions, ShardTask
+    from embedjob.progress import ProgressStore
+    from tests.shards import simple_shard
+    from tests.test_celery_worker import Workers, _put_shard, _wait_state
+
+    env = {**os.environ, **s3_env, "EMBEDJOB_REDIS_URL": tls_redis["url"], "EMBEDJOB_REDIS_PASSWORD": PASSWORD,
+           "EMBEDJOB_REDIS_CA_FILE": tls_redis["ca"], "EMBEDJOB_LEASE_SECONDS": "3", "OMP_NUM_THREADS": "1"}
+    s = _tls_settings(tls_redis["url"], tls_redis["ca"])
+    job = f"job-{uuid.uuid4().hex[:6]}"
+    task = ShardTask(job=job, shard=_put_shard(bucket, "in/000.tar", simple_shard(4)), stem="000",
+                     output=f"s3://{bucket}/out", model={"name": "x", "revision": None, "path": str(tiny_clip_dir)},
+                     options={**EmbedOptions().__dict__, "device": "cpu", "dtype": "float32"})
+    workers = Workers(env, f"q-{uuid.uuid4().hex[:8]}", tmp_path)
+    try:
+        workers.start("tls")
+        make_app(settings=s).send_task(TASK_NAME, kwargs={"task": task.to_dict()}, task_id="tls-shard",
+                                       queue=workers.queue)
+        store = ProgressStore(redis_client(config=s), job)
+        _wait_state(store, "000", "succeeded", 180)
+        assert store.info("000")["images"] == 4 and store.executions() == {"000": 1}
+        assert PASSWORD not in (tmp_path / "tls.log").read_text()
+    finally:
+        workers.stop_all()

@@ -27,9 +27,16 @@ def transport_options(settings: Settings) -> dict:
 
 
 def make_app(url: str | None = None, settings: Settings | None = None) -> Celery:
+    """The Celery app on ``url`` as given, or (default) on the settings' Redis with its password and,
+    for ``rediss://``, verified TLS (``broker_use_ssl`` with CERT_REQUIRED and the CA file)."""
     settings = settings or settings_module.load()
-    url = url or settings.redis_url
+    ssl_options = None
+    if url is None:
+        url = settings.redis_connection_url
+        ssl_options = settings.redis_ssl_options()
     app = Celery("embedjob", broker=url, backend=None)
+    if ssl_options:
+        app.conf.update(broker_use_ssl=dict(ssl_options), redis_backend_use_ssl=dict(ssl_options))
     app.conf.update(
         task_acks_late=True,
         task_reject_on_worker_lost=True,

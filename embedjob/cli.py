@@ -198,6 +198,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if shutil.which("redis-server"):
         redis = RedisServer(Path(tempfile.mkdtemp(prefix="embedjob-bench-redis-"))).start()
         os.environ["EMBEDJOB_REDIS_URL"] = redis.url  # what the task body (run_shard_task) reads
+        # The private Redis has no password or TLS; the bench makes its own tasks (its workdir may be
+        # local), so a deployment's password, CA and storage allow-list (e.g. in a worker pod) do not apply.
+        for name in ("EMBEDJOB_REDIS_PASSWORD", "EMBEDJOB_REDIS_USERNAME", "EMBEDJOB_REDIS_CA_FILE",
+                     "EMBEDJOB_STORAGE_ALLOW_LIST"):
+            os.environ.pop(name, None)
+        os.environ["EMBEDJOB_ALLOW_LOCAL_PATHS"] = "true"
         settings.reload()
     try:
         report = run_bench(replace(cfg, redis_url=redis.url if redis else None),

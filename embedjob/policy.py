@@ -21,6 +21,7 @@ from typing import Any
 
 import redis
 
+from embedjob.access import StorageNotAllowed
 from embedjob.storage import StorageError
 
 _REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
@@ -94,6 +95,8 @@ def describe_failure(exc: BaseException) -> dict[str, Any]:
         if isinstance(cause, StorageError):
             return {"error": error, "errorCode": cause.code, "transient": cause.transient,
                     "accessError": cause.access_denied or cause.code == "NoSuchBucket"}
+        if isinstance(cause, StorageNotAllowed):  # the same for every shard of the job: fail fast
+            return {"error": error, "errorCode": "StorageNotAllowed", "transient": False, "accessError": True}
         if isinstance(cause, _REDIS_ERRORS):
             return {"error": error, "errorCode": type(cause).__name__, "transient": True, "accessError": False}
         cause = cause.__cause__ or cause.__context__

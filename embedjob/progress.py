@@ -52,10 +52,17 @@ return 0
 """
 
 
-def redis_client(url: str | None = None) -> redis.Redis:
-    """A client for ``url`` (default: the settings' ``EMBEDJOB_REDIS_URL``)."""
-    return redis.Redis.from_url(url or settings.load().redis_url, decode_responses=True, socket_timeout=30,
-                                socket_connect_timeout=5, health_check_interval=30)
+def redis_client(url: str | None = None, config: settings.Settings | None = None) -> redis.Redis:
+    """A client for ``url`` as given, or (default) for the settings' Redis: ``EMBEDJOB_REDIS_URL`` with
+    ``EMBEDJOB_REDIS_PASSWORD`` composed in and, for ``rediss://``, the certificate checked against
+    ``EMBEDJOB_REDIS_CA_FILE``."""
+    extra: dict[str, Any] = {}
+    if url is None:
+        config = config or settings.load()
+        url = config.redis_connection_url
+        extra = config.redis_ssl_options() or {}
+    return redis.Redis.from_url(url, decode_responses=True, socket_timeout=30, socket_connect_timeout=5,
+                                health_check_interval=30, **extra)
 
 
 class ProgressStore:

@@ -4,8 +4,10 @@ The entry points (``embedjob operator``, ``embedjob worker``, ``embedjob run``, 
 it with :func:`load` and pass it in; nothing else reads ``EMBEDJOB_*`` variables. This module is also
 the one place outside the entry points that touches the process environment at all: the variables
 that libraries read themselves (OpenMP's, prometheus_client's) go through :func:`library_env` and
-:func:`set_library_env`. Credentials are not
-settings: boto3 reads ``AWS_*`` from the environment itself, so they never travel through this object.
+:func:`set_library_env`. S3 credentials are not settings: boto3 reads ``AWS_*`` from the environment
+itself. The Redis password is (it must be composed into the connection): it is kept out of
+``repr()``, composed only by :attr:`Settings.redis_connection_url`, and :func:`redact_url` is what
+messages show.
 
 Environment variables (defaults in brackets):
 
@@ -28,21 +30,33 @@ Environment variables (defaults in brackets):
                                   shard and worker) [text]
 ``EMBEDJOB_METRICS_DIR``          worker: prometheus_client's multiprocess folder, wiped at start
                                   [a fresh temporary folder]
+``EMBEDJOB_REDIS_PASSWORD``       Redis password (AUTH), composed into the Redis and broker connections;
+                                  wins over one in the URL; never logged [none]
+``EMBEDJOB_REDIS_USERNAME``       Redis ACL user, with the password [none: the default user]
+``EMBEDJOB_REDIS_CA_FILE``        ``rediss://`` only: CA bundle the server's certificate must chain to
+                                  (verified, hostname checked) [the system's CAs]
+``EMBEDJOB_STORAGE_ALLOW_LIST``   JSON ``{"<namespace>" or "*": ["s3://bucket/prefix/", ...]}``: where
+                                  jobs may read and write with the workers' credentials (see
+                                  embedjob.access) [unset: anywhere]
+``EMBEDJOB_ALLOW_LOCAL_PATHS``    ``true``/``false``: may a task name a local input, output or model
+                                  path (``embedjob run``); the chart sets false [true]
 ================================  ============================================================
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import os
+import urllib.parse
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
 @dataclass(frozen=True)
 class Settings:
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_url: str = field(default="redis://127.0.0.1:6379/0", repr=False)  # may hold a password
     lease_seconds: float = 120.0
     visibility_timeout: int = 6 * 3600
     restore_interval: float | None = None
@@ -58,6 +72,13 @@ class Settings:
     metrics_addr: str = "0.0.0.0"
     metrics_dir: str = ""
     log_format: str = "text"
+    # Secrets: kept out of repr() (a Settings object in a traceback or a log line shows no password).
+    redis_password: str = field(default="", repr=False)
+    redis_username: str = ""
+    redis_ca_file: str = ""
+    # ((namespace or "*", (prefix, ...)), ...); None: no restriction (see embedjob.access)
+    storage_allow_list: tuple[tuple[str, tuple[str, ...]], ...] | None = None
+    allow_local_paths: bool = True
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -91,13 +112,94 @@ class Settings:
             metrics_addr=env.get("EMBEDJOB_METRICS_ADDR") or d.metrics_addr,
             metrics_dir=env.get("EMBEDJOB_METRICS_DIR") or d.metrics_dir,
             log_format=_log_format(env.get("EMBEDJOB_LOG_FORMAT") or d.log_format),
+            redis_password=env.get("EMBEDJOB_REDIS_PASSWORD") or "",
+            redis_username=env.get("EMBEDJOB_REDIS_USERNAME") or "",
+            redis_ca_file=env.get("EMBEDJOB_REDIS_CA_FILE") or "",
+            storage_allow_list=_allow_list(env.get("EMBEDJOB_STORAGE_ALLOW_LIST")),
+            allow_local_paths=_flag("EMBEDJOB_ALLOW_LOCAL_PATHS", env.get("EMBEDJOB_ALLOW_LOCAL_PATHS"), True),
         )
+
+    @property
+    def redis_connection_url(self) -> str:
+        """The Redis URL with the password (and user) composed in: what the clients connect with.
+        Never log it: :func:`redact_url` is for messages."""
+        return compose_redis_url(self.redis_url, self.redis_password, self.redis_username)
+
+    def redis_ssl_options(self) -> dict[str, object] | None:
+        """For a ``rediss://`` URL: the certificate checks (always CERT_REQUIRED, hostname checked),
+        with the CA bundle when one is set. None for plain ``redis://``."""
+        if not self.redis_url.startswith("rediss://"):
+            return None
+        import ssl
+
+        opts: dict[str, object] = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+        if self.redis_ca_file:
+            opts["ssl_ca_certs"] = self.redis_ca_file
+        return opts
 
     @property
     def expiry_grace(self) -> float:
         """Seconds a "running" shard must stay without a lease before it counts as expired (a worker
         releases its lease a moment before it records the outcome)."""
         return max(1.0, min(5.0, self.lease_seconds / 2))
+
+
+def compose_redis_url(url: str, password: str = "", username: str = "") -> str:
+    """``url`` with ``password`` (and ``username``) as its userinfo; a password given separately wins
+    over one already in the URL."""
+    if not password:
+        return url
+    parts = urllib.parse.urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    user = urllib.parse.quote(username or "", safe="")
+    userinfo = f"{user}:{urllib.parse.quote(password, safe='')}"
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{userinfo}@{host}"))
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password replaced by ``***`` (for log lines and error messages)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return "<unparseable URL>"
+    if "@" not in parts.netloc:
+        return url
+    userinfo, _, host = parts.netloc.rpartition("@")
+    user = userinfo.partition(":")[0]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+def _flag(name: str, raw: str | None, default: bool) -> bool:
+    if raw in (None, ""):
+        return default
+    low = raw.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{name}={raw!r}: expected true or false")
+
+
+def _allow_list(raw: str | None) -> tuple[tuple[str, tuple[str, ...]], ...] | None:
+    """EMBEDJOB_STORAGE_ALLOW_LIST: a JSON object, namespace (or "*") -> list of s3:// prefixes."""
+    if raw in (None, ""):
+        return None
+    name = "EMBEDJOB_STORAGE_ALLOW_LIST"
+    try:
+        doc = json.loads(raw)
+    except ValueError as e:
+        raise ValueError(f"{name}: not valid JSON: {e}") from e
+    if not isinstance(doc, dict):
+        raise ValueError(f"{name}: expected a JSON object {{namespace or \"*\": [\"s3://bucket/prefix/\", ...]}}")
+    out = []
+    for ns, prefixes in sorted(doc.items()):
+        if not isinstance(prefixes, list) or not all(isinstance(p, str) for p in prefixes):
+            raise ValueError(f"{name}[{ns!r}]: expected a list of s3:// prefixes")
+        for p in prefixes:
+            if not p.startswith("s3://") or len(p) <= len("s3://"):
+                raise ValueError(f"{name}[{ns!r}]: {p!r} is not an s3://bucket/prefix")
+        out.append((str(ns), tuple(prefixes)))
+    return tuple(out)
 
 
 def _log_format(raw: str) -> str:

@@ -17,12 +17,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from embedjob.access import AccessPolicy, StorageNotAllowed
 from embedjob.operator import status
 from embedjob.operator.changes import spec_hash
 from embedjob.operator.events import Event
 from embedjob.planning import PlanError, Shard, plan_shards
 from embedjob.progress import ProgressStore
 from embedjob.results import done_stems, read_manifest, shard_counts
+from embedjob.settings import load
 from embedjob.spec import JobSpec, SpecError, parse_spec
 from embedjob.storage import Storage, StorageError, StorageOptions
 
@@ -72,21 +74,27 @@ def record_plan(store: ProgressStore, spec: JobSpec, raw_spec: Mapping[str, Any]
 
 
 def accept(store: ProgressStore, raw_spec: Mapping[str, Any], previous_status: Mapping[str, Any] | None,
-           generation: int | None, now: dt.datetime | None = None) -> Accepted:
-    """Validate the spec, plan the shards, record the plan in Redis, and return the status that
+           generation: int | None, now: dt.datetime | None = None, *, namespace: str | None = None,
+           policy: AccessPolicy | None = None) -> Accepted:
+    """Validate the spec, check it against the storage allow-list of ``namespace`` (``policy``,
+    default: the settings'), plan the shards, record the plan in Redis, and return the status that
     records it. Nothing is enqueued here: the first tick after this status is stored does that, so
-    the plan is in the resource before any task exists."""
+    the plan is in the resource before any task exists. A location outside the allow-list fails the
+    job before anything is read with the workers' credentials."""
     now = now or status.now_utc()
+    policy = policy or AccessPolicy.from_settings(load())
     where = "spec"
     try:
         spec = parse_spec(dict(raw_spec), allow_local=False)
+        policy.check_job(spec, namespace)
         storage = storage_for(spec)
         where = "spec.input.uri"
         shards = plan_shards(spec.input, storage)
         where = "spec.output.uri"
         done = record_plan(store, spec, raw_spec, shards, storage)
     except SpecError as e:  # PlanError is a SpecError too
-        reason = "PlanFailed" if isinstance(e, PlanError) else "InvalidSpec"
+        reason = ("PlanFailed" if isinstance(e, PlanError) else
+                  "StorageNotAllowed" if isinstance(e, StorageNotAllowed) else "InvalidSpec")
         return Accepted(status.invalid_status(previous_status, reason, str(e), generation, now),
                         [Event("Warning", reason, str(e))], ok=False)
     except StorageError as e:

@@ -21,13 +21,14 @@ from typing import Any
 import kopf
 from kubernetes import client, config
 
+from embedjob.access import AccessPolicy
 from embedjob.broker import make_app
 from embedjob.operator import reconcile
 from embedjob.operator import status as job_status
 from embedjob.operator.events import Event, JobMemory
 from embedjob.operator.metrics import OperatorMetrics
 from embedjob.progress import ProgressStore, redis_client
-from embedjob.settings import load
+from embedjob.settings import load, redact_url
 from embedjob.spec import API_GROUP, API_VERSION, PLURAL
 
 FINALIZER = f"{API_GROUP}/cleanup"
@@ -57,9 +58,15 @@ def _post(body: kopf.Body, events: list[Event]) -> None:
 def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     """Every operator-wide knob, in one place."""
     memo.settings = SETTINGS
-    memo.redis = redis_client(SETTINGS.redis_url)
-    memo.celery = make_app(SETTINGS.redis_url, SETTINGS)
+    memo.access = AccessPolicy.from_settings(SETTINGS)  # the storage allow-list jobs are checked against
+    memo.redis = redis_client(config=SETTINGS)  # password and TLS from the settings, never logged
+    memo.celery = make_app(settings=SETTINGS)
     memo.api = None  # the Kubernetes client, made on first use (ttlSecondsAfterFinished)
+    log.info("broker and progress store: %s%s%s", redact_url(SETTINGS.redis_connection_url),
+             " (password from EMBEDJOB_REDIS_PASSWORD)" if SETTINGS.redis_password else "",
+             f" (TLS, CA {SETTINGS.redis_ca_file})" if SETTINGS.redis_ca_file else "")
+    if SETTINGS.storage_allow_list is not None:
+        log.info("storage allow-list: %s", dict(SETTINGS.storage_allow_list))
     memo.metrics = OperatorMetrics(memo.redis)
     if SETTINGS.metrics_port:
         memo.metrics.serve(SETTINGS.metrics_port, SETTINGS.metrics_addr)
@@ -90,14 +97,15 @@ def redis_probe(memo: kopf.Memo, **_: Any) -> bool:
 @kopf.on.create(*RESOURCE)
 @kopf.on.resume(*RESOURCE)
 @kopf.on.update(*RESOURCE, field="spec")
-def accept(spec: kopf.Spec, status: kopf.Status, meta: kopf.Meta, uid: str, body: kopf.Body,
+def accept(spec: kopf.Spec, status: kopf.Status, meta: kopf.Meta, uid: str, namespace: str, body: kopf.Body,
            patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
     """Validate and plan a job not planned yet (new, or fixed after an invalid spec). The plan lands
     in the status before the first tick may enqueue anything."""
     if reconcile.is_planned(status):
         return  # already accepted: changes are handled level-triggered by the tick
     try:
-        result = reconcile.accept(_store(memo, uid), dict(spec), dict(status), meta.get("generation"))
+        result = reconcile.accept(_store(memo, uid), dict(spec), dict(status), meta.get("generation"),
+                                  namespace=namespace, policy=memo.access)
     except Exception as e:  # storage or Redis unreachable: try again shortly
         raise kopf.TemporaryError(f"cannot plan yet: {type(e).__name__}: {e}", delay=10) from e
     patch.status.update(job_status.status_patch(status, result.status))
@@ -137,7 +145,7 @@ def cleanup(spec: kopf.Spec, uid: str, name: str, namespace: str, body: kopf.Bod
     """Remove the job's queued tasks and Redis keys (outputs are kept) and its metric series. Never
     blocks deletion: after bounded retries the finalizer is released anyway, with a warning event."""
     memo.metrics.jobs.forget(namespace, name)
-    quick = redis_client(memo.settings.redis_url)  # short timeouts: a dead Redis must not hold the deletion
+    quick = redis_client(config=memo.settings)  # short timeouts: a dead Redis must not hold the deletion
     quick.connection_pool.connection_kwargs.update(socket_timeout=5, socket_connect_timeout=2)
     with _job(memo).lock:
         ok, message = reconcile.cleanup(ProgressStore(quick, uid), spec.get("queue") or "embedjob")

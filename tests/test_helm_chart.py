@@ -177,7 +177,7 @@ def test_existing_secrets_keep_every_credential_out_of_the_manifests():
 
 def test_dev_credentials_from_values_go_into_a_chart_secret_not_into_pod_specs():
     docs = render("s3.accessKeyId=devkey", "s3.secretAccessKey=devsecret")
-    (secret,) = kinds(docs, "Secret")
+    (secret,) = [d for d in kinds(docs, "Secret") if d["metadata"]["name"] == f"{RELEASE}-embedjob-s3"]
     assert base64.b64decode(secret["data"]["AWS_SECRET_ACCESS_KEY"]).decode() == "devsecret"
     assert "devsecret" not in json.dumps(kinds(docs, "Deployment"))
     for _, c in containers(docs):

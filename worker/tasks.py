@@ -32,6 +32,7 @@ from celery.signals import worker_process_shutdown, worker_ready
 
 from embedjob import logs
 from embedjob import settings as settings_module
+from embedjob.access import AccessPolicy
 from embedjob.broker import app
 from embedjob.contract import TASK_NAME, EmbedOptions, ShardTask
 from embedjob.layout import shard_outputs
@@ -140,6 +141,9 @@ def _run_shard_task(task: ShardTask, owner: str) -> dict[str, Any]:
         return {"status": "cancelled", "stem": task.stem}
 
     try:
+        # Before any storage access with this worker's credentials: a message naming a location
+        # outside the storage allow-list (or a local path) is refused, whoever wrote it to Redis.
+        check_task_locations(task)
         options = EmbedOptions(**task.options)
         storage = Storage(StorageOptions.from_dict(task.storage))
     except Exception as e:  # noqa: BLE001 - a bad message: recorded
@@ -209,6 +213,19 @@ def _committed_counts(task: ShardTask, storage: Storage) -> tuple[int, int] | No
     if not storage.exists(shard_outputs(task.output, task.stem).manifest):
         return None
     return shard_counts(read_manifest(task.output, task.stem, storage))
+
+
+def check_task_locations(task: ShardTask) -> None:
+    """Raise :class:`~embedjob.access.StorageNotAllowed` when the message's input, output or model is
+    outside the storage allow-list or a local path where none is allowed (embedjob.access)."""
+    model = task.model if isinstance(task.model, dict) else {}
+    model_path = model.get("path") or None
+    name = str(model.get("name") or "")
+    if not model_path and name and (os.path.isabs(name) or name.startswith(".") or os.path.exists(name)):
+        model_path = name  # a "hub id" that is really a folder loads from disk: it is a path
+    endpoint = (task.storage or {}).get("endpoint") if isinstance(task.storage, dict) else None
+    AccessPolicy.from_settings(settings_module.load()).check_task(str(task.shard), str(task.output), model_path,
+                                                                  endpoint)
 
 
 def _load_embedder(load: Callable[..., Any], task: ShardTask, options: EmbedOptions) -> Any:

@@ -109,10 +109,18 @@ def find_binary(name: str) -> str:
 
 
 class RedisServer:
-    def __init__(self, workdir: Path, port: int | None = None, appendonly: bool = False) -> None:
+    """A redis-server on 127.0.0.1. With ``password``, it requires AUTH (``requirepass`` from a config
+    file only its owner can read, so the password is not on the command line); ``url`` stays without
+    it (what EMBEDJOB_REDIS_URL gets, the password going through EMBEDJOB_REDIS_PASSWORD) and
+    ``authed_url`` has it. ``extra_args``: more redis-server options (e.g. a TLS port)."""
+
+    def __init__(self, workdir: Path, port: int | None = None, appendonly: bool = False, password: str = "",
+                 extra_args: list[str] | None = None) -> None:
         self.dir = Path(workdir)
         self.port = port or free_port()
         self.appendonly = appendonly
+        self.password = password
+        self.extra_args = list(extra_args or [])
         self.log_path = self.dir / "redis.log"
         self.proc: subprocess.Popen | None = None
 
@@ -120,12 +128,26 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
+    @property
+    def authed_url(self) -> str:
+        return f"redis://:{self.password}@127.0.0.1:{self.port}/0" if self.password else self.url
+
+    @property
+    def config_path(self) -> Path:
+        return self.dir / "redis-auth.conf"
+
     def command(self) -> list[str]:
-        return [find_binary("redis-server"), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
-                "--save", "", "--appendonly", "yes" if self.appendonly else "no", "--protected-mode", "yes"]
+        conf = [str(self.config_path)] if self.password else []
+        return [find_binary("redis-server"), *conf, "--port", str(self.port), "--bind", "127.0.0.1",
+                "--dir", str(self.dir), "--save", "", "--appendonly", "yes" if self.appendonly else "no",
+                "--protected-mode", "yes", *self.extra_args]
 
     def start(self) -> RedisServer:
         self.dir.mkdir(parents=True, exist_ok=True)
+        if self.password:
+            fd = os.open(self.config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(f'requirepass "{self.password}"\n')
         self.proc = spawn(self.command(), self.log_path, self.dir)
         wait_for_port(self.port, 20, self.proc, "redis-server")
         return self

@@ -37,7 +37,8 @@ class FaultStack:
         # This process reads the outputs back with the same credentials (restored in close()).
         self._saved_env = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
         os.environ.update(AWS_ACCESS_KEY_ID=S3_KEY, AWS_SECRET_ACCESS_KEY=S3_SECRET)
-        self.redis = RedisServer(base / "redis", appendonly=True).start()
+        # Password-protected like the chart's Redis: every component gets it through EMBEDJOB_REDIS_PASSWORD.
+        self.redis = RedisServer(base / "redis", appendonly=True, password=f"pw-{uuid.uuid4().hex}").start()
         self._durable()
         self.s3 = SeaweedS3(base / "s3", config=IDENTITIES).start()
         self.proxy = FaultProxy(self.s3.s3_port, seed=6)
@@ -46,7 +47,8 @@ class FaultStack:
             **os.environ,
             "AWS_ACCESS_KEY_ID": S3_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET,
             "AWS_ENDPOINT_URL": self.proxy.endpoint, "AWS_REGION": "us-east-1",
-            "EMBEDJOB_REDIS_URL": self.redis.url, "KUBECONFIG": str(cluster.kubeconfig),
+            "EMBEDJOB_REDIS_URL": self.redis.url, "EMBEDJOB_REDIS_PASSWORD": self.redis.password,
+            "KUBECONFIG": str(cluster.kubeconfig),
             "EMBEDJOB_LEASE_SECONDS": "3", "EMBEDJOB_OPERATOR_INTERVAL": "1", "EMBEDJOB_VISIBILITY_TIMEOUT": "120",
             "EMBEDJOB_LOST_MESSAGE_GRACE": "3", "EMBEDJOB_S3_MAX_ATTEMPTS": "3", "EMBEDJOB_REDIS_WAIT_SECONDS": "120",
             "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
@@ -64,7 +66,7 @@ class FaultStack:
 
     # -- faults ------------------------------------------------------------------------------------
     def _durable(self) -> None:
-        r = redis_client(self.redis.url)
+        r = redis_client(self.redis.authed_url)
         r.config_set("appendfsync", "always")  # a SIGKILL loses nothing that was acknowledged
         r.close()
 
@@ -149,7 +151,7 @@ class FaultStack:
         return json.loads(r.stdout)["items"]
 
     def store(self, name: str) -> ProgressStore:
-        return ProgressStore(redis_client(self.redis.url), self.get(name)["metadata"]["uid"])
+        return ProgressStore(redis_client(self.redis.authed_url), self.get(name)["metadata"]["uid"])
 
     def operator_log(self) -> str:
         return "\n".join(p.read_text(errors="replace") for p in sorted(self.logs.glob("operator-*.log")))

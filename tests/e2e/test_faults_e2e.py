@@ -154,7 +154,7 @@ def test_message_deleted_from_the_broker_is_reenqueued_by_the_safety_net(healthy
     shards = f.put_shards(bucket, 3, 5)
     queue = f"nobody-{uuid.uuid4().hex[:6]}"  # no worker yet: the messages wait in the list
     f.apply("lost-message", bucket, 3, queue=queue)
-    r = redis_client(f.redis.url)
+    r = redis_client(f.redis.authed_url)
     deadline = time.monotonic() + 30
     while r.llen(queue) < 3 and time.monotonic() < deadline:
         time.sleep(0.2)

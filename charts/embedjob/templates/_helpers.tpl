@@ -93,6 +93,8 @@ annotations:
 - name: EMBEDJOB_REDIS_URL
   value: {{ required "redis.url or redis.existingSecret is required when redis.enabled is false" .Values.redis.url | quote }}
 {{- end }}
+{{- include "embedjob.redis.securityEnv" . }}
+{{- include "embedjob.access.env" . }}
 {{- with (include "embedjob.s3.secretName" .) }}
 - name: AWS_ACCESS_KEY_ID
   valueFrom:
@@ -142,4 +144,76 @@ annotations:
 {{- $_ := set $a "prometheus.io/path" "/metrics" -}}
 {{- end -}}
 {{- toYaml $a -}}
+{{- end -}}
+
+
+{{/* Redis security ------------------------------------------------------------------------------ */}}
+{{/* Name of the Secret holding the Redis password, or "" when there is none. */}}
+{{- define "embedjob.redis.authSecretName" -}}
+{{- if .Values.redis.auth.existingSecret -}}
+{{- .Values.redis.auth.existingSecret -}}
+{{- else if and .Values.redis.enabled .Values.redis.auth.enabled -}}
+{{- printf "%s-redis-auth" (include "embedjob.fullname" .) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Where the Redis CA is mounted in the operator and worker pods. */}}
+{{- define "embedjob.redis.caDir" -}}/etc/embedjob/redis-ca{{- end -}}
+
+{{- define "embedjob.redis.hasCA" -}}
+{{- if or .Values.redis.tls.caSecret .Values.redis.tls.caConfigMap -}}true{{- end -}}
+{{- end -}}
+
+{{/* EMBEDJOB_REDIS_PASSWORD (from the Secret) and EMBEDJOB_REDIS_CA_FILE, for the operator and workers. */}}
+{{- define "embedjob.redis.securityEnv" -}}
+{{- with (include "embedjob.redis.authSecretName" .) }}
+- name: EMBEDJOB_REDIS_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: {{ $.Values.redis.auth.existingSecretPasswordKey }}
+{{- end }}
+{{- if (include "embedjob.redis.hasCA" .) }}
+- name: EMBEDJOB_REDIS_CA_FILE
+  value: {{ printf "%s/%s" (include "embedjob.redis.caDir" .) .Values.redis.tls.caKey | quote }}
+{{- end }}
+{{- end -}}
+
+{{/* The Redis CA volume mount / volume (empty without a CA): include them in a pod's lists. */}}
+{{- define "embedjob.redis.caVolumeMount" -}}
+{{- if (include "embedjob.redis.hasCA" .) -}}
+- name: redis-ca
+  mountPath: {{ include "embedjob.redis.caDir" . }}
+  readOnly: true
+{{- end -}}
+{{- end -}}
+
+{{- define "embedjob.redis.caVolume" -}}
+{{- if .Values.redis.tls.caSecret -}}
+- name: redis-ca
+  secret:
+    secretName: {{ .Values.redis.tls.caSecret }}
+    items:
+      - key: {{ .Values.redis.tls.caKey }}
+        path: {{ .Values.redis.tls.caKey }}
+{{- else if .Values.redis.tls.caConfigMap -}}
+- name: redis-ca
+  configMap:
+    name: {{ .Values.redis.tls.caConfigMap }}
+    items:
+      - key: {{ .Values.redis.tls.caKey }}
+        path: {{ .Values.redis.tls.caKey }}
+{{- end -}}
+{{- end -}}
+
+{{/* Storage allow-list ------------------------------------------------------------------------------ */}}
+{{/* Operator and workers: the allow-list (when set) and no local paths (a pod has no business reading
+     its own filesystem for a job; the model cache stays allowed for model.path, see embedjob.access). */}}
+{{- define "embedjob.access.env" -}}
+{{- with .Values.storageAllowList }}
+- name: EMBEDJOB_STORAGE_ALLOW_LIST
+  value: {{ toJson . | quote }}
+{{- end }}
+- name: EMBEDJOB_ALLOW_LOCAL_PATHS
+  value: "false"
 {{- end -}}

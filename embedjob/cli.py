@@ -173,6 +173,8 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     # Shared with the pool children (forked later): shutdown deadline, probes, GPU pinning.
     lifecycle.prepare(settings.health_dir, processes=max(processes, 1))
     lifecycle.configure_pool(processes, pin_gpus=args.gpus > 1, visible=os.environ.get("CUDA_VISIBLE_DEVICES"))
+    if settings.health_port:  # up from the start: live while connecting, ready once the model is loaded
+        lifecycle.serve(settings.health_port, settings.metrics_addr, settings.stall_seconds)
     from embedjob.worker.tasks import app
 
     if args.concurrency > 1:  # several processes (one per GPU), one shard each

@@ -297,14 +297,13 @@ def embed_shard_task(self, task: dict) -> dict:  # noqa: ANN001
 
 @worker_ready.connect
 def _serve_metrics(sender: Any = None, **_: Any) -> None:
-    """The worker's ``/metrics`` (all its processes) and probes, from the main process once the pool is up."""
+    """The worker's ``/metrics`` (all its processes), from the main process once the pool is up; the
+    model preload of the threads pool (``embedjob worker`` serves the probes from its start)."""
     s = settings_module.load()
     if s.metrics_port:
         metrics.serve(s.metrics_port, s.metrics_addr)
     if not lifecycle.pool_processes():  # threads pool: this process runs the shards
         _preload_then_ready()
-    if s.health_port:
-        lifecycle.serve(s.health_port, s.metrics_addr, s.stall_seconds)
 
 
 @worker_process_shutdown.connect

@@ -73,6 +73,9 @@ def test_shutdown_deadline_gives_shards_back_only_after_it(health_dir):
     lifecycle.consumer_beat()
     h = lifecycle.check(health_dir, stall_seconds=60, started=time.time())
     assert h.live and not h.ready and "shutting down" in h.problems
+    # The warm shutdown stops the consumer loop: that alone does not make the worker dead meanwhile.
+    h = lifecycle.check(health_dir, stall_seconds=1e9, started=time.time(), now=time.time() + 300)
+    assert h.live and not h.ready
 
 
 def _get(url: str) -> tuple[int, dict]:

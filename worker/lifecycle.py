@@ -245,9 +245,11 @@ def check(path: Path, stall_seconds: float, started: float, now: float | None = 
     now = time.time() if now is None else now
     problems: list[str] = []
     live = True
+    shutting = (path / "shutdown").exists()
     try:
         beat = (path / "consumer").stat().st_mtime
-        if now - beat > consumer_stale:
+        # A warm shutdown stops the consumer loop on purpose; then only the shards in flight count.
+        if now - beat > consumer_stale and not shutting:
             live = False
             problems.append(f"consumer loop silent for {now - beat:.0f}s")
     except FileNotFoundError:
@@ -285,7 +287,6 @@ def check(path: Path, stall_seconds: float, started: float, now: float | None = 
             ready_pids.append(pid)
         else:
             p.unlink(missing_ok=True)
-    shutting = (path / "shutdown").exists()
     if shutting:
         problems.append("shutting down")
     if len(ready_pids) < expected:

@@ -390,8 +390,16 @@ class _WorkersRegistry:
 workers_registry = _WorkersRegistry()
 
 
+_fast_client: redis.Redis | None = None
+
+
 def redis_client_fast() -> redis.Redis:
-    return redis.Redis.from_url(settings_module.load().redis_url, socket_timeout=2, socket_connect_timeout=2)
+    """A client with short timeouts, for calls made from inside the consumer loop (never block it long)."""
+    global _fast_client
+    if _fast_client is None:
+        _fast_client = redis.Redis.from_url(settings_module.load().redis_url, socket_timeout=2,
+                                            socket_connect_timeout=2)
+    return _fast_client
 
 
 class ConsumerBeat(bootsteps.StartStopStep):

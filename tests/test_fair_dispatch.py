@@ -138,3 +138,31 @@ def test_small_job_after_a_large_one_starts_within_seconds_and_finishes_long_bef
             worker.wait(30)
         except subprocess.TimeoutExpired:
             os.killpg(worker.pid, signal.SIGKILL)
+
+
+def test_priority_weighs_each_jobs_messages_in_the_broker(redis_url, s3_env, bucket):
+    """Two jobs on one queue with 6 live worker slots announced (depth 12): priority 1 keeps twice the
+    messages of priority 0 waiting; raising the other's priority (a mutable field) shifts the split."""
+
+    queue = f"q-{uuid.uuid4().hex[:8]}"
+    r = redis_client(redis_url)
+    r.zadd(fairness.workers_key(queue), {"w@h|6": time.time()})
+    app = make_app(redis_url)
+    settings = Settings(redis_url=redis_url)
+    for name in ("a", "b"):
+        for i in range(30):
+            s3_client().put_object(Bucket=bucket, Key=f"{name}/{i:03d}.tar", Body=b"")
+    a = _Job(r, app, _spec(bucket, "a", 30, queue, "/nowhere"), settings)
+    b = _Job(r, app, _spec(bucket, "b", 30, queue, "/nowhere", priority=1), settings)
+
+    fairness.register_job(r, queue, a.store.job, 0)  # both already have work on the queue
+    fairness.register_job(r, queue, b.store.job, 1)
+    a.tick()
+    b.tick()
+    counts = {"a": sum(1 for m in r.lrange(queue, 0, -1) if a.store.job in m),
+              "b": sum(1 for m in r.lrange(queue, 0, -1) if b.store.job in m)}
+    assert counts == {"a": 4, "b": 8}  # 12 x 1/3 and 12 x 2/3
+    assert fairness.active_jobs(r, queue) == {a.store.job: 0, b.store.job: 1}
+    a.spec = {**a.spec, "priority": 2}
+    a.tick()
+    assert a.rec.mem.share.cap == 8  # 12 x 4/6

@@ -155,17 +155,28 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_worker(args: argparse.Namespace) -> int:
     from embedjob.settings import load
-    from embedjob.worker import multiproc
+    from embedjob.worker import lifecycle, multiproc
 
     settings = load()
     if settings.metrics_port:
         # Before prometheus_client is imported (by the tasks module) and before the pool forks.
         multiproc.prepare(settings.metrics_dir)
-    from embedjob.worker.tasks import app
-
+    if args.gpus > 1:
+        if args.concurrency not in (1, args.gpus):
+            print("error: --gpus N runs N processes; leave --concurrency out", file=sys.stderr)
+            return 2
+        args.concurrency, args.shards_in_flight = args.gpus, 1
     if args.concurrency > 1 and args.shards_in_flight > 1:
         print("error: --shards-in-flight > 1 runs in one process; use it with --concurrency 1", file=sys.stderr)
         return 2
+    processes = args.concurrency if args.concurrency > 1 else 0
+    # Shared with the pool children (forked later): shutdown deadline, probes, GPU pinning.
+    lifecycle.prepare(settings.health_dir, processes=max(processes, 1))
+    lifecycle.configure_pool(processes, pin_gpus=args.gpus > 1, visible=os.environ.get("CUDA_VISIBLE_DEVICES"))
+    if settings.health_port:  # up from the start: live while connecting, ready once the model is loaded
+        lifecycle.serve(settings.health_port, settings.metrics_addr, settings.stall_seconds)
+    from embedjob.worker.tasks import app
+
     if args.concurrency > 1:  # several processes (one per GPU), one shard each
         pool = ["-P", "prefork", "-c", str(args.concurrency)]
     else:
@@ -242,7 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     w = sub.add_parser("worker", help="start a Celery worker (broker: EMBEDJOB_REDIS_URL)")
     w.add_argument("--queue", default="embedjob")
-    w.add_argument("--concurrency", type=int, default=1, help="processes; one per GPU")
+    w.add_argument("--concurrency", type=int, default=1, help="processes, one shard each (no GPU pinning)")
+    w.add_argument("--gpus", type=int, default=1,
+                   help="GPUs of this worker: N > 1 runs N processes, process i pinned to GPU i (default 1)")
     w.add_argument("--shards-in-flight", type=int, default=2,
                    help="shards one process works on at once, sharing its model and decode workers (default 2)")
     w.add_argument("--loglevel", default="info")

@@ -40,6 +40,14 @@ Environment variables (defaults in brackets):
                                   embedjob.access) [unset: anywhere]
 ``EMBEDJOB_ALLOW_LOCAL_PATHS``    ``true``/``false``: may a task name a local input, output or model
                                   path (``embedjob run``); the chart sets false [true]
+``EMBEDJOB_SHUTDOWN_DEADLINE``    worker: seconds after SIGTERM after which shards still in flight
+                                  are aborted and given back to the queue [15]
+``EMBEDJOB_HEALTH_PORT``          worker: ``/healthz`` and ``/readyz`` port [0: none]
+``EMBEDJOB_HEALTH_DIR``           worker: the probes' state folder, wiped at start [a fresh temporary folder]
+``EMBEDJOB_STALL_SECONDS``        worker: a shard task without progress this long makes it unhealthy [600]
+``EMBEDJOB_PRELOAD_MODEL``        worker: model (hub id or path) loaded at start; ready once loaded [none]
+``EMBEDJOB_QUEUED_PER_SLOT``      operator: messages waiting in a queue per worker slot consuming it [2]
+``EMBEDJOB_MIN_QUEUED``           operator: messages each job may keep waiting, whatever the workers [2]
 ================================  ============================================================
 """
 
@@ -79,6 +87,13 @@ class Settings:
     # ((namespace or "*", (prefix, ...)), ...); None: no restriction (see embedjob.access)
     storage_allow_list: tuple[tuple[str, tuple[str, ...]], ...] | None = None
     allow_local_paths: bool = True
+    shutdown_deadline: float = 15.0
+    health_port: int = 0
+    health_dir: str = ""
+    stall_seconds: float = 600.0
+    preload_model: str = ""
+    queued_per_slot: float = 2.0
+    min_queued: int = 2
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -117,6 +132,13 @@ class Settings:
             redis_ca_file=env.get("EMBEDJOB_REDIS_CA_FILE") or "",
             storage_allow_list=_allow_list(env.get("EMBEDJOB_STORAGE_ALLOW_LIST")),
             allow_local_paths=_flag("EMBEDJOB_ALLOW_LOCAL_PATHS", env.get("EMBEDJOB_ALLOW_LOCAL_PATHS"), True),
+            shutdown_deadline=num("EMBEDJOB_SHUTDOWN_DEADLINE", d.shutdown_deadline),
+            health_port=int(num("EMBEDJOB_HEALTH_PORT", d.health_port, int)),
+            health_dir=env.get("EMBEDJOB_HEALTH_DIR") or d.health_dir,
+            stall_seconds=num("EMBEDJOB_STALL_SECONDS", d.stall_seconds),
+            preload_model=env.get("EMBEDJOB_PRELOAD_MODEL") or d.preload_model,
+            queued_per_slot=num("EMBEDJOB_QUEUED_PER_SLOT", d.queued_per_slot),
+            min_queued=int(num("EMBEDJOB_MIN_QUEUED", d.min_queued, int)),
         )
 
     @property

@@ -104,6 +104,7 @@ class JobSpec:
     retries: RetrySpec = field(default_factory=RetrySpec)
     maxFailedShards: int = 0  # noqa: N815
     parallelism: int = 0  # max shards queued+running at once (0 = no limit)
+    priority: int = 0  # share of a queue shared with other jobs: each step up doubles it (-10..10)
     suspend: bool = False
     ttlSecondsAfterFinished: int | None = None  # noqa: N815
 
@@ -186,7 +187,7 @@ def parse_spec(spec: Any, allow_local: bool = True, base_dir: Path | None = None
     _unknown(
         spec,
         {"input", "output", "model", "inference", "storage", "queue", "retries", "maxFailedShards",
-         "parallelism", "suspend", "ttlSecondsAfterFinished"},
+         "parallelism", "priority", "suspend", "ttlSecondsAfterFinished"},
         "spec",
     )
 
@@ -288,6 +289,7 @@ def parse_spec(spec: Any, allow_local: bool = True, base_dir: Path | None = None
         retries=retry_spec,
         maxFailedShards=_int(spec, "maxFailedShards", "spec", 0, 0),
         parallelism=_int(spec, "parallelism", "spec", 0, 0),
+        priority=_int(spec, "priority", "spec", 0, -10, 10),
         suspend=_bool(spec, "suspend", "spec", False),
         ttlSecondsAfterFinished=_int(spec, "ttlSecondsAfterFinished", "spec", None, 0),
     )

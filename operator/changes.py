@@ -16,7 +16,7 @@ from embedjob.operator import status
 from embedjob.operator.events import Event, JobMemory
 from embedjob.spec import JobSpec, SpecError, parse_spec
 
-MUTABLE_FIELDS = ("suspend", "ttlSecondsAfterFinished", "parallelism")
+MUTABLE_FIELDS = ("suspend", "ttlSecondsAfterFinished", "parallelism", "priority")
 
 
 def immutable_view(spec: JobSpec) -> dict[str, Any]:
@@ -49,6 +49,7 @@ def with_mutable(accepted: JobSpec, raw: Mapping[str, Any] | None) -> JobSpec:
     """The accepted spec with the mutable fields taken from the resource's current spec."""
     raw = raw or {}
     return replace(accepted, suspend=bool(raw.get("suspend", False)), parallelism=int(raw.get("parallelism") or 0),
+                   priority=int(raw.get("priority") or 0),
                    ttlSecondsAfterFinished=raw.get("ttlSecondsAfterFinished"))
 
 

@@ -32,6 +32,8 @@ class JobMemory:
     refused: str = ""  # last refused spec change message (one event per change)
     suspects: dict[str, float] = field(default_factory=dict)  # running stems seen without a lease
     lost: LostMessages | None = None  # queued stems seen in no queue (made with the settings' grace)
+    finished: deque = field(default_factory=lambda: deque(maxlen=24))  # (monotonic, shards finished): pace
+    share: Any = None  # the job's latest fair share of its queue (embedjob.fairness.Share)
 
     def forget_sightings(self) -> None:
         """After an outage, what was seen missing before says nothing about after (leases are re-taken,

@@ -6,6 +6,7 @@
     failures    embedjob.operator.failures   each failed attempt counted once (embedjob.policy decides)
     leases      embedjob.operator.leases     dead workers' shards: done (manifest) or re-enqueued
     lost        embedjob.operator.lost_messages  queued shards in no queue: re-enqueued
+    share       embedjob.fairness            this job's fair share of the queue it shares with other jobs
     dispatch    embedjob.operator.dispatch   pending resent, redo, retries and new shards up to the slots
     report      embedjob.operator.observe    counts -> status (embedjob.operator.status), finish
 
@@ -18,11 +19,13 @@ these (embedjob.operator.handlers), so tests drive them directly against real se
 from __future__ import annotations
 
 import datetime as dt
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from embedjob import fairness
 from embedjob.broker import remove_queued_tasks
 from embedjob.contract import task_id_prefix
 from embedjob.operator import status
@@ -97,17 +100,46 @@ class Reconciler:
         expired = expire_leases(store, spec, states, mem, self.settings, events)
         lost = self._lost(spec, states) if not spec.suspend and control != "suspended" else []
         dispatched = 0
-        if not spec.suspend:  # (while suspended, expired shards wait as "queued" for the resume)
+        if spec.suspend:
+            fairness.unregister_job(store.r, spec.queue, store.job)
+        else:  # (while suspended, expired shards wait as "queued" for the resume)
             redo = [s for s, v in states.items() if v == "queued"] if resumed else expired + lost
             dispatcher = Dispatcher(store, self.sender, spec, mem.uris)
-            dispatched = dispatcher.top_up(states, mem.plan or [], retry_due, redo, self.settings.max_queued)
+            cap = self._fair_cap(spec, states, retry_due)
+            dispatched = dispatcher.top_up(states, mem.plan or [], retry_due, redo, cap)
             if resumed:
                 events.append(Event("Normal", "Resumed", f"dispatch resumed; {len(redo)} shard(s) re-enqueued"))
         if dispatched and job_status.get("phase") == status.PENDING:
             events.append(Event("Normal", "Started", f"enqueued {dispatched} shard task(s) on {spec.queue}"))
         result = self._report(spec, job_status, generation, now, states, failed_infos, conditions)
         result.dispatched = dispatched
+        if result.status.get("phase") in status.TERMINAL:
+            fairness.unregister_job(store.r, spec.queue, store.job)
         return result
+
+    def _fair_cap(self, spec: JobSpec, states: dict[str, str], retry_due: list[str]) -> int:
+        """Messages this job may keep waiting in the broker (embedjob.fairness): its priority-weighted
+        share of ``queued_per_slot`` x the live worker slots on its queue, split with the other jobs that
+        have work there; at least what it consumes in two ticks (fast shards never starve the workers),
+        at least ``min_queued``, at most ``max_queued``."""
+        s, store, mem = self.settings, self.store, self.mem
+        plan = mem.plan or []
+        finished = sum(1 for v in states.values() if v in ("succeeded", "failed"))
+        settled = finished + sum(1 for v in states.values() if v == "running")
+        if len(plan) - settled + len(retry_due) <= 0:  # nothing left to send: leave the queue to others
+            fairness.unregister_job(store.r, spec.queue, store.job)
+            return s.max_queued
+        fairness.register_job(store.r, spec.queue, store.job, spec.priority)
+        share = fairness.job_cap(store.job, fairness.active_jobs(store.r, spec.queue),
+                                 fairness.live_slots(store.r, spec.queue), s.queued_per_slot, s.min_queued,
+                                 s.max_queued)
+        mono = time.monotonic()
+        mem.finished.append((mono, finished))
+        t0, f0 = mem.finished[0]
+        pace = (finished - f0) / (mono - t0) if mono - t0 >= 1.0 else 0.0  # shards finished per second
+        cap = min(max(share.cap, math.ceil(2 * s.operator_interval * pace)), s.max_queued)
+        mem.share = share
+        return cap
 
     def _control(self, spec: JobSpec) -> tuple[str, bool]:
         """Suspend / resume, level-triggered on spec.suspend vs the control flag. Returns (the flag as

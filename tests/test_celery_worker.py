@@ -245,3 +245,99 @@ def test_two_shards_in_flight_share_one_worker_and_survive_its_sigkill(bucket, e
                     EmbedOptions(batch_size=8, num_threads=1, dtype="float32"), stem=stem)
         ref = np.load(io.BytesIO(storage.read_bytes(shard_outputs(f"s3://{bucket}/alone", stem).embeddings)))
         assert (emb * ref).sum(1).min() > 0.999
+
+
+def _big_task(bucket: str, tiny_clip_dir, n: int, stem: str = "big") -> tuple[ShardTask, ShardSpec]:
+    spec = simple_shard(n, size=(320, 240))
+    shard = _put_shard(bucket, f"in/{stem}.tar", spec)
+    task = ShardTask(job=f"job-{uuid.uuid4().hex[:6]}", shard=shard, stem=stem, output=f"s3://{bucket}/out",
+                     model={"name": "x", "revision": None, "path": str(tiny_clip_dir)},
+                     options={**EmbedOptions().__dict__, "device": "cpu", "batch_size": 8, "num_threads": 1})
+    return task, spec
+
+
+def _wait_into_shard(store: ProgressStore, stem: str) -> None:
+    _wait_state(store, stem, "running", 120)
+    time.sleep(1.0)
+    assert store.state(stem) == "running", "the shard was over too soon for this test"
+
+
+def _wait_log(path, text: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and text in path.read_text(errors="replace"):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{text!r} not in {path}")
+
+
+def test_sigterm_past_the_deadline_gives_the_shard_back_and_another_worker_redoes_it_at_once(
+        bucket, env, workers, tiny_clip_dir, redis_url, tmp_path):
+    """SIGTERM mid-shard with EMBEDJOB_SHUTDOWN_DEADLINE=0 (the shard cannot finish within the grace
+    period): the worker aborts it (nothing committed), records it queued again, releases its lease
+    and requeues the message. Another worker starts it far sooner than the lease (30 s) would have
+    allowed; exactly one manifest, full rows, no partial object ever visible."""
+    n = 4000  # about 17 s of CPU here: long enough to start the rescuer meanwhile
+    workers.env = {**env, "EMBEDJOB_LEASE_SECONDS": "30", "EMBEDJOB_SHUTDOWN_DEADLINE": "0",
+                   "EMBEDJOB_VISIBILITY_TIMEOUT": "600"}
+    task, spec = _big_task(bucket, tiny_clip_dir, n)
+    store = ProgressStore(redis_client(redis_url), task.job, lease_seconds=30)
+    storage = Storage()
+    out = shard_outputs(task.output, "big")
+
+    victim = workers.start("victim")
+    _send(env, workers.queue, task)
+    _wait_into_shard(store, "big")
+    victim_id = store.info("big")["worker"]
+    workers.start("rescuer")
+    _wait_log(tmp_path / "rescuer.log", "rescuer@", 60)
+    _wait_log(tmp_path / "rescuer.log", " ready.", 60)
+    assert store.state("big") == "running", "the shard was over too soon for this test"
+
+    t_term = time.monotonic()
+    os.killpg(victim.pid, signal.SIGTERM)
+    redo_at = None
+    seen_partial = []
+    deadline = time.monotonic() + 180
+    while store.state("big") != "succeeded" and time.monotonic() < deadline:
+        info = store.info("big")
+        if redo_at is None and store.state("big") == "running" and info.get("worker") != victim_id:
+            redo_at = time.monotonic()
+        if storage.exists(out.embeddings) and np.load(io.BytesIO(storage.read_bytes(out.embeddings))).shape[0] != n:
+            seen_partial.append(1)
+        time.sleep(0.05)
+    assert store.state("big") == "succeeded", store.info("big")
+    assert victim.wait(30) == 0  # a clean, prompt exit
+    assert redo_at is not None
+    redo_delay = redo_at - t_term
+    print(f"redo delay after SIGTERM: {redo_delay:.2f}s (lease 30s)")
+    assert redo_delay < 30 / 3, f"redone {redo_delay:.1f}s after SIGTERM: no faster than the lease"
+    info = store.info("big")
+    assert info["givenBack"] == 1 and info["worker"] != victim_id and "leaseExpiries" not in info
+    assert not seen_partial
+    assert store.executions() == {"big": 2} and store.commits() == {"big": 1}
+    assert list(storage.list(f"s3://{bucket}/out/_manifests/")) == [out.manifest]
+    assert not list(storage.list(f"s3://{bucket}/out/_tmp/"))
+    emb = np.load(io.BytesIO(storage.read_bytes(out.embeddings)))
+    keys = pq.read_table(io.BytesIO(storage.read_bytes(out.metadata))).column("key").to_pylist()
+    assert emb.shape == (n, 32) and keys == spec.good_keys
+    assert "given back" in (tmp_path / "victim.log").read_text(errors="replace")
+
+
+def test_sigterm_within_the_deadline_finishes_the_shard_then_exits(bucket, env, workers, tiny_clip_dir, redis_url):
+    """Celery's warm shutdown: with time left before the deadline the shard in flight is finished and
+    committed once by the same worker, which then exits; nothing is redone."""
+    workers.env = {**env, "EMBEDJOB_LEASE_SECONDS": "30", "EMBEDJOB_SHUTDOWN_DEADLINE": "120",
+                   "EMBEDJOB_VISIBILITY_TIMEOUT": "600"}
+    task, spec = _big_task(bucket, tiny_clip_dir, 1500)
+    store = ProgressStore(redis_client(redis_url), task.job, lease_seconds=30)
+    victim = workers.start("victim")
+    _send(env, workers.queue, task)
+    _wait_into_shard(store, "big")
+    os.killpg(victim.pid, signal.SIGTERM)
+    assert victim.wait(120) == 0
+    assert store.state("big") == "succeeded", store.info("big")
+    assert store.executions() == {"big": 1} and store.commits() == {"big": 1}
+    assert "givenBack" not in store.info("big")
+    out = shard_outputs(task.output, "big")
+    assert np.load(io.BytesIO(Storage().read_bytes(out.embeddings))).shape == (1500, 32)

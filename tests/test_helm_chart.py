@@ -122,6 +122,35 @@ def test_worker_requests_one_gpu_as_a_string_and_runs_the_worker_command():
             assert all(isinstance(q, str) for q in section.values()), section
 
 
+def _worker_container(*sets: str) -> dict[str, Any]:
+    docs = render(*sets)
+    worker = next(d for d in kinds(docs, "Deployment") if d["metadata"]["name"] == f"{RELEASE}-embedjob-worker")
+    (c,) = worker["spec"]["template"]["spec"]["containers"]
+    return c
+
+
+def test_multi_gpu_pods_run_one_pinned_process_per_gpu_and_request_them_all():
+    c = _worker_container("worker.gpusPerPod=4", "worker.resources.limits.cpu=16")
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == "4" and c["resources"]["limits"]["cpu"] == "16"
+    assert c["args"][:4] == ["worker", "--queue=embedjob", "--concurrency=4", "--gpus=4"]
+    c = _worker_container()
+    assert "--gpus=4" not in c["args"] and "--concurrency=1" in c["args"]
+    assert not any(a.startswith("--gpus") for a in c["args"])
+
+
+def test_worker_probes_and_shutdown_deadline_below_the_grace_period():
+    c = _worker_container("worker.terminationGracePeriodSeconds=1800", "worker.preloadModel=/models/clip")
+    env = env_of(c)
+    assert env["EMBEDJOB_SHUTDOWN_DEADLINE"] == "1770" and env["EMBEDJOB_PRELOAD_MODEL"] == "/models/clip"
+    assert env["EMBEDJOB_HEALTH_PORT"] == "8081" and env["EMBEDJOB_HEALTH_DIR"].startswith("/tmp/")
+    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "health"}
+    assert {"name": "health", "containerPort": 8081, "protocol": "TCP"} in c["ports"]
+    assert env_of(_worker_container("worker.terminationGracePeriodSeconds=40"))["EMBEDJOB_SHUTDOWN_DEADLINE"] == "20"
+    env = env_of(_worker_container("worker.shutdownDeadlineSeconds=100"))
+    assert env["EMBEDJOB_SHUTDOWN_DEADLINE"] == "100" and "EMBEDJOB_PRELOAD_MODEL" not in env
+
+
 def test_worker_options_nodeselector_tolerations_pvc_cache():
     docs = render("worker.nodeSelector.gpu=a100", "worker.tolerations[0].key=nvidia.com/gpu",
                   "worker.tolerations[0].operator=Exists", "worker.tolerations[0].effect=NoSchedule",

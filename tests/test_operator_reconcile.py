@@ -60,7 +60,9 @@ def worker_finishes(store: ProgressStore, stem: str, images: int, failed: int = 
 def started(r, app, store, spec: dict, **settings):
     acc = accept(store, spec, {}, 1)
     assert acc.ok, acc.status
-    rec = Reconciler(store, app, JobMemory(), Settings(**settings))
+    # One job and no real worker (the test plays the workers): the fair share's floor is lifted, so
+    # dispatch is bounded by max_queued and parallelism only (fair dispatch: tests/test_fair_dispatch.py).
+    rec = Reconciler(store, app, JobMemory(), Settings(**{"min_queued": 10_000, **settings}))
     return acc.status, rec
 
 

@@ -59,6 +59,8 @@ def test_fast_preprocessing_is_opt_in_and_reaches_the_task_options():
         ({"queue": "bad queue"}, "spec.queue"),
         ({"bogus": 1}, "spec.bogus"),
         ({"model": {"nme": "x"}}, "spec.model.nme"),
+        ({"priority": 11}, "spec.priority"),
+        ({"priority": "high"}, "spec.priority"),
     ],
 )
 def test_bad_field_is_named(spec, field):
@@ -66,6 +68,11 @@ def test_bad_field_is_named(spec, field):
         parse_job(job(**spec))
     assert e.value.field == field
     assert str(e.value).startswith(field + ":")
+
+
+def test_priority_defaults_to_0_and_takes_negative_values():
+    assert parse_job(job()).spec.priority == 0
+    assert parse_job(job(priority=-3)).spec.priority == -3
 
 
 def test_operator_refuses_local_paths():

@@ -7,7 +7,10 @@ Per task (see embedjob.progress for the Redis keys):
 1. the job was suspended or deleted -> drop it (``cancelled``);
 2. the shard's manifest exists -> record it succeeded, no work (``skipped``);
 3. another live worker holds the shard's lease -> ``duplicate``, no work done twice;
-4. otherwise take the lease, renew it by heartbeat while embedding, record the outcome.
+4. otherwise take the lease, renew it by heartbeat while embedding, record the outcome;
+5. the worker got SIGTERM and the shard cannot finish before ``EMBEDJOB_SHUTDOWN_DEADLINE``: abort
+   it (nothing committed), record it ``queued`` again, release the lease and requeue the message at
+   once (``given_back``): another worker redoes it without waiting for the lease to expire.
 Every exception records a ``failed`` outcome with the error, classified transient or hard (see
 embedjob.policy); a Redis outage is waited out (bounded), then the message goes back to the broker.
 A duplicate is re-checked one lease period later (see ``embed_shard_task``).
@@ -27,8 +30,9 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import redis
+from celery import bootsteps
 from celery.exceptions import Reject
-from celery.signals import worker_process_shutdown, worker_ready
+from celery.signals import worker_process_init, worker_process_shutdown, worker_ready, worker_shutting_down
 
 from embedjob import logs
 from embedjob import settings as settings_module
@@ -40,7 +44,8 @@ from embedjob.policy import describe_failure
 from embedjob.progress import ProgressStore, redis_client
 from embedjob.results import read_manifest, shard_counts
 from embedjob.storage import Storage, StorageError, StorageOptions
-from embedjob.worker import metrics
+from embedjob.worker import lifecycle, metrics
+from embedjob.worker.lifecycle import GiveBack
 
 log = logging.getLogger("embedjob.worker")
 T = TypeVar("T")
@@ -127,15 +132,19 @@ def run_shard_task(task: ShardTask, owner: str = WORKER_ID) -> dict[str, Any]:
     the error (and whether it is transient), except when Redis itself stays unreachable, which
     raises :class:`Redeliver` so the message goes back to the broker. Every line logged meanwhile
     names the job, the shard, the attempt and this worker (embedjob.logs)."""
-    with logs.shard_context(job=task.job, shard=task.shard, stem=task.stem, attempt=task.attempt, worker=owner):
-        return _run_shard_task(task, owner)
+    with logs.shard_context(job=task.job, shard=task.shard, stem=task.stem, attempt=task.attempt, worker=owner), \
+            lifecycle.TaskMarker(task.stem) as marker:
+        return _run_shard_task(task, owner, marker)
 
 
-def _run_shard_task(task: ShardTask, owner: str) -> dict[str, Any]:
+def _run_shard_task(task: ShardTask, owner: str, marker: lifecycle.TaskMarker) -> dict[str, Any]:
     from embedjob.worker.model import load_embedder
     from embedjob.worker.pipeline import embed_shard
 
     store = _progress(task.job)
+    if lifecycle.shutting_down():  # taken after SIGTERM (prefetched): nothing started, hand it back
+        metrics.SHARDS.labels("given_back").inc()
+        return {"status": "given_back", "stem": task.stem}
     if with_redis(store.control, "reading the job's control flag") in ("suspended", "deleted"):
         metrics.SHARDS.labels("cancelled").inc()
         return {"status": "cancelled", "stem": task.stem}
@@ -170,7 +179,8 @@ def _run_shard_task(task: ShardTask, owner: str) -> dict[str, Any]:
             return {"status": "skipped", "stem": task.stem}
         try:
             with_redis(lambda: store.set_state(task.stem, "running", attempt=task.attempt, worker=owner,
-                                               startedAt=time.time(), error=None, imagesSoFar=0),
+                                               startedAt=time.time(), error=None, imagesSoFar=0,
+                                               gpu=lifecycle.assigned_gpu()),
                        f"recording {task.stem} as running")
             with_redis(lambda: store.count_execution(task.stem), "counting the execution")
             heartbeat.start()
@@ -178,6 +188,10 @@ def _run_shard_task(task: ShardTask, owner: str) -> dict[str, Any]:
 
             def on_progress(n: int) -> None:
                 heartbeat.images = n
+                marker.progress()
+                lifecycle.check_give_back()
+
+            lifecycle.check_give_back()
 
             max_batch = getattr(embedder, "max_batch", None)  # lowered by the model after a CUDA OOM
             result = embed_shard(task.shard, task.output, embedder, options, stem=task.stem, storage=storage,
@@ -185,6 +199,9 @@ def _run_shard_task(task: ShardTask, owner: str) -> dict[str, Any]:
             metrics.record_backoff(max_batch, getattr(embedder, "max_batch", None))
         except Redeliver:
             raise
+        except GiveBack as e:
+            heartbeat.stop()
+            return _given_back(store, task, owner, e)
         except Exception as e:  # noqa: BLE001 - recorded for the operator's retry policy
             heartbeat.stop()
             return _failed(store, task, e)
@@ -258,6 +275,23 @@ def _count_success(task: ShardTask, storage: Storage, result: Any, batch_size: i
         log.warning("metrics: %s", e)
 
 
+def _given_back(store: ProgressStore, task: ShardTask, owner: str, exc: GiveBack) -> dict[str, Any]:
+    """SIGTERM and the shard could not finish in time: nothing was committed (the writer commits only
+    at the end). ``running -> queued`` (compare-and-set) before the lease goes, so the operator never
+    counts a lease expiry; the caller requeues the message, so the next free worker takes it at once."""
+    log.warning("shard %s given back: %s", task.stem, exc)
+
+    def record() -> None:
+        if store.control() != "deleted" and store.set_state_if(task.stem, "running", "queued"):
+            info = store.info(task.stem)
+            store.update_info(task.stem, givenBack=int(info.get("givenBack") or 0) + 1, imagesSoFar=0,
+                              givenBackAt=time.time())
+
+    with_redis(record, f"giving {task.stem} back")
+    metrics.SHARDS.labels("given_back").inc()
+    return {"status": "given_back", "stem": task.stem}
+
+
 def _failed(store: ProgressStore, task: ShardTask, exc: BaseException) -> dict[str, Any]:
     metrics.SHARDS.labels("failed").inc()
     failure = describe_failure(exc)
@@ -283,17 +317,142 @@ def embed_shard_task(self, task: dict) -> dict:  # noqa: ANN001
         raise Reject(str(e), requeue=True) from e
     if result["status"] == "duplicate":
         raise self.retry(countdown=max(settings_module.load().lease_seconds, 1))
+    if result["status"] == "given_back":
+        raise Reject("worker shutting down: shard given back", requeue=True)
     return result
 
 
 @worker_ready.connect
-def _serve_metrics(**_: Any) -> None:
-    """The worker's ``/metrics`` (all its processes), from the main process once the pool is up."""
+def _serve_metrics(sender: Any = None, **_: Any) -> None:
+    """The worker's ``/metrics`` (all its processes), from the main process once the pool is up; the
+    model preload of the threads pool (``embedjob worker`` serves the probes from its start)."""
     s = settings_module.load()
     if s.metrics_port:
         metrics.serve(s.metrics_port, s.metrics_addr)
+    if not lifecycle.pool_processes():  # threads pool: this process runs the shards
+        _preload_then_ready()
 
 
 @worker_process_shutdown.connect
 def _child_exited(pid: int | None = None, **_: Any) -> None:
     metrics.child_exited(pid or os.getpid())
+    lifecycle.process_exited(pid or os.getpid())
+
+
+@worker_shutting_down.connect
+def _shutting_down(**_: Any) -> None:
+    """SIGTERM (Celery's warm shutdown): no new shard starts; a shard still running
+    ``EMBEDJOB_SHUTDOWN_DEADLINE`` seconds later is given back (pool children read it from the
+    health folder). Size the deadline below the pod's terminationGracePeriodSeconds."""
+    lifecycle.begin_shutdown(settings_module.load().shutdown_deadline)
+    workers_registry.leave()
+
+
+@worker_process_init.connect
+def _pool_process_started(**_: Any) -> None:
+    """A prefork pool child (one per GPU): pin it to its own GPU before anything initialises CUDA,
+    then load the model (ready once loaded)."""
+    from billiard.process import current_process
+
+    lifecycle.pin_gpu(int(getattr(current_process(), "index", 0) or 0))
+    _preload_then_ready()
+
+
+def _preload_then_ready() -> None:
+    """Load ``EMBEDJOB_PRELOAD_MODEL`` in the background (Celery must not wait for it), then mark this
+    process ready. Tasks that arrive meanwhile wait for the same load (the model cache is locked)."""
+    name = settings_module.load().preload_model
+
+    def load() -> None:
+        if name:
+            from embedjob.worker.model import load_embedder
+
+            t0 = time.perf_counter()
+            try:
+                load_embedder(name)
+            except Exception as e:  # noqa: BLE001 - not ready; the probe says why
+                log.error("preloading the model %s failed: %s", name, e)
+                return
+            metrics.MODEL_LOAD_SECONDS.observe(time.perf_counter() - t0)
+            log.info("model %s loaded in %.1fs", name, time.perf_counter() - t0)
+        lifecycle.mark_ready(name)
+
+    threading.Thread(target=load, daemon=True, name="preload-model").start()
+
+
+class _WorkersRegistry:
+    """Each consumer announces itself in Redis (``embedjob:workers:<queue>``, a sorted set of
+    ``<worker>|<slots>`` by last-seen time): the operator sizes each job's share of the queue from the
+    live slots (embedjob.operator.fairness)."""
+
+    def __init__(self) -> None:
+        self.members: list[tuple[str, str]] = []
+        self.last = 0.0
+
+    def announce(self, queues: list[str], name: str, slots: int) -> None:
+        from embedjob.fairness import workers_key
+
+        if time.monotonic() - self.last < 5:
+            return
+        self.last = time.monotonic()
+        self.members = [(workers_key(q), f"{name}|{slots}") for q in queues]
+        try:
+            r = redis_client_fast()
+            pipe = r.pipeline(transaction=False)
+            for key, member in self.members:
+                pipe.zadd(key, {member: time.time()})
+            pipe.execute()
+        except Exception as e:  # noqa: BLE001 - the operator falls back to its floor
+            log.debug("could not announce the worker: %s", e)
+
+    def leave(self) -> None:
+        try:
+            r = redis_client_fast()
+            for key, member in self.members:
+                r.zrem(key, member)
+        except Exception as e:  # noqa: BLE001
+            log.debug("could not withdraw the worker: %s", e)
+
+
+workers_registry = _WorkersRegistry()
+
+
+_fast_client: redis.Redis | None = None
+
+
+def redis_client_fast() -> redis.Redis:
+    """A client with short timeouts, for calls made from inside the consumer loop (never block it long)."""
+    global _fast_client
+    if _fast_client is None:
+        _fast_client = redis.Redis.from_url(settings_module.load().redis_url, socket_timeout=2,
+                                            socket_connect_timeout=2)
+    return _fast_client
+
+
+class ConsumerBeat(bootsteps.StartStopStep):
+    """Liveness of the consumer loop: a timer in the loop itself touches the health folder (a wedged
+    loop stops touching it) and announces the worker's slots to the operator."""
+
+    requires = {"celery.worker.consumer.tasks:Tasks"}
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self.tref = None
+
+    def start(self, c: Any) -> None:
+        self.beat(c)
+        self.tref = c.timer.call_repeatedly(lifecycle.CONSUMER_BEAT, self.beat, (c,), priority=10)
+
+    def beat(self, c: Any) -> None:
+        lifecycle.consumer_beat()
+        if not lifecycle.shutting_down():
+            slots = int(getattr(c.controller, "concurrency", 1) or 1)
+            workers_registry.announce(list(c.app.amqp.queues.consume_from or ["embedjob"]), c.hostname, slots)
+
+    def stop(self, c: Any) -> None:
+        if self.tref is not None:
+            self.tref.cancel()
+            self.tref = None
+
+
+app.steps["consumer"].add(ConsumerBeat)

@@ -157,7 +157,7 @@ if ! podman image exists "$TORCH_BASE"; then
   trap 'buildah rm "$ctr" >/dev/null 2>&1 || true' EXIT
   buildah --runtime runc run --isolation chroot --network host -v "$wheel_dir:/torch-wheels:ro" "$ctr" -- \
     env PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 pip install -q --root-user-action=ignore \
-      "/torch-wheels/$(basename "$wheel")" >&2 || die "pip install of the torch wheel in the base failed"
+      "/torch-wheels/$(basename "$wheel")" >&2 || die "pip install of the torch wheel in the base failed (PyPI reachable?)"
   buildah run --isolation chroot "$ctr" -- python -c "import torch; print('torch', torch.__version__)" >&2 \
     || die "torch does not import in $TORCH_BASE"
   buildah commit -q --rm "$ctr" "$TORCH_BASE" >/dev/null || die "buildah commit $TORCH_BASE failed"
@@ -172,13 +172,19 @@ for target in operator worker; do
     log "$repo:$tag is up to date"
     continue
   fi
-  log "buildah bud --target $target -> $repo:$tag"
+  blog="$IMG_CACHE/build-$target.log"
+  log "buildah bud --target $target -> $repo:$tag (log: $blog)"
   start=$(date +%s)
-  buildah --runtime runc bud --isolation chroot --network host --pull=never \
-    --build-arg PYTHON_IMAGE="$BASE" --build-arg TORCH_IMAGE="$TORCH_BASE" \
-    --target $target -t "$repo:$tag" -f Dockerfile . >&2 \
-    || die "buildah bud --target $target failed (log above)"
+  if ! buildah --runtime runc bud --isolation chroot --network host --pull=never --no-cache --force-rm \
+      --build-arg PYTHON_IMAGE="$BASE" --build-arg TORCH_IMAGE="$TORCH_BASE" \
+      --target $target -t "$repo:$tag" -f Dockerfile . >"$blog" 2>&1; then
+    tail -n 40 "$blog" >&2
+    die "buildah bud --target $target failed (last lines above; all of it in $blog)"
+  fi
   log "$repo:$tag built in $(( $(date +%s) - start ))s"
+  # Keep the three newest builds of each image; older source states are not needed.
+  podman images --format '{{.Repository}}:{{.Tag}}' --sort created "$repo" | tail -n +4 \
+    | xargs -r podman rmi >/dev/null 2>&1 || true
 done
 echo "$OPERATOR_REPO:$tag"
 echo "$WORKER_REPO:$tag"

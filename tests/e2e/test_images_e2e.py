@@ -18,7 +18,8 @@ resources, unchanged. What the cluster itself would add is added the same way he
 - a PersistentVolumeClaim named by ``worker.modelCache.existingClaim`` is a podman named volume: it
   holds the tiny random-weight CLIP, owned by 10001 (the ``fsGroup`` step Kubernetes does);
 - each emptyDir becomes a fresh tmpfs volume of its pod with the kubelet's mode 0777 (``Podman.empty_dirs``
-  says what podman 4.3 does instead).
+  says what podman 4.3 does instead), and ``ports`` (informational in Kubernetes) are left out of the
+  played copy: podman 4.3 publishes them on the host, which ``--network host`` refuses.
 
 podman's kube play starts one pod per Deployment, so the two worker pods come from two renders (two
 releases) with different metrics ports: with host networking both cannot bind the same one.
@@ -139,8 +140,8 @@ def deployment(docs: list[dict[str, Any]], component: str) -> dict[str, Any]:
 class Played:
     """What one ``podman kube play`` started; ``down`` removes it."""
 
-    def __init__(self, path: Path, container: str) -> None:
-        self.path, self.container = path, container
+    def __init__(self, path: Path, pod: str, container: str) -> None:
+        self.path, self.pod, self.container = path, pod, container
 
     def exec(self, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
         return podman("exec", self.container, *cmd, check=check, timeout=60)
@@ -153,9 +154,6 @@ class Played:
         r = podman("inspect", "--format", "{{.State.Running}}", self.container, check=False)
         return r.stdout.strip() == "true"
 
-    def down(self) -> None:
-        podman("kube", "down", str(self.path), check=False)
-
 
 class Podman:
     """Plays rendered documents; remembers what to remove."""
@@ -163,6 +161,7 @@ class Podman:
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
         self.played: list[Played] = []
+        self.pods: list[str] = []
         self.secrets: list[str] = []
         self.volumes: list[str] = []
 
@@ -214,27 +213,35 @@ class Podman:
         docs = json.loads(json.dumps(docs))  # the caller's documents stay as rendered
         for doc in of_kind(docs, "Deployment"):
             self.empty_dirs(doc, name)
+            # A containerPort only documents a port in Kubernetes; podman 4.3 publishes it on the host,
+            # which host networking refuses. With host networking the container's ports are the host's.
+            for c in doc["spec"]["template"]["spec"]["containers"]:
+                c.pop("ports", None)
         playable = [d for d in docs if d.get("kind") in ("Deployment", "Pod", "ConfigMap", "PersistentVolumeClaim")]
         path = self.workdir / f"{name}.yaml"
         path.write_text(yaml.safe_dump_all(playable, sort_keys=False))
-        podman("kube", "down", str(path), check=False)
         r = podman("kube", "play", "--network", "host", "--start", str(path), timeout=300)
-        ids = [line.strip() for line in r.stdout.splitlines() if len(line.strip()) == 64]
-        pods = {json.loads(podman("pod", "inspect", i, check=False).stdout or "{}").get("Id") for i in ids} - {None}
-        containers = [c for c in json.loads(podman("ps", "-a", "--format", "json").stdout)
-                      if c.get("Pod") in pods and not c.get("IsInfra")]
-        assert len(containers) == 1, f"expected one container from {path}, got {containers}\n{r.stdout}{r.stderr}"
-        played = Played(path, containers[0]["Names"][0])
+        ids: dict[str, list[str]] = {"Pod": [], "Container": []}
+        section = ""
+        for line in map(str.strip, r.stdout.splitlines()):
+            if line.endswith(":"):
+                section = line[:-1]
+            elif line and section in ids:
+                ids[section].append(line)
+        self.pods += ids["Pod"]
+        assert len(ids["Pod"]) == 1 and len(ids["Container"]) == 1, f"{path}: {r.stdout}{r.stderr}"
+        container = podman("inspect", "--format", "{{.Name}}", ids["Container"][0]).stdout.strip()
+        played = Played(path, ids["Pod"][0], container)
         self.played.append(played)
         return played
 
     def close(self) -> None:
-        for p in self.played:
-            p.down()
+        for pod in self.pods:
+            podman("pod", "rm", "--force", "--time", "5", pod, check=False, timeout=120)
         for s in self.secrets:
             podman("secret", "rm", s, check=False)
         for v in self.volumes:
-            podman("volume", "rm", "-f", v, check=False)
+            podman("volume", "rm", "--force", v, check=False, timeout=120)
 
 
 def add_service_account_mount(op: dict[str, Any], sa_dir: Path, server_port: int) -> None:
@@ -246,7 +253,7 @@ def add_service_account_mount(op: dict[str, Any], sa_dir: Path, server_port: int
                                           "hostPath": {"path": str(sa_dir), "type": "Directory"}})
     for c in pod["containers"]:
         c.setdefault("volumeMounts", []).append({"name": "kube-api-access", "mountPath": SA_DIR, "readOnly": True})
-        c.setdefault("env", []).extend([{"name": "KUBERNETES_SERVICE_HOST", "value": "localhost"},
+        c.setdefault("env", []).extend([{"name": "KUBERNETES_SERVICE_HOST", "value": "127.0.0.1"},
                                         {"name": "KUBERNETES_SERVICE_PORT", "value": str(server_port)}])
 
 

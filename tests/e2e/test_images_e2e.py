@@ -425,3 +425,18 @@ def test_job_applied_with_kubectl_is_embedded_by_the_worker_containers(image_sta
     # Both worker containers took part (each logs the shards it finished).
     busy = [w for w in stack.workers if "succeeded" in w.logs().lower()]
     assert busy, stack.diagnostics()
+
+
+def test_containers_stop_on_sigterm_within_the_grace_period(image_stack):
+    """Last in this module: it stops the containers. The kubelet sends SIGTERM to the container's PID 1
+    (here ``embedjob`` itself) and SIGKILLs it after terminationGracePeriodSeconds (30 s by default)."""
+    for played, component in [(image_stack.operator, "operator"), *((w, "worker") for w in image_stack.workers)]:
+        pod = deployment(image_stack.rendered, component)["spec"]["template"]["spec"]
+        grace = int(pod.get("terminationGracePeriodSeconds", 30))
+        start = time.monotonic()
+        podman("stop", "--time", str(grace + 30), played.container, timeout=grace + 90)
+        took = time.monotonic() - start
+        state = json.loads(podman("inspect", "--format", "{{json .State}}", played.container).stdout)
+        assert took < grace and state["ExitCode"] != 137, (
+            f"{played.container}: stopped {took:.1f}s after SIGTERM (grace {grace}s), exit code {state['ExitCode']}\n"
+            f"{played.logs()}")

@@ -38,7 +38,6 @@ CA_DIR="${EMBEDJOB_EXTRA_CA_DIR:-/usr/local/share/ca-certificates}"
 OPERATOR_REPO=localhost/embedjob-operator
 WORKER_REPO=localhost/embedjob-worker
 BASE_REPO=localhost/embedjob-base
-SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
 
 die() { echo "build-images: ERROR: $*" >&2; exit 1; }
 log() { echo "build-images: $*" >&2; }
@@ -100,12 +99,14 @@ fi
 [ $# -eq 0 ] || die "usage: scripts/build-images.sh [--tag]"
 
 # -- tools ---------------------------------------------------------------------------------------------
+# mmdebstrap --mode=root, and the tests' podman, use root's container storage (CI runs as root).
+[ "$(id -u)" -eq 0 ] || die "run as root (sudo scripts/build-images.sh): the base is made with mmdebstrap --mode=root and the images go into root's podman storage, where the tests look"
 need_apt=()
 for b in buildah podman runc mmdebstrap; do command -v $b >/dev/null 2>&1 || need_apt+=("$b"); done
 if [ ${#need_apt[@]} -gt 0 ]; then
   log "apt-get install ${need_apt[*]}"
-  $SUDO apt-get update -qq || die "apt-get update failed"
-  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" uidmap >/dev/null \
+  apt-get update -qq || die "apt-get update failed"
+  env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" uidmap >/dev/null \
     || die "apt-get install ${need_apt[*]} failed"
 fi
 mkdir -p "$IMG_CACHE"

@@ -35,7 +35,6 @@ import os
 import shutil
 import subprocess
 import time
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -317,11 +316,15 @@ def image_stack(images, redis_server, s3_server, tiny_clip_dir, tmp_path_factory
 
         op_doc = deployment(docs, "operator")
         add_service_account_mount(op_doc, sa_dir, kube.secure_port)
-        operator = pm.play([*of_kind(docs, "Secret"), op_doc], f"{release}-operator")
-        workers = [pm.play([*of_kind(docs, "Secret"), deployment(docs, "worker")], f"{release}-worker")]
+        # Each pod with the Secrets and ConfigMaps of its render (whatever the chart makes of them).
+        def with_config(rendered: list[dict[str, Any]], doc: dict[str, Any]) -> list[dict[str, Any]]:
+            return [*of_kind(rendered, "Secret"), *of_kind(rendered, "ConfigMap"), doc]
+
+        operator = pm.play(with_config(docs, op_doc), f"{release}-operator")
+        workers = [pm.play(with_config(docs, deployment(docs, "worker")), f"{release}-worker")]
         for i in range(1, WORKERS):
             more = render(f"{release}-{i}", ns, images, _merge(values, {"metrics": {"workerPort": free_port()}}))
-            workers.append(pm.play([*of_kind(more, "Secret"), deployment(more, "worker")], f"{release}-worker-{i}"))
+            workers.append(pm.play(with_config(more, deployment(more, "worker")), f"{release}-worker-{i}"))
         stack = ImageStack(kube, operator, workers, queue, f"/models/{tiny_clip_dir.name}", s3_server.endpoint,
                            liveness_port, docs)
         yield stack
@@ -355,8 +358,6 @@ def test_operator_liveness_endpoint_answers_inside_the_container(image_stack):
     probe = op["livenessProbe"]["httpGet"]
     ports = {p["name"]: p["containerPort"] for p in op["ports"]}
     assert probe["path"] == "/healthz" and ports[probe["port"]] == image_stack.liveness_port
-    with pytest.raises(OSError):  # not published anywhere else: host networking, the container's own port
-        urllib.request.urlopen(f"http://127.0.0.1:{free_port()}/healthz", timeout=2)
 
 
 def test_containers_run_as_10001_with_a_read_only_root_and_writable_mounts(image_stack):
@@ -422,9 +423,8 @@ def test_job_applied_with_kubectl_is_embedded_by_the_worker_containers(image_sta
     assert st["images"] == {"embedded": 18, "failed": 2}
     assert st["failedShards"] == []
     assert_outputs_complete(bucket, shards)
-    # Both worker containers took part (each logs the shards it finished).
-    busy = [w for w in stack.workers if "succeeded" in w.logs().lower()]
-    assert busy, stack.diagnostics()
+    # Only the worker containers consume this queue (its name is unique to this module), and they say so.
+    assert any("succeeded" in w.logs().lower() for w in stack.workers), stack.diagnostics()
 
 
 def test_containers_stop_on_sigterm_within_the_grace_period(image_stack):

@@ -21,8 +21,9 @@ resources, unchanged. What the cluster itself would add is added the same way he
   says what podman 4.3 does instead), and ``ports`` (informational in Kubernetes) are left out of the
   played copy: podman 4.3 publishes them on the host, which ``--network host`` refuses.
 
-podman's kube play starts one pod per Deployment, so the two worker pods come from two renders (two
-releases) with different metrics ports: with host networking both cannot bind the same one.
+podman's kube play starts one pod per Deployment, so the two worker pods are two plays of the rendered
+worker Deployment under two pod names; each pod gets its own free host ports for its declared
+containerPorts (``Podman.own_ports``), as each pod has its own IP in a cluster.
 
 Set ``EMBEDJOB_SKIP_IMAGE_TESTS=1`` to skip these tests on a machine without podman. Otherwise missing
 images are a failure that says what to run.
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -139,8 +141,9 @@ def deployment(docs: list[dict[str, Any]], component: str) -> dict[str, Any]:
 class Played:
     """What one ``podman kube play`` started; ``down`` removes it."""
 
-    def __init__(self, path: Path, pod: str, container: str) -> None:
+    def __init__(self, path: Path, pod: str, container: str, ports: dict[str, int]) -> None:
         self.path, self.pod, self.container = path, pod, container
+        self.ports = ports  # the rendered containerPort's name -> the host port this pod got instead
 
     def exec(self, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
         return podman("exec", self.container, *cmd, check=check, timeout=60)
@@ -206,16 +209,35 @@ class Podman:
             del vol["emptyDir"]
             vol["persistentVolumeClaim"] = {"claimName": name}
 
+    @staticmethod
+    def own_ports(doc: dict[str, Any]) -> dict[str, int]:
+        """In Kubernetes every pod has its own IP and port space; here every pod shares the host's.
+        So each declared containerPort gets a free host port, put where the rendered container carries
+        the number (an env value equal to it, ``:PORT`` in an argument). ``ports`` themselves are left
+        out: podman 4.3 would publish them, which ``--network host`` refuses."""
+        mapped: dict[str, int] = {}
+        for c in doc["spec"]["template"]["spec"]["containers"]:
+            remap = {}
+            for p in c.pop("ports", None) or []:
+                remap[int(p["containerPort"])] = mapped[p.get("name") or str(p["containerPort"])] = free_port()
+            for e in c.get("env", []):
+                if "value" in e and str(e["value"]).isdigit() and int(e["value"]) in remap:
+                    e["value"] = str(remap[int(e["value"])])
+            c["args"] = [re.sub(r":(\d+)\b", lambda m, r=remap: f":{r.get(int(m[1]), m[1])}", a)
+                         for a in c.get("args", [])]
+        return mapped
+
     def play(self, docs: list[dict[str, Any]], name: str) -> Played:
+        """One pod of the Deployment in ``docs``, named ``name`` (as a ReplicaSet names each of its pods)."""
         for doc in of_kind(docs, "Secret"):
             self.secret(doc)
         docs = json.loads(json.dumps(docs))  # the caller's documents stay as rendered
+        ports: dict[str, int] = {}
         for doc in of_kind(docs, "Deployment"):
+            doc["metadata"]["name"] = name
+            doc["spec"]["replicas"] = 1  # the caller plays each replica: its own name and ports
             self.empty_dirs(doc, name)
-            # A containerPort only documents a port in Kubernetes; podman 4.3 publishes it on the host,
-            # which host networking refuses. With host networking the container's ports are the host's.
-            for c in doc["spec"]["template"]["spec"]["containers"]:
-                c.pop("ports", None)
+            ports |= self.own_ports(doc)
         playable = [d for d in docs if d.get("kind") in ("Deployment", "Pod", "ConfigMap", "PersistentVolumeClaim")]
         path = self.workdir / f"{name}.yaml"
         path.write_text(yaml.safe_dump_all(playable, sort_keys=False))
@@ -230,7 +252,7 @@ class Podman:
         self.pods += ids["Pod"]
         assert len(ids["Pod"]) == 1 and len(ids["Container"]) == 1, f"{path}: {r.stdout}{r.stderr}"
         container = podman("inspect", "--format", "{{.Name}}", ids["Container"][0]).stdout.strip()
-        played = Played(path, ids["Pod"][0], container)
+        played = Played(path, ids["Pod"][0], container, ports)
         self.played.append(played)
         return played
 
@@ -286,18 +308,16 @@ def image_stack(images, redis_server, s3_server, tiny_clip_dir, tmp_path_factory
         kube.kubectl("create", "namespace", ns)
         queue = f"img-{suffix}"
         claim = f"{release}-models"
-        liveness_port = free_port()
         values = {
             "redis": {"enabled": False, "url": redis_server.url},
             # Development-mode credentials: the chart renders a Secret, the pods read it via secretKeyRef.
             "s3": {"endpoint": s3_server.endpoint, "region": "us-east-1", "accessKeyId": S3_KEY,
                    "secretAccessKey": S3_SECRET},
-            "operator": {"livenessPort": liveness_port, "interval": 1},
-            "worker": {"queue": queue, "replicas": 1, "concurrency": 1, "leaseSeconds": 10,
+            "operator": {"interval": 1},
+            "worker": {"queue": queue, "replicas": WORKERS, "concurrency": 1, "leaseSeconds": 10,
                        "visibilityTimeout": 120, "modelCache": {"existingClaim": claim},
                        # No GPU here: a CPU pod's requests and limits.
                        "resources": {"requests": {"cpu": "1", "memory": "1Gi"}, "limits": {"memory": "4Gi"}}},
-            "metrics": {"operatorPort": free_port(), "workerPort": free_port()},
         }
         docs = render(release, ns, images, values)
         # The chart's RBAC objects go into the API; the operator then acts as its ServiceAccount.
@@ -316,17 +336,15 @@ def image_stack(images, redis_server, s3_server, tiny_clip_dir, tmp_path_factory
 
         op_doc = deployment(docs, "operator")
         add_service_account_mount(op_doc, sa_dir, kube.secure_port)
-        # Each pod with the Secrets and ConfigMaps of its render (whatever the chart makes of them).
-        def with_config(rendered: list[dict[str, Any]], doc: dict[str, Any]) -> list[dict[str, Any]]:
-            return [*of_kind(rendered, "Secret"), *of_kind(rendered, "ConfigMap"), doc]
-
-        operator = pm.play(with_config(docs, op_doc), f"{release}-operator")
-        workers = [pm.play(with_config(docs, deployment(docs, "worker")), f"{release}-worker")]
-        for i in range(1, WORKERS):
-            more = render(f"{release}-{i}", ns, images, _merge(values, {"metrics": {"workerPort": free_port()}}))
-            workers.append(pm.play(with_config(more, deployment(more, "worker")), f"{release}-worker-{i}"))
+        # Each pod with the Secrets and ConfigMaps of the render (whatever the chart makes of them).
+        config = [*of_kind(docs, "Secret"), *of_kind(docs, "ConfigMap")]
+        operator = pm.play([*config, op_doc], op_doc["metadata"]["name"])
+        worker_doc = deployment(docs, "worker")
+        replicas = int(worker_doc["spec"]["replicas"])
+        workers = [pm.play([*config, worker_doc], f"{worker_doc['metadata']['name']}-{i}") for i in range(replicas)]
+        liveness = op_doc["spec"]["template"]["spec"]["containers"][0]["livenessProbe"]["httpGet"]["port"]
         stack = ImageStack(kube, operator, workers, queue, f"/models/{tiny_clip_dir.name}", s3_server.endpoint,
-                           liveness_port, docs)
+                           operator.ports[liveness], docs)
         yield stack
     finally:
         pm.close()
@@ -357,7 +375,10 @@ def test_operator_liveness_endpoint_answers_inside_the_container(image_stack):
     op = deployment(image_stack.rendered, "operator")["spec"]["template"]["spec"]["containers"][0]
     probe = op["livenessProbe"]["httpGet"]
     ports = {p["name"]: p["containerPort"] for p in op["ports"]}
-    assert probe["path"] == "/healthz" and ports[probe["port"]] == image_stack.liveness_port
+    assert probe["path"] == "/healthz" and probe["port"] in ports
+    # The operator listens where the chart's args put it (on this pod's own port, see Podman.own_ports).
+    args = op["args"]
+    assert f"--liveness=http://0.0.0.0:{ports[probe['port']]}/healthz" in args
 
 
 def test_containers_run_as_10001_with_a_read_only_root_and_writable_mounts(image_stack):

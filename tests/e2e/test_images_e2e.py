@@ -21,9 +21,9 @@ resources, unchanged. What the cluster itself would add is added the same way he
   says what podman 4.3 does instead); ``ports`` and probes are left out of the played copy
   (``Podman.own_ports``, ``Podman.play`` say why), the tests query the endpoints themselves.
 
-podman's kube play starts one pod per Deployment, so the two worker pods are two plays of the rendered
-worker Deployment under two pod names; each pod gets its own free host ports for its declared
-containerPorts (``Podman.own_ports``), as each pod has its own IP in a cluster.
+The worker Deployment's replicas (``worker.replicas=2``) are played one pod at a time, each under its
+own name and with its own free host ports for its declared containerPorts (``Podman.own_ports``), as
+each pod has its own IP in a cluster; podman's own replicas would share one set of host ports.
 
 Set ``EMBEDJOB_SKIP_IMAGE_TESTS=1`` to skip these tests on a machine without podman. Otherwise missing
 images are a failure that says what to run.

@@ -386,6 +386,25 @@ def test_operator_liveness_endpoint_answers_inside_the_container(image_stack):
     assert f"--liveness=http://0.0.0.0:{ports[probe['port']]}/healthz" in args
 
 
+def test_worker_probes_answer_inside_the_containers(image_stack):
+    """The chart's worker probes (httpGet on the named port): /healthz live, /readyz ready, served by
+    the worker container itself."""
+    worker = deployment(image_stack.rendered, "worker")["spec"]["template"]["spec"]["containers"][0]
+    live, ready = worker["livenessProbe"]["httpGet"], worker["readinessProbe"]["httpGet"]
+    assert (live["path"], ready["path"]) == ("/healthz", "/readyz") and live["port"] == ready["port"]
+
+    def answers(played: Played, path: str) -> bool:
+        port = played.ports[live["port"]]
+        script = (f"import json, urllib.request; r = urllib.request.urlopen('http://127.0.0.1:{port}{path}', "
+                  "timeout=5); print(r.status, json.loads(r.read()).get('problems'))")
+        r = played.exec("python", "-c", script, check=False)
+        return r.returncode == 0 and r.stdout.split()[0] == "200"
+
+    for played in image_stack.workers:
+        wait_for(lambda p=played: answers(p, "/healthz") and answers(p, "/readyz"), 120,
+                 f"{played.container}: /healthz and /readyz answering 200", image_stack)
+
+
 def test_containers_run_as_10001_with_a_read_only_root_and_writable_mounts(image_stack):
     for played in [image_stack.operator, *image_stack.workers]:
         assert played.running(), played.logs()

@@ -29,7 +29,7 @@ FROM ${PYTHON_IMAGE} AS operator
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 HOME=/tmp
 RUN --mount=type=bind,from=wheel,source=/wheels,target=/wheels \
     pip install "$(ls /wheels/embedjob-*.whl)[operator]" \
- && python -c "import embedjob.operator.handlers, sys; assert 'torch' not in sys.modules" \
+ && python -c "import embedjob.operator.handlers, sys; assert 'torch' not in sys.modules and 'pyarrow' not in sys.modules" \
  && groupadd --gid 10001 embedjob \
  && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin embedjob
 USER 10001:10001

@@ -49,7 +49,10 @@ def shard_counts(manifest: dict[str, Any]) -> tuple[int, int]:
 
 def read_shard(output_uri: str, stem: str, storage: Storage | None = None) -> ShardEmbeddings:
     """Keys (in row order) and the embedding matrix of one finished shard."""
-    import pyarrow.parquet as pq
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as e:  # the operator's install has no parquet reader
+        raise ImportError("reading embedjob outputs needs pyarrow: pip install 'embedjob[read]'") from e
 
     storage = storage or Storage()
     outputs = shard_outputs(output_uri, stem)

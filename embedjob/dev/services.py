@@ -178,7 +178,11 @@ class SeaweedS3:
             f"-s3.port.iceberg={self.iceberg_port}", f"-s3.port.lance={self.lance_port}",
             f"-master.port={self.master_port}", f"-volume.port={self.volume_port}",
             f"-filer.port={self.filer_port}", "-master.telemetry=false", "-ip=127.0.0.1",
-            "-ip.bind=127.0.0.1", "-master.volumeSizeLimitMB=256", "-volume.max=0",
+            # Every bucket is a collection that grows several volumes of its own: "-volume.max=0" (free
+            # disk / volume size) ran out of volumes after a few hundred test buckets ("No writable
+            # volumes and no free volumes left"). Volumes are not preallocated, so a high count costs
+            # only what is written.
+            "-ip.bind=127.0.0.1", "-master.volumeSizeLimitMB=64", "-volume.max=5000",
         ]
         if self.config is not None:
             cmd.append(f"-s3.config={self.dir / 's3.json'}")

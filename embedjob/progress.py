@@ -52,16 +52,18 @@ return 0
 """
 
 
-def redis_client(url: str | None = None, config: settings.Settings | None = None) -> redis.Redis:
+def redis_client(url: str | None = None, config: settings.Settings | None = None, *,
+                 socket_timeout: float = 30, connect_timeout: float = 5) -> redis.Redis:
     """A client for ``url`` as given, or (default) for the settings' Redis: ``EMBEDJOB_REDIS_URL`` with
     ``EMBEDJOB_REDIS_PASSWORD`` composed in and, for ``rediss://``, the certificate checked against
-    ``EMBEDJOB_REDIS_CA_FILE``."""
+    ``EMBEDJOB_REDIS_CA_FILE``. Every client of the programs comes from here."""
     extra: dict[str, Any] = {}
     if url is None:
         config = config or settings.load()
         url = config.redis_connection_url
         extra = config.redis_ssl_options() or {}
-    return redis.Redis.from_url(url, decode_responses=True, socket_timeout=30, socket_connect_timeout=5,
+    return redis.Redis.from_url(url, decode_responses=True, socket_timeout=socket_timeout,
+                                socket_connect_timeout=connect_timeout,
                                 health_check_interval=30, **extra)
 
 

@@ -163,5 +163,8 @@ def test_a_real_worker_over_rediss_with_a_password_embeds_a_shard(tls_redis, s3_
         _wait_state(store, "000", "succeeded", 180)
         assert store.info("000")["images"] == 4 and store.executions() == {"000": 1}
         assert PASSWORD not in (tmp_path / "tls.log").read_text()
+        from embedjob.fairness import live_slots
+
+        assert live_slots(redis_client(config=s), workers.queue) >= 1  # announced over TLS, with the password
     finally:
         workers.stop_all()

@@ -198,5 +198,10 @@ def test_worker_refuses_forged_messages_and_embeds_the_allowed_one(secured_redis
         assert sorted(storage.list(f"{out}/_manifests/")) == [f"{out}/_manifests/good.json"]
         log = (tmp_path / "w1.log").read_text()
         assert secured_redis.password not in log  # never logged, not even in Celery's banner
+        # The worker announces its slots through the protected Redis too (fair dispatch sizes each
+        # job's share of the queue from them).
+        from embedjob.fairness import live_slots
+
+        assert live_slots(redis_client(secured_redis.authed_url), workers.queue) >= 1
     finally:
         workers.stop_all()

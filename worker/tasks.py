@@ -424,8 +424,9 @@ def redis_client_fast() -> redis.Redis:
     """A client with short timeouts, for calls made from inside the consumer loop (never block it long)."""
     global _fast_client
     if _fast_client is None:
-        _fast_client = redis.Redis.from_url(settings_module.load().redis_url, socket_timeout=2,
-                                            socket_connect_timeout=2)
+        # With the password and TLS settings, like every other client (a bare URL is refused by a
+        # protected Redis, and the operator would never see this worker's slots).
+        _fast_client = redis_client(socket_timeout=2, connect_timeout=2)
     return _fast_client
 
 

@@ -7,7 +7,9 @@ Keys, all under ``embedjob:<job>:`` (``<job>`` is the resource uid or a local jo
     info            hash  stem -> JSON {attempts, leaseExpiries, error, images, failedImages, ...}
     lease:<stem>    str   worker id, with a TTL the worker renews by heartbeat
     executions      hash  stem -> how many times a worker actually started embedding it
-    commits         hash  stem -> how many times a worker committed its outputs (manifest written)
+    commits         hash  "<stem> <commit id>" -> 1: each time a worker committed its outputs (manifest
+                    written); one field per commit, so recording it again after a lost reply
+                    (Redis died after applying it) does not count it twice
     control         str   "" | "suspended" | "deleted" (workers drop tasks of a stopped job)
 
 Operator-owned (embedjob.operator.reconcile): ``spec`` (the accepted spec, JSON), ``plan`` (the
@@ -81,14 +83,15 @@ class ProgressStore:
         return self.prefix + name
 
     # -- state -----------------------------------------------------------------------------------
-    def set_state(self, stem: str, state: str, *, commit: bool = False, **info: Any) -> None:
-        """Set the state (and merge ``info``) in one transaction; ``commit`` also counts one commit of
-        the shard's outputs (the ``commits`` hash: exactly-once is checkable)."""
+    def set_state(self, stem: str, state: str, *, commit: str = "", **info: Any) -> None:
+        """Set the state (and merge ``info``) in one transaction; ``commit`` (an id unique to one
+        execution) also records one commit of the shard's outputs (the ``commits`` hash:
+        exactly-once is checkable). Idempotent: a retry with the same id counts once."""
         assert state in STATES, state
         pipe = self.r.pipeline()
         pipe.hset(self.key("state"), stem, state)
         if commit:
-            pipe.hincrby(self.key("commits"), stem, 1)
+            pipe.hset(self.key("commits"), f"{stem} {commit}", 1)
         if info:
             current = self.info(stem)
             current.update(info)
@@ -136,7 +139,11 @@ class ProgressStore:
 
     def commits(self) -> dict[str, int]:
         """How many times each shard's outputs were committed by a worker (1 each, normally)."""
-        return {k: int(v) for k, v in self.r.hgetall(self.key("commits")).items()}
+        counts: dict[str, int] = {}
+        for field in self.r.hkeys(self.key("commits")):
+            stem = field.rsplit(" ", 1)[0]
+            counts[stem] = counts.get(stem, 0) + 1
+        return counts
 
     # -- leases ----------------------------------------------------------------------------------
     def acquire_lease(self, stem: str, owner: str, ttl: float | None = None) -> bool:

@@ -341,3 +341,27 @@ def test_sigterm_within_the_deadline_finishes_the_shard_then_exits(bucket, env, 
     assert "givenBack" not in store.info("big")
     out = shard_outputs(task.output, "big")
     assert np.load(io.BytesIO(Storage().read_bytes(out.embeddings))).shape == (1500, 32)
+
+
+def test_an_outcome_retried_after_a_lost_reply_counts_one_commit(redis_url, monkeypatch):
+    """Redis applied the write and died before replying (SIGKILL mid-command): the worker retries
+    the same write when Redis is back. The commit is recorded once, not twice."""
+    import redis as redis_lib
+
+    from embedjob.worker import tasks
+
+    store = ProgressStore(redis_client(redis_url), f"job-{uuid.uuid4().hex[:6]}")
+    real_execute, lost = redis_lib.client.Pipeline.execute, []
+
+    def execute_then_lose_the_reply(self, *args, **kwargs):
+        result = real_execute(self, *args, **kwargs)
+        if not lost:
+            lost.append(result)
+            raise redis_lib.exceptions.ConnectionError("Connection closed by server.")
+        return result
+
+    monkeypatch.setattr(redis_lib.client.Pipeline, "execute", execute_then_lose_the_reply)
+    tasks._record(store, "0003", "succeeded", commit="exec-1", images=5)
+    assert lost and store.commits() == {"0003": 1} and store.state("0003") == "succeeded"
+    tasks._record(store, "0003", "succeeded", commit="exec-2", images=5)  # another execution: counted
+    assert store.commits() == {"0003": 2}

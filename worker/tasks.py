@@ -114,7 +114,7 @@ class _Heartbeat(threading.Thread):
             self.join(5)
 
 
-def _record(store: ProgressStore, stem: str, state: str, *, commit: bool = False, **info: Any) -> None:
+def _record(store: ProgressStore, stem: str, state: str, *, commit: str = "", **info: Any) -> None:
     """Record a shard's outcome, waiting for Redis if it is down. A deleted job's keys are gone: they
     are not recreated."""
 
@@ -207,7 +207,9 @@ def _run_shard_task(task: ShardTask, owner: str, marker: lifecycle.TaskMarker) -
             return _failed(store, task, e)
         # The outputs are committed (manifest written): record success even if the lease was lost meanwhile.
         heartbeat.stop()
-        _record(store, task.stem, "succeeded", commit=True, attempt=task.attempt,
+        # The commit's id: the same on every retry of this write (Redis may have applied a write
+        # whose reply was lost when it died), different for another execution of the shard.
+        _record(store, task.stem, "succeeded", commit=uuid.uuid4().hex, attempt=task.attempt,
                 images=result.images,
                 failedImages=result.failed, seconds=round(result.seconds, 3), finishedAt=time.time(),
                 error=None, transient=None, errorCode=None, accessError=None)

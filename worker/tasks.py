@@ -459,3 +459,6 @@ class ConsumerBeat(bootsteps.StartStopStep):
 
 
 app.steps["consumer"].add(ConsumerBeat)
+# Survives a broker connection loss with shards in flight (a Celery 5.7 + kombu cleanup error stopped
+# the worker on Redis restarts; see embedjob.worker.consumer).
+app.conf.worker_consumer = "embedjob.worker.consumer:Consumer"

@@ -17,8 +17,6 @@ FROM ${PYTHON_IMAGE} AS wheel
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY embedjob ./embedjob
-COPY operator ./operator
-COPY worker ./worker
 # Package data (pyproject.toml maps them to embedjob.crds and embedjob.sample_shards).
 COPY crds ./crds
 COPY examples/shards ./examples/shards
@@ -44,7 +42,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_
 RUN --mount=type=bind,from=wheel,source=/wheels,target=/wheels \
     python -c "import sys; assert sys.version_info >= (3, 11), 'embedjob needs Python >= 3.11; pick another TORCH_IMAGE'" \
  && pip install "$(ls /wheels/embedjob-*.whl)[worker]" \
- && python -c "import torch, embedjob.worker.tasks; print('torch', torch.__version__, 'cuda', torch.version.cuda)" \
+ && python -c "import torch, embedjob.worker.runtime.task; print('torch', torch.__version__, 'cuda', torch.version.cuda)" \
  && groupadd --gid 10001 embedjob \
  && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin embedjob \
  && mkdir -p /models && chown 10001:10001 /models

@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.append(str(REPO))
 
 from embedjob.dev.cluster import DevCluster  # noqa: E402
-from embedjob.worker.random_model import save_random_clip  # noqa: E402
+from embedjob.worker.model.random_weights import save_random_clip  # noqa: E402
 from tests.e2e.faults import FaultStack  # noqa: E402
 
 

@@ -36,7 +36,7 @@ step "environment"
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>/dev/null || echo "no nvidia-smi"
   "$PY" -P - <<'EOF'
 import torch
-from embedjob.worker.model import available_cpus
+from embedjob.worker.model.load import available_cpus
 print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
 try:
     import torchvision
@@ -55,7 +55,7 @@ for SIZE in 500x375 1mp; do
   step "bench $SIZE"
   EXTRA=()
   [ "$SIZE" = "500x375" ] && EXTRA+=(--decode-scaling)
-  "$PY" -P -m embedjob.cli bench --device "$DEVICE" --model "$MODEL" --precision "$PRECISION" \
+  "$PY" -P -m embedjob.cli.main bench --device "$DEVICE" --model "$MODEL" --precision "$PRECISION" \
       --batch-size "$BATCH" --size "$SIZE" --count "$COUNT" --images-per-shard "$PER_SHARD" \
       --baseline-images "$BASELINE" --preprocessing both --deviation-images "$DEV_IMAGES" \
       --deviation-model "$DEV_MODEL" --model-seconds "$MODEL_SECONDS" "${EXTRA[@]}" \
@@ -66,7 +66,7 @@ step "bench 500x375, torch.compile reduce-overhead (CUDA graphs), exact"
 # The compile's warm-up is printed on its own row and is inside the e2e seconds.
 COMPILE=reduce-overhead
 [ "${GPU_CHECK_DRY_RUN:-0}" = "1" ] && COMPILE=none
-"$PY" -P -m embedjob.cli bench --device "$DEVICE" --model "$MODEL" --precision "$PRECISION" \
+"$PY" -P -m embedjob.cli.main bench --device "$DEVICE" --model "$MODEL" --precision "$PRECISION" \
     --batch-size "$BATCH" --size 500x375 --count "$COUNT" --images-per-shard "$PER_SHARD" \
     --baseline-images "$BASELINE" --preprocessing exact --deviation-images 0 --compile "$COMPILE" \
     --model-seconds "$MODEL_SECONDS" --json "$OUT/bench-compiled.json" | tee "$OUT/bench-compiled.txt"
@@ -75,7 +75,7 @@ step "summary"
 "$PY" -P - "$OUT" <<'EOF' | tee "$OUT/summary.md"
 import json, sys
 from pathlib import Path
-from embedjob.worker.bench import summary_markdown
+from embedjob.bench.run import summary_markdown
 out = Path(sys.argv[1])
 reports = [json.loads((out / f"bench-{size}.json").read_text()) for size in ("500x375", "1mp")]
 env = reports[0]["environment"]

@@ -22,12 +22,12 @@ if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv" >&2
   "$PY" -m venv .venv
 fi
-# The install maps operator/ and worker/ to embedjob.operator / embedjob.worker (pyproject.toml). Only a
-# strict editable install honours that mapping: it links every file of the package into
-# build/__editable__.*, so it is redone when pyproject.toml changes or a package file is added or removed.
+# The install maps crds/ and examples/shards/ to the package data embedjob.crds / embedjob.sample_shards
+# (pyproject.toml). Only a strict editable install honours that mapping: it links every file of the package
+# into build/__editable__.*, so it is redone when pyproject.toml changes or a package file is added or removed.
 stamp=.venv/.embedjob-installed
-files_id=$(find embedjob operator worker crds examples/shards -type f \
-             \( -name '*.py' -o -name '*.yaml' -o -name '*.tar' \) -not -path '*/__pycache__/*' | sort | sha1sum)
+files_id=$(find embedjob crds examples/shards -type f \( -name '*.py' -o -name '*.yaml' -o -name '*.tar' \) \
+             -not -path '*/__pycache__/*' | sort | sha1sum)
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ "$(cat "$stamp")" != "$files_id" ]; then
   echo "setup: pip install (torch CPU build first, so no multi-GB CUDA wheel is pulled)" >&2
   .venv/bin/pip install -q --upgrade pip

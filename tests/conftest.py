@@ -67,7 +67,7 @@ def bucket(s3_env):
 def tiny_clip_dir(tmp_path_factory) -> Path:
     """A small CLIP with random weights, saved with save_pretrained (safetensors) exactly like the
     hub's openai/clip-vit-large-patch14 folder, so it loads through the same code path."""
-    from embedjob.worker.random_model import save_random_clip
+    from embedjob.worker.model.random_weights import save_random_clip
 
     return save_random_clip(tmp_path_factory.mktemp("tiny-clip"))
 

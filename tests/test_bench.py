@@ -12,8 +12,8 @@ import subprocess
 import numpy as np
 import pytest
 
+from embedjob.bench.run import SIZES, synthetic_jpegs, vision_flops_per_image
 from embedjob.dev.services import embedjob_command
-from embedjob.worker.bench import SIZES, synthetic_jpegs, vision_flops_per_image
 
 
 def _bench(tmp_path, *args: str, env: dict | None = None) -> tuple[dict, str]:
@@ -95,7 +95,7 @@ def test_synthetic_images_have_the_asked_sizes_and_are_distinct():
 def test_vit_l14_flops_match_the_published_figure():
     from transformers import CLIPVisionConfig
 
-    from embedjob.worker.random_model import VIT_L14_VISION
+    from embedjob.worker.model.random_weights import VIT_L14_VISION
 
     config = CLIPVisionConfig(**VIT_L14_VISION)
     config.projection_dim = 768

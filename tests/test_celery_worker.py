@@ -231,8 +231,8 @@ def test_two_shards_in_flight_share_one_worker_and_survive_its_sigkill(bucket, e
         shard_outputs(tasks[0].output, s).manifest for s in ("a", "b")]
 
     # Each shard's rows are those of the shard embedded alone (no batch of one shard mixed into the other).
-    from embedjob.worker.model import clear_cache, load_embedder
-    from embedjob.worker.pipeline import embed_shard
+    from embedjob.worker.datapath.shard import embed_shard
+    from embedjob.worker.model.load import clear_cache, load_embedder
 
     clear_cache()
     alone = load_embedder(str(tiny_clip_dir), device="cpu", precision="fp32")
@@ -348,7 +348,7 @@ def test_an_outcome_retried_after_a_lost_reply_counts_one_commit(redis_url, monk
     the same write when Redis is back. The commit is recorded once, not twice."""
     import redis as redis_lib
 
-    from embedjob.worker import tasks
+    from embedjob.worker.runtime import task as tasks
 
     store = ProgressStore(redis_client(redis_url), f"job-{uuid.uuid4().hex[:6]}")
     real_execute, lost = redis_lib.client.Pipeline.execute, []
@@ -419,8 +419,8 @@ def test_the_worker_consumer_survives_kombus_cleanup_error(monkeypatch):
     from celery.utils.imports import symbol_by_name
     from celery.worker.consumer import Consumer as CeleryConsumer
 
-    from embedjob.worker.consumer import Consumer
-    from embedjob.worker.tasks import app
+    from embedjob.worker.runtime.consumer import Consumer
+    from embedjob.worker.runtime.task import app
 
     assert symbol_by_name(app.conf.worker_consumer) is Consumer
 

@@ -13,13 +13,13 @@ import pytest
 import torch
 from PIL import Image
 
+from embedjob.bench.run import synthetic_jpegs
 from embedjob.contract import EmbedOptions
-from embedjob.worker.bench import synthetic_jpegs
-from embedjob.worker.engine import DEVICE_JPEG_PATH, InferenceEngine
-from embedjob.worker.model import clear_cache, load_embedder
-from embedjob.worker.pipeline import embed_shard
-from embedjob.worker.prepare import Crop, prepare_image
-from embedjob.worker.preprocess import reference_crop
+from embedjob.worker.datapath.decode_pool import Crop, prepare_image
+from embedjob.worker.datapath.engine import DEVICE_JPEG_PATH, InferenceEngine
+from embedjob.worker.datapath.preprocess import reference_crop
+from embedjob.worker.datapath.shard import embed_shard
+from embedjob.worker.model.load import clear_cache, load_embedder
 from tests import shards
 from tests.test_preprocess import REFERENCE_CASES, clip_reference
 
@@ -84,7 +84,7 @@ def test_half_precision_on_cuda_stays_close(tiny_clip_dir, precision):
 
 @pytest.mark.skipif(not _torchvision(), reason="the fast path on CUDA needs torchvision")
 def test_nvjpeg_crops_stay_within_30_db_of_exact():
-    from embedjob.worker.device_decode import device_crops, nvjpeg_decoder
+    from embedjob.worker.datapath.gpu_decode import device_crops, nvjpeg_decoder
 
     datas = [*synthetic_jpegs("mix", 10, seed=4), shards.encode(shards.rgb(1200, 900, seed=5), "JPEG", quality=90)]
     crops = device_crops(datas + [b"\xff\xd8 not a jpeg \xff\xd9"], torch.device("cuda"), nvjpeg_decoder())

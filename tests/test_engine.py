@@ -13,9 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-from embedjob.worker.engine import InferenceEngine
-from embedjob.worker.model import Embedder, OutOfMemoryError, clear_cache, load_embedder, normalize_on_device
-from embedjob.worker.preprocess import normalize, reference_crop
+from embedjob.worker.datapath.engine import InferenceEngine
+from embedjob.worker.datapath.preprocess import normalize, reference_crop
+from embedjob.worker.model.load import Embedder, OutOfMemoryError, clear_cache, load_embedder, normalize_on_device
 from tests import shards
 from tests.test_preprocess import REFERENCE_CASES, clip_reference
 

@@ -16,13 +16,13 @@ import pytest
 import torch
 from PIL import Image
 
+from embedjob.bench.run import synthetic_jpegs
 from embedjob.contract import EmbedOptions
-from embedjob.worker import pipeline
-from embedjob.worker.bench import synthetic_jpegs
-from embedjob.worker.device_decode import DeviceDecodeUnavailable, device_crops, nvjpeg_decoder
-from embedjob.worker.engine import DEVICE_JPEG_PATH, InferenceEngine
-from embedjob.worker.model import Embedder, clear_cache, load_embedder
-from embedjob.worker.prepare import Crop, EncodedJpeg, Rejected, draft_request, prepare_image
+from embedjob.worker.datapath import shard as pipeline
+from embedjob.worker.datapath.decode_pool import Crop, EncodedJpeg, Rejected, draft_request, prepare_image
+from embedjob.worker.datapath.engine import DEVICE_JPEG_PATH, InferenceEngine
+from embedjob.worker.datapath.gpu_decode import DeviceDecodeUnavailable, device_crops, nvjpeg_decoder
+from embedjob.worker.model.load import Embedder, clear_cache, load_embedder
 from tests import shards
 
 MAX_PIXELS = 10**8

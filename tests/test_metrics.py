@@ -100,7 +100,7 @@ def test_queue_length_is_llen_over_the_priority_lists(redis_server):
 
 
 def test_failure_reasons_fall_into_classes():
-    from embedjob.worker.metrics import reason_class
+    from embedjob.worker.runtime.metrics import reason_class
 
     assert reason_class("not a supported image (unrecognised data)") == "decode"
     assert reason_class("corrupt image header: SyntaxError: x") == "decode"
@@ -114,7 +114,7 @@ def test_failure_reasons_fall_into_classes():
 
 
 def test_oom_backoffs():  # the batch size in use after a back-off: test_model, resolve_batch_size
-    from embedjob.worker import metrics
+    from embedjob.worker.runtime import metrics
 
     start = metrics.OOM_BACKOFFS._value.get()
     metrics.record_backoff(None, None)
@@ -131,10 +131,10 @@ def test_multiprocess_mode_sums_forked_children_and_drops_dead_gauges(tmp_path):
     (tmp_path / "stale.db").write_bytes(b"left over from a previous run")
     code = textwrap.dedent(f"""
         import os
-        from embedjob.worker import multiproc
+        from embedjob.worker.runtime import multiproc
         multiproc.prepare({str(tmp_path)!r})
         assert not os.path.exists({str(tmp_path / "stale.db")!r})
-        from embedjob.worker import metrics
+        from embedjob.worker.runtime import metrics
         from prometheus_client import CollectorRegistry, generate_latest
         from prometheus_client.multiprocess import MultiProcessCollector
         pids = []

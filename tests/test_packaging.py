@@ -1,5 +1,5 @@
-"""Layout rules a user or a tool would trip over (docs/architecture.md, "Layout"): import names, one
-path per module (no symlinks), torch-free shared modules, dev tooling apart from the runtime, and
+"""Layout rules a user or a tool would trip over (docs/architecture.md, "Layout"): import names, the
+source where its import path says (the top-level operator/ and worker/ are only links to it), torch-free shared modules, dev tooling apart from the runtime, and
 package data instead of paths into the source checkout. The installed wheel is tested in
 tests/test_wheel.py."""
 
@@ -15,7 +15,7 @@ import pytest
 from embedjob.bundled import CRD_FILENAME, crd_manifest, sample_shards
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGE_SOURCES = [REPO / "embedjob", REPO / "operator", REPO / "worker"]
+PACKAGE_SOURCES = [REPO / "embedjob"]
 
 
 def run_py(code: str, cwd: Path = REPO) -> str:
@@ -38,28 +38,32 @@ def test_bare_operator_is_the_standard_library_even_from_the_repo_root():
 
 
 def test_packages_import_under_embedjob():
-    code = ("import os, embedjob.operator.status as o, embedjob.worker.tasks as w; "
+    code = ("import os, embedjob.operator.status as o, embedjob.worker.runtime.task as w; "
             "print(os.path.realpath(o.__file__), os.path.realpath(w.__file__))")
     op, wk = run_py(code, cwd=Path("/")).split()
-    assert op == str(REPO / "operator" / "status.py") and wk == str(REPO / "worker" / "tasks.py")
+    assert op == str(REPO / "embedjob" / "operator" / "status.py")
+    assert wk == str(REPO / "embedjob" / "worker" / "runtime" / "task.py")
 
 
-def test_no_symlinks_every_module_has_one_path():
+def test_the_only_links_are_the_top_level_views_of_the_two_programs():
+    """Each module has one real path, its import path; operator/ and worker/ at the top are links for
+    browsing (tools that follow imports see embedjob/operator/ and embedjob/worker/)."""
     if not (REPO / ".git").exists():
         pytest.skip("not a git checkout")
     listing = subprocess.run(["git", "ls-files", "-s"], cwd=REPO, check=True, capture_output=True,
                              text=True).stdout
     links = [line.split("\t", 1)[1] for line in listing.splitlines() if line.startswith("120000")]
-    assert links == []
-    assert not (REPO / "embedjob" / "operator").exists() and not (REPO / "embedjob" / "worker").exists()
+    assert sorted(links) == ["operator", "worker"]
+    for name in links:
+        assert (REPO / name).readlink() == Path("embedjob") / name
 
 
 def test_shared_contract_is_torch_free():
     mods = ["embedjob", "embedjob.spec", "embedjob.storage", "embedjob.layout", "embedjob.planning",
             "embedjob.contract", "embedjob.progress", "embedjob.broker", "embedjob.results", "embedjob.bundled",
-            "embedjob.cli"]
+            "embedjob.cli.main"]
     code = (f"import importlib, sys; [importlib.import_module(m) for m in {mods!r}]; "
-            "import embedjob.cli as c; c.build_parser(); "
+            "import embedjob.cli.main as c; c.build_parser(); "
             "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; print(bad)")
     assert run_py(code, cwd=Path("/")).strip() == "[]"
 
@@ -76,7 +80,7 @@ def _imports(path: Path) -> set[str]:
 
 def test_runtime_never_imports_the_dev_tooling():
     """Only the CLI (which registers `embedjob dev`) may import embedjob.dev."""
-    allowed = {REPO / "embedjob" / "cli.py"}
+    allowed = {REPO / "embedjob" / "cli" / "main.py"}
     offenders = [str(p.relative_to(REPO)) for p in source_files()
                  if p not in allowed and REPO / "embedjob" / "dev" not in p.parents
                  and any(m == "embedjob.dev" or m.startswith("embedjob.dev.") for m in _imports(p))]

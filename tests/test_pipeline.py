@@ -18,11 +18,11 @@ import pytest
 
 from embedjob.contract import EmbedOptions
 from embedjob.storage import Storage, StorageError, s3_client
-from embedjob.worker.model import clear_cache, load_embedder
-from embedjob.worker.pipeline import decode_workers, embed_shard
-from embedjob.worker.prepare import shared_decode_pool
-from embedjob.worker.tar_reader import SourceReadError, TarOpenError
-from embedjob.worker.writer import METADATA_SCHEMA
+from embedjob.worker.datapath.decode_pool import shared_decode_pool
+from embedjob.worker.datapath.read import SourceReadError, TarOpenError
+from embedjob.worker.datapath.shard import decode_workers, embed_shard
+from embedjob.worker.datapath.write import METADATA_SCHEMA
+from embedjob.worker.model.load import clear_cache, load_embedder
 from tests import shards
 
 FAILURE_REASONS = {
@@ -325,7 +325,7 @@ def test_model_failure_mid_shard_stops_every_stage(embedder, tmp_path):
     blocked on a full queue."""
     import threading
 
-    from embedjob.worker.model import Embedder
+    from embedjob.worker.model.load import Embedder
 
     calls = []
 

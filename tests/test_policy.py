@@ -7,7 +7,7 @@ import redis
 from embedjob import policy
 from embedjob.policy import describe_failure
 from embedjob.storage import StorageError
-from embedjob.worker.tar_reader import SourceReadError
+from embedjob.worker.datapath.read import SourceReadError
 
 
 def test_backoff_doubles_and_is_capped():

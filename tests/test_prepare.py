@@ -17,8 +17,7 @@ import pytest
 from PIL import Image
 
 from embedjob.contract import EmbedOptions
-from embedjob.worker.pipeline import embed_shard
-from embedjob.worker.prepare import (
+from embedjob.worker.datapath.decode_pool import (
     Crop,
     DecodePool,
     DecodePoolBroken,
@@ -26,7 +25,8 @@ from embedjob.worker.prepare import (
     discard_decode_pool,
     shared_decode_pool,
 )
-from embedjob.worker.preprocess import reference_crop
+from embedjob.worker.datapath.preprocess import reference_crop
+from embedjob.worker.datapath.shard import embed_shard
 from tests import shards
 
 
@@ -55,7 +55,7 @@ def test_process_pool_gives_the_reference_crops_in_order(pool):
 
 
 def test_a_dead_decode_worker_fails_the_shard_and_the_next_shard_gets_a_fresh_pool(tmp_path, tiny_clip_dir):
-    from embedjob.worker.model import load_embedder
+    from embedjob.worker.model.load import load_embedder
 
     embedder = load_embedder(str(tiny_clip_dir), device="cpu", precision="fp32")
     options = EmbedOptions(batch_size=4, num_threads=2)
@@ -82,7 +82,7 @@ def test_a_dead_decode_worker_fails_the_shard_and_the_next_shard_gets_a_fresh_po
 def test_decode_workers_exit_when_their_parent_is_killed(tmp_path):
     script = textwrap.dedent("""
         import sys, time
-        from embedjob.worker.prepare import DecodePool
+        from embedjob.worker.datapath.decode_pool import DecodePool
         pool = DecodePool(2)
         pool.warm_up()
         print(" ".join(str(p.proc.pid) for p in pool._procs), flush=True)

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from embedjob.worker.decode import decode_image
-from embedjob.worker.preprocess import PREPROCESSING_ID, normalize, preprocess, reference_crop
+from embedjob.worker.datapath.decode import decode_image
+from embedjob.worker.datapath.preprocess import PREPROCESSING_ID, normalize, preprocess, reference_crop
 from tests import shards
 
 REF_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)

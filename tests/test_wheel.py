@@ -61,9 +61,9 @@ def test_wheel_in_a_fresh_venv_runs_help_and_the_demo(tmp_path):
     work = tmp_path / "work"
     work.mkdir()
     where = run([str(venv / "bin" / "python"), "-c",
-                 "import json, embedjob, embedjob.operator.cli, embedjob.worker.pipeline, embedjob.bundled as b; "
+                 "import json, embedjob, embedjob.operator.cli, embedjob.worker.datapath.shard, embedjob.bundled as b; "
                  "print(json.dumps([embedjob.__file__, embedjob.operator.cli.__file__, "
-                 "embedjob.worker.pipeline.__file__, str(b.crd_manifest())]))"], work, env)
+                 "embedjob.worker.datapath.shard.__file__, str(b.crd_manifest())]))"], work, env)
     for path in json.loads(where.stdout):
         assert Path(path).resolve().is_relative_to(venv.resolve()), path
     installed_crd = Path(json.loads(where.stdout)[3])

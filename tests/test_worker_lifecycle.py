@@ -19,7 +19,7 @@ import pytest
 from embedjob.broker import make_app
 from embedjob.contract import TASK_NAME, EmbedOptions, ShardTask, task_id
 from embedjob.dev.services import embedjob_command, free_port
-from embedjob.worker import lifecycle
+from embedjob.worker.runtime import lifecycle
 
 
 @pytest.fixture()

@@ -70,7 +70,7 @@ def embedjob_command(*args: str) -> list[str]:
     ``sys.path``: in a source checkout its ``embedjob/`` folder would shadow the installed package,
     where ``embedjob.operator`` and ``embedjob.worker`` live (they are mapped from ``operator/`` and
     ``worker/`` at install time)."""
-    return [sys.executable, "-P", "-m", "embedjob.cli", *args]
+    return [sys.executable, "-P", "-m", "embedjob.cli.main", *args]
 
 
 def spawn(cmd: list[str], log: Path, cwd: Path, env: Mapping[str, str] | None = None) -> subprocess.Popen:

@@ -184,7 +184,7 @@ class DevStack:
         path = self.dir / "models" / "RANDOM-WEIGHTS-tiny-clip"
         if (path / "config.json").exists():
             return str(path)
-        code = ("import sys; from embedjob.worker.random_model import save_random_clip; "
+        code = ("import sys; from embedjob.worker.model.random_weights import save_random_clip; "
                 "save_random_clip(sys.argv[1])")
         r = subprocess.run([sys.executable, "-P", "-c", code, str(path)], env=env, cwd=self.dir, capture_output=True,
                            text=True)

@@ -8,7 +8,7 @@ CONTRACT (other modules code against this; keep it stable):
 
 - ``shard``: s3:// URI or local path of the .tar; ``output``: output root URI or local folder.
 - ``stem``: output stem (default: the shard's basename without .tar).
-- ``model``: a loaded embedder (embedjob.worker.model.load_embedder), loaded once per process.
+- ``model``: a loaded embedder (embedjob.worker.model.load.load_embedder), loaded once per process.
 - ``on_progress(n)``: called with the number of images embedded so far (cheap; may be called often).
 - Always embeds: whether a shard needs doing is decided by its callers (the plans of the operator
   and of ``embedjob run`` choose what to run; the Celery task re-checks a delivery under its lease).
@@ -47,10 +47,7 @@ from datetime import UTC, datetime
 from embedjob.contract import EmbedOptions
 from embedjob.layout import shard_outputs, shard_stem
 from embedjob.storage import Storage
-from embedjob.worker.device_decode import JpegDecoder, nvjpeg_decoder
-from embedjob.worker.engine import InferenceEngine
-from embedjob.worker.model import Embedder, available_cpus
-from embedjob.worker.prepare import (
+from embedjob.worker.datapath.decode_pool import (
     CHUNK_BYTES,
     FAST_PREPROCESSING_ID,
     Crop,
@@ -62,9 +59,12 @@ from embedjob.worker.prepare import (
     discard_decode_pool,
     shared_decode_pool,
 )
-from embedjob.worker.preprocess import PREPROCESSING_ID
-from embedjob.worker.tar_reader import SkippedMember, TarStats, iter_tar
-from embedjob.worker.writer import MetadataRow, ShardWriter, shard_manifest
+from embedjob.worker.datapath.engine import InferenceEngine
+from embedjob.worker.datapath.gpu_decode import JpegDecoder, nvjpeg_decoder
+from embedjob.worker.datapath.preprocess import PREPROCESSING_ID
+from embedjob.worker.datapath.read import SkippedMember, TarStats, iter_tar
+from embedjob.worker.datapath.write import MetadataRow, ShardWriter, shard_manifest
+from embedjob.worker.model.load import Embedder, available_cpus
 
 log = logging.getLogger(__name__)
 

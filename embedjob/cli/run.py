@@ -58,7 +58,7 @@ def _init_worker(progress_queue: Any, torch_threads: int | None) -> None:
         # The model loader sizes torch's thread pool from OMP_NUM_THREADS when set (else from every
         # CPU); setting it here makes several workers share the CPUs instead of each taking all.
         set_library_env("OMP_NUM_THREADS", str(torch_threads))
-        from embedjob.worker.model import torch  # imported there, after torch's OpenMP policy is set
+        from embedjob.worker.model.load import torch  # imported there, after torch's OpenMP policy is set
 
         torch.set_num_threads(torch_threads)
 
@@ -66,8 +66,8 @@ def _init_worker(progress_queue: Any, torch_threads: int | None) -> None:
 def _run_one(shard_uri: str, stem: str, output: str, model: dict, options: dict, storage: dict) -> dict:
     """One shard in a worker process. A failure comes back classified (policy.describe_failure), as
     plain data: an exception's cause chain does not survive the trip between processes."""
-    from embedjob.worker.model import load_embedder
-    from embedjob.worker.pipeline import embed_shard
+    from embedjob.worker.datapath.shard import embed_shard
+    from embedjob.worker.model.load import load_embedder
 
     try:
         opts = EmbedOptions(**options)
@@ -91,7 +91,7 @@ def _run_one(shard_uri: str, stem: str, output: str, model: dict, options: dict,
 def check_model(model: dict) -> None:
     """Fail fast, naming the field, when the model cannot be resolved (before any work starts): the
     same config read the worker's loader does, so a non-CLIP or unreachable checkpoint is refused here."""
-    from embedjob.worker.model import ModelLoadError, ModelRef, default_model_dir, vision_config
+    from embedjob.worker.model.load import ModelLoadError, ModelRef, default_model_dir, vision_config
 
     try:
         vision_config(ModelRef.of(model), default_model_dir())
@@ -158,7 +158,7 @@ def _execute(job: Job, todo: list[Shard], workers: int, show_progress: bool, sum
     storage = {"endpoint": spec.storage.endpoint, "region": spec.storage.region}
     ctx = mp.get_context("spawn")
     progress_q = ctx.Queue()
-    from embedjob.worker.model import available_cpus
+    from embedjob.worker.model.load import available_cpus
 
     threads = max(1, available_cpus() // workers) if workers > 1 else None
     if threads and not options["num_threads"]:

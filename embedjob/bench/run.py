@@ -267,8 +267,8 @@ def measure_decode(shards: list[str], storage: Storage, options: EmbedOptions, d
     """Decode limit: every shard through the worker's reader + decode pool, nothing else. With
     ``device_jpeg`` (the fast path on CUDA) the JPEGs the workers leave encoded are decoded, resized
     and cropped on ``device`` in batches, as the engine does, still without the model."""
-    from embedjob.worker.pipeline import PreparedStream, decode_workers
-    from embedjob.worker.prepare import EncodedJpeg, Rejected, shared_decode_pool
+    from embedjob.worker.datapath.decode_pool import EncodedJpeg, Rejected, shared_decode_pool
+    from embedjob.worker.datapath.shard import PreparedStream, decode_workers
 
     pool = shared_decode_pool(decode_workers(options))
     pool.warm_up()
@@ -278,8 +278,8 @@ def measure_decode(shards: list[str], storage: Storage, options: EmbedOptions, d
     def decode_on_device() -> None:
         nonlocal images
         if pending:
-            from embedjob.worker.device_decode import device_crops, nvjpeg_decoder
-            from embedjob.worker.model import torch
+            from embedjob.worker.datapath.gpu_decode import device_crops, nvjpeg_decoder
+            from embedjob.worker.model.load import torch
 
             crops = device_crops(pending, device, nvjpeg_decoder())
             torch.cuda.synchronize(device)
@@ -308,7 +308,7 @@ def measure_decode(shards: list[str], storage: Storage, options: EmbedOptions, d
 def measure_model(embedder: Any, batch_size: int, min_seconds: float) -> dict[str, Any]:
     """Model limit: ready uint8 batches (random pixels: the cost does not depend on them) through the
     worker's own engine (host buffers, copy, on-device normalisation, forward, rows back)."""
-    from embedjob.worker.engine import InferenceEngine
+    from embedjob.worker.datapath.engine import InferenceEngine
 
     crops = list(np.random.default_rng(0).integers(0, 256, (batch_size, 224, 224, 3), dtype=np.uint8))
     with InferenceEngine(embedder, batch_size) as engine:
@@ -355,7 +355,7 @@ def measure_baseline(shards: list[str], storage: Storage, model_dir: str, device
     except ImportError:  # pragma: no cover - older transformers
         from transformers import CLIPImageProcessor as Processor
 
-    from embedjob.worker.model import resolve_device
+    from embedjob.worker.model.load import resolve_device
 
     dev = resolve_device(device)
     hf_logging.set_verbosity_error()
@@ -404,9 +404,9 @@ def measure_e2e(shards: list[str], stems: list[str], output: str, model: dict[st
                            "(the embedjob bench command sets it to its private Redis)")
 
     from embedjob.results import read_manifest
-    from embedjob.worker import tasks
-    from embedjob.worker.model import clear_cache, load_embedder
-    from embedjob.worker.prepare import discard_decode_pool
+    from embedjob.worker.datapath.decode_pool import discard_decode_pool
+    from embedjob.worker.model.load import clear_cache, load_embedder
+    from embedjob.worker.runtime import task as tasks
 
     clear_cache()
     discard_decode_pool()
@@ -466,12 +466,12 @@ def _sum_paths(manifests: list[dict[str, Any]]) -> dict[str, int]:
 def fast_crops(datas: list[bytes], device: Any, max_pixels: int) -> tuple[list[np.ndarray], str]:
     """The fast path's crops as the worker makes them on ``device``: nvJPEG + resize on the device on
     CUDA (the CPU path for what it refuses), DCT-domain downscale + exact resize on the CPU."""
-    from embedjob.worker.prepare import Crop, prepare_image
+    from embedjob.worker.datapath.decode_pool import Crop, prepare_image
 
     out: list[Any] = [None] * len(datas)
     path = "cpu-draft"
     if device.type == "cuda":
-        from embedjob.worker.device_decode import device_crops, nvjpeg_decoder
+        from embedjob.worker.datapath.gpu_decode import device_crops, nvjpeg_decoder
 
         path = "device-nvjpeg"
         for i, crop in enumerate(device_crops(datas, device, nvjpeg_decoder())):
@@ -488,8 +488,8 @@ def fast_crops(datas: list[bytes], device: Any, max_pixels: int) -> tuple[list[n
 def measure_deviation(datas: list[bytes], device: Any, model_dir: str, precision: str) -> dict[str, Any]:
     """Fast against exact on the same images: PSNR and mean absolute difference of the 224x224 crops,
     and the cosine between the embeddings of the two crops."""
-    from embedjob.worker.model import load_embedder
-    from embedjob.worker.prepare import Crop, prepare_image
+    from embedjob.worker.datapath.decode_pool import Crop, prepare_image
+    from embedjob.worker.model.load import load_embedder
 
     max_pixels = EmbedOptions().max_image_pixels
     exact = []
@@ -560,8 +560,8 @@ def matmul_peak_tflops(device: Any, dtype: Any, n: int = 8192, seconds: float = 
 def _model_dir(kind: str, workdir: Path) -> Path:
     from transformers.utils import logging as hf_logging
 
-    from embedjob.worker.model import default_model_dir
-    from embedjob.worker.random_model import RANDOM_VIT_L14_DIRNAME, save_random_clip, save_random_vit_l14
+    from embedjob.worker.model.load import default_model_dir
+    from embedjob.worker.model.random_weights import RANDOM_VIT_L14_DIRNAME, save_random_clip, save_random_vit_l14
 
     hf_logging.disable_progress_bar()
     if kind == "tiny":
@@ -582,8 +582,8 @@ def load_average() -> list[float]:
 
 def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Every measurement of the module docstring; returns the report (see :func:`format_report`)."""
-    from embedjob.worker import prepare
-    from embedjob.worker.model import (
+    from embedjob.worker.datapath import decode_pool as prepare
+    from embedjob.worker.model.load import (
         available_cpus,
         load_embedder,
         resolve_device,
@@ -696,7 +696,7 @@ def _available_modes(modes: tuple[str, ...], device: Any, report: dict[str, Any]
     """The preprocessing modes this machine can run: the fast path on CUDA needs torchvision."""
     if "fast" not in modes or device.type != "cuda":
         return modes
-    from embedjob.worker.device_decode import DeviceDecodeUnavailable, nvjpeg_decoder
+    from embedjob.worker.datapath.gpu_decode import DeviceDecodeUnavailable, nvjpeg_decoder
 
     try:
         nvjpeg_decoder()
@@ -748,7 +748,7 @@ def compute_section(config: Any, model_ips: float, device: Any, dtype: Any) -> d
 def measure_scaling(shards: list[str], storage: Storage, options: EmbedOptions, cpus: int,
                     log: Callable[[str], None]) -> list[dict[str, Any]]:
     """The exact decode limit with 1, 2, 4, ... and all usable CPUs: whether decoding scales."""
-    from embedjob.worker.prepare import discard_decode_pool
+    from embedjob.worker.datapath.decode_pool import discard_decode_pool
 
     counts = sorted({*(2**k for k in range(cpus.bit_length()) if 2**k <= cpus), cpus})
     out = []

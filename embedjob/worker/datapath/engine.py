@@ -34,9 +34,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from embedjob.worker.device_decode import JpegDecoder, device_crops
-from embedjob.worker.model import Embedder, Launched, OutOfMemoryError, torch
-from embedjob.worker.prepare import Crop, EncodedJpeg, prepare_image
+from embedjob.worker.datapath.decode_pool import Crop, EncodedJpeg, prepare_image
+from embedjob.worker.datapath.gpu_decode import JpegDecoder, device_crops
+from embedjob.worker.model.load import Embedder, Launched, OutOfMemoryError, torch
 
 # Host buffers: one being filled by the caller, one launched, one finishing.
 SLOTS = 3

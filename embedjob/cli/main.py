@@ -51,7 +51,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _run(job: Job, workers: int | None, progress: bool, extra: dict | None = None) -> int:
-    from embedjob.local_job import format_summary, run_job
+    from embedjob.cli.run import format_summary, run_job
 
     try:
         summary = run_job(job, workers=workers, show_progress=progress, extra_manifest=extra)
@@ -89,7 +89,7 @@ def _vit_l14_available() -> str | None:
     """None when ViT-L/14 can be loaded (model cache or hub), else the reason it cannot."""
     from transformers import CLIPVisionConfig
 
-    from embedjob.worker.model import default_model_dir
+    from embedjob.worker.model.load import default_model_dir
 
     try:
         CLIPVisionConfig.from_pretrained(VIT_L14, revision=DEFAULT_REVISION, cache_dir=default_model_dir(),
@@ -122,8 +122,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if reason is None:
         print(f"demo: using {VIT_L14} (real weights)")
     else:
-        from embedjob.worker.model import default_model_dir
-        from embedjob.worker.random_model import RANDOM_MODEL_DIRNAME, save_random_clip
+        from embedjob.worker.model.load import default_model_dir
+        from embedjob.worker.model.random_weights import RANDOM_MODEL_DIRNAME, save_random_clip
 
         path = Path(default_model_dir()) / RANDOM_MODEL_DIRNAME
         if not (path / "config.json").exists():
@@ -155,7 +155,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_worker(args: argparse.Namespace) -> int:
     from embedjob.settings import load
-    from embedjob.worker import lifecycle, multiproc
+    from embedjob.worker.runtime import lifecycle, multiproc
 
     settings = load()
     if settings.metrics_port:
@@ -175,7 +175,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     lifecycle.configure_pool(processes, pin_gpus=args.gpus > 1, visible=os.environ.get("CUDA_VISIBLE_DEVICES"))
     if settings.health_port:  # up from the start: live while connecting, ready once the model is loaded
         lifecycle.serve(settings.health_port, settings.metrics_addr, settings.stall_seconds)
-    from embedjob.worker.tasks import app
+    from embedjob.worker.runtime.task import app
 
     if args.concurrency > 1:  # several processes (one per GPU), one shard each
         pool = ["-P", "prefork", "-c", str(args.concurrency)]
@@ -190,7 +190,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from embedjob.worker.bench import BenchConfig, format_report, run_bench, write_json
+    from embedjob.bench.run import BenchConfig, format_report, run_bench, write_json
 
     modes = ("exact", "fast") if args.preprocessing == "both" else (args.preprocessing,)
     cfg = BenchConfig(

@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 
 from embedjob.layout import ShardOutputs
 from embedjob.storage import Storage
-from embedjob.worker.tar_reader import TarStats
+from embedjob.worker.datapath.read import TarStats
 
 OUTPUT_DTYPES = {"float16": np.float16, "float32": np.float32}
 MANIFEST_VERSION = 1

@@ -1,7 +1,7 @@
-"""The Celery task: a thin wrapper around :func:`embedjob.worker.pipeline.embed_shard`.
+"""The Celery task: a thin wrapper around :func:`embedjob.worker.datapath.shard.embed_shard`.
 
 Start a worker with ``embedjob worker --queue embedjob`` (or
-``celery -A embedjob.worker.tasks worker -Q embedjob -c 1``). One process per GPU.
+``celery -A embedjob.worker.runtime.task worker -Q embedjob -c 1``). One process per GPU.
 
 Per task (see embedjob.progress for the Redis keys):
 1. the job was suspended or deleted -> drop it (``cancelled``);
@@ -44,8 +44,8 @@ from embedjob.policy import describe_failure
 from embedjob.progress import ProgressStore, redis_client
 from embedjob.results import read_manifest, shard_counts
 from embedjob.storage import Storage, StorageError, StorageOptions
-from embedjob.worker import lifecycle, metrics
-from embedjob.worker.lifecycle import GiveBack
+from embedjob.worker.runtime import lifecycle, metrics
+from embedjob.worker.runtime.lifecycle import GiveBack
 
 log = logging.getLogger("embedjob.worker")
 T = TypeVar("T")
@@ -138,8 +138,8 @@ def run_shard_task(task: ShardTask, owner: str = WORKER_ID) -> dict[str, Any]:
 
 
 def _run_shard_task(task: ShardTask, owner: str, marker: lifecycle.TaskMarker) -> dict[str, Any]:
-    from embedjob.worker.model import load_embedder
-    from embedjob.worker.pipeline import embed_shard
+    from embedjob.worker.datapath.shard import embed_shard
+    from embedjob.worker.model.load import load_embedder
 
     store = _progress(task.job)
     if lifecycle.shutting_down():  # taken after SIGTERM (prefetched): nothing started, hand it back
@@ -249,7 +249,7 @@ def check_task_locations(task: ShardTask) -> None:
 
 def _load_embedder(load: Callable[..., Any], task: ShardTask, options: EmbedOptions) -> Any:
     """``load_embedder``, timed when it really loads (it caches one model per process)."""
-    from embedjob.worker import model as model_module
+    from embedjob.worker.model import load as model_module
 
     cache = getattr(model_module, "_cache", None)
     before = len(cache) if isinstance(cache, dict) else None
@@ -367,7 +367,7 @@ def _preload_then_ready() -> None:
 
     def load() -> None:
         if name:
-            from embedjob.worker.model import load_embedder
+            from embedjob.worker.model.load import load_embedder
 
             t0 = time.perf_counter()
             try:
@@ -460,5 +460,5 @@ class ConsumerBeat(bootsteps.StartStopStep):
 
 app.steps["consumer"].add(ConsumerBeat)
 # Survives a broker connection loss with shards in flight (a Celery 5.7 + kombu cleanup error stopped
-# the worker on Redis restarts; see embedjob.worker.consumer).
-app.conf.worker_consumer = "embedjob.worker.consumer:Consumer"
+# the worker on Redis restarts; see embedjob.worker.runtime.consumer).
+app.conf.worker_consumer = "embedjob.worker.runtime.consumer:Consumer"

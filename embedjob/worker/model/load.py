@@ -303,7 +303,7 @@ class Embedder:
     def embed_uint8(self, crops: torch.Tensor | np.ndarray) -> np.ndarray:
         """Embed uint8 crops ``[B, H, W, 3]`` (what the decode workers produce): they go to the device
         as uint8 (4x fewer bytes than float32) and are normalised there, with the same arithmetic
-        as :func:`embedjob.worker.preprocess.normalize`. Same result and OOM back-off as :meth:`embed`."""
+        as :func:`embedjob.worker.datapath.preprocess.normalize`. Same result and OOM back-off as :meth:`embed`."""
         crops = torch.as_tensor(crops)
         if crops.dtype != torch.uint8 or crops.ndim != 4 or crops.shape[-1] != 3:
             raise ValueError(f"expected uint8 [B, H, W, 3] crops, got {crops.dtype} {tuple(crops.shape)}")
@@ -413,9 +413,9 @@ class Launched:
 
 def normalize_on_device(crops: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """ToTensor + Normalize of uint8 ``[B, H, W, 3]`` crops where they are (the model's device), in
-    float32 exactly as the reference does (:func:`embedjob.worker.preprocess.normalize`), then cast to
+    float32 exactly as the reference does (:func:`embedjob.worker.datapath.preprocess.normalize`), then cast to
     the compute ``dtype``."""
-    from embedjob.worker.preprocess import normalize
+    from embedjob.worker.datapath.preprocess import normalize
 
     return normalize(crops, contiguous=False).to(dtype)
 

@@ -35,8 +35,8 @@ from typing import IO, Any
 
 import numpy as np
 
-from embedjob.worker.decode import DecodeError, load_image, open_image
-from embedjob.worker.preprocess import IMAGE_SIZE, PreprocessError, reference_crop
+from embedjob.worker.datapath.decode import DecodeError, load_image, open_image
+from embedjob.worker.datapath.preprocess import IMAGE_SIZE, PreprocessError, reference_crop
 
 # What a manifest records for preprocessing "fast" ("exact" records preprocess.PREPROCESSING_ID).
 FAST_PREPROCESSING_ID = "embedjob-fast-v1"
@@ -138,7 +138,7 @@ class DecodePoolBroken(RuntimeError):
 
 
 class _DecodeProcess:
-    """One decode worker: ``python -P -m embedjob.worker.prepare`` with length-prefixed pickles over its
+    """One decode worker: ``python -P -m embedjob.worker.datapath.decode_pool`` with length-prefixed pickles over its
     stdin/stdout. A plain subprocess, not multiprocessing: it starts the same way from a Celery
     prefork child (a daemonic process multiprocessing will not let start children), from a spawned
     ``embedjob run`` worker or from a script without a ``__main__`` guard, imports only what decoding
@@ -146,8 +146,8 @@ class _DecodeProcess:
 
     def __init__(self, index: int) -> None:
         # -P: a source checkout's embedjob/ in the working folder must not shadow the installed package.
-        self.proc = subprocess.Popen([sys.executable, "-P", "-m", "embedjob.worker.prepare"], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, close_fds=True)
+        self.proc = subprocess.Popen([sys.executable, "-P", "-m", "embedjob.worker.datapath.decode_pool"],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True)
         self.pending: dict[int, Future] = {}
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
@@ -306,8 +306,8 @@ def _main() -> None:
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
     # Run as ``-m``, this file is __main__: serve from the module proper, so that what is pickled
-    # back names embedjob.worker.prepare.Crop, which the worker can unpickle.
-    from embedjob.worker import prepare
+    # back names embedjob.worker.datapath.decode_pool.Crop, which the worker can unpickle.
+    from embedjob.worker.datapath import decode_pool as prepare
 
     prepare.serve(sys.stdin.buffer, out)
 

@@ -4,7 +4,7 @@ A Celery worker is a main process that forks pool children; the tasks, and so th
 the children. prometheus_client's multiprocess mode handles that: every process writes its values to
 files in ``PROMETHEUS_MULTIPROC_DIR``, and the main process serves ``/metrics`` from a fresh
 registry with a ``MultiProcessCollector`` that sums them. ``embedjob worker`` sets it up
-(:func:`embedjob.worker.multiproc.prepare` before anything imports prometheus_client, :func:`serve` once the
+(:func:`embedjob.worker.runtime.multiproc.prepare` before anything imports prometheus_client, :func:`serve` once the
 pool is up); a child that exits has its live gauges dropped (``mark_process_dead``), while its
 counters stay counted. See docs/operations.md, "Metrics".
 

@@ -1,7 +1,7 @@
 """Layout rules a user or a tool would trip over (docs/architecture.md, "Layout"): import names, the
-source where its import path says (the top-level operator/ and worker/ are only links to it), torch-free shared modules, dev tooling apart from the runtime, and
-package data instead of paths into the source checkout. The installed wheel is tested in
-tests/test_wheel.py."""
+source where its import path says (the top-level operator/ and worker/ are only links to it),
+torch-free shared modules, dev tooling apart from the runtime, and package data instead of paths into
+the source checkout. The installed wheel is tested in tests/test_wheel.py."""
 
 from __future__ import annotations
 

@@ -67,6 +67,18 @@ def _queue_keys(queue: str) -> list[str]:
     return [queue] + [f"{queue}\x06\x16{p}" for p in range(1, 10)]
 
 
+def queue_lengths(client, queues: list[str]) -> dict[str, int]:  # noqa: ANN001
+    """Messages waiting in each of ``queues`` (over its priority lists; delivered ones are not
+    counted), in one round trip."""
+    pipe = client.pipeline(transaction=False)
+    for q in queues:
+        for key in _queue_keys(q):
+            pipe.llen(key)
+    lengths = pipe.execute()
+    n = len(_queue_keys(""))
+    return {q: sum(lengths[i * n:(i + 1) * n]) for i, q in enumerate(queues)}
+
+
 def _task_id(message: object) -> str:
     """The Celery task id of one kombu message (a JSON string, or its parsed dict)."""
     try:

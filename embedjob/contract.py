@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from embedjob.spec import InferenceSpec, JobSpec, ModelSpec
+from embedjob.storage import StorageOptions
 
 TASK_NAME = "embedjob.embed_shard"
 # Bumped whenever the task's argument shape changes incompatibly.
@@ -78,7 +79,7 @@ class ShardTask:
             output=spec.output.uri,
             model=asdict(spec.model),
             options=asdict(EmbedOptions.from_spec(spec)),
-            storage={"endpoint": spec.storage.endpoint, "region": spec.storage.region},
+            storage=StorageOptions.from_spec(spec).to_dict(),
             attempt=attempt,
         )
 

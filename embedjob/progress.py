@@ -1,5 +1,6 @@
-"""Per-shard progress and leases in Redis, shared by workers (writers) and the operator (reader).
-Torch-free.
+"""Every Redis key embedjob keeps, owned by :class:`ProgressStore`: per-shard progress and leases
+(written by workers, read by the operator), the operator's own per-job keys, and the per-queue keys of
+fair dispatch and the broker, reached through the store's methods. Torch-free.
 
 Keys, all under ``embedjob:<job>:`` (``<job>`` is the resource uid or a local job id)::
 
@@ -12,9 +13,13 @@ Keys, all under ``embedjob:<job>:`` (``<job>`` is the resource uid or a local jo
                     (Redis died after applying it) does not count it twice
     control         str   "" | "suspended" | "deleted" (workers drop tasks of a stopped job)
 
-Operator-owned (embedjob.operator.reconcile): ``spec`` (the accepted spec, JSON), ``plan`` (the
-planned shards, JSON, written last: its absence means Redis lost the job), ``totals`` (hash of
-failures / lease expiries counted).
+Operator-owned: ``spec`` (the accepted spec, JSON) and ``plan`` (the planned shards, JSON, written last:
+its absence means Redis lost the job), both by embedjob.operator.accept; ``totals`` (hash of failures,
+transient failures, lease expiries and lost messages counted, by embedjob.operator.failures, .leases
+and .reconcile) and ``accessErrors`` (hash stem -> the access error of its last attempt, by
+embedjob.operator.failures). Per queue: the fair-dispatch keys (embedjob.fairness) and the broker's
+lists (embedjob.broker). docs/architecture.md ("Redis keys") says who writes and reads each, and
+how long it lives.
 
 The object store stays the source of truth (a shard is done when its manifest exists); this is
 the fast view, and it can be rebuilt from the manifests if Redis loses it.
@@ -24,14 +29,32 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import redis
 
-from embedjob import settings
+from embedjob import broker, fairness, settings
+from embedjob.contract import task_id_prefix
 
 PREFIX = "embedjob"
 STATES = ("pending", "queued", "running", "succeeded", "failed")
+
+# The per-job keys (under ``embedjob:<job>:``); the per-queue ones are fairness.workers_key / jobs_key.
+STATE = "state"
+INFO = "info"
+EXECUTIONS = "executions"
+COMMITS = "commits"
+CONTROL = "control"
+SPEC = "spec"
+PLAN = "plan"
+TOTALS = "totals"
+ACCESS_ERRORS = "accessErrors"
+TOTAL_NAMES = ("failures", "transientFailures", "leaseExpiries", "messagesLost")
+
+
+def lease_key(stem: str) -> str:
+    return f"lease:{stem}"
 
 _RENEW = """
 if redis.call('get', KEYS[1]) == ARGV[1] then
@@ -89,30 +112,30 @@ class ProgressStore:
         exactly-once is checkable). Idempotent: a retry with the same id counts once."""
         assert state in STATES, state
         pipe = self.r.pipeline()
-        pipe.hset(self.key("state"), stem, state)
+        pipe.hset(self.key(STATE), stem, state)
         if commit:
-            pipe.hset(self.key("commits"), f"{stem} {commit}", 1)
+            pipe.hset(self.key(COMMITS), f"{stem} {commit}", 1)
         if info:
             current = self.info(stem)
             current.update(info)
             current["updated"] = time.time()
-            pipe.hset(self.key("info"), stem, json.dumps(current))
+            pipe.hset(self.key(INFO), stem, json.dumps(current))
         pipe.execute()
 
     def set_state_if(self, stem: str, expected: str, state: str) -> bool:
         """Compare-and-set: move ``stem`` to ``state`` only if it is still ``expected`` (so the
         operator's "queued" never overwrites a worker's "running")."""
         assert state in STATES, state
-        return bool(self.r.eval(_SET_IF, 1, self.key("state"), stem, expected, state))
+        return bool(self.r.eval(_SET_IF, 1, self.key(STATE), stem, expected, state))
 
     def states(self) -> dict[str, str]:
-        return self.r.hgetall(self.key("state"))
+        return self.r.hgetall(self.key(STATE))
 
     def state(self, stem: str) -> str | None:
-        return self.r.hget(self.key("state"), stem)
+        return self.r.hget(self.key(STATE), stem)
 
     def info(self, stem: str) -> dict[str, Any]:
-        raw = self.r.hget(self.key("info"), stem)
+        raw = self.r.hget(self.key(INFO), stem)
         return json.loads(raw) if raw else {}
 
     def infos(self, stems: list[str]) -> dict[str, dict[str, Any]]:
@@ -120,7 +143,7 @@ class ProgressStore:
         out: dict[str, dict[str, Any]] = {}
         for i in range(0, len(stems), 1000):
             chunk = stems[i : i + 1000]
-            for s, raw in zip(chunk, self.r.hmget(self.key("info"), chunk), strict=True):
+            for s, raw in zip(chunk, self.r.hmget(self.key(INFO), chunk), strict=True):
                 out[s] = json.loads(raw) if raw else {}
         return out
 
@@ -128,19 +151,19 @@ class ProgressStore:
         current = self.info(stem)
         current.update(info)
         current["updated"] = time.time()
-        self.r.hset(self.key("info"), stem, json.dumps(current))
+        self.r.hset(self.key(INFO), stem, json.dumps(current))
         return current
 
     def count_execution(self, stem: str) -> int:
-        return int(self.r.hincrby(self.key("executions"), stem, 1))
+        return int(self.r.hincrby(self.key(EXECUTIONS), stem, 1))
 
     def executions(self) -> dict[str, int]:
-        return {k: int(v) for k, v in self.r.hgetall(self.key("executions")).items()}
+        return {k: int(v) for k, v in self.r.hgetall(self.key(EXECUTIONS)).items()}
 
     def commits(self) -> dict[str, int]:
         """How many times each shard's outputs were committed by a worker (1 each, normally)."""
         counts: dict[str, int] = {}
-        for field in self.r.hkeys(self.key("commits")):
+        for field in self.r.hkeys(self.key(COMMITS)):
             stem = field.rsplit(" ", 1)[0]
             counts[stem] = counts.get(stem, 0) + 1
         return counts
@@ -148,33 +171,113 @@ class ProgressStore:
     # -- leases ----------------------------------------------------------------------------------
     def acquire_lease(self, stem: str, owner: str, ttl: float | None = None) -> bool:
         ms = int((ttl or self.lease_seconds) * 1000)
-        return bool(self.r.set(self.key(f"lease:{stem}"), owner, nx=True, px=ms))
+        return bool(self.r.set(self.key(lease_key(stem)), owner, nx=True, px=ms))
 
     def renew_lease(self, stem: str, owner: str, ttl: float | None = None) -> bool:
         ms = int((ttl or self.lease_seconds) * 1000)
-        return bool(self.r.eval(_RENEW, 1, self.key(f"lease:{stem}"), owner, ms))
+        return bool(self.r.eval(_RENEW, 1, self.key(lease_key(stem)), owner, ms))
 
     def release_lease(self, stem: str, owner: str) -> None:
-        self.r.eval(_RELEASE, 1, self.key(f"lease:{stem}"), owner)
+        self.r.eval(_RELEASE, 1, self.key(lease_key(stem)), owner)
 
     def lease_owner(self, stem: str) -> str | None:
-        return self.r.get(self.key(f"lease:{stem}"))
+        return self.r.get(self.key(lease_key(stem)))
 
     def live_leases(self, stems: list[str]) -> set[str]:
         """The subset of ``stems`` whose lease is alive (one round trip per 1000 stems)."""
         alive: set[str] = set()
         for i in range(0, len(stems), 1000):
             chunk = stems[i : i + 1000]
-            vals = self.r.mget([self.key(f"lease:{s}") for s in chunk])
+            vals = self.r.mget([self.key(lease_key(s)) for s in chunk])
             alive.update(s for s, v in zip(chunk, vals, strict=True) if v)
         return alive
 
+    def set_pending(self, infos: Mapping[str, Mapping[str, Any]]) -> None:
+        """Record the dispatch intent of many shards at once: state ``pending`` and each one's whole
+        ``info`` (stamped ``updated``), in one round trip (embedjob.operator.dispatch)."""
+        pipe = self.r.pipeline(transaction=False)
+        for stem, info in infos.items():
+            pipe.hset(self.key(STATE), stem, "pending")
+            pipe.hset(self.key(INFO), stem, json.dumps({**info, "updated": time.time()}))
+        pipe.execute()
+
+    # -- the accepted job (operator) ---------------------------------------------------------------
+    def save_plan(self, raw_spec: Mapping[str, Any], plan: Sequence[tuple[str, str]],
+                  done: Mapping[str, Mapping[str, Any]]) -> None:
+        """Record an accepted job: its spec, the shards already ``done`` (stem -> counts from their
+        manifests) as succeeded, then the ``plan`` (``[(stem, uri), ...]``) LAST: a job whose plan is
+        missing is one Redis lost."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.set(self.key(SPEC), json.dumps(dict(raw_spec)))
+        now = time.time()
+        for stem, counts in done.items():
+            pipe.hset(self.key(STATE), stem, "succeeded")
+            pipe.hset(self.key(INFO), stem, json.dumps({**counts, "updated": now}))
+        pipe.execute()
+        self.r.set(self.key(PLAN), json.dumps([[stem, uri] for stem, uri in plan]))
+
+    def has_plan(self) -> bool:
+        return bool(self.r.exists(self.key(PLAN)))
+
+    def plan(self) -> list[tuple[str, str]] | None:
+        """The recorded plan, None when Redis has none."""
+        raw = self.r.get(self.key(PLAN))
+        return None if raw is None else [(stem, uri) for stem, uri in json.loads(raw)]
+
+    def accepted_spec(self) -> dict[str, Any] | None:
+        """The accepted spec as recorded, None when Redis has none."""
+        raw = self.r.get(self.key(SPEC))
+        return None if raw is None else json.loads(raw)
+
+    # -- totals and the fail-fast check (operator) ---------------------------------------------------
+    def count_total(self, name: str, n: int = 1) -> None:
+        """Add ``n`` to one of the job's running totals (``TOTAL_NAMES``)."""
+        assert name in TOTAL_NAMES, name
+        self.r.hincrby(self.key(TOTALS), name, n)
+
+    def totals(self) -> dict[str, int]:
+        """Every total counted so far (absent names: 0)."""
+        raw = self.r.hgetall(self.key(TOTALS))
+        return {name: int(raw.get(name) or 0) for name in TOTAL_NAMES}
+
+    def record_access_error(self, stem: str, code: Any, error: Any) -> None:
+        """The access error ``stem``'s last attempt failed with (the job's fail-fast check)."""
+        self.r.hset(self.key(ACCESS_ERRORS), stem, json.dumps(
+            {"accessError": True, "errorCode": code, "error": error}))
+
+    def access_errors(self) -> list[dict[str, Any]]:
+        return [json.loads(v) for v in self.r.hvals(self.key(ACCESS_ERRORS))]
+
+    # -- the job's queue: fair dispatch (embedjob.fairness) and the broker (embedjob.broker) -----------
+    def register_job(self, queue: str, priority: int) -> None:
+        """Announce this job as having work on ``queue`` (refreshed every tick)."""
+        fairness.register_job(self.r, queue, self.job, priority)
+
+    def unregister_job(self, queue: str) -> None:
+        fairness.unregister_job(self.r, queue, self.job)
+
+    def active_jobs(self, queue: str) -> dict[str, int]:
+        """job -> priority of the jobs with work on ``queue``."""
+        return fairness.active_jobs(self.r, queue)
+
+    def live_slots(self, queue: str) -> int:
+        """Shards the live workers consuming ``queue`` run at once."""
+        return fairness.live_slots(self.r, queue)
+
+    def remove_queued_tasks(self, queue: str) -> int:
+        """Delete this job's messages still waiting in ``queue``; returns how many."""
+        return broker.remove_queued_tasks(self.r, queue, task_id_prefix(self.job))
+
+    def broker_snapshot(self, queue: str) -> tuple[set[str], dict[str, float]]:
+        """This job's task ids the broker holds: (waiting, delivered -> delivery time)."""
+        return broker.broker_snapshot(self.r, queue, task_id_prefix(self.job))
+
     # -- control ---------------------------------------------------------------------------------
     def set_control(self, value: str, ttl: int | None = None) -> None:
-        self.r.set(self.key("control"), value, ex=ttl)
+        self.r.set(self.key(CONTROL), value, ex=ttl)
 
     def control(self) -> str:
-        return self.r.get(self.key("control")) or ""
+        return self.r.get(self.key(CONTROL)) or ""
 
     def delete_all(self, keep: tuple[str, ...] = ()) -> int:
         """Remove every key of this job (except the names in ``keep``, e.g. ``control``)."""

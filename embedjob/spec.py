@@ -65,10 +65,6 @@ class ModelSpec:
     revision: str | None = DEFAULT_REVISION
     path: str | None = None
 
-    @property
-    def ident(self) -> str:
-        return self.path or self.name
-
 
 @dataclass(frozen=True)
 class InferenceSpec:

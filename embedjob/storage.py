@@ -20,9 +20,12 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from embedjob import settings
+
+if TYPE_CHECKING:
+    from embedjob.spec import JobSpec
 
 S3_SCHEME = "s3://"
 
@@ -96,6 +99,11 @@ class StorageOptions:
     def from_dict(cls, d: dict | None) -> StorageOptions:
         d = d or {}
         return cls(endpoint=d.get("endpoint") or None, region=d.get("region") or None)
+
+    @classmethod
+    def from_spec(cls, spec: JobSpec) -> StorageOptions:
+        """The options a job's ``spec.storage`` names (the one place they are built from a spec)."""
+        return cls(endpoint=spec.storage.endpoint, region=spec.storage.region)
 
     def to_dict(self) -> dict:
         return {"endpoint": self.endpoint, "region": self.region}

@@ -126,7 +126,7 @@ def run_job(
     in the summary, whose ``ok`` follows ``spec.maxFailedShards``."""
     out = out or sys.stderr
     spec = job.spec
-    storage = Storage(StorageOptions(endpoint=spec.storage.endpoint, region=spec.storage.region))
+    storage = Storage(StorageOptions.from_spec(spec))
     shards = plan_shards(spec.input, storage)
     check_model(asdict(spec.model))
     done = set() if spec.output.overwrite else done_stems(spec.output.uri, storage) & {s.stem for s in shards}

@@ -10,8 +10,6 @@ exists are recorded ``succeeded`` with their counts: a rerun redoes nothing.
 from __future__ import annotations
 
 import datetime as dt
-import json
-import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -30,7 +28,7 @@ from embedjob.storage import Storage, StorageError, StorageOptions
 
 
 def storage_for(spec: JobSpec) -> Storage:
-    return Storage(StorageOptions(endpoint=spec.storage.endpoint, region=spec.storage.region))
+    return Storage(StorageOptions.from_spec(spec))
 
 
 def is_planned(job_status: Mapping[str, Any] | None) -> bool:
@@ -62,14 +60,7 @@ def record_plan(store: ProgressStore, spec: JobSpec, raw_spec: Mapping[str, Any]
     planned = {s.stem for s in shards}
     done = sorted(done_stems(spec.output.uri, storage) & planned) if not spec.output.overwrite else []
     counts = _manifest_counts(storage, spec.output.uri, done)
-    pipe = store.r.pipeline(transaction=False)
-    pipe.set(store.key("spec"), json.dumps(dict(raw_spec)))
-    now = time.time()
-    for stem in done:
-        pipe.hset(store.key("state"), stem, "succeeded")
-        pipe.hset(store.key("info"), stem, json.dumps({**counts[stem], "updated": now}))
-    pipe.execute()
-    store.r.set(store.key("plan"), json.dumps([[s.stem, s.uri] for s in shards]))
+    store.save_plan(raw_spec, [(s.stem, s.uri) for s in shards], {stem: counts[stem] for stem in done})
     return len(done)
 
 

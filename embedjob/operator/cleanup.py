@@ -6,9 +6,6 @@ from __future__ import annotations
 import logging
 import time
 
-from embedjob import fairness
-from embedjob.broker import remove_queued_tasks
-from embedjob.contract import task_id_prefix
 from embedjob.progress import ProgressStore
 
 log = logging.getLogger("embedjob.operator")
@@ -23,8 +20,8 @@ def cleanup(store: ProgressStore, queue: str, attempts: int = 3, delay: float = 
     for i in range(attempts):
         try:
             store.set_control("deleted", ttl=DELETED_FLAG_TTL)
-            fairness.unregister_job(store.r, queue, store.job)
-            removed = remove_queued_tasks(store.r, queue, task_id_prefix(store.job))
+            store.unregister_job(queue)
+            removed = store.remove_queued_tasks(queue)
             keys = store.delete_all(keep=("control",))
             return True, f"removed {removed} queued task(s) and {keys} Redis key(s); outputs kept"
         except Exception as e:  # noqa: BLE001 - any Redis error: retry a bounded number of times

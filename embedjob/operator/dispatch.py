@@ -10,8 +10,6 @@ it when the shard's lease is held or its manifest exists. Credentials never ente
 
 from __future__ import annotations
 
-import json
-import time
 from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 
@@ -51,16 +49,13 @@ class Dispatcher:
             chunk = stems[i : i + BATCH]
             infos = self.store.infos(chunk)
             intents: dict[str, tuple[int, int]] = {}
-            pipe = self.store.r.pipeline(transaction=False)
             for stem in chunk:
                 info = infos[stem]
                 n = int(info.get("dispatch") or 0) + 1
                 attempt = int(info.get("failures") or 0) + 1
                 intents[stem] = (n, attempt)
                 info.update(dispatch=n, retryAt=None)
-                pipe.hset(self.store.key("state"), stem, "pending")
-                pipe.hset(self.store.key("info"), stem, _dumps(info))
-            pipe.execute()  # intent is durable before any message exists
+            self.store.set_pending({stem: infos[stem] for stem in chunk})  # intent is durable before any message
             for stem, (n, attempt) in intents.items():
                 self._send(stem, n, attempt)
                 sent += 1
@@ -118,6 +113,3 @@ class Dispatcher:
         for stem in stems:
             self.store.set_state_if(stem, "pending", "queued")
 
-
-def _dumps(info: Mapping[str, Any]) -> str:
-    return json.dumps({**info, "updated": time.time()})

@@ -4,7 +4,6 @@ on every shard tried so far)."""
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -40,10 +39,9 @@ def _count(store: ProgressStore, spec: JobSpec, stem: str, info: dict[str, Any],
                           per_shard=spec.retries.perShard, backoff_base=spec.retries.backoffSeconds)
     info = store.update_info(stem, failures=d.failures, transientFailures=d.transient_failures,
                              countedDispatch=dispatch_n, final=d.final, retryAt=None if d.final else now + d.delay)
-    store.r.hincrby(store.key("totals"), "transientFailures" if d.transient_failures else "failures", 1)
+    store.count_total("transientFailures" if d.transient_failures else "failures")
     if info.get("accessError"):
-        store.r.hset(store.key("accessErrors"), stem, json.dumps(
-            {"accessError": True, "errorCode": info.get("errorCode"), "error": info.get("error")}))
+        store.record_access_error(stem, info.get("errorCode"), info.get("error"))
     if d.final:
         events.append(Event("Warning", "ShardFailed", f"{stem} failed {d.failures} time(s), giving up: "
                                                       f"{info.get('error')}"))
@@ -55,5 +53,4 @@ def _count(store: ProgressStore, spec: JobSpec, stem: str, info: dict[str, Any],
 
 def fatal_error(store: ProgressStore, shards_to_do: int, succeeded_this_run: int) -> str:
     """The access error every shard tried so far failed with ("" when the job should go on)."""
-    seen = [json.loads(v) for v in store.r.hvals(store.key("accessErrors"))]
-    return policy.common_access_error(seen, shards_to_do, succeeded_this_run) or ""
+    return policy.common_access_error(store.access_errors(), shards_to_do, succeeded_this_run) or ""

@@ -1,5 +1,5 @@
-"""kopf handlers for EmbeddingJob: thin wrappers over embedjob.operator.reconcile (accept, tick,
-cleanup).
+"""kopf handlers for EmbeddingJob: thin wrappers over embedjob.operator.accept, .reconcile (the tick)
+and .cleanup.
 
 Run with ``embedjob operator`` (or ``kopf run -m embedjob.operator.handlers --standalone -A``).
 Operator-wide settings are made once: :class:`embedjob.settings.Settings` is read at start-up (the
@@ -23,10 +23,13 @@ from kubernetes import client, config
 
 from embedjob.access import AccessPolicy
 from embedjob.broker import make_app
-from embedjob.operator import reconcile
 from embedjob.operator import status as job_status
+from embedjob.operator.accept import accept as accept_job
+from embedjob.operator.accept import is_planned
+from embedjob.operator.cleanup import cleanup as cleanup_job
 from embedjob.operator.events import Event, JobMemory
 from embedjob.operator.metrics import OperatorMetrics
+from embedjob.operator.reconcile import Reconciler
 from embedjob.progress import ProgressStore, redis_client
 from embedjob.settings import load, redact_url
 from embedjob.spec import API_GROUP, API_VERSION, PLURAL
@@ -101,10 +104,10 @@ def accept(spec: kopf.Spec, status: kopf.Status, meta: kopf.Meta, uid: str, name
            patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
     """Validate and plan a job not planned yet (new, or fixed after an invalid spec). The plan lands
     in the status before the first tick may enqueue anything."""
-    if reconcile.is_planned(status):
+    if is_planned(status):
         return  # already accepted: changes are handled level-triggered by the tick
     try:
-        result = reconcile.accept(_store(memo, uid), dict(spec), dict(status), meta.get("generation"),
+        result = accept_job(_store(memo, uid), dict(spec), dict(status), meta.get("generation"),
                                   namespace=namespace, policy=memo.access)
     except Exception as e:  # storage or Redis unreachable: try again shortly
         raise kopf.TemporaryError(f"cannot plan yet: {type(e).__name__}: {e}", delay=10) from e
@@ -119,7 +122,7 @@ def tick(spec: kopf.Spec, status: kopf.Status, meta: kopf.Meta, uid: str, name: 
     """Observe, retry, dispatch, report. Patches the status only when it changed. A failed tick
     (Redis restarting, storage or the apiserver unreachable) is logged and simply tried again at the
     next interval: the tick is level-triggered, so nothing is lost by skipping one."""
-    rec = reconcile.Reconciler(_store(memo, uid), memo.celery, _job(memo), memo.settings)
+    rec = Reconciler(_store(memo, uid), memo.celery, _job(memo), memo.settings)
     started = time.perf_counter()
     try:
         result = rec.tick(dict(spec), dict(status), meta.get("generation"))
@@ -148,7 +151,7 @@ def cleanup(spec: kopf.Spec, uid: str, name: str, namespace: str, body: kopf.Bod
     quick = redis_client(config=memo.settings)  # short timeouts: a dead Redis must not hold the deletion
     quick.connection_pool.connection_kwargs.update(socket_timeout=5, socket_connect_timeout=2)
     with _job(memo).lock:
-        ok, message = reconcile.cleanup(ProgressStore(quick, uid), spec.get("queue") or "embedjob")
+        ok, message = cleanup_job(ProgressStore(quick, uid), spec.get("queue") or "embedjob")
     _post(body, [Event("Normal" if ok else "Warning", "Cleaned" if ok else "CleanupIncomplete", message)])
 
 

@@ -56,7 +56,7 @@ def _count_expiry(store: ProgressStore, stem: str, settings: Settings, events: l
                   states: dict[str, str]) -> bool:
     """Count one expiry; False when the shard now counts as failed instead of being re-enqueued."""
     n = int(store.info(stem).get("leaseExpiries") or 0) + 1
-    store.r.hincrby(store.key("totals"), "leaseExpiries", 1)
+    store.count_total("leaseExpiries")
     if n > settings.max_lease_expiries:
         # A shard that takes down every worker it lands on is a real failure after all.
         store.update_info(stem, leaseExpiries=n, error=f"LeaseExpired: its worker was lost {n} times")

@@ -16,8 +16,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 
-from embedjob.broker import broker_snapshot
-from embedjob.contract import task_id, task_id_prefix
+from embedjob.contract import task_id
 from embedjob.progress import ProgressStore
 
 
@@ -45,7 +44,7 @@ class LostMessages:
         self._next_check = now + max(0.5, self.grace / 4)
         infos = store.infos(queued)
         expected = {task_id(store.job, s, int(infos[s]["dispatch"])): s for s in queued if infos[s].get("dispatch")}
-        waiting, delivered = broker_snapshot(store.r, queue, task_id_prefix(store.job))
+        waiting, delivered = store.broker_snapshot(queue)
         leased = store.live_leases(queued)
         wall = time.time()
         lost: list[str] = []

@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessColl
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from embedjob.broker import _queue_keys
+from embedjob.broker import queue_lengths
 
 log = logging.getLogger("embedjob.operator")
 
@@ -160,14 +160,8 @@ class JobsCollector(Collector):
         m = GaugeMetricFamily("embedjob_queue_messages", "Messages waiting in the broker's queue lists (LLEN "
                               "over the priority lists; delivered messages are not counted).", labels=["queue"])
         try:
-            pipe = self.redis.pipeline(transaction=False)
-            for q in queues:
-                for key in _queue_keys(q):
-                    pipe.llen(key)
-            lengths = pipe.execute()
-            n = len(_queue_keys(DEFAULT_QUEUE))
-            for i, q in enumerate(queues):
-                m.add_metric([q], sum(lengths[i * n:(i + 1) * n]))
+            for q, n in queue_lengths(self.redis, queues).items():
+                m.add_metric([q], n)
         except Exception as e:  # noqa: BLE001 - Redis down: the series is absent, the scrape still works
             log.debug("queue lengths unavailable: %s", e)
         return m

@@ -7,8 +7,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from embedjob.broker import remove_queued_tasks
-from embedjob.contract import task_id_prefix
 from embedjob.operator import status
 from embedjob.operator.accept import storage_for
 from embedjob.operator.events import Event, JobMemory
@@ -42,11 +40,11 @@ def observe(store: ProgressStore, mem: JobMemory, plan: list[tuple[str, str]], s
                                                         error=str(info.get("error") or "")))
         else:
             obs.queued += 1
-    totals = store.r.hgetall(store.key("totals"))
-    obs.failures = int(totals.get("failures") or 0)
-    obs.transient_failures = int(totals.get("transientFailures") or 0)
-    obs.lease_expiries = int(totals.get("leaseExpiries") or 0)
-    obs.messages_lost = int(totals.get("messagesLost") or 0)
+    totals = store.totals()
+    obs.failures = totals["failures"]
+    obs.transient_failures = totals["transientFailures"]
+    obs.lease_expiries = totals["leaseExpiries"]
+    obs.messages_lost = totals["messagesLost"]
     return obs
 
 
@@ -69,7 +67,7 @@ def finish(store: ProgressStore, mem: JobMemory, spec: JobSpec, desired: Mapping
         events.append(Event("Normal", "Succeeded", condition_message(desired, status.COMPLETE)))
     else:
         store.set_control("suspended")  # late messages of a failed job are dropped by workers
-        removed = remove_queued_tasks(store.r, spec.queue, task_id_prefix(store.job))
+        removed = store.remove_queued_tasks(spec.queue)
         events.append(Event("Warning", "Failed", f"{condition_message(desired, status.FAILED_COND)}; "
                                                  f"{removed} queued task(s) removed"))
 

@@ -26,12 +26,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from embedjob import fairness
-from embedjob.broker import remove_queued_tasks
-from embedjob.contract import task_id_prefix
 from embedjob.operator import status
-from embedjob.operator.accept import Accepted, accept, is_planned, record_plan, storage_for
-from embedjob.operator.changes import changed_fields, check_spec_change, spec_hash, with_mutable
-from embedjob.operator.cleanup import cleanup
+from embedjob.operator.accept import is_planned
+from embedjob.operator.changes import check_spec_change, with_mutable
 from embedjob.operator.dispatch import Dispatcher, Sender
 from embedjob.operator.events import Event, JobMemory
 from embedjob.operator.failures import count_failures, fatal_error
@@ -43,8 +40,7 @@ from embedjob.progress import ProgressStore
 from embedjob.settings import Settings, load
 from embedjob.spec import JobSpec, SpecError
 
-__all__ = ["Accepted", "Event", "JobMemory", "Reconciler", "TickResult", "accept", "changed_fields", "cleanup",
-           "is_planned", "record_plan", "spec_hash", "storage_for"]
+__all__ = ["Reconciler", "TickResult"]
 
 
 @dataclass
@@ -101,7 +97,7 @@ class Reconciler:
         lost = self._lost(spec, states) if not spec.suspend and control != "suspended" else []
         dispatched = 0
         if spec.suspend:
-            fairness.unregister_job(store.r, spec.queue, store.job)
+            store.unregister_job(spec.queue)
         else:  # (while suspended, expired shards wait as "queued" for the resume)
             redo = [s for s, v in states.items() if v == "queued"] if resumed else expired + lost
             dispatcher = Dispatcher(store, self.sender, spec, mem.uris)
@@ -114,7 +110,7 @@ class Reconciler:
         result = self._report(spec, job_status, generation, now, states, failed_infos, conditions)
         result.dispatched = dispatched
         if result.status.get("phase") in status.TERMINAL:
-            fairness.unregister_job(store.r, spec.queue, store.job)
+            store.unregister_job(spec.queue)
         return result
 
     def _fair_cap(self, spec: JobSpec, states: dict[str, str], retry_due: list[str]) -> int:
@@ -127,12 +123,11 @@ class Reconciler:
         finished = sum(1 for v in states.values() if v in ("succeeded", "failed"))
         settled = finished + sum(1 for v in states.values() if v == "running")
         if len(plan) - settled + len(retry_due) <= 0:  # nothing left to send: leave the queue to others
-            fairness.unregister_job(store.r, spec.queue, store.job)
+            store.unregister_job(spec.queue)
             return s.max_queued
-        fairness.register_job(store.r, spec.queue, store.job, spec.priority)
-        share = fairness.job_cap(store.job, fairness.active_jobs(store.r, spec.queue),
-                                 fairness.live_slots(store.r, spec.queue), s.queued_per_slot, s.min_queued,
-                                 s.max_queued)
+        store.register_job(spec.queue, spec.priority)
+        share = fairness.job_cap(store.job, store.active_jobs(spec.queue), store.live_slots(spec.queue),
+                                 s.queued_per_slot, s.min_queued, s.max_queued)
         mono = time.monotonic()
         mem.finished.append((mono, finished))
         t0, f0 = mem.finished[0]
@@ -148,7 +143,7 @@ class Reconciler:
         control = store.control()
         if spec.suspend and control != "suspended":
             store.set_control("suspended")
-            removed = remove_queued_tasks(store.r, spec.queue, task_id_prefix(store.job))
+            removed = store.remove_queued_tasks(spec.queue)
             self.events.append(Event("Normal", "Suspended", f"dispatch stopped; {removed} queued task(s) removed"))
         elif not spec.suspend and control == "suspended":
             store.set_control("")
@@ -160,7 +155,7 @@ class Reconciler:
         assert self.mem.lost is not None
         lost = self.mem.lost.check(self.store, spec.queue, states)
         for stem in lost:
-            self.store.r.hincrby(self.store.key("totals"), "messagesLost", 1)
+            self.store.count_total("messagesLost")
             self.events.append(Event("Warning", "MessageLost", f"{stem}: queued but in no queue and not leased for "
                                                                f"{self.mem.lost.grace:.0f}s: re-enqueued"))
         return lost

@@ -4,7 +4,6 @@ source of truth: shards whose manifest exists are done, the rest are planned and
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,16 +19,15 @@ def load_accepted(store: ProgressStore, mem: JobMemory, raw_spec: Mapping[str, A
                   events: list[Event]) -> JobSpec:
     """The accepted spec, with ``mem.plan`` / ``mem.uris`` filled. Raises :class:`SpecError` when the
     job cannot be rebuilt safely."""
-    r = store.r
     if mem.plan is not None and mem.spec is not None:
-        if r.exists(store.key("plan")):
+        if store.has_plan():
             return mem.spec
         return rebuild(store, mem, raw_spec, status, events)
-    raw_plan, accepted_raw = r.get(store.key("plan")), r.get(store.key("spec"))
-    if raw_plan is None or accepted_raw is None:
+    plan, accepted_raw = store.plan(), store.accepted_spec()
+    if plan is None or accepted_raw is None:
         return rebuild(store, mem, raw_spec, status, events)
-    mem.spec = parse_spec(json.loads(accepted_raw), allow_local=False)
-    mem.plan = [(s, u) for s, u in json.loads(raw_plan)]
+    mem.spec = parse_spec(accepted_raw, allow_local=False)
+    mem.plan = plan
     mem.uris = dict(mem.plan)
     return mem.spec
 

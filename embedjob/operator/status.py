@@ -77,11 +77,6 @@ def get_condition(conditions: Iterable[Mapping[str, Any]] | None, ctype: str) ->
     return None
 
 
-def is_true(conditions: Iterable[Mapping[str, Any]] | None, ctype: str) -> bool:
-    c = get_condition(conditions, ctype)
-    return bool(c and c.get("status") == "True")
-
-
 # -- observed state ------------------------------------------------------------------------------------
 @dataclass
 class FailedShard:

@@ -15,7 +15,9 @@ import pytest
 from embedjob import fairness
 from embedjob.broker import make_app
 from embedjob.dev.services import embedjob_command
-from embedjob.operator.reconcile import JobMemory, Reconciler, accept
+from embedjob.operator.accept import accept
+from embedjob.operator.events import JobMemory
+from embedjob.operator.reconcile import Reconciler
 from embedjob.progress import ProgressStore, redis_client
 from embedjob.settings import Settings
 from embedjob.storage import s3_client

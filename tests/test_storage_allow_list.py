@@ -20,7 +20,7 @@ from embedjob.access import AccessPolicy, StorageNotAllowed
 from embedjob.contract import EmbedOptions, ShardTask
 from embedjob.dev.services import RedisServer
 from embedjob.operator import status as st
-from embedjob.operator.reconcile import accept
+from embedjob.operator.accept import accept
 from embedjob.policy import describe_failure
 from embedjob.progress import ProgressStore, redis_client
 from embedjob.settings import Settings

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 
 from embedjob.operator import status as st
+from tests.operator.jobs import is_true
 
 T0 = dt.datetime(2026, 1, 1, 12, 0, 0, tzinfo=dt.UTC)
 
@@ -39,12 +40,12 @@ def test_build_status_counters_progress_and_conditions():
     assert s["shards"] == {"total": 10, "queued": 5, "running": 2, "succeeded": 3, "failed": 0}
     assert s["images"] == {"embedded": 300, "failed": 4}
     assert s["imagesPerSecond"] == 12.5 and s["observedGeneration"] == 3
-    assert not st.is_true(s["conditions"], st.COMPLETE) and not st.is_true(s["conditions"], st.FAILED_COND)
+    assert not is_true(s["conditions"], st.COMPLETE) and not is_true(s["conditions"], st.FAILED_COND)
     assert "estimatedCompletionTime" in s and "completionTime" not in s
 
     done = st.Observed(total=10, succeeded=10, images=1000)
     s2 = st.build_status(s, done, st.Policy(), generation=3, now=T0 + dt.timedelta(seconds=30))
-    assert s2["phase"] == st.SUCCEEDED and st.is_true(s2["conditions"], st.COMPLETE)
+    assert s2["phase"] == st.SUCCEEDED and is_true(s2["conditions"], st.COMPLETE)
     assert s2["completionTime"] == "2026-01-01T12:00:30Z" and "estimatedCompletionTime" not in s2
     assert s2["imagesPerSecond"] == round(1000 / 90, 1)  # the average over the run, start to completion
     # terminal phases are sticky, and a second evaluation changes nothing: no patch

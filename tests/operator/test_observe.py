@@ -1,0 +1,31 @@
+"""Observing and finishing a job (embedjob.operator.observe): counts from Redis, the job manifest."""
+
+from __future__ import annotations
+
+import json
+
+from embedjob.layout import job_manifest_uri
+from embedjob.operator import status as st
+from embedjob.storage import Storage
+from tests.operator.jobs import is_true, raw_spec, started, worker_finishes
+
+
+def test_failed_shard_within_max_failed_shards_still_succeeds_with_job_manifest(env):
+    r, app, store, bucket = env
+    spec = raw_spec(bucket, n=3, maxFailedShards=1, retries={"perShard": 0, "backoffSeconds": 0})
+    status, rec = started(r, app, store, spec)
+    status = rec.tick(spec, status, 1).status
+    worker_finishes(store, "0000", 4, failed=1)
+    worker_finishes(store, "0001", 6)
+    store.set_state("0002", "failed", error="ValueError: not a tar")
+    res = rec.tick(spec, status, 1)
+    assert res.status["phase"] == "Succeeded" and res.status["progress"] == "2/3"
+    assert res.status["images"] == {"embedded": 10, "failed": 1} and res.status["shards"]["failed"] == 1
+    assert is_true(res.status["conditions"], "Complete")
+    manifest = json.loads(Storage().read_bytes(job_manifest_uri(f"s3://{bucket}/out/")))
+    assert manifest["totals"]["images"] == 10 and manifest["totals"]["failed"] == 1
+    assert [s["stem"] for s in manifest["shards"]] == ["0000", "0001", "0002"]
+    # finished: a later tick patches nothing; the TTL deletes it
+    assert st.status_patch(res.status, rec.tick(spec, res.status, 1).status) == {}
+    spec["ttlSecondsAfterFinished"] = 0
+    assert rec.tick(spec, res.status, 1).delete

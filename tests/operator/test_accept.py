@@ -78,3 +78,17 @@ def test_missing_output_bucket_names_the_field_and_the_bucket(env):
     cond = st.get_condition(accept(store, spec, {}, 1).status["conditions"], "Failed")
     assert cond["message"].startswith("spec.input.uri: bucket does not exist: ") and "no-such-input-bucket" in \
         cond["message"]
+
+
+def test_accept_records_spec_done_shards_and_plan_in_redis(env):
+    r, app, store, bucket = env
+    write_manifest(bucket, "0002", embedded=5, failed=1)
+    spec = raw_spec(bucket, n=3)
+    acc = accept(store, spec, {}, 1)
+    assert acc.ok and acc.status["plan"]["doneAtStart"] == 1
+    assert store.accepted_spec() == spec
+    assert store.plan() == [(s, f"s3://{bucket}/in/{s}.tar") for s in ("0000", "0001", "0002")]
+    assert store.states() == {"0002": "succeeded"}  # the rest are sent by the first tick, not here
+    info = store.info("0002")
+    assert (info["images"], info["failedImages"], info["fromManifest"]) == (5, 1, True)
+    assert queued_ids(r) == []

@@ -7,6 +7,8 @@ import time
 
 from embedjob.contract import task_id
 from embedjob.operator import status as st
+from embedjob.operator.failures import count_failures, fatal_error
+from embedjob.spec import parse_spec
 from tests.operator.jobs import queued_ids, raw_spec, started, worker_finishes
 
 
@@ -91,3 +93,28 @@ def test_access_errors_do_not_fail_fast_once_a_shard_succeeded(env):
                         transient=False, accessError=True)
     status = rec.tick(spec, status, 1).status
     assert status["phase"] == "Running"  # one object with a bad ACL is that shard's problem, not the job's
+
+
+def test_each_failed_attempt_is_counted_once_in_redis(env):
+    r, app, store, bucket = env
+    spec = parse_spec(raw_spec(bucket, n=3, retries={"perShard": 1, "backoffSeconds": 10}), allow_local=False)
+    store.set_state("0000", "failed", dispatch=1, error="ValueError: not a tar", errorCode="ValueError")
+    store.set_state("0001", "failed", dispatch=1, error="StorageError: 403", errorCode="403", accessError=True)
+    store.set_state("0002", "failed", dispatch=2, error="timeout", transient=True)
+    events = []
+    infos, due = count_failures(store, spec, store.states(), 1000.0, events)
+    assert due == [] and events == []  # every retry waits for its backoff (transient ones too)
+    assert (infos["0000"]["failures"], infos["0000"]["countedDispatch"], infos["0000"]["retryAt"]) == (1, 1, 1010.0)
+    assert infos["0002"]["transientFailures"] == 1 and not infos["0002"]["failures"]
+    assert store.totals() == {"failures": 2, "transientFailures": 1, "leaseExpiries": 0, "messagesLost": 0}
+    assert store.access_errors() == [{"accessError": True, "errorCode": "403", "error": "StorageError: 403"}]
+    assert fatal_error(store, shards_to_do=1, succeeded_this_run=0) == "StorageError: 403"
+    assert fatal_error(store, shards_to_do=3, succeeded_this_run=0) == ""  # one shard is not every shard
+
+    # The same attempts seen again count nothing; due once the backoff passed; the budget spent: final.
+    infos, due = count_failures(store, spec, store.states(), 1010.0, events)
+    assert sorted(due) == ["0000", "0001", "0002"] and store.totals()["failures"] == 2
+    store.set_state("0000", "failed", dispatch=2, error="ValueError: not a tar")
+    infos, due = count_failures(store, spec, store.states(), 2000.0, events)
+    assert infos["0000"]["final"] and "0000" not in due and store.info("0000")["failures"] == 2
+    assert [e.reason for e in events] == ["ShardFailed"] and store.totals()["failures"] == 3

@@ -6,6 +6,8 @@ import json
 
 from embedjob.layout import job_manifest_uri
 from embedjob.operator import status as st
+from embedjob.operator.events import JobMemory
+from embedjob.operator.observe import observe
 from embedjob.storage import Storage
 from tests.operator.jobs import is_true, raw_spec, started, worker_finishes
 
@@ -29,3 +31,22 @@ def test_failed_shard_within_max_failed_shards_still_succeeds_with_job_manifest(
     assert st.status_patch(res.status, rec.tick(spec, res.status, 1).status) == {}
     spec["ttlSecondsAfterFinished"] = 0
     assert rec.tick(spec, res.status, 1).delete
+
+
+def test_observe_puts_every_planned_shard_in_one_bucket_with_the_totals(env):
+    r, app, store, bucket = env
+    plan = [(s, f"s3://{bucket}/in/{s}.tar") for s in ("0000", "0001", "0002", "0003", "0004")]
+    worker_finishes(store, "0000", 7, failed=2)
+    store.set_state("0001", "running", imagesSoFar=3)
+    store.set_state("0002", "failed", error="x")  # counted, retry due: still queued
+    store.set_state("0003", "failed", error="ValueError: bad")
+    store.count_total("failures", 2)
+    store.count_total("leaseExpiries")
+    store.count_total("messagesLost")
+    failed_infos = {"0002": {"final": False}, "0003": {"final": True, "failures": 2, "error": "ValueError: bad"}}
+    obs = observe(store, JobMemory(), plan, store.states(), failed_infos)
+    assert (obs.total, obs.succeeded, obs.running, obs.failed, obs.queued) == (5, 1, 1, 1, 2)
+    assert (obs.images, obs.failed_images, obs.images_in_flight) == (7, 2, 3)
+    assert obs.failed_shards == [st.FailedShard(stem="0003", shard=f"s3://{bucket}/in/0003.tar", attempts=2,
+                                                error="ValueError: bad")]
+    assert (obs.failures, obs.transient_failures, obs.lease_expiries, obs.messages_lost) == (2, 0, 1, 1)

@@ -16,7 +16,7 @@ dev-status:
 	$(BIN)/embedjob dev status
 
 test-operator:
-	$(BIN)/pytest -q tests/test_operator_status.py tests/test_operator_reconcile.py
+	$(BIN)/pytest -q tests/operator tests/test_operator_crd.py tests/test_progress.py
 
 test-e2e:
 	$(BIN)/pytest -q -m e2e tests/e2e

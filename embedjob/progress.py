@@ -1,6 +1,7 @@
-"""Every Redis key embedjob keeps, owned by :class:`ProgressStore`: per-shard progress and leases
-(written by workers, read by the operator), the operator's own per-job keys, and the per-queue keys of
-fair dispatch and the broker, reached through the store's methods. Torch-free.
+"""The owner of embedjob's Redis keys, :class:`ProgressStore`: per-shard progress and leases (written by
+workers, read by the operator), the operator's own per-job keys, and, through its methods, the
+per-queue keys of fair dispatch and the broker's lists (the operator has no other way to Redis; a
+worker's slot announcement is the one key written elsewhere, embedjob.worker.runtime). Torch-free.
 
 Keys, all under ``embedjob:<job>:`` (``<job>`` is the resource uid or a local job id)::
 

@@ -12,7 +12,8 @@ import subprocess
 import numpy as np
 import pytest
 
-from embedjob.bench.run import SIZES, synthetic_jpegs, vision_flops_per_image
+from embedjob.bench.measure import vision_flops_per_image
+from embedjob.bench.synth import SIZES, synthetic_jpegs
 from embedjob.dev.services import embedjob_command
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from embedjob.bench.run import synthetic_jpegs
+from embedjob.bench.synth import synthetic_jpegs
 from embedjob.contract import EmbedOptions
 from embedjob.worker.datapath.decode_pool import Crop, prepare_image
 from embedjob.worker.datapath.engine import DEVICE_JPEG_PATH, InferenceEngine

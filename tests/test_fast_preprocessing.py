@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from embedjob.bench.run import synthetic_jpegs
+from embedjob.bench.synth import synthetic_jpegs
 from embedjob.contract import EmbedOptions
 from embedjob.worker.datapath import shard as pipeline
 from embedjob.worker.datapath.decode_pool import Crop, EncodedJpeg, Rejected, draft_request, prepare_image

@@ -13,18 +13,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import socket
 import sys
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 from urllib.parse import urlparse
 
-from embedjob import __version__, settings
+from embedjob import __version__
 from embedjob.bundled import sample_shards, sample_shards_dir
 from embedjob.dev.cli import add_commands as add_dev_commands
-from embedjob.dev.services import RedisServer
 from embedjob.operator.cli import add_commands as add_operator_commands
 from embedjob.spec import DEFAULT_REVISION, Job, SpecError, load_job_file, parse_job
 
@@ -190,39 +187,25 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from embedjob.bench.run import BenchConfig, format_report, run_bench, write_json
+    from embedjob.bench import BenchConfig, bench, format_report, write_json
 
     modes = ("exact", "fast") if args.preprocessing == "both" else (args.preprocessing,)
     cfg = BenchConfig(
         model=args.model, size=args.size, count=args.count, images_per_shard=args.images_per_shard,
         device=args.device, precision=args.precision, batch_size=args.batch_size, preprocessing=modes,
-        compile=args.compile,
-        decode_workers=args.decode_workers, decode_pool=args.decode_pool, s3_endpoint=args.s3_endpoint,
-        s3_bucket=args.s3_bucket, workdir=args.workdir, baseline_images=args.baseline_images,
-        model_seconds=args.model_seconds, deviation_images=args.deviation_images,
-        deviation_model=args.deviation_model, repeat=args.repeat, decode_scaling=args.decode_scaling,
-        shards_in_flight=args.shards_in_flight,
+        compile=args.compile, measure=tuple(x.strip() for x in args.measure.split(",") if x.strip()),
+        decode_workers=args.decode_workers, decode_pool=args.decode_pool, processes_per_gpu=args.processes_per_gpu,
+        s3_endpoint=args.s3_endpoint, s3_bucket=args.s3_bucket, workdir=args.workdir,
+        baseline_images=args.baseline_images, model_seconds=args.model_seconds,
+        deviation_images=args.deviation_images, deviation_model=args.deviation_model, repeat=args.repeat,
+        decode_scaling=args.decode_scaling, shards_in_flight=args.shards_in_flight,
     )
-    # The task body keeps leases and progress in Redis: the bench gets a private one on a free port,
-    # never the EMBEDJOB_REDIS_URL of a real deployment.
-    redis = None
-    if shutil.which("redis-server"):
-        redis = RedisServer(Path(tempfile.mkdtemp(prefix="embedjob-bench-redis-"))).start()
-        os.environ["EMBEDJOB_REDIS_URL"] = redis.url  # what the task body (run_shard_task) reads
-        # The private Redis has no password or TLS; the bench makes its own tasks (its workdir may be
-        # local), so a deployment's password, CA and storage allow-list (e.g. in a worker pod) do not apply.
-        for name in ("EMBEDJOB_REDIS_PASSWORD", "EMBEDJOB_REDIS_USERNAME", "EMBEDJOB_REDIS_CA_FILE",
-                     "EMBEDJOB_STORAGE_ALLOW_LIST"):
-            os.environ.pop(name, None)
-        os.environ["EMBEDJOB_ALLOW_LOCAL_PATHS"] = "true"
-        settings.reload()
     try:
-        report = run_bench(replace(cfg, redis_url=redis.url if redis else None),
-                           log=lambda msg: print(msg, file=sys.stderr, flush=True))
-    finally:
-        if redis is not None:
-            redis.stop()
-            shutil.rmtree(redis.dir, ignore_errors=True)
+        # e2e gets a private Redis of the bench's own (embedjob.bench.entry), never a deployment's.
+        report = bench(cfg, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(format_report(report))
     if args.json:
         write_json(report, args.json)
@@ -273,7 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
     b.add_argument("--batch-size", type=int, default=0, help="0 (default): tuned on the device, as in a job")
     b.add_argument("--compile", choices=["none", "default", "reduce-overhead", "max-autotune"], default="none",
-                   help="torch.compile mode (spec.inference.compile); the warm-up is reported on its own row")
+                   help="torch.compile mode (spec.inference.compile) of the model limit and e2e; the warm-up "
+                        "is reported on its own row")
     b.add_argument("--preprocessing", choices=["exact", "fast", "both"], default="exact")
     b.add_argument("--decode-workers", type=int, default=0,
                    help="decode workers (default: every usable CPU for the decode limit, the job default for e2e)")
@@ -292,6 +276,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rounds of every measurement, each reporting its best (a machine shared with other work)")
     b.add_argument("--shards-in-flight", type=int, default=2,
                    help="e2e: shards at once in one process, as embedjob worker runs them (default 2)")
+    b.add_argument("--processes-per-gpu", type=int, default=1, metavar="N",
+                   help="e2e: N worker processes side by side on the device, each with its own model and "
+                        "1/N of the decode CPUs (default 1: the bench's own process)")
+    b.add_argument("--measure", default="decode_limit,model_limit,baseline,e2e",
+                   help="comma list of the measurements to run (default all; e.g. model_limit to compare "
+                        "--compile modes)")
     b.add_argument("--decode-scaling", action="store_true",
                    help="also the exact decode limit on 1, 2, 4 ... all usable CPUs (first shard)")
     b.add_argument("--json", default=None, metavar="OUT", help="also write the report as JSON")

@@ -314,16 +314,15 @@ def _main() -> None:
 
 _pool: DecodePool | None = None
 _pool_lock = threading.Lock()
-# "process" in production; ``embedjob bench --decode-pool thread`` switches it to compare.
-default_pool_kind = "process"
 
 
 def shared_decode_pool(workers: int, kind: str | None = None) -> DecodePool:
     """The worker process's decode pool, created on first use and reused for every shard (a new
-    size or kind replaces it)."""
+    size or kind replaces it). ``kind``: "process" (production) or "thread"; None keeps the shared
+    pool's kind, or "process" for a new one."""
     global _pool
-    kind = kind or default_pool_kind
     with _pool_lock:
+        kind = kind or (_pool.kind if _pool is not None else "process")
         if _pool is not None and (_pool.workers, _pool.kind) != (max(1, workers), kind):
             _pool.shutdown()
             _pool = None

@@ -4,12 +4,14 @@ CONTRACT (other modules code against this; keep it stable):
 
     embed_shard(shard: str, output: str, model: Embedder, options: EmbedOptions, *,
                 stem: str | None = None, storage: Storage | None = None,
-                on_progress: Callable[[int], None] | None = None) -> ShardResult
+                on_progress: Callable[[int], None] | None = None,
+                pool_kind: str | None = None) -> ShardResult
 
 - ``shard``: s3:// URI or local path of the .tar; ``output``: output root URI or local folder.
 - ``stem``: output stem (default: the shard's basename without .tar).
 - ``model``: a loaded embedder (embedjob.worker.model.load.load_embedder), loaded once per process.
 - ``on_progress(n)``: called with the number of images embedded so far (cheap; may be called often).
+- ``pool_kind``: the decode pool's kind, "process" or "thread" (None: the shared pool's, "process").
 - Always embeds: whether a shard needs doing is decided by its callers (the plans of the operator
   and of ``embedjob run`` choose what to run; the Celery task re-checks a delivery under its lease).
   An existing manifest is deleted first, so a redone shard is not "done" until its new outputs are.
@@ -304,6 +306,7 @@ def embed_shard(
     stem: str | None = None,
     storage: Storage | None = None,
     on_progress: Callable[[int], None] | None = None,
+    pool_kind: str | None = None,
 ) -> ShardResult:
     """Embed every image of ``shard`` and write its outputs under ``output`` (see the module
     docstring for the contract)."""
@@ -319,7 +322,7 @@ def embed_shard(
     requested_batch = options.batch_size
     options = replace(options, batch_size=model.resolve_batch_size(options.batch_size))  # 0: tuned on the device
     model.warm_up(options.batch_size)  # compiled forward only; timed and recorded in the manifest
-    pool = shared_decode_pool(decode_workers(options))
+    pool = shared_decode_pool(decode_workers(options), pool_kind)  # None: the shared pool's kind
     created = datetime.now(UTC)
     timings = dict.fromkeys(STAGES, 0.0)
     with ShardWriter(outputs, storage, dim=model.dim, dtype=options.dtype) as writer:

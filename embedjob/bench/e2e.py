@@ -154,7 +154,9 @@ def _worker_process(index: int, work: Any, replies: Any, go: Any, job: str, outp
 
 def _in_processes(pairs: list[tuple[str, str]], processes: int, job: str, output: str, model: dict[str, Any],
                   options: EmbedOptions, storage_options: StorageOptions, in_flight: int,
-                  pool_kind: str | None) -> tuple[float, list[dict[str, Any]]]:
+                  pool_kind: str | None) -> tuple[float, float, list[dict[str, Any]]]:
+    """Runs the shards in ``processes`` spawned worker processes; returns the ``time.time()`` of the
+    start (every process imported and waiting), of the end, and each process's outcome."""
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no CUDA state, no threads inherited
@@ -186,7 +188,7 @@ def _in_processes(pairs: list[tuple[str, str]], processes: int, job: str, output
                     go.set()
             else:
                 outcomes[index] = payload
-        return start, [outcomes[i] for i in range(processes)]
+        return start, time.time(), [outcomes[i] for i in range(processes)]
     finally:
         for p in procs:
             p.join(10)
@@ -238,10 +240,13 @@ def measure_e2e(shards: list[str], stems: list[str], output: str, model: dict[st
                 results = _run_tasks(take, job, output, model, options, storage_options, in_flight)
             outcomes = None
         else:
-            start, outcomes = _in_processes(pairs, processes, job, output, model, options, storage_options,
-                                            in_flight, pool_kind)
+            spawned = time.time()
+            start, end, outcomes = _in_processes(pairs, processes, job, output, model, options, storage_options,
+                                                 in_flight, pool_kind)
             results = [r for o in outcomes for r in o["results"]]
         seconds = time.perf_counter() - t0
+        if outcomes is not None:  # from the start, as in one process (whose imports are done by then)
+            seconds, spawn_seconds = end - start, start - spawned
     images = sum(r["images"] for r in results)
     timings: dict[str, float] = {}
     for r in results:
@@ -263,7 +268,8 @@ def measure_e2e(shards: list[str], stems: list[str], output: str, model: dict[st
         extra.update(timeline(start, [o["writes"] for o in outcomes]),
                      model_busy_seconds=round(sum(o["model_busy_seconds"] for o in outcomes), 3),
                      gpu_memory_mib_per_process=[o["gpu_memory_mib"] for o in outcomes],
-                     main_cpu_seconds_per_process=[round(o["main_cpu_seconds"], 3) for o in outcomes])
+                     main_cpu_seconds_per_process=[round(o["main_cpu_seconds"], 3) for o in outcomes],
+                     process_spawn_seconds=round(spawn_seconds, 3))
     row = measurement(images, seconds, mon, failed=sum(r["failed"] for r in results), shards=len(shards),
                       shards_in_flight=in_flight, processes=processes, decode_workers=decode_workers(options),
                       stage_seconds={k: round(v, 3) for k, v in sorted(timings.items())},

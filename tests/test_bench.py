@@ -52,6 +52,11 @@ def test_bench_measures_all_four_and_the_ratios(tmp_path):
     for label in ("decode limit", "model limit", "baseline", "embedjob e2e", "e2e/limit", "e2e/baseline"):
         assert label in stdout
     assert report["environment"]["load_average_start"] and report["environment"]["cpus_available"] >= 1
+    for mode in ("exact", "fast"):  # what a user pays: start-up apart, and the task process's own CPU
+        e2e = m[f"e2e_{mode}"]
+        assert 0 < e2e["startup_seconds"] < e2e["seconds"] and e2e["processes"] == 1
+        assert 0 < e2e["main_cpu_ms_per_image"] <= e2e["cpu_ms_per_image"]
+    assert "start-up" in stdout and "main ms/img" in stdout
 
     # The e2e run wrote real outputs, and each manifest says how its pixels were made.
     work = tmp_path / "work"
@@ -73,6 +78,39 @@ def test_bench_measures_all_four_and_the_ratios(tmp_path):
     assert d["images"] == 5 and d["identical_crops"] == 4  # only the 1 MP image is drafted
     assert d["psnr_db_min"] >= 30 and 0 < d["mean_abs_diff_max"] < 5
     assert d["cosine_min"] > 0.99
+
+
+def test_bench_e2e_in_two_worker_processes(tmp_path):
+    """--processes-per-gpu 2: two worker processes share the shards (and the decode CPUs); each shard
+    is embedded and committed once; the CPU per image is that of the two task processes."""
+    report, stdout = _bench(tmp_path, "--measure", "e2e", "--size", "256", "--count", "3",
+                            "--images-per-shard", "4", "--processes-per-gpu", "2", "--decode-workers", "2")
+    assert set(report["measurements"]) == {"e2e_exact"} and "limits" not in report
+    e2e = report["measurements"]["e2e_exact"]
+    assert e2e["processes"] == 2 and e2e["decode_workers"] == 1 and e2e["images"] == 12
+    assert len(e2e["main_cpu_seconds_per_process"]) == 2
+    assert e2e["main_cpu_seconds"] == pytest.approx(sum(e2e["main_cpu_seconds_per_process"]), abs=2e-3)
+    manifests = [json.loads((tmp_path / "work" / "out-exact" / "_manifests" / f"{i:05d}.json").read_text())
+                 for i in range(3)]
+    assert [x["counts"]["embedded"] for x in manifests] == [4, 4, 4]
+    assert "2 processes x run_shard_task" in stdout
+
+
+def test_limit_rule_and_timeline():
+    from embedjob.bench.e2e import timeline
+    from embedjob.bench.measure import limit_of
+
+    model = {"images_per_s": 300.0}
+    exact = limit_of({"images_per_s": 200.0, "shares_model_device": False}, model, "cuda")
+    assert exact == {"images_per_s": 200.0, "rule": "min(decode, model)", "shares": None}
+    fast = limit_of({"images_per_s": 200.0, "shares_model_device": True}, model, "cuda")
+    assert fast["rule"] == "1/(1/decode + 1/model)" and fast["shares"] == "the device's SMs"
+    assert fast["images_per_s"] == pytest.approx(120.0)
+    assert limit_of({"images_per_s": 200.0}, model, "cpu")["shares"] == "the CPU cores"
+    # Two processes: start-up to the first batch anywhere, steady from when both write to the last write.
+    t = timeline(100.0, [[(102.0, 10), (103.0, 10), (105.0, 10)], [(104.0, 10), (105.0, 10)]])
+    assert t["startup_seconds"] == 2.0 and t["all_started_seconds"] == 4.0
+    assert t["steady_images"] == 20 and t["steady_images_per_s"] == 20.0
 
 
 def test_bench_on_s3(tmp_path, s3_env):

@@ -272,6 +272,7 @@ def measure_e2e(shards: list[str], stems: list[str], output: str, model: dict[st
                      process_spawn_seconds=round(spawn_seconds, 3))
     row = measurement(images, seconds, mon, failed=sum(r["failed"] for r in results), shards=len(shards),
                       shards_in_flight=in_flight, processes=processes, decode_workers=decode_workers(options),
+                      decode_pool=pool_kind or "process",
                       stage_seconds={k: round(v, 3) for k, v in sorted(timings.items())},
                       preprocessing_paths=_sum_paths(manifests), batch_size=manifests[0]["options"]["batch_size"],
                       compile_warmup_seconds=round(warmup, 3), **extra)

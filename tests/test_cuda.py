@@ -97,6 +97,25 @@ def test_nvjpeg_crops_stay_within_30_db_of_exact():
 
 
 @pytest.mark.skipif(not _torchvision(), reason="the fast path on CUDA needs torchvision")
+def test_device_decode_stream_overlaps_and_keeps_every_batch_in_order(gpu):
+    """nvJPEG on the engine's decode stream, the forward on its own: over more batches than host
+    buffers, each batch equals its images decoded and cropped beforehand, then embedded."""
+    from embedjob.worker.datapath.decode_pool import EncodedJpeg
+    from embedjob.worker.datapath.gpu_decode import device_crops, nvjpeg_decoder
+
+    jpegs = synthetic_jpegs("mix", 40, seed=6)
+    crops = torch.stack(device_crops(jpegs, torch.device("cuda"), nvjpeg_decoder())).cpu().numpy()
+    batches = [list(range(i, min(i + 8, 40))) for i in range(0, 40, 8)] * 3
+    with InferenceEngine(gpu, batch_size=8, jpeg_decoder=nvjpeg_decoder(), max_pixels=10**8) as engine:
+        futures = [engine.submit([EncodedJpeg(jpegs[i], 0, 0, 0.0) if i % 3 else crops[i] for i in b])
+                   for b in batches]
+        results = [f.result(timeout=120) for f in futures]
+    for b, r in zip(batches, results, strict=True):
+        assert r.rejected == {}
+        np.testing.assert_allclose(r.rows, gpu.embed_uint8(crops[b]), atol=1e-4)
+
+
+@pytest.mark.skipif(not _torchvision(), reason="the fast path on CUDA needs torchvision")
 def test_a_shard_through_the_fast_path_on_the_device(gpu, tmp_path):
     spec = shards.varied_shard()
     tar = spec.write(tmp_path / "varied.tar")

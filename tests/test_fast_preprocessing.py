@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import threading
 
 import numpy as np
 import pytest
@@ -188,3 +189,25 @@ def test_fast_path_on_cuda_without_torchvision_names_the_field(tmp_path):
     with pytest.raises(DeviceDecodeUnavailable, match="spec.inference.preprocessing"):
         pipeline.embed_shard(str(tar), str(tmp_path / "out"), gpu, EmbedOptions(preprocessing="fast"))
     assert not (tmp_path / "out").exists()
+
+
+def test_device_decode_stage_keeps_batch_order_over_many_batches_and_leaves_no_thread(embedder):
+    """The device-decode thread prepares batch N+1 while the forward thread runs batch N: with more
+    batches than host buffers (back-pressure), every batch still comes back in order, each equal to
+    embedding the same images decoded and cropped beforehand, and both threads are gone after close."""
+    jpegs = synthetic_jpegs("mix", 12, seed=5)
+    crops = [c.numpy() for c in device_crops(jpegs, torch.device("cpu"), pil_decoder)]
+    batches = [[0, 1, 2], [3], [4, 5, 6, 7], [8, 9], [10, 11], [2, 4, 6]]
+    before = threading.active_count()
+    engine = InferenceEngine(embedder, batch_size=4, jpeg_decoder=pil_decoder, max_pixels=MAX_PIXELS)
+    assert any(t.name == "embedjob-device-decode" for t in threading.enumerate())
+    # Mixed: even images as encoded JPEGs for the device, odd ones as host crops.
+    futures = [engine.submit([EncodedJpeg(jpegs[i], 0, 0, 0.0) if i % 2 == 0 else crops[i] for i in b])
+               for b in batches]
+    for b, f in zip(batches, futures, strict=True):
+        result = f.result(timeout=60)
+        assert result.rejected == {} and result.paths == {k: DEVICE_JPEG_PATH for k, i in enumerate(b) if i % 2 == 0}
+        np.testing.assert_allclose(result.rows, embedder.embed_uint8(np.stack([crops[i] for i in b])),
+                                   rtol=1e-5, atol=1e-6)
+    engine.close()
+    assert threading.active_count() == before

@@ -13,10 +13,13 @@ the decode workers supplied. Order is kept: futures resolve in submission order.
     rows = future.result().rows                       # float32 [n, dim], L2-normalised
     engine.close()
 
-With the fast path on CUDA, items may also be encoded JPEGs (prepare.EncodedJpeg): the forward
-thread decodes them on the device (device_decode), resizes and crops them there, and puts them in
-their places in the batch; one nvJPEG refuses takes the CPU path, and one that fails there too is
-left out of the rows and reported in ``BatchResult.rejected``.
+With the fast path on CUDA, items may also be encoded JPEGs (EncodedJpeg): a device-decode thread
+of its own, on a CUDA stream of its own, uploads the batch, decodes its JPEGs with nvJPEG in one
+call, resizes and crops them in batches (one call per image size) and scatters them into their
+places in the batch; the forward thread only waits for that stream's event. So batch N+1 is decoded
+while batch N runs through the model, and neither thread has a per-image loop. An image nvJPEG
+refuses takes the CPU path, and one that fails there too is left out of the rows and reported in
+``BatchResult.rejected``.
 
 Device-agnostic: the same code runs on the CPU (plain buffers, synchronous forward) and on CUDA.
 """
@@ -35,7 +38,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from embedjob.worker.datapath.decode_pool import Crop, EncodedJpeg, prepare_image
-from embedjob.worker.datapath.gpu_decode import JpegDecoder, device_crops
+from embedjob.worker.datapath.gpu_decode import JpegDecoder, decode_into
 from embedjob.worker.model.load import Embedder, Launched, OutOfMemoryError, torch
 
 # Host buffers: one being filled by the caller, one launched, one finishing.
@@ -95,6 +98,18 @@ class InferenceEngine:
         self._inbox: queue.Queue = queue.Queue()
         self._error: BaseException | None = None
         self.busy_seconds = 0.0  # the model's time on this engine's batches (device time on CUDA)
+        # With a device JPEG decoder, batches go through the device-decode thread first (its own CUDA
+        # stream), which hands them to the forward thread ready, with an event to wait for.
+        self._ready: queue.Queue = self._inbox
+        self._decode_thread: threading.Thread | None = None
+        self._decode_stream = None
+        if jpeg_decoder is not None:
+            self._ready = queue.Queue()
+            if embedder.device.type == "cuda":
+                self._decode_stream = torch.cuda.Stream(embedder.device)
+            self._decode_thread = threading.Thread(target=self._decode_loop, name="embedjob-device-decode",
+                                                   daemon=True)
+            self._decode_thread.start()
         self._thread = threading.Thread(target=self._run, name="embedjob-forward", daemon=True)
         self._thread.start()
 
@@ -133,7 +148,9 @@ class InferenceEngine:
             if item is not _STOP:
                 item[3].cancel()
                 self._free.put(item[0])
-        self._inbox.put(_STOP)
+        self._inbox.put(_STOP)  # the device-decode thread, if any, passes it on to the forward thread
+        if self._decode_thread is not None:
+            self._decode_thread.join()
         self._thread.join()
         if self._crops:
             _give_back_buffers(self.embedder, self.batch_size, self._slots, (self._crops, self._rows))
@@ -145,7 +162,31 @@ class InferenceEngine:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # -- the forward thread ------------------------------------------------------------------------
+    # -- the device-decode thread (fast path on CUDA) -------------------------------------------------
+    def _decode_loop(self) -> None:
+        stream = self._decode_stream
+        while True:
+            item = self._inbox.get()
+            if item is _STOP:
+                self._ready.put(_STOP)
+                return
+            slot, n, jpegs, future = item
+            if not future.set_running_or_notify_cancel():
+                self._free.put(slot)
+                continue
+            event = None
+            try:
+                if stream is not None:
+                    with torch.cuda.stream(stream):
+                        prepared: tuple | BaseException = self._batch(slot, n, jpegs)
+                        event = torch.cuda.Event()
+                        event.record(stream)
+                else:
+                    prepared = self._batch(slot, n, jpegs)
+            except BaseException as e:  # noqa: BLE001 - delivered through the Future
+                prepared = e
+            self._ready.put((slot, future, prepared, event))
+
     def _batch(self, slot: int, n: int, jpegs: dict[int, EncodedJpeg]) -> tuple[torch.Tensor, dict, dict]:
         """The batch to embed: the host crops as they are, or, with encoded JPEGs, the crops on the
         device with the device-decoded images in their places and the rejected ones left out."""
@@ -155,19 +196,18 @@ class InferenceEngine:
         device = self.embedder.device
         batch = crops.to(device, non_blocking=True)
         order = sorted(jpegs)
+        refused = decode_into([jpegs[i].data for i in order], batch, order, self.jpeg_decoder)
         rejected: dict[int, str] = {}
-        paths: dict[int, str] = {}
-        for i, crop in zip(order, device_crops([jpegs[i].data for i in order], device, self.jpeg_decoder),
-                           strict=True):
-            if isinstance(crop, BaseException):  # nvJPEG refused it: the CPU path, for this image only
-                fallback = prepare_image(jpegs[i].data, self.max_pixels, "fast")
-                if not isinstance(fallback, Crop):
-                    rejected[i] = fallback.reason
-                    continue
-                crop, paths[i] = torch.from_numpy(fallback.pixels).to(device), fallback.path
-            else:
-                paths[i] = DEVICE_JPEG_PATH
-            batch[i] = crop
+        paths = dict.fromkeys(order, DEVICE_JPEG_PATH)
+        for k in refused:  # nvJPEG refused these: the CPU path, for those images only
+            i = order[k]
+            fallback = prepare_image(jpegs[i].data, self.max_pixels, "fast")
+            if not isinstance(fallback, Crop):
+                rejected[i] = fallback.reason
+                del paths[i]
+                continue
+            batch[i] = torch.from_numpy(fallback.pixels).to(device)
+            paths[i] = fallback.path
         if rejected:
             batch = batch[[i for i in range(n) if i not in rejected]]
         return batch, rejected, paths
@@ -207,23 +247,38 @@ class InferenceEngine:
         while True:
             if in_flight:
                 try:
-                    item = self._inbox.get_nowait()
+                    item = self._ready.get_nowait()
                 except queue.Empty:  # nothing new to launch: finish the oldest batch meanwhile
                     self._finish(*in_flight.popleft())
                     continue
             else:
-                item = self._inbox.get()
+                item = self._ready.get()
             if item is _STOP:
                 break
-            slot, n, jpegs, future = item
-            if not future.set_running_or_notify_cancel():
-                self._free.put(slot)
-                continue
-            try:
-                batch, rejected, paths = self._batch(slot, n, jpegs)
-                launched: tuple | BaseException = (self._launch(slot, batch), rejected, paths)
-            except BaseException as e:  # noqa: BLE001 - delivered through the Future
-                launched = e
+            if self._decode_thread is not None:  # prepared by the device-decode thread
+                slot, future, prepared, event = item
+            else:
+                slot, n, jpegs, future = item
+                if not future.set_running_or_notify_cancel():
+                    self._free.put(slot)
+                    continue
+                event = None
+                try:
+                    prepared = self._batch(slot, n, jpegs)
+                except BaseException as e:  # noqa: BLE001 - delivered through the Future
+                    prepared = e
+            if isinstance(prepared, BaseException):
+                launched: tuple | BaseException = prepared
+            else:
+                batch, rejected, paths = prepared
+                try:
+                    if event is not None:  # made on the decode stream: the forward's stream waits for it
+                        current = torch.cuda.current_stream(self.embedder.device)
+                        current.wait_event(event)
+                        batch.record_stream(current)
+                    launched = (self._launch(slot, batch), rejected, paths)
+                except BaseException as e:  # noqa: BLE001 - delivered through the Future
+                    launched = e
             in_flight.append((slot, future, launched))
             while len(in_flight) > 1:  # the device has the newest batch queued: wait for the older
                 self._finish(*in_flight.popleft())

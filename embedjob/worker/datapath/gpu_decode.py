@@ -61,16 +61,19 @@ def nvjpeg_decoder() -> JpegDecoder:
     return decode
 
 
-def resize_crop(images: list[Any]) -> list[Any]:
-    """The reference geometry on the device: each uint8 ``[3, H, W]`` image resized (antialiased
-    bicubic, in float32, rounded) so its short side is 224, then center-cropped; returns uint8
-    ``[224, 224, 3]`` tensors. Images of the same size are resized in one call."""
-    out: list[Any] = [None] * len(images)
+def resize_crop_into(images: list[Any], out: Any, index: Any = None) -> None:
+    """The reference geometry on the device, in batches: each uint8 ``[3, H, W]`` image resized
+    (antialiased bicubic, in float32, rounded) so its short side is 224, center-cropped, and written
+    to ``out[index[k]]`` (uint8 ``[N, 224, 224, 3]``; ``index``: a list of rows of ``out``, default
+    0..len-1). Images of the same size are resized in one call and scattered in one copy; the only
+    per-image work is reading their sizes."""
+    rows = list(range(len(images))) if index is None else list(index)
     groups: dict[tuple[int, int], list[int]] = {}
-    for i, img in enumerate(images):
-        groups.setdefault((int(img.shape[2]), int(img.shape[1])), []).append(i)
-    for (width, height), idx in groups.items():
-        x = torch.stack([images[i] for i in idx]).to(torch.float32)
+    for k, img in enumerate(images):
+        groups.setdefault((int(img.shape[2]), int(img.shape[1])), []).append(k)
+    for (width, height), members in groups.items():
+        x = (images[members[0]].unsqueeze(0) if len(members) == 1
+             else torch.stack([images[k] for k in members])).to(torch.float32)
         new_w, new_h = resized_size(width, height)
         if (new_w, new_h) != (width, height):
             x = torch.nn.functional.interpolate(x, size=(new_h, new_w), mode="bicubic", antialias=True,
@@ -78,19 +81,34 @@ def resize_crop(images: list[Any]) -> list[Any]:
             x = x.round_().clamp_(0, 255)
         left, top, right, bottom = center_crop_box(new_w, new_h)
         crops = x[:, :, top:bottom, left:right].to(torch.uint8).permute(0, 2, 3, 1)
-        for k, i in enumerate(idx):
-            out[i] = crops[k]
-    return out
+        target = torch.tensor([rows[k] for k in members], dtype=torch.long, device=out.device)
+        out.index_copy_(0, target, crops)
+
+
+def resize_crop(images: list[Any]) -> list[Any]:
+    """:func:`resize_crop_into` for a list: uint8 ``[224, 224, 3]`` tensors, one per image."""
+    if not images:
+        return []
+    out = torch.empty((len(images), IMAGE_SIZE, IMAGE_SIZE, 3), dtype=torch.uint8, device=images[0].device)
+    resize_crop_into(images, out)
+    return list(out.unbind(0))
+
+
+def decode_into(datas: list[bytes], out: Any, rows: list[int], decoder: JpegDecoder) -> dict[int, BaseException]:
+    """Decode ``datas`` on ``out``'s device in one batched call, resize and crop them in batches, and
+    write image k to ``out[rows[k]]``. Returns ``{k: exception}`` for the images the decoder refused
+    (their rows are left as they were)."""
+    decoded = decoder(datas, out.device)
+    failed = {k: d for k, d in enumerate(decoded) if isinstance(d, BaseException)}
+    good = [k for k in range(len(decoded)) if k not in failed]
+    if good:
+        resize_crop_into([decoded[k] for k in good], out, [rows[k] for k in good])
+    return failed
 
 
 def device_crops(datas: list[bytes], device: Any, decoder: JpegDecoder) -> list[Any]:
     """Decode + resize + crop on ``device``: per image a uint8 ``[224, 224, 3]`` device tensor, or
     the exception that made it fall back to the CPU path."""
-    decoded = decoder(datas, device)
-    good = [i for i, d in enumerate(decoded) if not isinstance(d, BaseException)]
-    out: list[Any] = list(decoded)
-    for i, crop in zip(good, resize_crop([decoded[i] for i in good]), strict=True):
-        if tuple(crop.shape) != (IMAGE_SIZE, IMAGE_SIZE, 3):
-            crop = ValueError(f"unexpected device crop shape {tuple(crop.shape)}")
-        out[i] = crop
-    return out
+    out = torch.empty((len(datas), IMAGE_SIZE, IMAGE_SIZE, 3), dtype=torch.uint8, device=device)
+    failed = decode_into(datas, out, list(range(len(datas))), decoder)
+    return [failed[k] if k in failed else out[k] for k in range(len(datas))]

@@ -23,7 +23,7 @@ class EmbedOptions:
     """Per-shard processing options (everything except where the shard and outputs live)."""
 
     dtype: str = "float16"
-    batch_size: int = 0  # 0: tuned on the device (embedjob.worker.model.load.Embedder.resolve_batch_size)
+    batch_size: int = 0  # 0: tuned on the device (embedjob.worker.model.embedder.Embedder.resolve_batch_size)
     precision: str = "auto"
     device: str = "auto"
     num_threads: int = 0  # decode workers; 0: every CPU the worker process may use

@@ -76,7 +76,7 @@ run_step "environment" 60 "$OUT/env.txt" bash -c '
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>/dev/null || echo "no nvidia-smi"
   "$PY" -P - <<EOF
 import torch
-from embedjob.worker.model.load import available_cpus
+from embedjob.worker.host import available_cpus
 print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
 try:
     import torchvision

@@ -93,7 +93,7 @@ def test_bench_e2e_in_two_worker_processes(tmp_path):
     manifests = [json.loads((tmp_path / "work" / "out-exact" / "_manifests" / f"{i:05d}.json").read_text())
                  for i in range(3)]
     assert [x["counts"]["embedded"] for x in manifests] == [4, 4, 4]
-    assert "2 processes x run_shard_task" in stdout
+    assert "2 processes x ShardRunner.run" in stdout
 
 
 def test_limit_rule_and_timeline():

@@ -348,7 +348,7 @@ def test_an_outcome_retried_after_a_lost_reply_counts_one_commit(redis_url, monk
     the same write when Redis is back. The commit is recorded once, not twice."""
     import redis as redis_lib
 
-    from embedjob.worker.runtime import task as tasks
+    from embedjob.worker.runtime import shard_run
 
     store = ProgressStore(redis_client(redis_url), f"job-{uuid.uuid4().hex[:6]}")
     real_execute, lost = redis_lib.client.Pipeline.execute, []
@@ -361,9 +361,9 @@ def test_an_outcome_retried_after_a_lost_reply_counts_one_commit(redis_url, monk
         return result
 
     monkeypatch.setattr(redis_lib.client.Pipeline, "execute", execute_then_lose_the_reply)
-    tasks._record(store, "0003", "succeeded", commit="exec-1", images=5)
+    shard_run.record_outcome(store, "0003", "succeeded", commit="exec-1", images=5)
     assert lost and store.commits() == {"0003": 1} and store.state("0003") == "succeeded"
-    tasks._record(store, "0003", "succeeded", commit="exec-2", images=5)  # another execution: counted
+    shard_run.record_outcome(store, "0003", "succeeded", commit="exec-2", images=5)  # another execution: counted
     assert store.commits() == {"0003": 2}
 
 

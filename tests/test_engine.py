@@ -15,7 +15,9 @@ from PIL import Image
 
 from embedjob.worker.datapath.engine import InferenceEngine
 from embedjob.worker.datapath.preprocess import normalize, reference_crop
-from embedjob.worker.model.load import Embedder, OutOfMemoryError, clear_cache, load_embedder, normalize_on_device
+from embedjob.worker.model.embedder import Embedder, normalize_on_device
+from embedjob.worker.model.load import clear_cache, load_embedder
+from embedjob.worker.model.torch_env import OutOfMemoryError
 from tests import shards
 from tests.test_preprocess import REFERENCE_CASES, clip_reference
 

@@ -23,7 +23,8 @@ from embedjob.worker.datapath import shard as pipeline
 from embedjob.worker.datapath.decode_pool import Crop, EncodedJpeg, Rejected, draft_request, prepare_image
 from embedjob.worker.datapath.engine import DEVICE_JPEG_PATH, InferenceEngine
 from embedjob.worker.datapath.gpu_decode import DeviceDecodeUnavailable, device_crops, nvjpeg_decoder
-from embedjob.worker.model.load import Embedder, clear_cache, load_embedder
+from embedjob.worker.model.embedder import Embedder
+from embedjob.worker.model.load import clear_cache, load_embedder
 from tests import shards
 
 MAX_PIXELS = 10**8

@@ -15,7 +15,10 @@ from PIL import Image
 
 from embedjob.contract import EmbedOptions
 from embedjob.worker.datapath.shard import embed_shard
-from embedjob.worker.model.load import Embedder, ModelLoadError, OutOfMemoryError, clear_cache, load_embedder
+from embedjob.worker.model import ModelLoadError
+from embedjob.worker.model.embedder import Embedder
+from embedjob.worker.model.load import clear_cache, load_embedder
+from embedjob.worker.model.torch_env import OutOfMemoryError
 from tests import shards
 from tests.test_preprocess import clip_reference
 
@@ -198,7 +201,7 @@ def test_sdpa_attention_is_used_recorded_and_matches_eager_attention(tiny_clip_d
         str(tiny_clip_dir), config=embedder.module.config.__class__.from_dict(
             {**embedder.module.config.to_dict(), "_attn_implementation": "eager"}),
         attn_implementation="eager").eval()
-    from embedjob.worker.model.load import normalize_on_device
+    from embedjob.worker.model.embedder import normalize_on_device
 
     with torch.inference_mode():
         ref = eager(pixel_values=normalize_on_device(crops)).image_embeds.numpy()

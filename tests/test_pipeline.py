@@ -325,7 +325,7 @@ def test_model_failure_mid_shard_stops_every_stage(embedder, tmp_path):
     blocked on a full queue."""
     import threading
 
-    from embedjob.worker.model.load import Embedder
+    from embedjob.worker.model.embedder import Embedder
 
     calls = []
 

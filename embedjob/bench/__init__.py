@@ -12,7 +12,7 @@ endpoint through embedjob's storage code), then measures, one after the other on
    thread-local state);
 3. **baseline**: the usual stage: sequential decode, Hugging Face's CLIP image processor on the
    CPU, ``CLIPModel.get_image_features`` in fp32, batches of 32;
-4. **embedjob e2e**: the real worker path, the Celery task body ``run_shard_task`` (lease, heartbeat,
+4. **embedjob e2e**: the real worker path, the Celery task body ``ShardRunner.run`` (lease, heartbeat,
    model load, pipeline, outputs written) over every shard, in one worker process or
    ``--processes-per-gpu`` of them; start-up (to the first batch written) apart from the steady
    rate, and the CPU the task's process itself spends per image.

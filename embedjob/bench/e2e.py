@@ -1,5 +1,5 @@
 """The benchmark's end-to-end measurement: the real worker path, the Celery task's body
-``run_shard_task`` (lease, heartbeat, model load, pipeline, outputs written), over every shard, from a
+``ShardRunner.run`` (lease, heartbeat, model load, pipeline, outputs written), over every shard, from a
 cold start (no model loaded, no decode pool).
 
 One worker process runs ``in_flight`` shards at a time on threads, as ``embedjob worker`` does. With
@@ -77,8 +77,11 @@ def timeline(start: float, writes_per_process: list[list[tuple[float, int]]]) ->
 
 def _run_tasks(take: Callable[[], tuple[str, str] | None], job: str, output: str, model: dict[str, Any],
                options: EmbedOptions, storage_options: StorageOptions, in_flight: int) -> list[dict[str, Any]]:
-    """``in_flight`` threads run ``run_shard_task`` on the shards ``take`` hands out until none is left."""
-    from embedjob.worker.runtime import task as tasks
+    """``in_flight`` threads run the task body (``ShardRunner.run``, one runner and Redis client for all, as
+    in a worker) on the shards ``take`` hands out until none is left."""
+    from embedjob.worker.runtime.shard_run import ShardRunner
+
+    runner = ShardRunner()
 
     results: list[dict[str, Any]] = []
     errors: list[BaseException] = []
@@ -89,7 +92,7 @@ def _run_tasks(take: Callable[[], tuple[str, str] | None], job: str, output: str
             task = ShardTask(job=job, shard=shard, stem=stem, output=output, model=model,
                              options=asdict(options), storage=storage_options.to_dict())
             try:
-                result = tasks.run_shard_task(task)
+                result = runner.run(task)
                 if result.get("status") != "done":
                     raise RuntimeError(f"shard {stem}: {result}")
             except BaseException as e:  # noqa: BLE001 - re-raised below
@@ -108,7 +111,8 @@ def _run_tasks(take: Callable[[], tuple[str, str] | None], job: str, output: str
 
 
 def _gpu_memory(options: EmbedOptions, reset: bool = False) -> float | None:
-    from embedjob.worker.model.load import resolve_device, torch
+    from embedjob.worker.host import resolve_device
+    from embedjob.worker.model.torch_env import torch
 
     device = resolve_device(options.device)
     if device.type != "cuda":
@@ -128,7 +132,7 @@ def _worker_process(index: int, work: Any, replies: Any, go: Any, job: str, outp
         from embedjob.worker.datapath.decode_pool import shared_decode_pool
         from embedjob.worker.datapath.shard import decode_workers
         from embedjob.worker.model.load import load_embedder
-        from embedjob.worker.runtime import task as _tasks  # noqa: F401 - imported before the start
+        from embedjob.worker.runtime import shard_run as _shard_run  # noqa: F401 - imported before the start
 
         replies.put(("ready", index, None))
         go.wait()

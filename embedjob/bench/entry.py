@@ -116,7 +116,9 @@ def _check(cfg: BenchConfig) -> None:
 
 def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Every measurement in ``cfg.measure``; returns the report (see embedjob.bench.report)."""
-    from embedjob.worker.model.load import available_cpus, load_embedder, resolve_device, resolve_dtype, torch
+    from embedjob.worker.host import available_cpus, resolve_device
+    from embedjob.worker.model.load import load_embedder, resolve_dtype
+    from embedjob.worker.model.torch_env import torch
 
     _check(cfg)
     device = resolve_device(cfg.device)

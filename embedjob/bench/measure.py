@@ -68,7 +68,7 @@ def measure_decode(shards: list[str], storage: Storage, options: EmbedOptions, d
         nonlocal images
         if pending:
             from embedjob.worker.datapath.gpu_decode import device_crops, nvjpeg_decoder
-            from embedjob.worker.model.load import torch
+            from embedjob.worker.model.torch_env import torch
 
             crops = device_crops(pending, device, nvjpeg_decoder())
             torch.cuda.synchronize(device)
@@ -135,7 +135,7 @@ def measure_model(embedder: Any, requested_batch: int, min_seconds: float) -> di
 
 
 def _model_loop(embedder: Any, requested_batch: int, min_seconds: float) -> dict[str, Any]:
-    from embedjob.worker.model.load import torch
+    from embedjob.worker.model.torch_env import torch
 
     batch_size = embedder.resolve_batch_size(requested_batch)
     warmup = embedder.warm_up(batch_size)  # compile (and capture) on this thread
@@ -192,7 +192,7 @@ def measure_baseline(shards: list[str], storage: Storage, model_dir: str, device
     except ImportError:  # pragma: no cover - older transformers
         from transformers import CLIPImageProcessor as Processor
 
-    from embedjob.worker.model.load import resolve_device
+    from embedjob.worker.host import resolve_device
 
     dev = resolve_device(device)
     hf_logging.set_verbosity_error()

@@ -58,7 +58,7 @@ def format_report(report: dict[str, Any]) -> str:
         if e2e is not None:
             procs = e2e.get("processes", 1)
             who = f"{procs} processes x " if procs > 1 else ""
-            row(f"4. embedjob e2e ({mode}, {who}run_shard_task x{e2e.get('shards_in_flight', 1)})", e2e)
+            row(f"4. embedjob e2e ({mode}, {who}ShardRunner.run x{e2e.get('shards_in_flight', 1)})", e2e)
     for mode in modes:
         e2e = m.get(f"e2e_{mode}") or {}
         if "startup_seconds" in e2e:

@@ -17,11 +17,11 @@ import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from embedjob import policy
-from embedjob.contract import EmbedOptions
+from embedjob.contract import ShardTask
 from embedjob.planning import Shard, plan_shards
 from embedjob.results import done_stems, write_job_manifest
 from embedjob.settings import set_library_env
@@ -58,30 +58,30 @@ def _init_worker(progress_queue: Any, torch_threads: int | None) -> None:
         # The model loader sizes torch's thread pool from OMP_NUM_THREADS when set (else from every
         # CPU); setting it here makes several workers share the CPUs instead of each taking all.
         set_library_env("OMP_NUM_THREADS", str(torch_threads))
-        from embedjob.worker.model.load import torch  # imported there, after torch's OpenMP policy is set
+        from embedjob.worker.model.torch_env import torch  # after torch's OpenMP policy is set
 
         torch.set_num_threads(torch_threads)
 
 
-def _run_one(shard_uri: str, stem: str, output: str, model: dict, options: dict, storage: dict) -> dict:
-    """One shard in a worker process. A failure comes back classified (policy.describe_failure), as
-    plain data: an exception's cause chain does not survive the trip between processes."""
-    from embedjob.worker.datapath.shard import embed_shard
-    from embedjob.worker.model.load import load_embedder
+def _run_one(task: dict) -> dict:
+    """One shard in a worker process: the Celery task's own shard run, without the Redis parts
+    (embedjob.worker.runtime.shard_run.embed_task). A failure comes back classified
+    (policy.describe_failure), as plain data: an exception's cause chain does not survive the trip
+    between processes."""
+    from embedjob.worker.runtime.shard_run import embed_task, task_inputs
 
+    shard_task = ShardTask.from_dict(task)
     try:
-        opts = EmbedOptions(**options)
-        embedder = load_embedder(model, device=opts.device, precision=opts.precision, compile=opts.compile)
+        options, storage = task_inputs(shard_task)
         last = [0.0]
 
         def on_progress(n: int) -> None:
             now = time.monotonic()
             if _progress_queue is not None and now - last[0] > 0.2:
                 last[0] = now
-                _progress_queue.put((stem, n))
+                _progress_queue.put((shard_task.stem, n))
 
-        result = embed_shard(shard_uri, output, embedder, opts, stem=stem,
-                             storage=Storage(StorageOptions.from_dict(storage)), on_progress=on_progress)
+        result = embed_task(shard_task, options, storage, on_progress=on_progress)
     except Exception as e:  # noqa: BLE001 - a shard-level failure, retried per policy
         return {"status": "failed", **policy.describe_failure(e)}
     return result.to_dict()
@@ -153,16 +153,19 @@ def _execute(job: Job, todo: list[Shard], workers: int, show_progress: bool, sum
     from tqdm import tqdm
 
     spec = job.spec
-    model = asdict(spec.model)
-    options = asdict(EmbedOptions.from_spec(spec))
-    storage = {"endpoint": spec.storage.endpoint, "region": spec.storage.region}
     ctx = mp.get_context("spawn")
     progress_q = ctx.Queue()
-    from embedjob.worker.model.load import available_cpus
+    from embedjob.worker.host import available_cpus
 
     threads = max(1, available_cpus() // workers) if workers > 1 else None
-    if threads and not options["num_threads"]:
-        options["num_threads"] = threads  # each worker decodes on its share of the CPUs, not on all of them
+
+    def shard_task(shard: Shard, attempt: int) -> dict[str, Any]:
+        """The shard's task message, as the operator would send it (ShardTask.build)."""
+        task = ShardTask.build(job.name, spec, shard.uri, shard.stem, attempt=attempt)
+        if threads and not task.options["num_threads"]:
+            # each worker decodes on its share of the CPUs, not on all of them
+            task = replace(task, options={**task.options, "num_threads": threads})
+        return task.to_dict()
 
     def new_pool() -> ProcessPoolExecutor:
         return ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
@@ -212,7 +215,7 @@ def _execute(job: Job, todo: list[Shard], workers: int, show_progress: bool, sum
             while pending and len(running) < workers:
                 shard = pending.pop()
                 attempts[shard.stem] = attempts.get(shard.stem, 0) + 1
-                fut = pool.submit(_run_one, shard.uri, shard.stem, spec.output.uri, model, options, storage)
+                fut = pool.submit(_run_one, shard_task(shard, attempts[shard.stem]))
                 running[fut] = shard
             if not running:
                 time.sleep(min(0.5, max(0.0, retry_heap[0][0] - now)) if retry_heap else 0.05)

@@ -39,6 +39,7 @@ from embedjob.dev.services import (
     wait_for_port,
     wait_for_s3,
 )
+from embedjob.procs import process_alive
 
 QUEUE = "embedjob"
 BUCKETS = ("datasets", "embeddings")
@@ -314,21 +315,6 @@ def process_start_time(pid: int) -> int | None:
             return int(f.read().rsplit(")", 1)[1].split()[19])
     except (OSError, IndexError, ValueError):
         return None
-
-
-def process_alive(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie counts as stopped)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return True
 
 
 def is_running(rec: dict[str, Any]) -> bool:

@@ -12,7 +12,8 @@ import time
 import pytest
 
 from embedjob.dev.services import embedjob_command
-from embedjob.dev.stack import DevStack, is_running, process_alive
+from embedjob.dev.stack import DevStack, is_running
+from embedjob.procs import process_alive
 
 pytestmark = pytest.mark.e2e
 

@@ -80,9 +80,3 @@ def load_image(img: Image.Image) -> Image.Image:
         raise DecodeError(f"cannot decode {img.format or 'image'}: {type(e).__name__}: {e}") from e
     return img
 
-
-def decode_image(data: bytes, max_pixels: int) -> Image.Image:
-    """Decode ``data`` into a loaded PIL image (first frame for animations), exactly as
-    ``Image.open`` gives it — no EXIF rotation, no mode change: preprocessing decides those.
-    Raises :class:`DecodeError`."""
-    return load_image(open_image(data, max_pixels))

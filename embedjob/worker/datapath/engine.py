@@ -39,7 +39,8 @@ import numpy as np
 
 from embedjob.worker.datapath.decode_pool import Crop, EncodedJpeg, prepare_image
 from embedjob.worker.datapath.gpu_decode import JpegDecoder, decode_into
-from embedjob.worker.model.load import Embedder, Launched, OutOfMemoryError, torch
+from embedjob.worker.model.embedder import Embedder, Launched
+from embedjob.worker.model.torch_env import OutOfMemoryError, torch
 
 # Host buffers: one being filled by the caller, one launched, one finishing.
 SLOTS = 3

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from embedjob.worker.datapath.preprocess import IMAGE_SIZE, center_crop_box, resized_size
-from embedjob.worker.model.load import torch
+from embedjob.worker.model.torch_env import torch
 
 # Decoded images in, one result per image out: a uint8 [3, H, W] tensor on the device, or the
 # exception that image raised.

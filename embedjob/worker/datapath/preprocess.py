@@ -24,7 +24,7 @@ all goes through the nearest mode that works (RGBA, LA, RGB, L); if none does, a
 :class:`PreprocessError` records why.
 
 The split into :func:`reference_crop` (uint8, done in the decode processes) and the normalisation
-(float32, done per batch, on the model's device: ``embedjob.worker.model.load.normalize_on_device``; or
+(float32, done per batch, on the model's device: ``embedjob.worker.model.embedder.normalize_on_device``; or
 :func:`normalize` here) keeps queued samples at 150 KB instead of 600 KB and sends 4x fewer bytes to
 the device; the arithmetic is the same element by element, so the result is identical.
 

@@ -66,7 +66,8 @@ from embedjob.worker.datapath.gpu_decode import JpegDecoder, nvjpeg_decoder
 from embedjob.worker.datapath.preprocess import PREPROCESSING_ID
 from embedjob.worker.datapath.read import SkippedMember, TarStats, iter_tar
 from embedjob.worker.datapath.write import MetadataRow, ShardWriter, shard_manifest
-from embedjob.worker.model.load import Embedder, available_cpus
+from embedjob.worker.host import available_cpus
+from embedjob.worker.model.embedder import Embedder
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,7 @@ class ShardResult:
     seconds: float = 0.0
     manifest: str = ""
     timings: dict[str, float] = field(default_factory=dict)
+    batch_size: int = 0  # images per forward pass at the end (resolved once; lowered by an OOM back-off)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -361,4 +363,5 @@ def embed_shard(
 
     timings["total"] = seconds = time.perf_counter() - started
     return ShardResult(shard=shard, stem=stem, status="done", images=batches.embedded,
-                       failed=len(manifest["failed"]), seconds=seconds, manifest=outputs.manifest, timings=timings)
+                       failed=len(manifest["failed"]), seconds=seconds, manifest=outputs.manifest, timings=timings,
+                       batch_size=min(options.batch_size, model.max_batch or options.batch_size))

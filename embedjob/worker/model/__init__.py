@@ -1,0 +1,7 @@
+"""Stage 4, the model: ``torch_env`` (torch, imported once with its thread policy), ``load`` (which
+checkpoint, loading and the per-process cache), ``embedder`` (the loaded vision tower: batching,
+out-of-memory back-off, compiled forwards). ``random_weights`` saves test checkpoints."""
+
+
+class ModelLoadError(RuntimeError):
+    """The model cannot be loaded as asked (bad checkpoint, unsupported device/precision)."""

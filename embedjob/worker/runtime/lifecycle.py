@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from embedjob.procs import process_alive
+
 log = logging.getLogger("embedjob.worker")
 
 ENV = "EMBEDJOB_HEALTH_DIR"
@@ -228,16 +230,6 @@ class Health:
                 "readyProcesses": self.ready_processes, "expectedProcesses": self.expected_processes}
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def check(path: Path, stall_seconds: float, started: float, now: float | None = None,
           consumer_stale: float = CONSUMER_STALE) -> Health:
     """Liveness and readiness from the folder. ``started``: when the worker started (the consumer
@@ -266,7 +258,7 @@ def check(path: Path, stall_seconds: float, started: float, now: float | None = 
             info = json.loads(p.read_text() or "{}")
         except (OSError, ValueError, IndexError):
             continue
-        if not _alive(pid):
+        if not process_alive(pid):
             p.unlink(missing_ok=True)
             continue
         tasks.append({"stem": info.get("stem"), "pid": pid, "quietSeconds": round(quiet, 1)})
@@ -283,7 +275,7 @@ def check(path: Path, stall_seconds: float, started: float, now: float | None = 
             pid = int(p.name.split("-")[1])
         except ValueError:
             continue
-        if _alive(pid):
+        if process_alive(pid):
             ready_pids.append(pid)
         else:
             p.unlink(missing_ok=True)

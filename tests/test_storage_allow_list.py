@@ -26,7 +26,10 @@ from embedjob.progress import ProgressStore, redis_client
 from embedjob.settings import Settings
 from embedjob.storage import Storage, s3_client
 from tests.shards import simple_shard
-from tests.test_celery_worker import Workers, _put_shard, _send, _wait_state
+from tests.worker.celery_workers import Workers
+from tests.worker.celery_workers import put_shard as _put_shard
+from tests.worker.celery_workers import send_task as _send
+from tests.worker.celery_workers import wait_state as _wait_state
 
 ALLOW = {"*": ["s3://shared-datasets/"], "team-a": ["s3://team-a/", "s3://team-a-out/embeddings"]}
 

@@ -1,4 +1,5 @@
-"""The Celery task against REAL Redis, REAL SeaweedFS and REAL `embedjob worker` subprocesses."""
+"""The Celery task (embedjob.worker.runtime.task) against REAL Redis, REAL SeaweedFS and REAL
+`embedjob worker` subprocesses: the shard run, its leases and heartbeat, shutdown and redelivery."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import io
 import json
 import os
 import signal
-import subprocess
 import time
 import uuid
 
@@ -14,50 +14,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from embedjob.broker import make_app
-from embedjob.contract import TASK_NAME, EmbedOptions, ShardTask, task_id
-from embedjob.dev.services import embedjob_command
+from embedjob.contract import EmbedOptions, ShardTask
 from embedjob.layout import shard_outputs
 from embedjob.progress import ProgressStore, redis_client
-from embedjob.storage import Storage, s3_client
+from embedjob.storage import Storage
 from tests.shards import ShardSpec, simple_shard
-
-
-def _put_shard(bucket: str, key: str, shard: ShardSpec) -> str:
-    s3_client().put_object(Bucket=bucket, Key=key, Body=shard.tar_bytes())
-    return f"s3://{bucket}/{key}"
-
-
-class Workers:
-    """`embedjob worker` subprocesses, each in its own process group (so SIGKILL takes the whole
-    worker: the main process and its pool child)."""
-
-    def __init__(self, env: dict, queue: str, tmp_path) -> None:
-        self.env, self.queue, self.tmp = env, queue, tmp_path
-        self.procs: list[subprocess.Popen] = []
-
-    def start(self, name: str) -> subprocess.Popen:
-        log = open(self.tmp / f"{name}.log", "wb")  # noqa: SIM115
-        proc = subprocess.Popen(
-            embedjob_command("worker", "--queue", self.queue, "--hostname", f"{name}@%h", "--loglevel", "info"),
-            env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-        self.procs.append(proc)
-        return proc
-
-    def kill(self, proc: subprocess.Popen) -> None:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
-
-    def stop_all(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
-        for p in self.procs:
-            try:
-                p.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
+from tests.worker.celery_workers import Workers, put_shard, send_task, wait_state
 
 
 @pytest.fixture()
@@ -76,35 +38,19 @@ def workers(env, tmp_path):
     w.stop_all()
 
 
-def _send(env: dict, queue: str, task: ShardTask) -> None:
-    app = make_app(env["EMBEDJOB_REDIS_URL"])
-    app.send_task(TASK_NAME, kwargs={"task": task.to_dict()}, task_id=task_id(task.job, task.stem, task.attempt),
-                  queue=queue)
-
-
-def _wait_state(store: ProgressStore, stem: str, want: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if store.state(stem) == want:
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"shard {stem} did not reach {want} in {timeout}s (state {store.state(stem)!r}, "
-                         f"info {store.info(stem)})")
-
-
 def test_worker_embeds_good_and_corrupt_images(bucket, env, workers, tiny_clip_dir, redis_url):
     spec = simple_shard(7, size=(120, 90), prefix="s/")
     spec.members.insert(4, ("s/bad1.jpg", b"not an image at all"))
     spec.members.insert(9, ("s/bad2.png", b""))
-    shard = _put_shard(bucket, "in/000.tar", spec)
+    shard = put_shard(bucket, "in/000.tar", spec)
     job = f"job-{uuid.uuid4().hex[:6]}"
     task = ShardTask(job=job, shard=shard, stem="000", output=f"s3://{bucket}/out",
                      model={"name": "x", "revision": None, "path": str(tiny_clip_dir)},
                      options={**EmbedOptions().__dict__, "device": "cpu", "dtype": "float32"})
     workers.start("w1")
-    _send(env, workers.queue, task)
+    send_task(env, workers.queue, task)
     store = ProgressStore(redis_client(redis_url), job)
-    _wait_state(store, "000", "succeeded", 120)
+    wait_state(store, "000", "succeeded", 120)
 
     storage = Storage()
     out = shard_outputs(task.output, "000")
@@ -124,7 +70,7 @@ def test_worker_embeds_good_and_corrupt_images(bucket, env, workers, tiny_clip_d
         task.to_dict())
 
     # A duplicate delivery of a finished shard does no work.
-    _send(env, workers.queue, ShardTask(**{**task.to_dict(), "attempt": 2}))
+    send_task(env, workers.queue, ShardTask(**{**task.to_dict(), "attempt": 2}))
     time.sleep(3)
     assert store.executions() == {"000": 1}
     assert json.loads(storage.read_bytes(out.manifest))["created"] == manifest["created"]
@@ -134,7 +80,7 @@ def test_worker_embeds_good_and_corrupt_images(bucket, env, workers, tiny_clip_d
 def test_sigkilled_worker_shard_redelivered_and_completed_once(bucket, env, workers, tiny_clip_dir, redis_url):
     n = 600
     spec = simple_shard(n, size=(320, 240))
-    shard = _put_shard(bucket, "in/big.tar", spec)
+    shard = put_shard(bucket, "in/big.tar", spec)
     job = f"job-{uuid.uuid4().hex[:6]}"
     task = ShardTask(job=job, shard=shard, stem="big", output=f"s3://{bucket}/out",
                      model={"name": "x", "revision": None, "path": str(tiny_clip_dir)},
@@ -144,8 +90,8 @@ def test_sigkilled_worker_shard_redelivered_and_completed_once(bucket, env, work
     out = shard_outputs(task.output, "big")
 
     first = workers.start("victim")
-    _send(env, workers.queue, task)
-    _wait_state(store, "big", "running", 120)
+    send_task(env, workers.queue, task)
+    wait_state(store, "big", "running", 120)
     deadline = time.monotonic() + 60
     while store.info("big").get("imagesSoFar", 0) == 0 and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -189,9 +135,9 @@ def test_storage_error_before_embedding_is_recorded_not_lost(bucket, env, worker
                      options={**EmbedOptions().__dict__, "device": "cpu"},
                      storage={"endpoint": f"http://127.0.0.1:{free_port()}", "region": "us-east-1"})
     workers.start("w1")
-    _send(env, workers.queue, task)
+    send_task(env, workers.queue, task)
     store = ProgressStore(redis_client(redis_url), job)
-    _wait_state(store, "000", "failed", 120)
+    wait_state(store, "000", "failed", 120)
     info = store.info("000")
     assert info["transient"] is True and info["errorCode"] == "EndpointConnectionError"
     assert info["error"].startswith(f"StorageError: HeadObject s3://{bucket}/out/_manifests/000.json: ")
@@ -206,7 +152,7 @@ def test_two_shards_in_flight_share_one_worker_and_survive_its_sigkill(bucket, e
     n = 300
     specs = {stem: simple_shard(n, size=(320, 240), seed=i) for i, stem in enumerate(("a", "b"))}
     job = f"job-{uuid.uuid4().hex[:6]}"
-    tasks = [ShardTask(job=job, shard=_put_shard(bucket, f"in/{stem}.tar", spec), stem=stem,
+    tasks = [ShardTask(job=job, shard=put_shard(bucket, f"in/{stem}.tar", spec), stem=stem,
                        output=f"s3://{bucket}/out", model={"name": "x", "revision": None, "path": str(tiny_clip_dir)},
                        options={**EmbedOptions().__dict__, "device": "cpu", "batch_size": 8, "num_threads": 1})
              for stem, spec in specs.items()]
@@ -215,7 +161,7 @@ def test_two_shards_in_flight_share_one_worker_and_survive_its_sigkill(bucket, e
 
     victim = workers.start("victim")
     for t in tasks:
-        _send(env, workers.queue, t)
+        send_task(env, workers.queue, t)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not all(store.info(s).get("imagesSoFar", 0) > 0 for s in specs):
         time.sleep(0.1)
@@ -225,7 +171,7 @@ def test_two_shards_in_flight_share_one_worker_and_survive_its_sigkill(bucket, e
 
     workers.start("rescuer")
     for s in specs:
-        _wait_state(store, s, "succeeded", 240)
+        wait_state(store, s, "succeeded", 240)
     assert store.executions() == {"a": 2, "b": 2}
     assert sorted(storage.list(f"s3://{bucket}/out/_manifests/")) == [
         shard_outputs(tasks[0].output, s).manifest for s in ("a", "b")]
@@ -249,7 +195,7 @@ def test_two_shards_in_flight_share_one_worker_and_survive_its_sigkill(bucket, e
 
 def _big_task(bucket: str, tiny_clip_dir, n: int, stem: str = "big") -> tuple[ShardTask, ShardSpec]:
     spec = simple_shard(n, size=(320, 240))
-    shard = _put_shard(bucket, f"in/{stem}.tar", spec)
+    shard = put_shard(bucket, f"in/{stem}.tar", spec)
     task = ShardTask(job=f"job-{uuid.uuid4().hex[:6]}", shard=shard, stem=stem, output=f"s3://{bucket}/out",
                      model={"name": "x", "revision": None, "path": str(tiny_clip_dir)},
                      options={**EmbedOptions().__dict__, "device": "cpu", "batch_size": 8, "num_threads": 1})
@@ -257,7 +203,7 @@ def _big_task(bucket: str, tiny_clip_dir, n: int, stem: str = "big") -> tuple[Sh
 
 
 def _wait_into_shard(store: ProgressStore, stem: str) -> None:
-    _wait_state(store, stem, "running", 120)
+    wait_state(store, stem, "running", 120)
     time.sleep(1.0)
     assert store.state(stem) == "running", "the shard was over too soon for this test"
 
@@ -286,7 +232,7 @@ def test_sigterm_past_the_deadline_gives_the_shard_back_and_another_worker_redoe
     out = shard_outputs(task.output, "big")
 
     victim = workers.start("victim")
-    _send(env, workers.queue, task)
+    send_task(env, workers.queue, task)
     _wait_into_shard(store, "big")
     victim_id = store.info("big")["worker"]
     workers.start("rescuer")
@@ -332,7 +278,7 @@ def test_sigterm_within_the_deadline_finishes_the_shard_then_exits(bucket, env, 
     task, spec = _big_task(bucket, tiny_clip_dir, 1500)
     store = ProgressStore(redis_client(redis_url), task.job, lease_seconds=30)
     victim = workers.start("victim")
-    _send(env, workers.queue, task)
+    send_task(env, workers.queue, task)
     _wait_into_shard(store, "big")
     os.killpg(victim.pid, signal.SIGTERM)
     assert victim.wait(120) == 0
@@ -341,31 +287,6 @@ def test_sigterm_within_the_deadline_finishes_the_shard_then_exits(bucket, env, 
     assert "givenBack" not in store.info("big")
     out = shard_outputs(task.output, "big")
     assert np.load(io.BytesIO(Storage().read_bytes(out.embeddings))).shape == (1500, 32)
-
-
-def test_an_outcome_retried_after_a_lost_reply_counts_one_commit(redis_url, monkeypatch):
-    """Redis applied the write and died before replying (SIGKILL mid-command): the worker retries
-    the same write when Redis is back. The commit is recorded once, not twice."""
-    import redis as redis_lib
-
-    from embedjob.worker.runtime import shard_run
-
-    store = ProgressStore(redis_client(redis_url), f"job-{uuid.uuid4().hex[:6]}")
-    real_execute, lost = redis_lib.client.Pipeline.execute, []
-
-    def execute_then_lose_the_reply(self, *args, **kwargs):
-        result = real_execute(self, *args, **kwargs)
-        if not lost:
-            lost.append(result)
-            raise redis_lib.exceptions.ConnectionError("Connection closed by server.")
-        return result
-
-    monkeypatch.setattr(redis_lib.client.Pipeline, "execute", execute_then_lose_the_reply)
-    shard_run.record_outcome(store, "0003", "succeeded", commit="exec-1", images=5)
-    assert lost and store.commits() == {"0003": 1} and store.state("0003") == "succeeded"
-    shard_run.record_outcome(store, "0003", "succeeded", commit="exec-2", images=5)  # another execution: counted
-    assert store.commits() == {"0003": 2}
-
 
 def test_worker_survives_a_redis_restart_with_shards_in_flight(bucket, s3_env, tiny_clip_dir, tmp_path):
     """Redis is SIGKILLed while the worker holds unacknowledged shards, then restarts from its AOF.
@@ -381,7 +302,7 @@ def test_worker_survives_a_redis_restart_with_shards_in_flight(bucket, s3_env, t
     job = f"job-{uuid.uuid4().hex[:6]}"
 
     def task(stem: str, images: int) -> ShardTask:
-        return ShardTask(job=job, shard=_put_shard(bucket, f"in/{stem}.tar", simple_shard(images, size=(640, 480))),
+        return ShardTask(job=job, shard=put_shard(bucket, f"in/{stem}.tar", simple_shard(images, size=(640, 480))),
                          stem=stem, output=f"s3://{bucket}/out",
                          model={"name": "x", "revision": None, "path": str(tiny_clip_dir)},
                          options={**EmbedOptions().__dict__, "device": "cpu", "num_threads": 1})
@@ -390,7 +311,7 @@ def test_worker_survives_a_redis_restart_with_shards_in_flight(bucket, s3_env, t
         store = ProgressStore(redis_client(redis_server.url), job)
         tasks = {stem: task(stem, images) for stem, images in (("a", 400), ("b", 400), ("c", 4))}
         for stem in ("a", "b"):
-            _send(env, workers.queue, tasks[stem])
+            send_task(env, workers.queue, tasks[stem])
         deadline = time.monotonic() + 120
         while store.state("a") != "running" and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -400,38 +321,12 @@ def test_worker_survives_a_redis_restart_with_shards_in_flight(bucket, s3_env, t
         redis_server.proc.wait(10)
         time.sleep(2)
         redis_server.start()
-        _send(env, workers.queue, tasks["c"])
+        send_task(env, workers.queue, tasks["c"])
         for stem in ("a", "b", "c"):
-            _wait_state(store, stem, "succeeded", 240)
+            wait_state(store, stem, "succeeded", 240)
         assert proc.poll() is None, (tmp_path / "w1.log").read_text()[-3000:]
         assert "Unrecoverable error" not in (tmp_path / "w1.log").read_text()
         assert store.commits() == {"a": 1, "b": 1, "c": 1}
     finally:
         workers.stop_all()
         redis_server.stop()
-
-
-def test_the_worker_consumer_survives_kombus_cleanup_error(monkeypatch):
-    """The race itself (Celery 5.7 closing a connection collect() already detached, with unacked
-    shards: AttributeError in kombu's restore) is timing-dependent: the Redis-restart e2e hit it in
-    2 of 3 CI runs and the worker stopped. The worker's consumer turns that cleanup error into a
-    reconnect; Celery's own consumer lets it escape."""
-    from celery.utils.imports import symbol_by_name
-    from celery.worker.consumer import Consumer as CeleryConsumer
-
-    from embedjob.worker.runtime.consumer import Consumer
-    from embedjob.worker.runtime.task import app
-
-    assert symbol_by_name(app.conf.worker_consumer) is Consumer
-
-    def kombu_cleanup_error(self, exc):
-        self.connection = None
-        raise AttributeError("'NoneType' object has no attribute 'hostname'")
-
-    monkeypatch.setattr(CeleryConsumer, "on_connection_error_after_connected", kombu_cleanup_error)
-    consumer = Consumer.__new__(Consumer)
-    consumer.connection = object()
-    consumer.on_connection_error_after_connected(ConnectionError("Connection closed by server."))
-    assert consumer.connection is None
-    with pytest.raises(AttributeError):
-        CeleryConsumer.on_connection_error_after_connected(CeleryConsumer.__new__(CeleryConsumer), None)

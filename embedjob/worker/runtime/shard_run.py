@@ -153,12 +153,6 @@ class ShardRunner:
             release_lease(store, task.stem, owner)
 
 
-def run_shard_task(task: ShardTask, owner: str = WORKER_ID) -> dict[str, Any]:
-    """The task body for a one-off caller: a :class:`ShardRunner` with a client of its own (a worker
-    keeps one runner, and its client, for its lifetime: embedjob.worker.runtime.task)."""
-    return ShardRunner(owner=owner).run(task)
-
-
 # -- the shard itself, without Redis (the local runner's path too) ---------------------------------------
 def task_inputs(task: ShardTask) -> tuple[EmbedOptions, Storage]:
     """The message's options and storage (credentials from this process's environment)."""

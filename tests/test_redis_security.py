@@ -145,7 +145,9 @@ def test_a_real_worker_over_rediss_with_a_password_embeds_a_shard(tls_redis, s3_
     from embedjob.contract import EmbedOptions, ShardTask
     from embedjob.progress import ProgressStore
     from tests.shards import simple_shard
-    from tests.test_celery_worker import Workers, _put_shard, _wait_state
+    from tests.worker.celery_workers import Workers
+    from tests.worker.celery_workers import put_shard as _put_shard
+    from tests.worker.celery_workers import wait_state as _wait_state
 
     env = {**os.environ, **s3_env, "EMBEDJOB_REDIS_URL": tls_redis["url"], "EMBEDJOB_REDIS_PASSWORD": PASSWORD,
            "EMBEDJOB_REDIS_CA_FILE": tls_redis["ca"], "EMBEDJOB_LEASE_SECONDS": "3", "OMP_NUM_THREADS": "1"}

@@ -50,7 +50,16 @@ from embedjob.worker.runtime.lifecycle import GiveBack
 log = logging.getLogger("embedjob.worker")
 T = TypeVar("T")
 
-WORKER_ID = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+_worker_id: tuple[int, str] | None = None
+
+
+def worker_id() -> str:
+    """This process's identity as a lease owner: host, pid and a random part. Made in the process that
+    asks, so each prefork pool child (forked after import) has its own."""
+    global _worker_id
+    if _worker_id is None or _worker_id[0] != os.getpid():
+        _worker_id = (os.getpid(), f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}")
+    return _worker_id[1]
 _REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 _redis = None
 
@@ -125,13 +134,14 @@ def _record(store: ProgressStore, stem: str, state: str, *, commit: str = "", **
     with_redis(write, f"recording {stem} as {state}")
 
 
-def run_shard_task(task: ShardTask, owner: str = WORKER_ID) -> dict[str, Any]:
+def run_shard_task(task: ShardTask, owner: str | None = None) -> dict[str, Any]:
     """The task body as a plain function (what tests and the local runner can call too).
 
     Every path ends in a recorded outcome: an exception anywhere records the shard ``failed`` with
     the error (and whether it is transient), except when Redis itself stays unreachable, which
     raises :class:`Redeliver` so the message goes back to the broker. Every line logged meanwhile
     names the job, the shard, the attempt and this worker (embedjob.logs)."""
+    owner = owner or worker_id()
     with logs.shard_context(job=task.job, shard=task.shard, stem=task.stem, attempt=task.attempt, worker=owner), \
             lifecycle.TaskMarker(task.stem) as marker:
         return _run_shard_task(task, owner, marker)

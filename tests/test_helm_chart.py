@@ -135,7 +135,16 @@ def test_multi_gpu_pods_run_one_pinned_process_per_gpu_and_request_them_all():
     assert c["args"][:4] == ["worker", "--queue=embedjob", "--concurrency=4", "--gpus=4"]
     c = _worker_container()
     assert "--gpus=4" not in c["args"] and "--concurrency=1" in c["args"]
-    assert not any(a.startswith("--gpus") for a in c["args"])
+    assert not any(a.startswith(("--gpus", "--processes-per-gpu")) for a in c["args"])
+
+
+def test_processes_per_gpu_multiply_the_pool_and_request_only_the_gpus():
+    c = _worker_container("worker.gpusPerPod=2", "worker.processesPerGpu=3")
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == "2"
+    assert c["args"][:5] == ["worker", "--queue=embedjob", "--concurrency=6", "--gpus=2", "--processes-per-gpu=3"]
+    c = _worker_container("worker.processesPerGpu=2")
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert c["args"][:4] == ["worker", "--queue=embedjob", "--concurrency=2", "--processes-per-gpu=2"]
 
 
 def test_worker_probes_and_shutdown_deadline_below_the_grace_period():
@@ -314,7 +323,7 @@ def test_keda_credentials_come_from_an_existing_secret_through_a_trigger_authent
 def test_values_schema_refuses_bad_scaling_values_and_typos():
     for bad, message in (("keda.minReplicas=-1", "minReplicas"), ("keda.maxReplicas=0", "maxReplicas"),
                          ("metrics.workerPort=70000", "workerPort"), ("kedaa.enabled=true", "kedaa"),
-                         ("worker.concurrency=0", "concurrency")):
+                         ("worker.concurrency=0", "concurrency"), ("worker.processesPerGpu=0", "processesPerGpu")):
         r = helm("template", RELEASE, str(CHART), "--set", bad, check=False)
         assert r.returncode != 0 and message in r.stderr, (bad, r.stderr)
     r = helm("template", RELEASE, str(CHART), "--set", "keda.enabled=true", "--set", "keda.minReplicas=5",

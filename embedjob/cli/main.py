@@ -158,23 +158,30 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     if settings.metrics_port:
         # Before prometheus_client is imported (by the tasks module) and before the pool forks.
         multiproc.prepare(settings.metrics_dir)
-    if args.gpus > 1:
-        if args.concurrency not in (1, args.gpus):
-            print("error: --gpus N runs N processes; leave --concurrency out", file=sys.stderr)
+    if args.gpus < 1 or args.processes_per_gpu < 1:
+        print("error: --gpus and --processes-per-gpu must be at least 1", file=sys.stderr)
+        return 2
+    pinned = args.gpus * args.processes_per_gpu
+    if pinned > 1:
+        if args.concurrency not in (1, pinned):
+            print(f"error: --gpus {args.gpus} x --processes-per-gpu {args.processes_per_gpu} runs {pinned} "
+                  "processes; leave --concurrency out", file=sys.stderr)
             return 2
-        args.concurrency, args.shards_in_flight = args.gpus, 1
+        args.concurrency, args.shards_in_flight = pinned, 1
     if args.concurrency > 1 and args.shards_in_flight > 1:
         print("error: --shards-in-flight > 1 runs in one process; use it with --concurrency 1", file=sys.stderr)
         return 2
     processes = args.concurrency if args.concurrency > 1 else 0
-    # Shared with the pool children (forked later): shutdown deadline, probes, GPU pinning.
+    # Shared with the pool children (forked later): shutdown deadline, probes, GPU and CPU pinning.
     lifecycle.prepare(settings.health_dir, processes=max(processes, 1))
-    lifecycle.configure_pool(processes, pin_gpus=args.gpus > 1, visible=os.environ.get("CUDA_VISIBLE_DEVICES"))
+    lifecycle.configure_pool(processes, pin_gpus=pinned > 1, visible=os.environ.get("CUDA_VISIBLE_DEVICES"),
+                             per_gpu=args.processes_per_gpu,
+                             cpus=sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None)
     if settings.health_port:  # up from the start: live while connecting, ready once the model is loaded
         lifecycle.serve(settings.health_port, settings.metrics_addr, settings.stall_seconds)
     from embedjob.worker.runtime.task import app
 
-    if args.concurrency > 1:  # several processes (one per GPU), one shard each
+    if args.concurrency > 1:  # several processes (per GPU: --processes-per-gpu), one shard each
         pool = ["-P", "prefork", "-c", str(args.concurrency)]
     else:
         # One process, one model, one decode pool, several shards in flight as threads: while one shard
@@ -239,6 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--concurrency", type=int, default=1, help="processes, one shard each (no GPU pinning)")
     w.add_argument("--gpus", type=int, default=1,
                    help="GPUs of this worker: N > 1 runs N processes, process i pinned to GPU i (default 1)")
+    w.add_argument("--processes-per-gpu", type=int, default=1,
+                   help="worker processes per GPU, each with its own model and its share of the CPUs for decoding, "
+                        "one shard each (default 1); more than 1 keeps the GPU busy while one process is on the CPU")
     w.add_argument("--shards-in-flight", type=int, default=2,
                    help="shards one process works on at once, sharing its model and decode workers (default 2)")
     w.add_argument("--loglevel", default="info")

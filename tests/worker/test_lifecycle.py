@@ -144,10 +144,80 @@ def test_gpu_assignment_gives_each_pool_process_its_own_device():
     # The pod's own list (device plugin ids or UUIDs): the index-th of it, never "1" of a different GPU.
     assert [lifecycle.assign_gpu(i, 2, "GPU-aa, GPU-bb") for i in range(2)] == ["GPU-aa", "GPU-bb"]
     assert lifecycle.assign_gpu(1, 2, "3,5,7") == "5"
-    with pytest.raises(ValueError, match="2 GPU processes but only 1 visible device"):
+    with pytest.raises(ValueError, match="2 GPU.s. for 2 processes but only 1 visible device"):
         lifecycle.assign_gpu(1, 2, "0")
     with pytest.raises(ValueError, match="out of range"):
         lifecycle.assign_gpu(2, 2, None)
+
+
+def test_processes_per_gpu_share_their_gpu_and_split_the_cpus():
+    # 2 GPUs x 2 processes: processes 0, 1 on the first GPU, 2, 3 on the second.
+    assert [lifecycle.assign_gpu(i, 4, "6,7", per_gpu=2) for i in range(4)] == ["6", "6", "7", "7"]
+    assert [lifecycle.assign_gpu(i, 3, None, per_gpu=3) for i in range(3)] == ["0", "0", "0"]
+    with pytest.raises(ValueError, match="cannot be split 2 to a GPU"):
+        lifecycle.assign_gpu(0, 3, None, per_gpu=2)
+    with pytest.raises(ValueError, match="2 GPU.s. for 4 processes but only 1 visible"):
+        lifecycle.assign_gpu(0, 4, "0", per_gpu=2)
+    # 16 CPUs for 4 processes: 4 each, disjoint, all of them used.
+    shares = [lifecycle.cpu_share(i, 4, list(range(16))) for i in range(4)]
+    assert shares == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [12, 13, 14, 15]]
+    # 10 CPUs for 4: 3, 3, 2, 2 and still disjoint and complete.
+    shares = [lifecycle.cpu_share(i, 4, list(range(10))) for i in range(4)]
+    assert [len(s) for s in shares] == [3, 3, 2, 2] and sorted(sum(shares, [])) == list(range(10))
+    # Fewer CPUs than processes: shared round-robin, never empty.
+    assert [lifecycle.cpu_share(i, 3, [0, 1]) for i in range(3)] == [[0], [1], [0]]
+    assert lifecycle.cpu_share(0, 2, None) == []
+
+
+def test_real_worker_with_two_processes_on_one_device_embeds_each_shard_once(
+        redis_url, s3_env, bucket, tiny_clip_dir, tmp_path):
+    """`embedjob worker --processes-per-gpu 2` (on CPU here, one device): two pool processes, both
+    pinned to the pod's one GPU, each with its own half of the CPUs; every shard is embedded and
+    committed exactly once, and both processes take shards."""
+    from embedjob.layout import shard_outputs
+    from embedjob.progress import ProgressStore, redis_client
+    from embedjob.storage import Storage, s3_client
+    from tests.shards import simple_shard
+
+    queue = f"q-{uuid.uuid4().hex[:8]}"
+    env = {**os.environ, **s3_env, "EMBEDJOB_REDIS_URL": redis_url, "OMP_NUM_THREADS": "1",
+           "CUDA_VISIBLE_DEVICES": "3"}
+    log_path = tmp_path / "worker.log"
+    log = open(log_path, "wb")  # noqa: SIM115
+    proc = subprocess.Popen(embedjob_command("worker", "--queue", queue, "--processes-per-gpu", "2",
+                                             "--hostname", "ppg@%h"),
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    job = f"job-{uuid.uuid4().hex[:6]}"
+    store = ProgressStore(redis_client(redis_url), job)
+    stems = [f"{i:03d}" for i in range(6)]
+    try:
+        app = make_app(redis_url)
+        for i, stem in enumerate(stems):
+            s3_client().put_object(Bucket=bucket, Key=f"in/{stem}.tar",
+                                   Body=simple_shard(150, size=(320, 240), seed=i).tar_bytes())
+            task = ShardTask(job=job, shard=f"s3://{bucket}/in/{stem}.tar", stem=stem, output=f"s3://{bucket}/out",
+                             model={"name": "x", "revision": None, "path": str(tiny_clip_dir)},
+                             options={**EmbedOptions().__dict__, "device": "cpu", "batch_size": 8})
+            app.send_task(TASK_NAME, kwargs={"task": task.to_dict()}, task_id=task_id(job, stem, 1), queue=queue)
+        _wait_for(lambda: all(store.state(s) == "succeeded" for s in stems), 240, "all shards done")
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = log_path.read_text(errors="replace")
+    for i in (0, 1):
+        assert f"pool process {i}" in text and "pinned to GPU 3 (CUDA_VISIBLE_DEVICES=3), 2 process(es) per GPU" in text
+    cpus = [line.rsplit("CPUs ", 1)[1].strip() for line in text.splitlines() if "process(es) per GPU, CPUs" in line]
+    n = len(os.sched_getaffinity(0))
+    assert len(cpus) == 2 and (n < 2 or len(set(cpus)) == 2), cpus  # disjoint shares when there are 2+ CPUs
+    assert store.executions() == dict.fromkeys(stems, 1)
+    assert store.commits() == dict.fromkeys(stems, 1)
+    workers = {store.info(s).get("worker") for s in stems}
+    assert len(workers) == 2, workers  # both processes took shards
+    storage = Storage()
+    assert all(storage.exists(shard_outputs(f"s3://{bucket}/out", s).manifest) for s in stems)
 
 
 def test_real_worker_with_two_gpus_pins_each_process_and_records_the_device(

@@ -1,7 +1,7 @@
 """A shard's hold on Redis: retrying through an outage, the lease and its heartbeat.
 
 :func:`with_redis` waits out a Redis restart or failover (bounded, then :class:`Redeliver`: the
-message goes back to the broker). A shard runs under a lease owned by :data:`WORKER_ID`;
+message goes back to the broker). A shard runs under a lease owned by :func:`worker_id`;
 :class:`Heartbeat` renews it and publishes images-so-far while the shard runs, and
 :func:`release_lease` lets it go once the outcome is recorded.
 """
@@ -26,7 +26,16 @@ log = logging.getLogger("embedjob.worker")
 T = TypeVar("T")
 
 # This process's name as a lease owner (and in every log line of its shards).
-WORKER_ID = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+_worker_id: tuple[int, str] | None = None
+
+
+def worker_id() -> str:
+    """This process's identity as a lease owner: host, pid and a random part. Made in the process that
+    asks, so each prefork pool child (forked after the modules were imported) has its own."""
+    global _worker_id
+    if _worker_id is None or _worker_id[0] != os.getpid():
+        _worker_id = (os.getpid(), f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}")
+    return _worker_id[1]
 _REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 
 

@@ -170,14 +170,18 @@ def check_give_back() -> None:
 
 
 # -- GPU pinning -------------------------------------------------------------------------------------------
-_pool = {"processes": 0, "pin": False, "visible": None}
+_pool: dict = {"processes": 0, "pin": False, "visible": None, "per_gpu": 1, "cpus": None}
 _assigned: str | None = None
 
 
-def configure_pool(processes: int, pin_gpus: bool, visible: str | None) -> None:
-    """Entry point, before the prefork pool forks: ``processes`` children, each pinned to its own GPU
-    when ``pin_gpus`` (``visible``: the pod's CUDA_VISIBLE_DEVICES, read by the entry point)."""
-    _pool.update(processes=processes, pin=pin_gpus, visible=visible)
+def configure_pool(processes: int, pin_gpus: bool, visible: str | None, per_gpu: int = 1,
+                   cpus: list[int] | None = None) -> None:
+    """Entry point, before the prefork pool forks: ``processes`` children; when ``pin_gpus``, child i is
+    pinned to GPU ``i // per_gpu`` (``visible``: the pod's CUDA_VISIBLE_DEVICES, read by the entry point)
+    and to its own share of ``cpus`` (the CPUs the pod may use), so that its decode workers do not
+    compete with its neighbours'."""
+    _pool.update(processes=processes, pin=pin_gpus, visible=visible, per_gpu=max(1, int(per_gpu)),
+                 cpus=sorted(cpus) if cpus else None)
 
 
 def pool_processes() -> int:
@@ -192,27 +196,51 @@ def assigned_gpu() -> str | None:
 
 def pin_gpu(index: int) -> str | None:
     """In pool child ``index``, before CUDA is initialised: ``CUDA_VISIBLE_DEVICES`` = its own GPU, so
-    ``cuda:0`` in this process is that GPU. Returns the device, or None when pinning is off."""
+    ``cuda:0`` in this process is that GPU, and its CPU affinity = its share of the pod's CPUs (decode
+    workers started later inherit it; ``available_cpus`` reads it). Returns the device, or None when
+    pinning is off."""
     global _assigned
     if not _pool["pin"]:
         return None
-    _assigned = assign_gpu(index, int(_pool["processes"]), _pool["visible"])
+    processes, per_gpu = int(_pool["processes"]), int(_pool["per_gpu"])
+    _assigned = assign_gpu(index, processes, _pool["visible"], per_gpu)
     os.environ["CUDA_VISIBLE_DEVICES"] = _assigned
-    log.info("pool process %d (pid %d) pinned to GPU %s (CUDA_VISIBLE_DEVICES=%s)", index, os.getpid(),
-             _assigned, _assigned)
+    share = cpu_share(index, processes, _pool["cpus"])
+    if share and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, share)
+    log.info("pool process %d (pid %d) pinned to GPU %s (CUDA_VISIBLE_DEVICES=%s), %d process(es) per GPU, "
+             "CPUs %s", index, os.getpid(), _assigned, _assigned, per_gpu, ",".join(map(str, share)) or "all")
     return _assigned
 
 
-def assign_gpu(index: int, processes: int, visible: str | None) -> str:
-    """The ``CUDA_VISIBLE_DEVICES`` of pool process ``index`` of ``processes``: the index-th of the
-    devices the pod sees (``visible``: the inherited CUDA_VISIBLE_DEVICES, ids or UUIDs; unset or
-    empty: 0..N-1). More processes than devices is a configuration error."""
+def assign_gpu(index: int, processes: int, visible: str | None, per_gpu: int = 1) -> str:
+    """The ``CUDA_VISIBLE_DEVICES`` of pool process ``index`` of ``processes``, ``per_gpu`` processes to a
+    GPU: the ``index // per_gpu``-th of the devices the pod sees (``visible``: the inherited
+    CUDA_VISIBLE_DEVICES, ids or UUIDs; unset or empty: 0..N-1). More GPUs asked for than visible is a
+    configuration error."""
     if processes < 1 or not 0 <= index < processes:
         raise ValueError(f"pool process index {index} out of range for {processes} process(es)")
-    devices = [d.strip() for d in visible.split(",") if d.strip()] if visible else [str(i) for i in range(processes)]
-    if len(devices) < processes:
-        raise ValueError(f"{processes} GPU processes but only {len(devices)} visible device(s): {visible!r}")
-    return devices[index]
+    if per_gpu < 1 or processes % per_gpu:
+        raise ValueError(f"{processes} processes cannot be split {per_gpu} to a GPU")
+    gpus = processes // per_gpu
+    devices = [d.strip() for d in visible.split(",") if d.strip()] if visible else [str(i) for i in range(gpus)]
+    if len(devices) < gpus:
+        raise ValueError(f"{gpus} GPU(s) for {processes} processes but only {len(devices)} visible device(s): "
+                         f"{visible!r}")
+    return devices[index // per_gpu]
+
+
+def cpu_share(index: int, processes: int, cpus: list[int] | None) -> list[int]:
+    """Process ``index``'s CPUs: an equal, contiguous share of ``cpus`` (the first ``len % processes``
+    shares one larger). With fewer CPUs than processes, processes share CPUs round-robin. Empty when
+    ``cpus`` is unknown (no pinning)."""
+    if not cpus:
+        return []
+    if len(cpus) < processes:
+        return [cpus[index % len(cpus)]]
+    base, extra = divmod(len(cpus), processes)
+    start = index * base + min(index, extra)
+    return cpus[start:start + base + (1 if index < extra else 0)]
 
 
 # -- probes -------------------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ from embedjob.progress import ProgressStore, redis_client
 from embedjob.results import read_manifest, shard_counts
 from embedjob.storage import Storage, StorageError, StorageOptions
 from embedjob.worker.runtime import lifecycle, metrics
-from embedjob.worker.runtime.heartbeat import WORKER_ID, Heartbeat, Redeliver, release_lease, with_redis
+from embedjob.worker.runtime.heartbeat import Heartbeat, Redeliver, release_lease, with_redis, worker_id
 from embedjob.worker.runtime.lifecycle import GiveBack
 
 if TYPE_CHECKING:
@@ -48,12 +48,17 @@ log = logging.getLogger("embedjob.worker")
 
 
 class ShardRunner:
-    """Runs delivered shard tasks as ``owner``, keeping their progress in Redis through one client
-    it owns (``client``, or one made from the worker's settings on first use)."""
+    """Runs delivered shard tasks as ``owner`` (default: this process's :func:`worker_id`, so each pool
+    process forked after the runner was made is its own lease owner), keeping their progress in Redis
+    through one client it owns (``client``, or one made from the worker's settings on first use)."""
 
-    def __init__(self, client: redis.Redis | None = None, owner: str = WORKER_ID) -> None:
+    def __init__(self, client: redis.Redis | None = None, owner: str | None = None) -> None:
         self._client = client
-        self.owner = owner
+        self._owner = owner
+
+    @property
+    def owner(self) -> str:
+        return self._owner or worker_id()
 
     @property
     def client(self) -> redis.Redis:

@@ -78,15 +78,6 @@ def _imports(path: Path) -> set[str]:
     return names
 
 
-def test_runtime_never_imports_the_dev_tooling():
-    """Only the CLI (which registers `embedjob dev`) may import embedjob.dev."""
-    allowed = {REPO / "embedjob" / "cli" / "main.py"}
-    offenders = [str(p.relative_to(REPO)) for p in source_files()
-                 if p not in allowed and REPO / "embedjob" / "dev" not in p.parents
-                 and any(m == "embedjob.dev" or m.startswith("embedjob.dev.") for m in _imports(p))]
-    assert offenders == []
-
-
 def test_nothing_finds_files_relative_to_its_own_source():
     """Installed commands find their files as package data, never next to a source checkout."""
     offenders = [str(p.relative_to(REPO)) for p in source_files() if "__file__" in p.read_text()]

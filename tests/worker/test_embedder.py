@@ -115,3 +115,28 @@ def test_compiled_forward_matches_eager_pads_short_batches_and_records_its_warm_
     assert manifest["model"]["compile"] == "default" and manifest["model"]["compileWarmupSeconds"] > 0
     assert manifest["model"]["attention"] == "sdpa"
     assert (manifest["options"]["batch_size"], manifest["counts"]["embedded"]) == (8, 11)
+
+
+def test_a_cuda_graph_forward_always_runs_on_the_thread_that_warmed_it_up():
+    """reduce-overhead (CUDA graph trees) keeps its state per thread: every call, from the loader's
+    thread, the engine's forward thread of each shard, or a caller's, runs on one thread."""
+    import threading
+
+    from embedjob.worker.model.embedder import _GraphThread
+
+    graphs = _GraphThread(torch.device("cpu"))
+    seen: list[str] = []
+
+    def compiled(pixels: torch.Tensor) -> torch.Tensor:
+        seen.append(threading.current_thread().name)
+        assert torch.is_inference_mode_enabled()
+        return pixels * 2
+
+    x = torch.arange(6.0).reshape(3, 2)
+    out = [graphs.call(compiled, x, 2)]  # the warm-up's thread
+    for _ in range(3):  # a forward thread per shard
+        t = threading.Thread(target=lambda: out.append(graphs.call(compiled, x, 3)))
+        t.start()
+        t.join()
+    assert len(set(seen)) == 1 and seen[0].startswith("embedjob-cudagraphs") and len(seen) == 4
+    assert out[0].shape == (2, 2) and torch.equal(out[1], x * 2)

@@ -165,6 +165,7 @@ class Embedder:
             raise ModelLoadError("compile mode 'reduce-overhead' (CUDA graphs) needs a CUDA device")
         self._eager_forward = eager = self._forward
         compiled = torch.compile(eager, mode=None if mode == "default" else mode, dynamic=False)
+        graphs = _GraphThread(self.device) if mode == "reduce-overhead" else None
 
         def forward(pixels: torch.Tensor) -> torch.Tensor:
             # Static shapes: a short batch (the last of a shard) is padded up to the smallest size
@@ -173,9 +174,9 @@ class Embedder:
             target = min((s for s in self._warm_sizes if s >= n), default=n)
             if target > n:
                 pixels = torch.cat([pixels, pixels.new_zeros((target - n, *pixels.shape[1:]))])
-            if mode == "reduce-overhead":
-                torch.compiler.cudagraph_mark_step_begin()
-            return compiled(pixels)[:n].clone()  # a copy: a graph's outputs are reused by its next run
+            if graphs is not None:
+                return graphs.call(compiled, pixels, n)
+            return compiled(pixels)[:n].clone()
 
         self._forward = forward
 
@@ -292,6 +293,32 @@ class Embedder:
             out[:n].copy_(emb, non_blocking=True)
             end.record(compute)
         return Launched(out=out[:n], start=start, end=end, embedder=self)
+
+
+class _GraphThread:
+    """The one thread that runs a ``reduce-overhead`` forward. CUDA graph trees keep their state in
+    thread-local storage: a compiled function warmed up on one thread fails on another
+    (``assert torch._C._is_key_in_tls``; PyTorch issue 123177). The engine's forward thread is made per
+    shard, the warm-up runs on the loader's thread, and ``embed_uint8`` on the caller's, so every call
+    is handed to this thread instead (one hop per batch, ~0.1 ms, against a forward of tens of ms).
+    It uses the default stream, as the callers do, so the order of work on the device is unchanged."""
+
+    def __init__(self, device: torch.device) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        def init() -> None:
+            if device.type == "cuda" and device.index is not None:
+                torch.cuda.set_device(device)
+
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="embedjob-cudagraphs", initializer=init)
+
+    def call(self, compiled: Callable[[torch.Tensor], torch.Tensor], pixels: torch.Tensor, n: int) -> torch.Tensor:
+        def run() -> torch.Tensor:
+            with torch.inference_mode():
+                torch.compiler.cudagraph_mark_step_begin()
+                return compiled(pixels)[:n].clone()  # a copy: a graph's outputs are reused by its next run
+
+        return self._pool.submit(run).result()
 
 
 @dataclass

@@ -130,3 +130,44 @@ def test_demo_runs_offline_and_says_so(tmp_path):
     keys, emb = embedjob.read_embeddings(str(tmp_path / "demo"))
     assert len(keys) == 33 and emb.shape[0] == 33
     assert json.loads((tmp_path / "demo/_job.json").read_text())["randomWeights"] is True
+
+
+def test_local_workers_are_placed_per_gpu_with_their_share_of_the_cpus():
+    """`embedjob run --processes-per-gpu 2` on a 2-GPU machine: 4 workers, two on each GPU, each on its
+    own CPUs (played here with the placement the runner gives its spawned processes; each task asks
+    a shell, which inherits the worker's environment and CPU affinity)."""
+    import functools
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    from embedjob.cli.run import _init_worker
+
+    cpus = sorted(os.sched_getaffinity(0))
+    ctx = mp.get_context("spawn")
+    placement = {"workers": 4, "per_gpu": 2, "gpus": ["GPU-a", "GPU-b"], "cpus": cpus, "counter": ctx.Value("i", 0)}
+    probe = functools.partial(subprocess.check_output, [
+        "sh", "-c",
+        "sleep 0.5; echo $PPID $CUDA_VISIBLE_DEVICES $(grep Cpus_allowed_list /proc/self/status | cut -f2)"],
+        text=True)
+    with ProcessPoolExecutor(4, mp_context=ctx, initializer=_init_worker, initargs=(None, None, placement)) as pool:
+        futures = [pool.submit(probe) for _ in range(8)]
+        seen = {pid: (gpu, allowed) for pid, gpu, allowed in (f.result().split() for f in futures)}
+    assert len(seen) == 4, seen
+    assert sorted(g for g, _ in seen.values()) == ["GPU-a", "GPU-a", "GPU-b", "GPU-b"]
+    if len(cpus) >= 4:  # each its own CPUs
+        assert len({a for _, a in seen.values()}) == 4, seen
+
+
+def test_run_with_two_processes_on_one_device(tmp_path, tiny_clip_dir):
+    for i in range(4):
+        simple_shard(6, seed=10 + i).write(tmp_path / "in" / f"{i:05d}.tar")
+    job = write_job(tmp_path / "job.yaml", {
+        "input": {"uri": "in/"}, "output": {"uri": "out/", "dtype": "float32"},
+        "model": {"path": str(tiny_clip_dir)}, "inference": {"device": "cpu", "batchSize": 4},
+    })
+    r = embedjob_cli("run", str(job), "--processes-per-gpu", "2", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert "24 embedded" in r.stdout
+    keys, emb = embedjob.read_embeddings(str(tmp_path / "out"))
+    assert emb.shape == (24, 32) and len(keys) == 24
+    assert embedjob_cli("run", str(job), "--processes-per-gpu", "0").returncode == 2

@@ -47,11 +47,13 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run(job: Job, workers: int | None, progress: bool, extra: dict | None = None) -> int:
+def _run(job: Job, workers: int | None, progress: bool, extra: dict | None = None,
+         processes_per_gpu: int = 1) -> int:
     from embedjob.cli.run import format_summary, run_job
 
     try:
-        summary = run_job(job, workers=workers, show_progress=progress, extra_manifest=extra)
+        summary = run_job(job, workers=workers, show_progress=progress, extra_manifest=extra,
+                          processes_per_gpu=processes_per_gpu)
     except SpecError as e:  # includes PlanError
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -68,7 +70,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return 2
     if args.overwrite:
         job = replace(job, spec=replace(job.spec, output=replace(job.spec.output, overwrite=True)))
-    return _run(job, args.workers, not args.no_progress)
+    if args.processes_per_gpu < 1:
+        print("error: --processes-per-gpu must be at least 1", file=sys.stderr)
+        return 2
+    return _run(job, args.workers, not args.no_progress, processes_per_gpu=args.processes_per_gpu)
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -226,7 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="run an EmbeddingJob on this machine")
     r.add_argument("job", help="EmbeddingJob YAML file")
-    r.add_argument("--workers", type=int, default=None, help="local worker processes (default: GPUs, or 1)")
+    r.add_argument("--workers", type=int, default=None,
+                   help="local worker processes (default: GPUs x --processes-per-gpu, or 1 on the CPU)")
+    r.add_argument("--processes-per-gpu", type=int, default=1,
+                   help="worker processes per GPU, each with its own model and share of the CPUs (default 1)")
     r.add_argument("--overwrite", action="store_true", help="redo shards that are already done")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.set_defaults(func=_cmd_run)

@@ -51,9 +51,11 @@ class RunSummary:
 _progress_queue: Any = None
 
 
-def _init_worker(progress_queue: Any, torch_threads: int | None) -> None:
+def _init_worker(progress_queue: Any, torch_threads: int | None, placement: dict | None = None) -> None:
     global _progress_queue
     _progress_queue = progress_queue
+    if placement:
+        _place_worker(**placement)
     if torch_threads:
         # The model loader sizes torch's thread pool from OMP_NUM_THREADS when set (else from every
         # CPU); setting it here makes several workers share the CPUs instead of each taking all.
@@ -61,6 +63,24 @@ def _init_worker(progress_queue: Any, torch_threads: int | None) -> None:
         from embedjob.worker.model.torch_env import torch  # after torch's OpenMP policy is set
 
         torch.set_num_threads(torch_threads)
+
+
+def _place_worker(counter: Any, workers: int, per_gpu: int, gpus: list[str], cpus: list[int]) -> None:
+    """Before anything starts CUDA in a new worker process: take the next index; pin the process to
+    GPU ``index // per_gpu`` of ``gpus`` (CUDA_VISIBLE_DEVICES, so ``cuda`` is that GPU) and to its
+    share of ``cpus``, where its decode workers run. The same placement as `embedjob worker`'s pool."""
+    import os
+
+    from embedjob.worker.runtime.lifecycle import cpu_share
+
+    with counter.get_lock():
+        index = counter.value % workers
+        counter.value += 1
+    if gpus:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpus[(index // per_gpu) % len(gpus)]
+    share = cpu_share(index, workers, cpus)
+    if share and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, share)
 
 
 def _run_one(task: dict) -> dict:
@@ -103,27 +123,39 @@ def check_model(model: dict) -> None:
         raise SpecError(field, f"{e}{hint}") from e
 
 
-def default_workers(device: str) -> int:
-    if device in ("auto", "cuda"):
-        try:
-            import torch
+def visible_gpus(device: str) -> list[str]:
+    """The GPUs the local workers spread over: CUDA_VISIBLE_DEVICES's entries (ids or UUIDs), else
+    0..N-1; none when the job runs on the CPU or torch sees no GPU."""
+    import os
 
-            if torch.cuda.is_available():
-                return torch.cuda.device_count()
-        except ImportError:
-            pass
-    return 1
+    if device not in ("auto", "cuda"):
+        return []
+    try:
+        import torch
+
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except ImportError:
+        return []
+    visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    return (visible or [str(i) for i in range(count)])[:count]
+
+
+def default_workers(device: str, processes_per_gpu: int = 1) -> int:
+    """One worker process per GPU times ``processes_per_gpu`` (on the CPU: ``processes_per_gpu``)."""
+    return max(1, len(visible_gpus(device))) * max(1, processes_per_gpu)
 
 
 def run_job(
     job: Job,
     workers: int | None = None,
     show_progress: bool = True,
+    processes_per_gpu: int = 1,
     out: Any = None,
     extra_manifest: dict[str, Any] | None = None,
 ) -> RunSummary:
-    """Run every unfinished shard of ``job`` locally. Never raises for shard failures: they are
-    in the summary, whose ``ok`` follows ``spec.maxFailedShards``."""
+    """Run every unfinished shard of ``job`` locally, in ``workers`` processes (default: one per GPU
+    times ``processes_per_gpu``, each pinned to its GPU and its share of the CPUs). Never raises for
+    shard failures: they are in the summary, whose ``ok`` follows ``spec.maxFailedShards``."""
     out = out or sys.stderr
     spec = job.spec
     storage = Storage(StorageOptions.from_spec(spec))
@@ -139,7 +171,8 @@ def run_job(
     states: dict[str, dict[str, Any]] = {s.stem: {"state": "succeeded", "previousRun": True} for s in shards
                                          if s.stem in done}
     if todo:
-        _execute(job, todo, workers or default_workers(spec.inference.device), show_progress, summary, states, out)
+        workers = workers or default_workers(spec.inference.device, processes_per_gpu)
+        _execute(job, todo, workers, show_progress, summary, states, out, per_gpu=max(1, processes_per_gpu))
     summary.seconds = time.time() - started
     summary.ok = not policy.job_failed(summary.shards_failed, spec.maxFailedShards)
     if summary.ok:
@@ -149,7 +182,7 @@ def run_job(
 
 
 def _execute(job: Job, todo: list[Shard], workers: int, show_progress: bool, summary: RunSummary,
-             states: dict[str, dict[str, Any]], out: Any) -> None:
+             states: dict[str, dict[str, Any]], out: Any, per_gpu: int = 1) -> None:
     from tqdm import tqdm
 
     spec = job.spec
@@ -167,9 +200,18 @@ def _execute(job: Job, todo: list[Shard], workers: int, show_progress: bool, sum
             task = replace(task, options={**task.options, "num_threads": threads})
         return task.to_dict()
 
+    import os
+
+    gpus = visible_gpus(spec.inference.device)
+    placement = None
+    if workers > 1:  # each worker on its GPU (per_gpu to a GPU) and its share of the CPUs
+        cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+        placement = {"workers": workers, "per_gpu": per_gpu, "gpus": gpus, "cpus": cpus}
+
     def new_pool() -> ProcessPoolExecutor:
+        args = dict(placement, counter=ctx.Value("i", 0)) if placement else None
         return ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
-                                   initargs=(progress_q, threads))
+                                   initargs=(progress_q, threads, args))
 
     pool = new_pool()
     attempts: dict[str, int] = {}

@@ -13,7 +13,9 @@
 #   scripts/gpu-check.sh OUTDIR
 #   GPU_CHECK_DRY_RUN=1 scripts/gpu-check.sh OUTDIR   # the same steps on the CPU, tiny model, tiny
 #                                                      # shards, compile none only (tests/test_gpu_check.py)
-#   GPU_CHECK_PROCESSES=N                              # e2e with N worker processes on the GPU (default 1)
+#   GPU_CHECK_PROCESSES=N                              # the second e2e's worker processes per GPU (default 2)
+#   GPU_CHECK_STEPS="cuda 500 procs compile 1mp"       # a subset of the steps (default all, in this order);
+#                                                      # two device calls can split the check this way
 #
 # Needs a Python with a CUDA build of torch and embedjob installed (the worker image, or
 # scripts/setup.sh); -P everywhere, so the checkout's embedjob/ folder never shadows the install;
@@ -28,7 +30,9 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 export PY OUT
 BUDGET=${GPU_CHECK_BUDGET_S:-420}
-PROCS=${GPU_CHECK_PROCESSES:-1}
+PROCS=${GPU_CHECK_PROCESSES:-2}
+STEPS=" ${GPU_CHECK_STEPS:-cuda 500 procs compile 1mp} "
+wants() { [[ "$STEPS" == *" $1 "* ]]; }
 STARTED=$(date +%s)
 
 if [ "${GPU_CHECK_DRY_RUN:-0}" = "1" ]; then
@@ -87,30 +91,37 @@ print("usable CPUs", available_cpus())
 EOF'
 
 # On the CPU they are skipped (and say so); the marker selects exactly them.
-run_step "CUDA tests" 120 "$OUT/pytest-cuda.txt" "$PY" -P -m pytest -q -rs -m cuda tests/test_cuda.py
+wants cuda && run_step "CUDA tests" 120 "$OUT/pytest-cuda.txt" "$PY" -P -m pytest -q -rs -m cuda tests/test_cuda.py
 
 # The biggest run first: it also makes the random ViT-L/14 (kept in the model cache) and tunes the batch.
-bench "bench 500x375, ${COUNT} x ${PER_SHARD}, exact + fast" 270 bench-500x375 --size 500x375 --count "$COUNT" \
-  --images-per-shard "$PER_SHARD" --batch-size "$BATCH" --baseline-images "$BASELINE" --preprocessing both \
-  --deviation-images "$DEV_IMAGES" --deviation-model "$DEV_MODEL" --processes-per-gpu "$PROCS"
+wants 500 && bench "bench 500x375, ${COUNT} x ${PER_SHARD}, exact + fast" 270 bench-500x375 --size 500x375 \
+  --count "$COUNT" --images-per-shard "$PER_SHARD" --batch-size "$BATCH" --baseline-images "$BASELINE" \
+  --preprocessing both --deviation-images "$DEV_IMAGES" --deviation-model "$DEV_MODEL"
 
 # The batch the 500x375 run tuned (or the fixed one): no tuning, and one compile, in the runs below.
-# max-autotune last: its autotuning takes what the budget leaves.
 TUNED=$("$PY" -P -c "import json,sys; print(json.load(open(sys.argv[1]))['measurements']['model_limit']['batch_size'])" \
   "$OUT/bench-500x375.json" 2>/dev/null) || TUNED=""
 [ -n "$TUNED" ] || TUNED=$([ "$BATCH" = 0 ] && echo 256 || echo "$BATCH")
 
-bench "bench 1mp, ${COUNT_1MP} x ${PER_SHARD_1MP}, exact + fast" 150 bench-1mp --size 1mp --count "$COUNT_1MP" \
-  --images-per-shard "$PER_SHARD_1MP" --batch-size "$TUNED" --baseline-images "$BASELINE" --preprocessing both \
-  --deviation-images "$DEV_IMAGES" --deviation-model "$DEV_MODEL" --processes-per-gpu "$PROCS"
+# The same e2e with PROCS worker processes sharing the GPU (each its own model and share of the CPUs).
+wants procs && bench "e2e 500x375, ${COUNT} x ${PER_SHARD}, ${PROCS} processes per GPU" 150 "bench-500x375-p${PROCS}" \
+  --size 500x375 --count "$COUNT" --images-per-shard "$PER_SHARD" --batch-size "$TUNED" --preprocessing both \
+  --measure e2e --processes-per-gpu "$PROCS"
 
-for MODE in $COMPILE_MODES; do
-  LIMIT=90
-  [ "$MODE" = "none" ] && LIMIT=45
-  [ "$MODE" = "max-autotune" ] && LIMIT=150
-  bench "model limit, compile $MODE" "$LIMIT" "model-$MODE" --measure model_limit --compile "$MODE" \
-    --batch-size "$TUNED"
-done
+# max-autotune last: its autotuning takes what the budget leaves.
+if wants compile; then
+  for MODE in $COMPILE_MODES; do
+    LIMIT=90
+    [ "$MODE" = "none" ] && LIMIT=45
+    [ "$MODE" = "max-autotune" ] && LIMIT=150
+    bench "model limit, compile $MODE" "$LIMIT" "model-$MODE" --measure model_limit --compile "$MODE" \
+      --batch-size "$TUNED"
+  done
+fi
+
+wants 1mp && bench "bench 1mp, ${COUNT_1MP} x ${PER_SHARD_1MP}, exact + fast" 150 bench-1mp --size 1mp \
+  --count "$COUNT_1MP" --images-per-shard "$PER_SHARD_1MP" --batch-size "$TUNED" --baseline-images "$BASELINE" \
+  --preprocessing both --deviation-images "$DEV_IMAGES" --deviation-model "$DEV_MODEL"
 
 BUDGET=$((BUDGET + 30))  # the summary always gets its turn
 run_step "summary" 30 "$OUT/summary.md" "$PY" -P - "$OUT" <<'EOF'
@@ -124,12 +135,22 @@ def load(name):
     except (OSError, ValueError):
         return None
 reports = [r for r in (load("bench-500x375"), load("bench-1mp")) if r and "limits" in r]
+procs = [r for r in (load(p.stem) for p in sorted(out.glob("bench-500x375-p*.json"))) if r]
 models = [r for r in (load(f"model-{m}") for m in ("none", "default", "reduce-overhead", "max-autotune")) if r]
 if reports:
     env = reports[0]["environment"]
     print(f"{env['device_name']}, {env['cpus_available']} usable CPUs, torch {env['torch']}; "
           f"load average {env['load_average_start']}\n")
     print(summary_markdown(reports))
+for r in procs:
+    n = r["config"].get("processes_per_gpu")
+    for key, m in sorted(r["measurements"].items()):
+        if key.startswith("e2e_"):
+            busy = round(m["model_busy_seconds"] / m["seconds"], 2) if m.get("seconds") else None
+            print(f"\ne2e {key[4:]} at 500x375 with {n} processes per GPU: {m.get('images_per_s')} images/s "
+                  f"(steady {m.get('steady_images_per_s')}, start-up {m.get('startup_seconds')} s, "
+                  f"main CPU {m.get('main_cpu_ms_per_image')} ms/image, model busy {busy}, "
+                  f"GPU MiB per process {m.get('gpu_memory_mib_per_process')})")
 if models:
     print("\nmodel limit by compile mode (uint8 batches, one thread warms up and runs):\n")
     print(compile_markdown(models))

@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = ["environment", "CUDA tests", "bench 500x375, 1 x 8, exact + fast", "bench 1mp, 1 x 8, exact + fast",
-         "model limit, compile none", "summary"]
+STEPS = ["environment", "CUDA tests", "bench 500x375, 1 x 8, exact + fast", "e2e 500x375, 1 x 8, 2 processes per GPU",
+         "model limit, compile none", "bench 1mp, 1 x 8, exact + fast", "summary"]
 
 
 def _python() -> str:
@@ -39,6 +39,9 @@ def test_gpu_check_dry_run_writes_every_result(tmp_path):
         assert e2e["images"] == 8 and e2e["processes"] == 1
         assert e2e["startup_seconds"] > 0 and e2e["main_cpu_ms_per_image"] > 0
         assert "e2e/limit" in (out / f"bench-{size}.txt").read_text()
+    procs = json.loads((out / "bench-500x375-p2.json").read_text())
+    assert set(procs["measurements"]) == {"e2e_exact", "e2e_fast"}
+    assert procs["measurements"]["e2e_fast"]["processes"] == 2 and procs["measurements"]["e2e_fast"]["images"] == 8
     model = json.loads((out / "model-none.json").read_text())
     assert set(model["measurements"]) == {"model_limit"} and model["measurements"]["model_limit"]["images"] > 0
     steps = json.loads((out / "steps.json").read_text())
@@ -47,6 +50,7 @@ def test_gpu_check_dry_run_writes_every_result(tmp_path):
     assert summary.count("| 500x375 |") == 2 and summary.count("| 1mp |") == 2
     assert "fast vs exact at 1mp (cpu-draft" in summary
     assert "| none |" in summary  # the compile table
+    assert "e2e fast at 500x375 with 2 processes per GPU" in summary
     assert "| model limit, compile none | ok |" in summary and "| summary | ok |" in proc.stdout
 
 

@@ -21,9 +21,10 @@ Threads sharing one interpreter with the model's Python code stop scaling long b
 from __future__ import annotations
 
 import itertools
+import json
 import os
-import pickle
 import queue
+import socket
 import struct
 import subprocess
 import sys
@@ -35,6 +36,7 @@ from typing import IO, Any
 
 import numpy as np
 
+from embedjob.worker.datapath.batch_slots import BatchSlots, map_slots
 from embedjob.worker.datapath.decode import DecodeError, load_image, open_image
 from embedjob.worker.datapath.preprocess import IMAGE_SIZE, PreprocessError, reference_crop
 
@@ -128,8 +130,99 @@ def prepare_image(data: bytes, max_pixels: int, preprocessing: str = "exact", de
 
 def prepare_images(datas: list[bytes], max_pixels: int, preprocessing: str = "exact",
                    device_jpeg: bool = False) -> list[Prepared]:
-    """One pool task: :func:`prepare_image` on each of ``datas``, in order."""
+    """:func:`prepare_image` on each of ``datas``, in order (in this process)."""
     return [prepare_image(d, max_pixels, preprocessing, device_jpeg) for d in datas]
+
+
+# -- one pool task: a chunk of images ---------------------------------------------------------------
+# A task is a small JSON header plus a raw payload, both ways; no pickles. The header of a chunk:
+#   {"op": "chunk", "max_pixels", "preprocessing", "device_jpeg",
+#    "src": a local tar file the decoder reads the images from (by offset), or null: from the payload,
+#    "items": [[offset, size], ...]   (in the file, or in the payload),
+#    "slots": the BatchSlots id the crops go into, "slot": its slot, "rows": [row, ...]
+#             (or "slots": null: the crops come back in the reply's payload)}
+# The reply: {"records": [[status, width, height, text, payload bytes], ...], "decode_s",
+# "preprocess_s", "paths": {path: count}} plus a payload (the crops when not in slots, the encoded
+# JPEGs of the device path). status: CROP (text = its path), JPEG, REJECTED (text = the reason).
+CROP, JPEG, REJECTED = 0, 1, 2
+
+
+class _Sources:
+    """The decode side's open tar files (a few: two shards may be in flight)."""
+
+    def __init__(self, keep: int = 4) -> None:
+        self.keep = keep
+        self._files: dict[str, int] = {}
+
+    def read(self, path: str, offset: int, size: int) -> bytes:
+        fd = self._files.get(path)
+        if fd is None:
+            while len(self._files) >= self.keep:
+                os.close(self._files.pop(next(iter(self._files))))
+            fd = self._files[path] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        return os.pread(fd, size, offset)
+
+    def close(self) -> None:
+        for fd in self._files.values():
+            os.close(fd)
+        self._files.clear()
+
+
+def run_chunk(header: dict, payload: bytes | memoryview, slots: dict[int, np.ndarray],
+              sources: _Sources) -> tuple[dict, list[bytes]]:
+    """Prepare one chunk (see above); ``slots`` maps the attached BatchSlots ids to their arrays."""
+    src = header.get("src")
+    view = memoryview(payload)
+    out = None
+    if header.get("slots") is not None:
+        out = slots.get(header["slots"])
+        if out is None:
+            raise RuntimeError(f"batch slots {header['slots']} are not attached")
+        out = out[header["slot"]]
+    rows = header.get("rows") or []
+    records: list[list] = []
+    blobs: list[bytes] = []
+    paths: dict[str, int] = {}
+    decode_s = preprocess_s = 0.0
+    for k, (offset, size) in enumerate(header["items"]):
+        data = sources.read(src, offset, size) if src else bytes(view[offset:offset + size])
+        if src and len(data) != size:
+            item: Prepared = Rejected(f"decode: short read ({len(data)} of {size} bytes)")
+        else:
+            item = prepare_image(data, header["max_pixels"], header["preprocessing"], header["device_jpeg"])
+        decode_s += item.decode_s
+        if isinstance(item, Crop):
+            preprocess_s += item.preprocess_s
+            paths[item.path] = paths.get(item.path, 0) + 1
+            if out is not None:
+                out[rows[k]] = item.pixels
+                records.append([CROP, item.width, item.height, item.path, 0])
+            else:
+                blobs.append(item.pixels.tobytes())
+                records.append([CROP, item.width, item.height, item.path, len(blobs[-1])])
+        elif isinstance(item, EncodedJpeg):
+            blobs.append(item.data)
+            records.append([JPEG, item.width, item.height, "", len(item.data)])
+        else:
+            preprocess_s += item.preprocess_s
+            records.append([REJECTED, 0, 0, item.reason, 0])
+    return {"records": records, "decode_s": decode_s, "preprocess_s": preprocess_s, "paths": paths}, blobs
+
+
+def unpack_prepared(reply: dict, payload: bytes) -> list[Prepared]:
+    """The :class:`Prepared` items of a chunk whose crops came back in the payload."""
+    out: list[Prepared] = []
+    pos = 0
+    for status, width, height, text, size in reply["records"]:
+        blob, pos = payload[pos:pos + size], pos + size
+        if status == CROP:
+            pixels = np.frombuffer(blob, dtype=np.uint8).reshape(IMAGE_SIZE, IMAGE_SIZE, 3)
+            out.append(Crop(pixels, width, height, 0.0, 0.0, text))
+        elif status == JPEG:
+            out.append(EncodedJpeg(blob, width, height, 0.0))
+        else:
+            out.append(Rejected(text))
+    return out
 
 
 class DecodePoolBroken(RuntimeError):
@@ -137,17 +230,28 @@ class DecodePoolBroken(RuntimeError):
     retried; the next shard gets a fresh pool."""
 
 
+_ATTACH = "attach"
+_DETACH = "detach"
+
+
 class _DecodeProcess:
-    """One decode worker: ``python -P -m embedjob.worker.datapath.decode_pool`` with length-prefixed pickles over its
-    stdin/stdout. A plain subprocess, not multiprocessing: it starts the same way from a Celery
-    prefork child (a daemonic process multiprocessing will not let start children), from a spawned
-    ``embedjob run`` worker or from a script without a ``__main__`` guard, imports only what decoding
-    needs (no torch), and exits by itself when this process dies (its stdin closes)."""
+    """One decode worker: ``python -P -m embedjob.worker.datapath.decode_pool`` with length-prefixed
+    frames (JSON header + raw payload) over its stdin/stdout, and a Unix socket that passes it the
+    batch slots' file descriptors. A plain subprocess, not multiprocessing: it starts the same way
+    from a Celery prefork child (a daemonic process multiprocessing will not let start children),
+    from a spawned ``embedjob run`` worker or from a script without a ``__main__`` guard, imports
+    only what decoding needs (no torch), and exits by itself when this process dies (its stdin
+    closes)."""
 
     def __init__(self, index: int) -> None:
-        # -P: a source checkout's embedjob/ in the working folder must not shadow the installed package.
-        self.proc = subprocess.Popen([sys.executable, "-P", "-m", "embedjob.worker.datapath.decode_pool"],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True)
+        self._fds, child_fds = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            # -P: a source checkout's embedjob/ in the working folder must not shadow the installed package.
+            self.proc = subprocess.Popen(
+                [sys.executable, "-P", "-m", "embedjob.worker.datapath.decode_pool", str(child_fds.fileno())],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True, pass_fds=(child_fds.fileno(),))
+        finally:
+            child_fds.close()
         self.pending: dict[int, Future] = {}
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
@@ -157,25 +261,43 @@ class _DecodeProcess:
         for t in self._threads:
             t.start()
 
-    def submit(self, task_id: int, future: Future, args: tuple) -> None:
+    def submit(self, task_id: int, future: Future, header: dict, payload: bytes) -> None:
         with self._lock:
             if self._broken:
                 future.set_exception(DecodePoolBroken(self._broken))
                 return
             self.pending[task_id] = future
-        self._inbox.put((task_id, future, args))
+        self._inbox.put((task_id, future, header, payload))
+
+    def attach(self, slots: BatchSlots) -> None:
+        self._inbox.put((_ATTACH, slots))
+
+    def detach(self, slots: BatchSlots) -> None:
+        self._inbox.put((_DETACH, slots))
 
     def _send(self) -> None:
         pipe = self.proc.stdin
         assert pipe is not None
         try:
             while (item := self._inbox.get()) is not None:
-                task_id, future, args = item
+                if item[0] == _ATTACH:
+                    slots = item[1]
+                    with slots._lock:  # not closed meanwhile: its fd is still ours to send
+                        if slots.closed:
+                            continue
+                        socket.send_fds(self._fds, [b"s"], [slots.fd])
+                    _write_frame(pipe, {"op": _ATTACH, "slots": slots.id, "count": slots.slots,
+                                        "batch_size": slots.batch_size})
+                    continue
+                if item[0] == _DETACH:
+                    _write_frame(pipe, {"op": _DETACH, "slots": item[1].id})
+                    continue
+                task_id, future, header, payload = item
                 if not future.set_running_or_notify_cancel():  # cancelled while queued here
                     with self._lock:
                         self.pending.pop(task_id, None)
                     continue
-                _write_frame(pipe, (task_id, args))
+                _write_frame(pipe, {**header, "id": task_id}, payload)
         except (OSError, ValueError):
             pass  # the process is gone: _receive fails what was pending
         finally:
@@ -183,19 +305,24 @@ class _DecodeProcess:
                 pipe.close()
             except OSError:
                 pass
+            self._fds.close()
 
     def _receive(self) -> None:
         pipe = self.proc.stdout
         assert pipe is not None
         while True:
             try:
-                task_id, ok, value = _read_frame(pipe)
-            except (EOFError, OSError, pickle.UnpicklingError):
+                reply, payload = _read_frame(pipe)
+                task_id = reply["id"]
+            except (EOFError, OSError, ValueError, KeyError, TypeError):
                 break
             with self._lock:
                 future = self.pending.pop(task_id, None)
             if future is not None:
-                future.set_result(value) if ok else future.set_exception(RuntimeError(value))
+                if "error" in reply:
+                    future.set_exception(RuntimeError(reply["error"]))
+                else:
+                    future.set_result((reply, payload))
         code = self.proc.wait()
         with self._lock:
             self._broken = f"a decode worker process exited with code {code}"
@@ -221,27 +348,38 @@ class _DecodeProcess:
             t.join(timeout)
 
 
-def _write_frame(pipe: IO[bytes], obj: object) -> None:
-    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    pipe.write(struct.pack("<Q", len(data)))
-    pipe.write(data)
+_FRAME = struct.Struct("<II")
+
+
+def _write_frame(pipe: IO[bytes], header: dict, payload: bytes | list[bytes] = b"") -> None:
+    head = json.dumps(header, separators=(",", ":")).encode()
+    parts = payload if isinstance(payload, list) else [payload]
+    pipe.write(_FRAME.pack(len(head), sum(len(p) for p in parts)))
+    pipe.write(head)
+    for part in parts:
+        pipe.write(part)
     pipe.flush()
 
 
-def _read_frame(pipe: IO[bytes]) -> Any:
-    header = pipe.read(8)
-    if len(header) < 8:
-        raise EOFError
-    (size,) = struct.unpack("<Q", header)
+def _read_exact(pipe: IO[bytes], size: int) -> bytes:
     data = pipe.read(size)
     if len(data) < size:
         raise EOFError
-    return pickle.loads(data)
+    return data
+
+
+def _read_frame(pipe: IO[bytes]) -> tuple[dict, bytes]:
+    head_size, payload_size = _FRAME.unpack(_read_exact(pipe, _FRAME.size))
+    header = json.loads(_read_exact(pipe, head_size))
+    if not isinstance(header, dict):
+        raise ValueError("a frame's header must be a JSON object")
+    return header, _read_exact(pipe, payload_size) if payload_size else b""
 
 
 class DecodePool:
     """``workers`` decode processes (``kind="process"``, the default) or threads (``"thread"``, to
-    compare). ``submit`` returns a Future of the chunk's results, in order."""
+    compare). :meth:`submit_chunk` returns a Future of a chunk's ``(reply, payload)``;
+    :meth:`submit`, a Future of the chunk's :class:`Prepared` items, in order."""
 
     def __init__(self, workers: int, kind: str = "process") -> None:
         if kind not in ("process", "thread"):
@@ -252,6 +390,8 @@ class DecodePool:
         self._lock = threading.Lock()
         self._threads: ThreadPoolExecutor | None = None
         self._procs: list[_DecodeProcess] = []
+        self._slots: dict[int, np.ndarray] = {}  # the thread pool's view of the attached slots
+        self._sources = threading.local()
         if kind == "process":
             self._procs = [_DecodeProcess(i) for i in range(self.workers)]
         else:
@@ -263,15 +403,60 @@ class DecodePool:
         # thread busy on small shards.
         return CHUNK_IMAGES if self.kind == "process" else 1
 
-    def submit(self, datas: list[bytes], max_pixels: int, preprocessing: str = "exact",
-               device_jpeg: bool = False) -> Future:
-        args = (datas, max_pixels, preprocessing, device_jpeg)
+    def attach(self, slots: BatchSlots) -> None:
+        """Let every decode worker write into ``slots`` (before the first chunk that uses them)."""
         if self._threads is not None:
-            return self._threads.submit(prepare_images, *args)
+            self._slots[slots.id] = slots.array
+        for proc in self._procs:
+            proc.attach(slots)
+
+    def detach(self, slots: BatchSlots) -> None:
+        self._slots.pop(slots.id, None)
+        for proc in self._procs:
+            proc.detach(slots)
+
+    def _run_in_thread(self, header: dict, payload: bytes) -> tuple[dict, bytes]:
+        sources = getattr(self._sources, "files", None)
+        if sources is None:
+            sources = self._sources.files = _Sources()
+        reply, blobs = run_chunk(header, payload, self._slots, sources)
+        return reply, b"".join(blobs)
+
+    def submit_chunk(self, header: dict, payload: bytes = b"") -> Future:
+        """Send one chunk (the header described above ``run_chunk``)."""
+        if self._threads is not None:
+            return self._threads.submit(self._run_in_thread, header, payload)
         future: Future = Future()
         with self._lock:
             proc = min(self._procs, key=lambda p: p.load)  # the least busy worker
-            proc.submit(next(self._ids), future, args)
+            proc.submit(next(self._ids), future, header, payload)
+        return future
+
+    def submit(self, datas: list[bytes], max_pixels: int, preprocessing: str = "exact",
+               device_jpeg: bool = False) -> Future:
+        """Prepare ``datas``; the Future gives their :class:`Prepared` items, in order."""
+        items, pos = [], 0
+        for d in datas:
+            items.append([pos, len(d)])
+            pos += len(d)
+        header = {"op": "chunk", "max_pixels": max_pixels, "preprocessing": preprocessing,
+                  "device_jpeg": device_jpeg, "src": None, "items": items, "slots": None}
+        future: Future = Future()
+        inner = self.submit_chunk(header, b"".join(datas))
+
+        def done(f: Future) -> None:
+            if f.cancelled():
+                future.cancel()
+                return
+            if not future.set_running_or_notify_cancel():
+                return
+            try:
+                future.set_result(unpack_prepared(*f.result()))
+            except BaseException as e:  # noqa: BLE001 - delivered through the Future
+                future.set_exception(e)
+
+        inner.add_done_callback(done)
+        _cancel_with(future, inner)
         return future
 
     def warm_up(self) -> None:
@@ -287,29 +472,65 @@ class DecodePool:
             proc.close()
 
 
-def serve(stdin: IO[bytes], stdout: IO[bytes]) -> None:
+def _cancel_with(outer: Future, inner: Future) -> None:
+    """Cancelling ``outer`` (still pending) cancels ``inner`` too."""
+    cancel = outer.cancel
+
+    def both() -> bool:
+        inner.cancel()
+        return cancel()
+
+    outer.cancel = both  # type: ignore[method-assign]
+
+
+def serve(stdin: IO[bytes], stdout: IO[bytes], fds: socket.socket | None = None) -> None:
     """The decode worker's loop: read a task, prepare its images, write the results; until EOF."""
+    attached: dict[int, tuple[Any, np.ndarray]] = {}
+    views: dict[int, np.ndarray] = {}
+    sources = _Sources()
     while True:
         try:
-            task_id, args = _read_frame(stdin)
+            header, payload = _read_frame(stdin)
         except EOFError:
             return
+        op = header.get("op")
+        if op == _ATTACH:
+            assert fds is not None
+            _, received, _, _ = socket.recv_fds(fds, 16, 1)
+            try:
+                mm, array = map_slots(received[0], header["count"], header["batch_size"])
+            finally:
+                for fd in received:
+                    os.close(fd)
+            attached[header["slots"]] = (mm, array)
+            views[header["slots"]] = array
+            continue
+        if op == _DETACH:
+            views.pop(header["slots"], None)
+            mm, _ = attached.pop(header["slots"], (None, None))
+            del _
+            if mm is not None:
+                try:
+                    mm.close()
+                except BufferError:
+                    pass
+            continue
         try:
-            reply: tuple = (task_id, True, prepare_images(*args))
+            reply, blobs = run_chunk(header, payload, views, sources)
         except Exception as e:  # noqa: BLE001 - prepare_image never raises; anything else goes back
-            reply = (task_id, False, f"{type(e).__name__}: {e}")
-        _write_frame(stdout, reply)
+            reply, blobs = {"error": f"{type(e).__name__}: {e}"}, []
+        reply["id"] = header.get("id")
+        _write_frame(stdout, reply, blobs)
 
 
 def _main() -> None:
     # The protocol owns the real stdout; anything a library prints goes to stderr instead.
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
-    # Run as ``-m``, this file is __main__: serve from the module proper, so that what is pickled
-    # back names embedjob.worker.datapath.decode_pool.Crop, which the worker can unpickle.
+    fds = socket.socket(fileno=int(sys.argv[1])) if len(sys.argv) > 1 else None
     from embedjob.worker.datapath import decode_pool as prepare
 
-    prepare.serve(sys.stdin.buffer, out)
+    prepare.serve(sys.stdin.buffer, out, fds)
 
 
 _pool: DecodePool | None = None

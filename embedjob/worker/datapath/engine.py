@@ -136,7 +136,30 @@ class InferenceEngine:
                 if i not in jpegs:
                     host[i] = it
         future: Future = Future()
-        self._inbox.put((slot, n, jpegs, future))
+        self._inbox.put((slot, n, jpegs, future, None))
+        return future
+
+    def submit_batch(self, crops: np.ndarray, jpegs: dict[int, EncodedJpeg] | None = None) -> Future:
+        """Queue a batch that is already laid out in memory: ``crops`` is uint8 ``[n, 224, 224, 3]``
+        (a batch slot the decode processes wrote into), ``jpegs`` the positions left for encoded
+        JPEGs. On the CPU the forward reads ``crops`` in place, so the caller keeps it unchanged until
+        the Future is done; on CUDA it is copied into a pinned buffer here, in one copy."""
+        n = int(crops.shape[0])
+        jpegs = jpegs or {}
+        if not 0 < n <= self.batch_size:
+            raise ValueError(f"batch of {n} crops for an engine of batch size {self.batch_size}")
+        if not self._crops or not self._thread.is_alive():
+            raise RuntimeError("the inference engine is closed")
+        if jpegs and self.jpeg_decoder is None:
+            raise ValueError("encoded JPEGs given to an engine without a device JPEG decoder")
+        slot = self._free.get()
+        external = None
+        if self.embedder.device.type == "cuda":
+            self._crops[slot][:n].copy_(torch.from_numpy(crops))  # one copy per batch, the GIL released
+        else:
+            external = torch.from_numpy(crops)
+        future: Future = Future()
+        self._inbox.put((slot, n, jpegs, future, external))
         return future
 
     def close(self) -> None:
@@ -171,7 +194,7 @@ class InferenceEngine:
             if item is _STOP:
                 self._ready.put(_STOP)
                 return
-            slot, n, jpegs, future = item
+            slot, n, jpegs, future, external = item
             if not future.set_running_or_notify_cancel():
                 self._free.put(slot)
                 continue
@@ -179,19 +202,21 @@ class InferenceEngine:
             try:
                 if stream is not None:
                     with torch.cuda.stream(stream):
-                        prepared: tuple | BaseException = self._batch(slot, n, jpegs)
+                        prepared: tuple | BaseException = self._batch(slot, n, jpegs, external)
                         event = torch.cuda.Event()
                         event.record(stream)
                 else:
-                    prepared = self._batch(slot, n, jpegs)
+                    prepared = self._batch(slot, n, jpegs, external)
             except BaseException as e:  # noqa: BLE001 - delivered through the Future
                 prepared = e
             self._ready.put((slot, future, prepared, event))
 
-    def _batch(self, slot: int, n: int, jpegs: dict[int, EncodedJpeg]) -> tuple[torch.Tensor, dict, dict]:
-        """The batch to embed: the host crops as they are, or, with encoded JPEGs, the crops on the
-        device with the device-decoded images in their places and the rejected ones left out."""
-        crops = self._crops[slot][:n]
+    def _batch(self, slot: int, n: int, jpegs: dict[int, EncodedJpeg],
+               external: torch.Tensor | None = None) -> tuple[torch.Tensor, dict, dict]:
+        """The batch to embed: the host crops as they are (``external``: a batch slot the caller laid
+        out, read in place), or, with encoded JPEGs, the crops on the device with the device-decoded
+        images in their places and the rejected ones left out."""
+        crops = self._crops[slot][:n] if external is None else external
         if not jpegs:
             return crops, {}, {}
         device = self.embedder.device
@@ -259,13 +284,13 @@ class InferenceEngine:
             if self._decode_thread is not None:  # prepared by the device-decode thread
                 slot, future, prepared, event = item
             else:
-                slot, n, jpegs, future = item
+                slot, n, jpegs, future, external = item
                 if not future.set_running_or_notify_cancel():
                     self._free.put(slot)
                     continue
                 event = None
                 try:
-                    prepared = self._batch(slot, n, jpegs)
+                    prepared = self._batch(slot, n, jpegs, external)
                 except BaseException as e:  # noqa: BLE001 - delivered through the Future
                     prepared = e
             if isinstance(prepared, BaseException):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import lzma
+import os
 import posixpath
 import tarfile
 import zlib
@@ -51,10 +52,12 @@ class Sample:
 
     key: str
     member: str  # path of the image member inside the tar
-    image: bytes
+    image: bytes  # b"" when the image is left in the file (``offset``/``size``)
     caption: str | None = None
     json: str | None = None
     index: int = 0  # position among the image samples of the tar (row order)
+    offset: int = -1  # with iter_tar(in_place=True) on a seekable, uncompressed tar: where the image is
+    size: int = 0
 
 
 @dataclass
@@ -139,22 +142,53 @@ def _decode_text(data: bytes) -> str:
     return data.decode("utf-8", errors="replace")
 
 
-def iter_tar(raw: BinaryIO, stats: TarStats | None = None) -> Iterator[Sample | SkippedMember]:
+def _open_in_place(raw: BinaryIO, header_errors: list[tarfile.HeaderError]) -> tuple[tarfile.TarFile, int] | None:
+    """A random-access TarFile over ``raw`` (a local, uncompressed tar) and the file's size; None
+    when ``raw`` is not such a file (a stream, a compressed tar): the caller streams it instead."""
+    try:
+        if not raw.seekable():
+            return None
+        size = os.fstat(raw.fileno()).st_size
+        raw.seek(0)
+        head = raw.read(512)
+        raw.seek(0)
+    except (OSError, AttributeError, ValueError, io.UnsupportedOperation):
+        return None
+    if len(head) < 512 or head[257:262] != b"ustar" and not head[100:108].strip(b" \0").isdigit():
+        return None  # compressed, or not a tar: the stream path reports it as before
+    try:
+        return tarfile.open(fileobj=raw, mode="r:", tarinfo=_watching_tarinfo(header_errors)), size
+    except tarfile.TarError:
+        raw.seek(0)
+        header_errors.clear()
+        return None
+
+
+def iter_tar(raw: BinaryIO, stats: TarStats | None = None, in_place: bool = False) -> Iterator[Sample | SkippedMember]:
     """Yield the image samples of the tar stream ``raw`` in tar order, and, in the same order, the
     image members that cannot become samples (:class:`SkippedMember`). ``stats`` (if given) receives
     counts and the tar error, if any. Raises :class:`TarOpenError` when not even the first header
-    can be read, :class:`SourceReadError` when the source fails."""
+    can be read, :class:`SourceReadError` when the source fails.
+
+    ``in_place``: when ``raw`` is a local, uncompressed tar file, images are not read: their samples
+    carry ``offset`` and ``size`` in the file instead of ``image`` (the decode processes read them)."""
     stats = stats if stats is not None else TarStats()
-    stream = io.BufferedReader(_SourceStream(raw, stats), buffer_size=1 << 20)
     header_errors: list[tarfile.HeaderError] = []
-    try:
-        tar = tarfile.open(fileobj=stream, mode="r|*", tarinfo=_watching_tarinfo(header_errors))
-    except tarfile.TarError as e:
-        raise TarOpenError(f"not a readable tar: {e}") from e
+    opened = _open_in_place(raw, header_errors) if in_place else None
+    file_size = -1
+    if opened is not None:
+        tar, file_size = opened
+        stats.bytes_read = file_size  # every byte is read: the headers here, the images by the decoders
+    else:
+        stream = io.BufferedReader(_SourceStream(raw, stats), buffer_size=1 << 20)
+        try:
+            tar = tarfile.open(fileobj=stream, mode="r|*", tarinfo=_watching_tarinfo(header_errors))
+        except tarfile.TarError as e:
+            raise TarOpenError(f"not a readable tar: {e}") from e
 
     index = 0
     key: str | None = None
-    image: tuple[str, bytes] | None = None
+    image: tuple[str, bytes, int, int] | None = None
     caption: str | None = None
     sidecar: str | None = None
     last_member = ""
@@ -163,7 +197,8 @@ def iter_tar(raw: BinaryIO, stats: TarStats | None = None) -> Iterator[Sample | 
         nonlocal index
         if key is None or image is None:
             return None
-        sample = Sample(key=key, member=image[0], image=image[1], caption=caption, json=sidecar, index=index)
+        sample = Sample(key=key, member=image[0], image=image[1], caption=caption, json=sidecar, index=index,
+                        offset=image[2], size=image[3])
         index += 1
         return sample
 
@@ -201,13 +236,19 @@ def iter_tar(raw: BinaryIO, stats: TarStats | None = None) -> Iterator[Sample | 
                     else:
                         stats.ignored_members += 1
                     continue
+                if file_size >= 0 and ext in IMAGE_EXTENSIONS and not info.issparse():
+                    if info.offset_data + info.size > file_size:
+                        raise tarfile.ReadError(f"unexpected end of data in {name}")
+                    last_member = name
+                    image = (name, b"", info.offset_data, info.size)
+                    continue
                 f = tar.extractfile(info)
                 data = f.read() if f is not None else b""
                 if len(data) != info.size:
                     raise tarfile.ReadError(f"unexpected end of data in {name}")
                 last_member = name
                 if ext in IMAGE_EXTENSIONS:
-                    image = (name, data)
+                    image = (name, data, -1, len(data))
                 elif ext == CAPTION_EXTENSION:
                     caption = _decode_text(data)
                 else:

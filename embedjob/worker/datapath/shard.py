@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import queue
 import threading
 import time
@@ -46,12 +47,17 @@ from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 
+import numpy as np
+
 from embedjob.contract import EmbedOptions
 from embedjob.layout import shard_outputs, shard_stem
-from embedjob.storage import Storage
+from embedjob.storage import Storage, is_s3
+from embedjob.worker.datapath.batch_slots import CROP_SHAPE, BatchSlots
 from embedjob.worker.datapath.decode_pool import (
     CHUNK_BYTES,
     FAST_PREPROCESSING_ID,
+    JPEG,
+    REJECTED,
     Crop,
     DecodePool,
     DecodePoolBroken,
@@ -108,11 +114,11 @@ def decode_workers(options: EmbedOptions) -> int:
     return options.num_threads if options.num_threads > 0 else available_cpus()
 
 
-def queue_size(options: EmbedOptions, workers: int, chunk: int) -> int:
-    """How many chunks may wait between the reader and the model: enough to keep every decode worker
-    busy while a batch is being embedded, and no more."""
-    return max(2 * workers, -(-options.batch_size // chunk))
-
+# Batch slots per shard: the engine's host buffers (one being filled, one launched, one finishing)
+# plus one the decode processes write the next batch into.
+BATCH_SLOTS = 4
+# PreparedStream's rows per slot when the caller has no batch size (the benchmark's decode limit).
+DEFAULT_SLOT_ROWS = 64
 
 _END = object()
 
@@ -122,24 +128,56 @@ class _ReaderError:
     error: BaseException
 
 
+@dataclass
+class _Dispatched:
+    """A batch as the reader sent it out: its slot's rows, in tar order, and the chunks preparing them."""
+
+    slot: int | None
+    infos: list[SampleInfo] = field(default_factory=list)  # the samples given rows 0, 1, ... of the slot
+    seqs: list[int] = field(default_factory=list)  # their sample numbers in the tar
+    chunks: list[Future] = field(default_factory=list)  # in row order
+    skipped: list[tuple[int, SampleInfo, str]] = field(default_factory=list)  # (sample number, sample, reason)
+
+
+@dataclass
+class PreparedBatch:
+    """A batch ready for the engine: ``crops`` (a view of the slot, rejected rows left out) holds the
+    i-th kept sample's crop in row i, except at the positions of ``jpegs`` (left for the device)."""
+
+    slot: int | None
+    crops: np.ndarray  # uint8 [n, 224, 224, 3]
+    jpegs: dict[int, EncodedJpeg]
+    rows: list[MetadataRow]  # one per crop row
+    seqs: list[int]  # their sample numbers
+    failures: list[tuple[int, SampleInfo, str]]  # (sample number, sample, reason), in tar order
+    paths: dict[str, int]
+    decode_s: float = 0.0
+    preprocess_s: float = 0.0
+
+
 class PreparedStream:
-    """Stages 1-3: a reader thread streams the tar and sends chunks of images to the decode pool;
-    iterating yields ``(SampleInfo, Prepared)`` in tar order. Use as a context manager: leaving it
-    stops the reader and cancels the chunks not started yet, so the shared pool is free again."""
+    """Stages 1-3: a reader thread indexes the tar, assigns every image a row in a shared-memory batch
+    slot and sends chunks of (offset, size) to the decode pool, which reads the images and writes the
+    crops into their rows. :meth:`batches` yields :class:`PreparedBatch` in tar order; the caller
+    gives each slot back with :meth:`release` once the engine is done with it. Use as a context
+    manager: leaving it stops the reader and cancels the chunks not started yet."""
 
     def __init__(self, shard: str, storage: Storage, pool: DecodePool, options: EmbedOptions,
-                 device_jpeg: bool = False) -> None:
+                 device_jpeg: bool = False, slots: int = BATCH_SLOTS) -> None:
         self.shard, self.storage, self.pool = shard, storage, pool
         self.max_pixels = options.max_image_pixels
         self.preprocessing = options.preprocessing
         self.device_jpeg = device_jpeg
+        self.batch_size = options.batch_size if options.batch_size > 0 else DEFAULT_SLOT_ROWS
         self.stats = TarStats()
         self.read_seconds = 0.0  # reading/parsing the tar, including waiting for the source
-        self._queue: queue.Queue = queue.Queue(maxsize=queue_size(options, pool.workers, pool.chunk_images))
+        self.slots = BatchSlots(self.batch_size, slots)
+        self._queue: queue.Queue = queue.Queue()  # bounded by the slots
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._read, name="embedjob-tar-reader", daemon=True)
 
     def __enter__(self) -> PreparedStream:
+        self.pool.attach(self.slots)
         self._thread.start()
         return self
 
@@ -153,69 +191,155 @@ class PreparedStream:
                 item = self._queue.get_nowait()
             except queue.Empty:
                 break
-            if isinstance(item, tuple) and isinstance(item[1], Future):
-                item[1].cancel()
+            if isinstance(item, _Dispatched):
+                for f in item.chunks:
+                    f.cancel()
         self._thread.join()
+        self.pool.detach(self.slots)
+        self.slots.close()
 
-    def __iter__(self) -> Iterator[tuple[SampleInfo, Prepared]]:
+    def release(self, slot: int | None) -> None:
+        if slot is not None:
+            self.slots.release(slot)
+
+    def batches(self) -> Iterator[PreparedBatch]:
         while True:
             item = self._queue.get()
             if item is _END:
                 return
             if isinstance(item, _ReaderError):
                 raise item.error
-            infos, work = item
-            results = work.result() if isinstance(work, Future) else work
-            yield from zip(infos, results, strict=True)
+            yield self._ready(item)
+
+    def _ready(self, sent: _Dispatched) -> PreparedBatch:
+        """Wait for a dispatched batch's chunks and lay its slot out for the engine."""
+        records: list = []
+        blobs: list[bytes] = []
+        paths: dict[str, int] = {}
+        decode_s = preprocess_s = 0.0
+        for future in sent.chunks:
+            reply, payload = future.result()
+            records += reply["records"]
+            decode_s += reply["decode_s"]
+            preprocess_s += reply["preprocess_s"]
+            for path, count in reply["paths"].items():
+                paths[path] = paths.get(path, 0) + count
+            if payload:
+                blobs.append(payload)
+        failures = list(sent.skipped)
+        rows: list[MetadataRow] = []
+        seqs: list[int] = []
+        keep: list[int] = []
+        jpegs: dict[int, EncodedJpeg] = {}
+        payload = b"".join(blobs)
+        pos = 0
+        for i, (status, width, height, text, size) in enumerate(records):
+            info = sent.infos[i]
+            if status == REJECTED:
+                failures.append((sent.seqs[i], info, text))
+                continue
+            if status == JPEG:
+                jpegs[len(keep)] = EncodedJpeg(payload[pos:pos + size], width, height, 0.0)
+                pos += size
+            keep.append(i)
+            rows.append(info.row(self.shard, width, height))
+            seqs.append(sent.seqs[i])
+        failures.sort(key=lambda f: f[0])
+        if sent.slot is None:
+            crops = self.slots.array[:0, 0] if self.slots.slots else np.empty((0, *CROP_SHAPE), np.uint8)
+        else:
+            slot = self.slots.array[sent.slot]
+            if len(keep) < len(records):  # close the rejected images' gaps (rare: one copy of the rest)
+                slot[:len(keep)] = slot[keep]
+            crops = slot[:len(keep)]
+        return PreparedBatch(sent.slot, crops, jpegs, rows, seqs, failures, paths, decode_s, preprocess_s)
+
+    def __iter__(self) -> Iterator[tuple[SampleInfo, Prepared]]:
+        """Per image, in tar order (the benchmark's decode limit, tests): ``(SampleInfo, Prepared)``;
+        a Crop's pixels are a view of its slot, valid until the next item."""
+        for batch in self.batches():
+            items: list[tuple[int, SampleInfo, Prepared]] = [
+                (seq, info, Rejected(reason)) for seq, info, reason in batch.failures]
+            for i, (seq, row) in enumerate(zip(batch.seqs, batch.rows, strict=True)):
+                info = SampleInfo(row.key, row.member, row.caption, row.json)
+                item = batch.jpegs.get(i) or Crop(batch.crops[i], row.width, row.height, 0.0, 0.0, "")
+                items.append((seq, info, item))
+            items.sort(key=lambda x: x[0])
+            try:
+                for _, info, item in items:
+                    yield info, item
+            finally:
+                self.release(batch.slot)
 
     # -- the reader thread --------------------------------------------------------------------------
     def _put(self, item: object) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
+        if self._stop.is_set():
+            return False
+        self._queue.put(item)
+        return True
 
     def _read(self) -> None:
-        infos: list[SampleInfo] = []
-        datas: list[bytes] = []
+        src = os.path.abspath(self.shard) if not is_s3(self.shard) else None
+        batch = _Dispatched(None)
+        items: list[list[int]] = []  # the chunk's [offset, size]
+        rows: list[int] = []
+        datas: list[bytes] = []  # the chunk's images, when read here (a stream, not a local tar)
         size = 0
         chunk = 1  # the first chunks are small, so that every worker has work at once
+        seq = 0
 
-        def send() -> bool:
-            nonlocal infos, datas, size, chunk
-            if not infos:
-                return True
-            future = self.pool.submit(datas, self.max_pixels, self.preprocessing, self.device_jpeg)
-            ok = self._put((infos, future))
-            infos, datas, size = [], [], 0  # the image bytes now belong to the pool only
+        def send() -> None:
+            nonlocal items, rows, datas, size, chunk
+            if not items:
+                return
+            header = {"op": "chunk", "max_pixels": self.max_pixels, "preprocessing": self.preprocessing,
+                      "device_jpeg": self.device_jpeg, "src": None if datas else src, "items": items,
+                      "slots": self.slots.id, "slot": batch.slot, "rows": rows}
+            batch.chunks.append(self.pool.submit_chunk(header, b"".join(datas)))
+            items, rows, datas, size = [], [], [], 0  # the image bytes now belong to the pool only
             chunk = min(2 * chunk, self.pool.chunk_images)
-            return ok
+
+        def emit() -> bool:
+            nonlocal batch
+            send()
+            done, batch = batch, _Dispatched(None)
+            return self._put(done) if done.infos or done.skipped else True
 
         try:
             t = time.perf_counter()
             with self.storage.open_read(self.shard) as raw:
-                items = iter_tar(raw, self.stats)
+                samples = iter_tar(raw, self.stats, in_place=src is not None)
                 while True:
-                    item = next(items, _END)
+                    item = next(samples, _END)
                     self.read_seconds += time.perf_counter() - t
                     if item is _END:
                         break
+                    seq += 1
                     if isinstance(item, SkippedMember):
-                        skipped = ([SampleInfo(item.key, item.member)], [Rejected(item.reason)])
-                        if not send() or not self._put(skipped):
-                            return
+                        batch.skipped.append((seq, SampleInfo(item.key, item.member), item.reason))
                     else:
-                        infos.append(SampleInfo(item.key, item.member, item.caption, item.json))
-                        datas.append(item.image)
-                        size += len(item.image)
+                        if batch.slot is None:
+                            send()  # nothing pending: only skipped members so far
+                            batch.slot = self.slots.acquire(self._stop)
+                            if batch.slot is None:
+                                return
+                        rows.append(len(batch.infos))
+                        batch.infos.append(SampleInfo(item.key, item.member, item.caption, item.json))
+                        batch.seqs.append(seq)
+                        if item.offset >= 0:
+                            items.append([item.offset, item.size])
+                        else:
+                            items.append([size, len(item.image)])
+                            datas.append(item.image)
+                        size += item.size
                         del item
-                        if (len(datas) >= chunk or size >= CHUNK_BYTES) and not send():
-                            return
+                        if len(batch.infos) >= self.batch_size:
+                            if not emit():
+                                return
+                        elif len(items) >= chunk or size >= CHUNK_BYTES:
+                            send()
                     t = time.perf_counter()
-            if send():
+            if emit():
                 self._put(_END)
         except BaseException as e:  # noqa: BLE001 - handed to the consuming thread, which re-raises
             self._put(_ReaderError(e))
@@ -230,45 +354,41 @@ def device_jpeg_decoder(options: EmbedOptions, model: Embedder) -> JpegDecoder |
 
 
 class _Batches:
-    """The calling thread's side of stages 4-5: prepared samples into batches for the engine, and
-    finished batches into the writer, in tar order."""
+    """The calling thread's side of stages 4-5: prepared batches to the engine, and finished batches
+    into the writer, in tar order."""
 
-    def __init__(self, engine: InferenceEngine, writer: ShardWriter, shard: str, batch_size: int,
+    def __init__(self, engine: InferenceEngine, writer: ShardWriter, stream: PreparedStream,
                  on_progress: Callable[[int], None] | None, timings: dict[str, float]) -> None:
-        self.engine, self.writer, self.shard, self.batch_size = engine, writer, shard, batch_size
+        self.engine, self.writer, self.stream = engine, writer, stream
         self.on_progress, self.timings = on_progress, timings
         self.embedded = 0
         self.paths: dict[str, int] = {}  # how the embedded images were preprocessed
         self._failures: list[tuple[int, dict[str, str]]] = []  # (sample number, record): kept in tar order
-        self._seq = 0
-        self._batch: list[tuple[int, SampleInfo, Crop | EncodedJpeg]] = []
-        self._in_flight: collections.deque[tuple[Future, list]] = collections.deque()
+        self._in_flight: collections.deque[tuple[Future, PreparedBatch]] = collections.deque()
 
     @property
     def failures(self) -> list[dict[str, str]]:
         return [record for _, record in sorted(self._failures, key=lambda f: f[0])]
 
-    def add(self, info: SampleInfo, item: Prepared) -> None:
-        self._seq += 1
-        if isinstance(item, Rejected):
-            self._fail(self._seq, info, item.reason)
-            return
-        if isinstance(item, Crop):
-            self.paths[item.path] = self.paths.get(item.path, 0) + 1
-        self._batch.append((self._seq, info, item))
-        if len(self._batch) >= self.batch_size:
-            self.flush()
-
-    def _fail(self, seq: int, info: SampleInfo, reason: str) -> None:
+    def _fail(self, seq: int, info: SampleInfo | MetadataRow, reason: str) -> None:
         self._failures.append((seq, {"key": info.key, "member": info.member, "reason": reason}))
 
-    def flush(self) -> None:
-        if self._batch:
+    def add(self, batch: PreparedBatch) -> None:
+        self.timings["decode"] += batch.decode_s
+        self.timings["preprocess"] += batch.preprocess_s
+        for path, count in batch.paths.items():
+            self.paths[path] = self.paths.get(path, 0) + count
+        for seq, info, reason in batch.failures:
+            self._fail(seq, info, reason)
+        if not batch.rows:
+            self.stream.release(batch.slot)
+        else:
             t = time.perf_counter()
-            future = self.engine.submit([x.pixels if isinstance(x, Crop) else x for _, _, x in self._batch])
+            future = self.engine.submit_batch(batch.crops, batch.jpegs)
             self.timings["wait"] += time.perf_counter() - t  # for a free host buffer (the model is behind)
-            self._in_flight.append((future, self._batch))
-            self._batch = []
+            # The slot is free once the forward has read it (on the forward thread: never waits on us).
+            future.add_done_callback(lambda _f, slot=batch.slot: self.stream.release(slot))
+            self._in_flight.append((future, batch))
         self.collect(wait=False)
 
     def collect(self, wait: bool) -> None:
@@ -278,21 +398,22 @@ class _Batches:
             t = time.perf_counter()
             result = future.result()
             self.timings["wait"] += time.perf_counter() - t  # for the model
-            rows = []
-            for i, (seq, info, item) in enumerate(batch):
-                if i in result.rejected:
-                    self._fail(seq, info, result.rejected[i])
-                    continue
-                if i in result.paths:
-                    self.paths[result.paths[i]] = self.paths.get(result.paths[i], 0) + 1
-                rows.append(info.row(self.shard, item.width, item.height))
+            rows = batch.rows
+            if result.rejected or result.paths:  # the device path: some rows were decoded there
+                rows = []
+                for i, row in enumerate(batch.rows):
+                    if i in result.rejected:
+                        self._fail(batch.seqs[i], row, result.rejected[i])
+                        continue
+                    if i in result.paths:
+                        self.paths[result.paths[i]] = self.paths.get(result.paths[i], 0) + 1
+                    rows.append(row)
             self.writer.add(result.rows, rows)
             self.embedded += len(rows)
             if self.on_progress is not None:
                 self.on_progress(self.embedded)
 
     def finish(self) -> None:
-        self.flush()
         self.collect(wait=True)
         # The model's own time on this shard's batches (on CUDA, measured on the device): what
         # inference/total says is how busy this shard kept the model.
@@ -332,13 +453,11 @@ def embed_shard(
             with InferenceEngine(model, options.batch_size, jpeg_decoder=jpeg_decoder,
                                  max_pixels=options.max_image_pixels) as engine, \
                     PreparedStream(shard, storage, pool, options, device_jpeg=jpeg_decoder is not None) as stream:
-                batches = _Batches(engine, writer, shard, options.batch_size, on_progress, timings)
+                batches = _Batches(engine, writer, stream, on_progress, timings)
                 t = time.perf_counter()
-                for info, item in stream:
+                for batch in stream.batches():
                     timings["wait"] += time.perf_counter() - t
-                    timings["decode"] += item.decode_s
-                    timings["preprocess"] += getattr(item, "preprocess_s", 0.0)
-                    batches.add(info, item)
+                    batches.add(batch)
                     t = time.perf_counter()
                 batches.finish()
         except DecodePoolBroken:

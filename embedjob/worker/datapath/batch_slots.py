@@ -1,0 +1,81 @@
+"""Stage 2 → 4 hand-off — shared-memory batch slots the decode processes write their crops into.
+
+A shard's :class:`BatchSlots` is ``slots`` batches of uint8 ``[batch_size, 224, 224, 3]`` crops in
+one anonymous shared-memory file (``memfd_create``: it never has a name under ``/dev/shm``, so a
+worker that is SIGKILLed leaves nothing behind; the memory goes when the last process mapping it
+exits). The decode processes receive its file descriptor over a Unix socket (``SCM_RIGHTS``), map it
+and write each crop into the row the reader assigned it. The main process never touches a crop: a
+full slot is handed to the inference engine as it is (on the CPU the forward reads it in place; on
+CUDA it is one copy per batch into the pinned buffer).
+
+A slot is taken by the reader when it starts assigning a batch's rows and given back when the
+engine has finished that batch, so at most ``slots`` batches of crops exist per shard.
+"""
+
+from __future__ import annotations
+
+import itertools
+import mmap
+import os
+import queue
+import threading
+
+import numpy as np
+
+from embedjob.worker.datapath.preprocess import IMAGE_SIZE
+
+CROP_SHAPE = (IMAGE_SIZE, IMAGE_SIZE, 3)
+CROP_BYTES = IMAGE_SIZE * IMAGE_SIZE * 3
+_ids = itertools.count(1)
+
+
+def map_slots(fd: int, slots: int, batch_size: int) -> tuple[mmap.mmap, np.ndarray]:
+    """Map a slots file: the mapping and its ``[slots, batch_size, 224, 224, 3]`` uint8 view."""
+    mm = mmap.mmap(fd, slots * batch_size * CROP_BYTES)
+    return mm, np.frombuffer(mm, dtype=np.uint8).reshape(slots, batch_size, *CROP_SHAPE)
+
+
+class BatchSlots:
+    """``slots`` batch slots in an anonymous shared-memory file (see the module docstring)."""
+
+    def __init__(self, batch_size: int, slots: int) -> None:
+        self.id = next(_ids)
+        self.batch_size, self.slots = int(batch_size), int(slots)
+        self.fd = os.memfd_create(f"embedjob-batch-slots-{os.getpid()}-{self.id}", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(self.fd, self.slots * self.batch_size * CROP_BYTES)
+            self._mm, self.array = map_slots(self.fd, self.slots, self.batch_size)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self._free: queue.Queue[int] = queue.Queue()
+        for i in range(self.slots):
+            self._free.put(i)
+        self._lock = threading.Lock()
+        self.closed = False
+
+    def acquire(self, stop: threading.Event) -> int | None:
+        """A free slot, waiting for one; None once ``stop`` is set."""
+        while not stop.is_set():
+            try:
+                return self._free.get(timeout=0.1)
+            except queue.Empty:
+                continue
+        return None
+
+    def release(self, slot: int) -> None:
+        self._free.put(slot)
+
+    def close(self) -> None:
+        """Close the file descriptor and drop the mapping (a view still in use keeps it alive until
+        it is garbage-collected; the decode processes unmap their own)."""
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = True
+            os.close(self.fd)
+            self.array = np.empty((0, 0, *CROP_SHAPE), dtype=np.uint8)
+            try:
+                self._mm.close()
+            except BufferError:  # a batch view is still referenced: freed with it
+                pass

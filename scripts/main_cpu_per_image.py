@@ -1,0 +1,109 @@
+"""Main-process CPU ms per image in an end-to-end ``embed_shard`` run (the decode processes' CPU excluded).
+
+    .venv/bin/python scripts/main_cpu_per_image.py [--size 500x375] [--shards 4] [--per-shard 1000]
+        [--preprocessing exact] [--profile out.html]
+
+A tiny random-weight CLIP keeps the model's cost small; the forward thread's (and torch's own
+threads') CPU is reported apart, since on a GPU the forward is a launch, not a computation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+
+def thread_cpu() -> dict[str, float]:
+    """CPU seconds of each thread of this process, summed by thread name."""
+    out: dict[str, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            stat = Path(f"/proc/self/task/{tid}/stat").read_text()
+            name = Path(f"/proc/self/task/{tid}/comm").read_text().strip()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size", default="500x375")
+    ap.add_argument("--shards", type=int, default=4)
+    ap.add_argument("--per-shard", type=int, default=1000)
+    ap.add_argument("--preprocessing", default="exact")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--profile", default="")
+    args = ap.parse_args()
+
+    from embedjob.bench.run import make_shards
+    from embedjob.contract import EmbedOptions
+    from embedjob.storage import Storage
+    from embedjob.worker.datapath.engine import InferenceEngine
+    from embedjob.worker.datapath.shard import embed_shard
+    from embedjob.worker.model.load import load_embedder, torch
+    from embedjob.worker.model.random_weights import save_random_clip
+
+    work = Path(tempfile.mkdtemp(prefix="embedjob-maincpu-"))
+    storage = Storage()
+    shards = make_shards(str(work / "in"), storage, args.size, args.shards + 1, args.per_shard)
+    model = load_embedder(str(save_random_clip(work / "tiny")), device="cpu")
+    torch.set_num_threads(1)  # the forward runs on the forward thread alone, so its CPU can be told apart
+    forward_cpu = [0.0]
+    run = InferenceEngine._run
+
+    def timed_run(self: InferenceEngine) -> None:
+        t = time.thread_time()
+        try:
+            run(self)
+        finally:
+            forward_cpu[0] += time.thread_time() - t
+
+    InferenceEngine._run = timed_run  # type: ignore[method-assign]
+    options = EmbedOptions(batch_size=args.batch_size, device="cpu", preprocessing=args.preprocessing)
+    embed_shard(shards[0], str(work / "out"), model, options, stem="warm")  # pool started, buffers made
+
+    profiler = None
+    if args.profile:
+        from pyinstrument import Profiler
+
+        profiler = Profiler(interval=0.0005, async_mode="disabled")
+    forward_cpu[0] = 0.0
+    threads0 = thread_cpu()
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
+    t0 = time.perf_counter()
+    if profiler:
+        profiler.start()
+    images = 0
+    for i, shard in enumerate(shards[1:]):
+        images += embed_shard(shard, str(work / "out"), model, options, stem=f"s{i}").images
+    if profiler:
+        profiler.stop()
+    seconds = time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    threads1 = thread_cpu()
+    cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+    per_thread = {k: v - threads0.get(k, 0.0) for k, v in threads1.items()}
+    model_cpu = forward_cpu[0]
+    print(f"{images} images in {seconds:.2f} s ({images / seconds:.0f} img/s), threads alive {threading.active_count()}")
+    print(f"main process CPU: {1000 * cpu / images:.3f} ms/image total "
+          f"(user {1000 * (r1.ru_utime - r0.ru_utime) / images:.3f}, sys {1000 * (r1.ru_stime - r0.ru_stime) / images:.3f})")
+    print(f"  forward thread (the model): {1000 * model_cpu / images:.3f} ms/image")
+    print(f"MAIN PROCESS CPU WITHOUT THE MODEL: {1000 * (cpu - model_cpu) / images:.3f} ms/image")
+    for k, v in sorted(per_thread.items(), key=lambda kv: -kv[1]):
+        if v > 0.001:
+            print(f"    persistent thread {k:20s} {1000 * v / images:.3f} ms/image")
+    if profiler:
+        Path(args.profile).write_text(profiler.output_html())
+        print(profiler.output_text(unicode=False, color=False, show_all=False))
+
+
+if __name__ == "__main__":
+    main()

@@ -13,7 +13,6 @@ import argparse
 import os
 import resource
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -92,9 +91,10 @@ def main() -> None:
     cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
     per_thread = {k: v - threads0.get(k, 0.0) for k, v in threads1.items()}
     model_cpu = forward_cpu[0]
-    print(f"{images} images in {seconds:.2f} s ({images / seconds:.0f} img/s), threads alive {threading.active_count()}")
+    user, system = r1.ru_utime - r0.ru_utime, r1.ru_stime - r0.ru_stime
+    print(f"{images} images in {seconds:.2f} s ({images / seconds:.0f} img/s)")
     print(f"main process CPU: {1000 * cpu / images:.3f} ms/image total "
-          f"(user {1000 * (r1.ru_utime - r0.ru_utime) / images:.3f}, sys {1000 * (r1.ru_stime - r0.ru_stime) / images:.3f})")
+          f"(user {1000 * user / images:.3f}, sys {1000 * system / images:.3f})")
     print(f"  forward thread (the model): {1000 * model_cpu / images:.3f} ms/image")
     print(f"MAIN PROCESS CPU WITHOUT THE MODEL: {1000 * (cpu - model_cpu) / images:.3f} ms/image")
     for k, v in sorted(per_thread.items(), key=lambda kv: -kv[1]):

@@ -32,6 +32,25 @@ def thread_cpu() -> dict[str, float]:
     return out
 
 
+def children_cpu() -> dict[int, float]:
+    """CPU seconds of each child process (the decode pool: it lives across shards)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[int, float] = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            pids = Path(f"/proc/self/task/{tid}/children").read_text().split()
+        except OSError:
+            continue
+        for pid in pids:
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2:].split()
+            out[int(pid)] = (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", default="500x375")
@@ -76,6 +95,7 @@ def main() -> None:
         profiler = Profiler(interval=0.0005, async_mode="disabled")
     forward_cpu[0] = 0.0
     threads0 = thread_cpu()
+    children0 = children_cpu()
     r0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     if profiler:
@@ -87,6 +107,8 @@ def main() -> None:
         profiler.stop()
     seconds = time.perf_counter() - t0
     r1 = resource.getrusage(resource.RUSAGE_SELF)
+    children1 = children_cpu()
+    decoders = sum(v - children0.get(k, 0.0) for k, v in children1.items())
     threads1 = thread_cpu()
     cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
     per_thread = {k: v - threads0.get(k, 0.0) for k, v in threads1.items()}
@@ -95,6 +117,7 @@ def main() -> None:
     print(f"{images} images in {seconds:.2f} s ({images / seconds:.0f} img/s)")
     print(f"main process CPU: {1000 * cpu / images:.3f} ms/image total "
           f"(user {1000 * user / images:.3f}, sys {1000 * system / images:.3f})")
+    print(f"  the decode processes: {1000 * decoders / images:.3f} ms/image")
     print(f"  forward thread (the model): {1000 * model_cpu / images:.3f} ms/image")
     print(f"MAIN PROCESS CPU WITHOUT THE MODEL: {1000 * (cpu - model_cpu) / images:.3f} ms/image")
     for k, v in sorted(per_thread.items(), key=lambda kv: -kv[1]):

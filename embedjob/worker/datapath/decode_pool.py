@@ -1,7 +1,11 @@
 """Stages 2 + 3 on every CPU — decode and preprocess a shard's images in a pool of worker processes.
 
-One call prepares a small chunk of images (the reader groups consecutive samples, so the per-task
-cost of the pool is paid once per chunk, not per image). Each image comes back as:
+One task prepares a small chunk of images (the reader groups consecutive samples, so the per-task
+cost of the pool is paid once per chunk, not per image). The decode process reads the images itself
+(by offset from a local tar, or from the task's payload for a stream), writes each crop straight
+into its row of a shared-memory batch slot (batch_slots.py) and answers with one small JSON record
+per image; tasks and answers are a JSON header plus raw bytes, never pickles. :func:`prepare_image`,
+the work on one image, gives:
 
 - :class:`Crop`: the uint8 ``[224, 224, 3]`` crop of the reference transform (or of the opt-in
   fast path), with the original width and height;
@@ -496,7 +500,7 @@ def serve(stdin: IO[bytes], stdout: IO[bytes], fds: socket.socket | None = None)
         op = header.get("op")
         if op == _ATTACH:
             assert fds is not None
-            _, received, _, _ = socket.recv_fds(fds, 16, 1)
+            _, received, _, _ = socket.recv_fds(fds, 1, 1)  # one byte: exactly one sendmsg's fd
             try:
                 mm, array = map_slots(received[0], header["count"], header["batch_size"])
             finally:

@@ -18,20 +18,23 @@ CONTRACT (other modules code against this; keep it stable):
 - Raises only for shard-level failures that leave no usable output (e.g. the shard cannot be
   opened at all); a corrupt/truncated tar keeps what was read and records the error.
 
-The stages, one module each, connected by bounded queues so memory stays flat for any shard size
-and rows keep the tar's order::
+The stages, one module each; the main process deals in batches, never in an image's bytes or pixels::
 
-    reader thread        tar_reader.iter_tar(Storage.open_read(shard))       (S3 / disk stream)
-      │  chunks of images to the decode pool; the chunks' Futures on a bounded queue (tar order)
-    decode pool          prepare.prepare_images: decode + preprocess        (one process per CPU)
-      │  Futures resolved in queue order                                      (PreparedStream)
-    calling thread       batches of uint8 crops into the engine's host buffers; finished batches to
-      │                  writer.ShardWriter, in order
+    reader thread        read.iter_tar(Storage.open_read(shard), in_place=True)   (S3 / disk stream)
+      │  indexes the tar: a local .tar's images stay in the file (offset, size); a stream's (S3, a
+      │  compressed tar) are read here and go out in the chunk's payload. Each image gets a row in
+      │  a shared-memory batch slot (batch_slots); chunks of (offset, size, row) to the decode pool
+    decode pool          decode_pool.run_chunk: read + decode + preprocess, the crop written straight
+      │                  into its row; a small JSON record per image comes back (one process per CPU)
+    calling thread       PreparedStream.batches: a full slot, rejected rows closed up, to the engine
+      │                  as it is (zero copy on the CPU, one copy per batch into pinned memory on CUDA)
     forward thread       engine.InferenceEngine: to the device, normalise there, forward, rows back
-                         (asynchronous: decode, copy, forward and writing overlap)
-    calling thread       -> commit: .npy, .parquet, then the manifest
+      │                  (asynchronous: decode, copy, forward and writing overlap); the slot is free again
+    calling thread       finished batches to writer.ShardWriter, in order -> commit: .npy, .parquet,
+                         then the manifest
 
-At most ``queue size x chunk + 3 batches`` samples are alive at once, however large the shard.
+At most ``BATCH_SLOTS`` batches of crops exist per shard (the reader waits for a free slot), however
+large the shard.
 """
 
 from __future__ import annotations

@@ -61,7 +61,7 @@ def main() -> None:
     ap.add_argument("--profile", default="")
     args = ap.parse_args()
 
-    from embedjob.bench.run import make_shards
+    from embedjob.bench.synth import make_shards
     from embedjob.contract import EmbedOptions
     from embedjob.storage import Storage
     from embedjob.worker.datapath.engine import InferenceEngine

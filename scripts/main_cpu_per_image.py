@@ -61,7 +61,10 @@ def main() -> None:
     ap.add_argument("--profile", default="")
     args = ap.parse_args()
 
-    from embedjob.bench.synth import make_shards
+    try:
+        from embedjob.bench.synth import make_shards
+    except ImportError:  # a checkout from before the bench became a package (to measure "before")
+        from embedjob.bench.run import make_shards  # type: ignore[no-redef]
     from embedjob.contract import EmbedOptions
     from embedjob.storage import Storage
     from embedjob.worker.datapath.engine import InferenceEngine

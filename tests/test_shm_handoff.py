@@ -243,3 +243,25 @@ def test_the_decode_protocol_has_no_pickles():
     buf.seek(0)
     assert decode_pool._read_frame(buf) == ({"op": "chunk", "items": [[0, 3]]}, b"abc")
     assert "import pickle" not in Path(decode_pool.__file__).read_text()
+
+
+def test_a_shard_rewritten_at_the_same_path_is_read_afresh(tmp_path):
+    """The decode processes keep their tar files open across chunks: a new file at the same path
+    (a re-downloaded shard, a retry) must be read as the new file, never through a stale handle."""
+    path = tmp_path / "s.tar"
+    pool = DecodePool(1)
+    try:
+        for seed, replace in ((1, False), (2, True), (3, False)):
+            spec = shards.simple_shard(6, seed=seed)
+            if replace:  # a new inode
+                spec.write(tmp_path / "new.tar").replace(path)
+            else:  # the same inode, rewritten
+                spec.write(path)
+            images = spec.members_by_key()
+            with PreparedStream(str(path), Storage(), pool, EmbedOptions(batch_size=4)) as stream:
+                for batch in stream.batches():
+                    for row, crop in zip(batch.rows, batch.crops, strict=True):
+                        np.testing.assert_array_equal(crop, prepare_image(images[row.key], 10**8).pixels)
+                    stream.release(batch.slot)
+    finally:
+        pool.shutdown()

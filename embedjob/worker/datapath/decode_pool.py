@@ -142,6 +142,8 @@ def prepare_images(datas: list[bytes], max_pixels: int, preprocessing: str = "ex
 # A task is a small JSON header plus a raw payload, both ways; no pickles. The header of a chunk:
 #   {"op": "chunk", "max_pixels", "preprocessing", "device_jpeg",
 #    "src": a local tar file the decoder reads the images from (by offset), or null: from the payload,
+#    "src_id": [st_dev, st_ino, st_size, st_mtime_ns] of the file the reader indexed (a file put in
+#              its place since is refused, never read),
 #    "items": [[offset, size], ...]   (in the file, or in the payload),
 #    "slots": the BatchSlots id the crops go into, "slot": its slot, "rows": [row, ...]
 #             (or "slots": null: the crops come back in the reply's payload)}
@@ -151,19 +153,30 @@ def prepare_images(datas: list[bytes], max_pixels: int, preprocessing: str = "ex
 CROP, JPEG, REJECTED = 0, 1, 2
 
 
+def file_identity(st: os.stat_result) -> list[int]:
+    """What tells one version of a file from another: device, inode, size, modification time."""
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns]
+
+
 class _Sources:
-    """The decode side's open tar files (a few: two shards may be in flight)."""
+    """The decode side's open tar files (a few: two shards may be in flight), each the very file the
+    reader indexed (``src_id``)."""
 
     def __init__(self, keep: int = 4) -> None:
         self.keep = keep
-        self._files: dict[str, int] = {}
+        self._files: dict[tuple, int] = {}
 
-    def read(self, path: str, offset: int, size: int) -> bytes:
-        fd = self._files.get(path)
+    def read(self, path: str, identity: list[int] | None, offset: int, size: int) -> bytes:
+        key = (path, *(identity or ()))
+        fd = self._files.get(key)
         if fd is None:
             while len(self._files) >= self.keep:
                 os.close(self._files.pop(next(iter(self._files))))
-            fd = self._files[path] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            if identity is not None and file_identity(os.fstat(fd)) != list(identity):
+                os.close(fd)
+                raise RuntimeError(f"{path} changed while its shard was being read")
+            self._files[key] = fd
         return os.pread(fd, size, offset)
 
     def close(self) -> None:
@@ -189,7 +202,7 @@ def run_chunk(header: dict, payload: bytes | memoryview, slots: dict[int, np.nda
     paths: dict[str, int] = {}
     decode_s = preprocess_s = 0.0
     for k, (offset, size) in enumerate(header["items"]):
-        data = sources.read(src, offset, size) if src else bytes(view[offset:offset + size])
+        data = sources.read(src, header.get("src_id"), offset, size) if src else bytes(view[offset:offset + size])
         if src and len(data) != size:
             item: Prepared = Rejected(f"decode: short read ({len(data)} of {size} bytes)")
         else:

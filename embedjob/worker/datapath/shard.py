@@ -68,6 +68,7 @@ from embedjob.worker.datapath.decode_pool import (
     Prepared,
     Rejected,
     discard_decode_pool,
+    file_identity,
     shared_decode_pool,
 )
 from embedjob.worker.datapath.engine import InferenceEngine
@@ -290,13 +291,14 @@ class PreparedStream:
         size = 0
         chunk = 1  # the first chunks are small, so that every worker has work at once
         seq = 0
+        src_id: list[int] | None = None
 
         def send() -> None:
             nonlocal items, rows, datas, size, chunk
             if not items:
                 return
             header = {"op": "chunk", "max_pixels": self.max_pixels, "preprocessing": self.preprocessing,
-                      "device_jpeg": self.device_jpeg, "src": None if datas else src, "items": items,
+                      "device_jpeg": self.device_jpeg, "src": None if datas else src, "src_id": src_id, "items": items,
                       "slots": self.slots.id, "slot": batch.slot, "rows": rows}
             batch.chunks.append(self.pool.submit_chunk(header, b"".join(datas)))
             items, rows, datas, size = [], [], [], 0  # the image bytes now belong to the pool only
@@ -311,6 +313,10 @@ class PreparedStream:
         try:
             t = time.perf_counter()
             with self.storage.open_read(self.shard) as raw:
+                try:
+                    src_id = file_identity(os.fstat(raw.fileno())) if src is not None else None
+                except (OSError, AttributeError, ValueError):
+                    src, src_id = None, None  # not a file after all: streamed
                 samples = iter_tar(raw, self.stats, in_place=src is not None)
                 while True:
                     item = next(samples, _END)

@@ -69,8 +69,9 @@ def main() -> None:
     from embedjob.storage import Storage
     from embedjob.worker.datapath.engine import InferenceEngine
     from embedjob.worker.datapath.shard import embed_shard
-    from embedjob.worker.model.load import load_embedder, torch
+    from embedjob.worker.model.load import load_embedder
     from embedjob.worker.model.random_weights import save_random_clip
+    from embedjob.worker.model.torch_env import torch
 
     work = Path(tempfile.mkdtemp(prefix="embedjob-maincpu-"))
     storage = Storage()

@@ -22,6 +22,7 @@ from typing import Any
 import redis
 
 from embedjob.access import StorageNotAllowed
+from embedjob.limits import OptionsNotAllowed
 from embedjob.storage import StorageError
 
 _REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
@@ -97,6 +98,8 @@ def describe_failure(exc: BaseException) -> dict[str, Any]:
                     "accessError": cause.access_denied or cause.code == "NoSuchBucket"}
         if isinstance(cause, StorageNotAllowed):  # the same for every shard of the job: fail fast
             return {"error": error, "errorCode": "StorageNotAllowed", "transient": False, "accessError": True}
+        if isinstance(cause, OptionsNotAllowed):  # beyond the worker's ceilings: the same for every shard
+            return {"error": error, "errorCode": "OptionsNotAllowed", "transient": False, "accessError": True}
         if isinstance(cause, _REDIS_ERRORS):
             return {"error": error, "errorCode": type(cause).__name__, "transient": True, "accessError": False}
         cause = cause.__cause__ or cause.__context__

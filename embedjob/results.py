@@ -10,6 +10,7 @@ else is there.
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import time
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from embedjob import settings
 from embedjob.layout import job_manifest_uri, manifests_prefix, shard_outputs, stem_from_manifest, tmp_root
 from embedjob.storage import Storage, StorageOptions
 
@@ -30,15 +32,35 @@ class ShardEmbeddings:
     manifest: dict[str, Any]
 
 
-def done_stems(output_uri: str, storage: Storage | None = None) -> set[str]:
-    """Stems of every finished shard under ``output_uri`` (one paginated listing of _manifests/)."""
+def done_stems(output_uri: str, storage: Storage | None = None, limit: int | None = None) -> set[str]:
+    """Stems of every finished shard under ``output_uri`` (one paginated listing of _manifests/). With
+    ``limit``, the listing stops past that many and raises ValueError (bounded memory)."""
     storage = storage or Storage()
-    return {stem_from_manifest(u, output_uri) for u in storage.list(manifests_prefix(output_uri), suffix=".json")}
+    found = storage.list(manifests_prefix(output_uri), suffix=".json")
+    if limit is not None:
+        found = itertools.islice(found, limit + 1)
+    stems = {stem_from_manifest(u, output_uri) for u in found}
+    if limit is not None and len(stems) > limit:
+        raise ValueError(f"more than {limit:,} shard manifests under {manifests_prefix(output_uri)!r}")
+    return stems
 
 
-def read_manifest(output_uri: str, stem: str, storage: Storage | None = None) -> dict[str, Any]:
+class ManifestTooLarge(ValueError):
+    """A shard manifest above the size cap: not read (the output prefix is the job owner's to write)."""
+
+
+def read_manifest(output_uri: str, stem: str, storage: Storage | None = None,
+                  max_bytes: int | None = None) -> dict[str, Any]:
+    """A shard's manifest; at most ``max_bytes`` (default ``EMBEDJOB_MAX_MANIFEST_BYTES``) are read,
+    a larger one raises :class:`ManifestTooLarge` without being held in memory."""
     storage = storage or Storage()
-    return json.loads(storage.read_bytes(shard_outputs(output_uri, stem).manifest))
+    limit = settings.load().max_manifest_bytes if max_bytes is None else max_bytes
+    uri = shard_outputs(output_uri, stem).manifest
+    with storage.open_read(uri) as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ManifestTooLarge(f"{uri}: more than {limit} bytes (EMBEDJOB_MAX_MANIFEST_BYTES): not read")
+    return json.loads(data)
 
 
 def shard_counts(manifest: dict[str, Any]) -> tuple[int, int]:

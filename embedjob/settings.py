@@ -48,6 +48,17 @@ Environment variables (defaults in brackets):
 ``EMBEDJOB_PRELOAD_MODEL``        worker: model (hub id or path) loaded at start; ready once loaded [none]
 ``EMBEDJOB_QUEUED_PER_SLOT``      operator: messages waiting in a queue per worker slot consuming it [2]
 ``EMBEDJOB_MIN_QUEUED``           operator: messages each job may keep waiting, whatever the workers [2]
+``EMBEDJOB_STORAGE_ENDPOINTS``    S3 endpoints a job's ``spec.storage.endpoint`` may name besides the
+                                  workers' own (``AWS_ENDPOINT_URL``), comma-separated [none]
+``EMBEDJOB_MAX_SHARDS``           most shards one job may plan (brace patterns counted before
+                                  expanding, listings stopped there) [1000000]
+``EMBEDJOB_MAX_MANIFEST_BYTES``   a shard manifest larger than this is not read [16777216]
+``EMBEDJOB_MAX_IMAGE_PIXELS``     ceiling on ``spec.inference.maxImagePixels`` [178956970]
+``EMBEDJOB_MAX_NUM_THREADS``      ceiling on ``spec.inference.numThreads`` (workers: also their CPUs) [64]
+``EMBEDJOB_MAX_RETRIES``          ceiling on ``spec.retries.perShard`` [10]
+``EMBEDJOB_MAX_PRIORITY``         ceiling on ``spec.priority`` [10]
+``EMBEDJOB_MODEL_ALLOW_LIST``     JSON list of hub models jobs may name: ``"org/name"`` (any revision)
+                                  or ``"org/name@revision"`` [unset: any]
 ================================  ============================================================
 """
 
@@ -94,6 +105,15 @@ class Settings:
     preload_model: str = ""
     queued_per_slot: float = 2.0
     min_queued: int = 2
+    storage_endpoints: tuple[str, ...] = ()
+    max_shards: int = 1_000_000
+    max_manifest_bytes: int = 16 << 20
+    max_image_pixels: int = 178_956_970  # twice the spec's default (Pillow's own error threshold)
+    max_num_threads: int = 64
+    max_retries: int = 10
+    max_priority: int = 10
+    # (("org/name", "revision" or ""), ...): "" = any revision; None: any model
+    model_allow_list: tuple[tuple[str, str], ...] | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -139,6 +159,15 @@ class Settings:
             preload_model=env.get("EMBEDJOB_PRELOAD_MODEL") or d.preload_model,
             queued_per_slot=num("EMBEDJOB_QUEUED_PER_SLOT", d.queued_per_slot),
             min_queued=int(num("EMBEDJOB_MIN_QUEUED", d.min_queued, int)),
+            storage_endpoints=tuple(e.strip().rstrip("/")
+                                    for e in (env.get("EMBEDJOB_STORAGE_ENDPOINTS") or "").split(",") if e.strip()),
+            max_shards=int(num("EMBEDJOB_MAX_SHARDS", d.max_shards, int)),
+            max_manifest_bytes=int(num("EMBEDJOB_MAX_MANIFEST_BYTES", d.max_manifest_bytes, int)),
+            max_image_pixels=int(num("EMBEDJOB_MAX_IMAGE_PIXELS", d.max_image_pixels, int)),
+            max_num_threads=int(num("EMBEDJOB_MAX_NUM_THREADS", d.max_num_threads, int)),
+            max_retries=int(num("EMBEDJOB_MAX_RETRIES", d.max_retries, int)),
+            max_priority=int(num("EMBEDJOB_MAX_PRIORITY", d.max_priority, int)),
+            model_allow_list=_model_allow_list(env.get("EMBEDJOB_MODEL_ALLOW_LIST")),
         )
 
     @property
@@ -218,10 +247,28 @@ def _allow_list(raw: str | None) -> tuple[tuple[str, tuple[str, ...]], ...] | No
         if not isinstance(prefixes, list) or not all(isinstance(p, str) for p in prefixes):
             raise ValueError(f"{name}[{ns!r}]: expected a list of s3:// prefixes")
         for p in prefixes:
+            if p == "*":  # the explicit opt-out: any S3 location (the endpoint stays pinned)
+                continue
             if not p.startswith("s3://") or len(p) <= len("s3://"):
-                raise ValueError(f"{name}[{ns!r}]: {p!r} is not an s3://bucket/prefix")
+                raise ValueError(f"{name}[{ns!r}]: {p!r} is not an s3://bucket/prefix (or \"*\": anywhere)")
+            if "{" in p.replace("{namespace}", ""):
+                raise ValueError(f"{name}[{ns!r}]: {p!r}: the only placeholder is {{namespace}}")
         out.append((str(ns), tuple(prefixes)))
     return tuple(out)
+
+
+def _model_allow_list(raw: str | None) -> tuple[tuple[str, str], ...] | None:
+    """EMBEDJOB_MODEL_ALLOW_LIST: a JSON list of "org/name" (any revision) or "org/name@revision"."""
+    if raw in (None, ""):
+        return None
+    name = "EMBEDJOB_MODEL_ALLOW_LIST"
+    try:
+        doc = json.loads(raw)
+    except ValueError as e:
+        raise ValueError(f"{name}: not valid JSON: {e}") from e
+    if not isinstance(doc, list) or not all(isinstance(m, str) and m for m in doc):
+        raise ValueError(f"{name}: expected a JSON list of \"org/name\" or \"org/name@revision\"")
+    return tuple((m.partition("@")[0], m.partition("@")[2]) for m in doc)
 
 
 def _log_format(raw: str) -> str:

@@ -14,6 +14,8 @@ from typing import Any
 
 import yaml
 
+from embedjob import uris
+
 API_GROUP = "embedjob.io"
 API_VERSION = "v1alpha1"
 KIND = "EmbeddingJob"
@@ -165,13 +167,20 @@ def _str(d: dict, key: str, path: str, default: str | None, choices: tuple[str, 
 
 
 def check_location(uri: str, path: str, allow_local: bool) -> str:
-    """``s3://bucket/...`` always; a local path only where allowed (``embedjob run``)."""
-    if uri.startswith("s3://"):
+    """``s3://bucket/...`` always; a local path only where allowed (``embedjob run``); no other scheme,
+    and no ``.``/``..``/empty segment or control character (embedjob.uris)."""
+    try:
+        local = uris.scheme_of(uri) == ""
+        if not local:  # a local path is checked once resolved (a job file's ../data/ is fine)
+            uris.check_uri(uri)
+        elif uris.bad_character(uri):
+            uris.check_uri(uri)
+    except uris.UnsafeURI as e:
+        raise SpecError(path, str(e)) from e
+    if not local:
         if not S3_URI.match(uri):
             raise SpecError(path, f"invalid S3 URI {uri!r} (want s3://<bucket>/<prefix>, DNS-style bucket name)")
         return uri
-    if "://" in uri:
-        raise SpecError(path, f"unsupported scheme in {uri!r}: use s3:// or a local path")
     if not allow_local:
         raise SpecError(path, f"must be an s3:// URI, got {uri!r}")
     return uri
@@ -187,10 +196,15 @@ def parse_spec(spec: Any, allow_local: bool = True, base_dir: Path | None = None
         "spec",
     )
 
-    def local(p: str) -> str:
-        if p.startswith("s3://") or base_dir is None or Path(p).is_absolute():
+    def local(p: str, where: str = "") -> str:
+        if p.startswith("s3://"):
             return p
-        return str((base_dir / p).resolve())
+        if base_dir is not None and not Path(p).is_absolute():
+            p = str((base_dir / p).resolve())
+        try:
+            return uris.check_uri(p)
+        except uris.UnsafeURI as e:
+            raise SpecError(where, str(e)) from e
 
     # input
     if "input" not in spec:
@@ -206,7 +220,7 @@ def parse_spec(spec: Any, allow_local: bool = True, base_dir: Path | None = None
     if uri is not None:
         if not isinstance(uri, str) or not uri:
             raise SpecError("spec.input.uri", f"must be a non-empty string, got {uri!r}")
-        uri = local(check_location(uri, "spec.input.uri", allow_local))
+        uri = local(check_location(uri, "spec.input.uri", allow_local), "spec.input.uri")
         input_spec = InputSpec(uri=uri)
     else:
         if not isinstance(shards, list) or not shards:
@@ -217,7 +231,7 @@ def parse_spec(spec: Any, allow_local: bool = True, base_dir: Path | None = None
                 raise SpecError(f"spec.input.shards[{i}]", f"must be a non-empty string, got {s!r}")
             if not s.lower().endswith(".tar"):
                 raise SpecError(f"spec.input.shards[{i}]", f"must name a .tar shard, got {s!r}")
-            out.append(local(check_location(s, f"spec.input.shards[{i}]", allow_local)))
+            out.append(local(check_location(s, f"spec.input.shards[{i}]", allow_local), f"spec.input.shards[{i}]"))
         if len(set(out)) != len(out):
             raise SpecError("spec.input.shards", "lists the same shard twice")
         input_spec = InputSpec(shards=tuple(out))
@@ -230,7 +244,7 @@ def parse_spec(spec: Any, allow_local: bool = True, base_dir: Path | None = None
     out_uri = _str(o, "uri", "spec.output", None)
     if out_uri is None:
         raise SpecError("spec.output.uri", "is required")
-    out_uri = local(check_location(out_uri, "spec.output.uri", allow_local))
+    out_uri = local(check_location(out_uri, "spec.output.uri", allow_local), "spec.output.uri")
     output_spec = OutputSpec(
         uri=out_uri,
         dtype=_str(o, "dtype", "spec.output", "float16", DTYPES),
@@ -242,7 +256,7 @@ def parse_spec(spec: Any, allow_local: bool = True, base_dir: Path | None = None
     name = _str(m, "name", "spec.model", DEFAULT_MODEL)
     revision = _str(m, "revision", "spec.model", DEFAULT_REVISION if name == DEFAULT_MODEL else None)
     mpath = _str(m, "path", "spec.model", None)
-    model_spec = ModelSpec(name=name, revision=revision, path=local(mpath) if mpath else None)
+    model_spec = ModelSpec(name=name, revision=revision, path=local(mpath, "spec.model.path") if mpath else None)
 
     i = _mapping(spec.get("inference"), "spec.inference")
     _unknown(i, {"batchSize", "precision", "device", "numThreads", "maxImagePixels", "preprocessing", "compile"},

@@ -15,14 +15,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from embedjob import limits
 from embedjob.access import AccessPolicy, StorageNotAllowed
 from embedjob.operator import status
 from embedjob.operator.changes import spec_hash
 from embedjob.operator.events import Event
 from embedjob.planning import PlanError, Shard, plan_shards
 from embedjob.progress import ProgressStore
-from embedjob.results import done_stems, read_manifest, shard_counts
-from embedjob.settings import load
+from embedjob.results import ManifestTooLarge, done_stems, read_manifest, shard_counts
+from embedjob.settings import Settings, load
 from embedjob.spec import JobSpec, SpecError, parse_spec
 from embedjob.storage import Storage, StorageError, StorageOptions
 
@@ -44,7 +45,10 @@ class Accepted:
 
 def _manifest_counts(storage: Storage, output: str, stems: list[str]) -> dict[str, dict[str, Any]]:
     def one(stem: str) -> tuple[str, dict[str, Any]]:
-        images, failed = shard_counts(read_manifest(output, stem, storage))
+        try:
+            images, failed = shard_counts(read_manifest(output, stem, storage))
+        except ManifestTooLarge:  # done, but its counts are not read (bounded memory)
+            images, failed = 0, 0
         return stem, {"images": images, "failedImages": failed, "fromManifest": True}
 
     if not stems:
@@ -54,11 +58,16 @@ def _manifest_counts(storage: Storage, output: str, stems: list[str]) -> dict[st
 
 
 def record_plan(store: ProgressStore, spec: JobSpec, raw_spec: Mapping[str, Any], shards: list[Shard],
-                storage: Storage) -> int:
+                storage: Storage, max_manifests: int | None = None) -> int:
     """Write the accepted spec, mark shards whose manifest exists as succeeded (with their counts),
-    then the plan itself (last). Returns how many shards were already done."""
+    then the plan itself (last). Returns how many shards were already done. The listing of the
+    output's manifests stops past ``max_manifests`` (default ``EMBEDJOB_MAX_SHARDS``)."""
     planned = {s.stem for s in shards}
-    done = sorted(done_stems(spec.output.uri, storage) & planned) if not spec.output.overwrite else []
+    limit = load().max_shards if max_manifests is None else max_manifests
+    try:
+        done = sorted(done_stems(spec.output.uri, storage, limit) & planned) if not spec.output.overwrite else []
+    except ValueError as e:
+        raise PlanError("spec.output.uri", str(e)) from e
     counts = _manifest_counts(storage, spec.output.uri, done)
     store.save_plan(raw_spec, [(s.stem, s.uri) for s in shards], {stem: counts[stem] for stem in done})
     return len(done)
@@ -66,21 +75,24 @@ def record_plan(store: ProgressStore, spec: JobSpec, raw_spec: Mapping[str, Any]
 
 def accept(store: ProgressStore, raw_spec: Mapping[str, Any], previous_status: Mapping[str, Any] | None,
            generation: int | None, now: dt.datetime | None = None, *, namespace: str | None = None,
-           policy: AccessPolicy | None = None) -> Accepted:
-    """Validate the spec, check it against the storage allow-list of ``namespace`` (``policy``,
-    default: the settings'), plan the shards, record the plan in Redis, and return the status that
+           policy: AccessPolicy | None = None, settings: Settings | None = None) -> Accepted:
+    """Validate the spec (with the admin's ceilings and model allow-list, embedjob.limits), check it
+    against the storage allow-list of ``namespace`` (``policy``, default: the settings'), plan the
+    shards (at most ``settings.max_shards``), record the plan in Redis, and return the status that
     records it. Nothing is enqueued here: the first tick after this status is stored does that, so
     the plan is in the resource before any task exists. A location outside the allow-list fails the
     job before anything is read with the workers' credentials."""
     now = now or status.now_utc()
-    policy = policy or AccessPolicy.from_settings(load())
+    settings = settings or load()
+    policy = policy or AccessPolicy.from_settings(settings)
     where = "spec"
     try:
         spec = parse_spec(dict(raw_spec), allow_local=False)
+        limits.check_spec(spec, settings)
         policy.check_job(spec, namespace)
         storage = storage_for(spec)
         where = "spec.input.uri"
-        shards = plan_shards(spec.input, storage)
+        shards = plan_shards(spec.input, storage, settings.max_shards)
         where = "spec.output.uri"
         done = record_plan(store, spec, raw_spec, shards, storage)
     except SpecError as e:  # PlanError is a SpecError too

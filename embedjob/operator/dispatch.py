@@ -6,6 +6,11 @@ shard's info, (2) sends the Celery task with the deterministic id ``task_id(job,
 written ``running``). A ``pending`` shard therefore means "sent or maybe not": after an operator
 restart it is sent again under the same task id. A duplicate message is harmless: the worker drops
 it when the shard's lease is held or its manifest exists. Credentials never enter a message.
+
+Every message is checked against the storage allow-list of the job's namespace before it is sent
+(input, output, model path, endpoint, stem): a plan that came from anywhere (Redis, a rebuild) can
+never make a worker read or write outside the job's prefixes. A refusal raises
+:class:`~embedjob.access.StorageNotAllowed` and the tick fails the job.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 
+from embedjob.access import AccessPolicy
 from embedjob.contract import TASK_NAME, ShardTask, task_id
 from embedjob.progress import ProgressStore
 from embedjob.spec import JobSpec
@@ -29,11 +35,21 @@ class Sender(Protocol):
 class Dispatcher:
     """Sends one job's shard tasks. ``uris`` maps stem -> input shard URI."""
 
-    def __init__(self, store: ProgressStore, sender: Sender, spec: JobSpec, uris: Mapping[str, str]) -> None:
+    def __init__(self, store: ProgressStore, sender: Sender, spec: JobSpec, uris: Mapping[str, str],
+                 policy: AccessPolicy | None = None, namespace: str | None = None) -> None:
         self.store = store
         self.sender = sender
         self.spec = spec
         self.uris = uris
+        self.policy = policy or AccessPolicy()
+        self.namespace = namespace
+
+    def check(self, stems: Iterable[str]) -> None:
+        """Raise StorageNotAllowed unless every message for ``stems`` is within the job's policy."""
+        spec = self.spec
+        for stem in stems:
+            self.policy.check_task(self.uris[stem], spec.output.uri, spec.model.path, spec.storage.endpoint,
+                                   namespace=self.namespace, stem=stem)
 
     def _send(self, stem: str, dispatch: int, attempt: int) -> None:
         task = ShardTask.build(self.store.job, self.spec, self.uris[stem], stem, attempt=attempt)
@@ -47,6 +63,7 @@ class Dispatcher:
         sent = 0
         for i in range(0, len(stems), BATCH):
             chunk = stems[i : i + BATCH]
+            self.check(chunk)  # before any intent is written
             infos = self.store.infos(chunk)
             intents: dict[str, tuple[int, int]] = {}
             for stem in chunk:
@@ -68,6 +85,7 @@ class Dispatcher:
         stems = list(stems)
         for i in range(0, len(stems), BATCH):
             chunk = stems[i : i + BATCH]
+            self.check(chunk)
             infos = self.store.infos(chunk)
             for stem in chunk:
                 info = infos[stem]

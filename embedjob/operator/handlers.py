@@ -70,6 +70,9 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
              f" (TLS, CA {SETTINGS.redis_ca_file})" if SETTINGS.redis_ca_file else "")
     if SETTINGS.storage_allow_list is not None:
         log.info("storage allow-list: %s", dict(SETTINGS.storage_allow_list))
+    else:
+        log.warning("no storage allow-list (EMBEDJOB_STORAGE_ALLOW_LIST): jobs in every watched namespace may "
+                    "read and write anything the workers' credentials reach, at any endpoint")
     memo.metrics = OperatorMetrics(memo.redis)
     if SETTINGS.metrics_port:
         memo.metrics.serve(SETTINGS.metrics_port, SETTINGS.metrics_addr)
@@ -108,7 +111,7 @@ def accept(spec: kopf.Spec, status: kopf.Status, meta: kopf.Meta, uid: str, name
         return  # already accepted: changes are handled level-triggered by the tick
     try:
         result = accept_job(_store(memo, uid), dict(spec), dict(status), meta.get("generation"),
-                                  namespace=namespace, policy=memo.access)
+                            namespace=namespace, policy=memo.access, settings=memo.settings)
     except Exception as e:  # storage or Redis unreachable: try again shortly
         raise kopf.TemporaryError(f"cannot plan yet: {type(e).__name__}: {e}", delay=10) from e
     patch.status.update(job_status.status_patch(status, result.status))
@@ -122,7 +125,8 @@ def tick(spec: kopf.Spec, status: kopf.Status, meta: kopf.Meta, uid: str, name: 
     """Observe, retry, dispatch, report. Patches the status only when it changed. A failed tick
     (Redis restarting, storage or the apiserver unreachable) is logged and simply tried again at the
     next interval: the tick is level-triggered, so nothing is lost by skipping one."""
-    rec = Reconciler(_store(memo, uid), memo.celery, _job(memo), memo.settings)
+    rec = Reconciler(_store(memo, uid), memo.celery, _job(memo), memo.settings, namespace=namespace,
+                     policy=memo.access)
     started = time.perf_counter()
     try:
         result = rec.tick(dict(spec), dict(status), meta.get("generation"))

@@ -17,7 +17,7 @@ from embedjob.layout import shard_outputs
 from embedjob.operator.accept import storage_for
 from embedjob.operator.events import Event, JobMemory
 from embedjob.progress import ProgressStore
-from embedjob.results import read_manifest, shard_counts
+from embedjob.results import ManifestTooLarge, read_manifest, shard_counts
 from embedjob.settings import Settings
 from embedjob.spec import JobSpec
 
@@ -76,6 +76,9 @@ def committed(spec: JobSpec, stem: str, job: str = "") -> tuple[int, ...] | None
         if not storage.exists(shard_outputs(spec.output.uri, stem).manifest):
             return ()
         return shard_counts(read_manifest(spec.output.uri, stem, storage))
+    except ManifestTooLarge as e:  # committed, but its counts are not read
+        log.warning("job %s: %s", job, e)
+        return (0, 0)
     except Exception as e:  # noqa: BLE001 - decided again on the next tick
         log.warning("job %s: cannot check the manifest of %s yet: %s", job, stem, e)
         return None

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from embedjob import fairness
+from embedjob.access import AccessPolicy, StorageNotAllowed
 from embedjob.operator import status
 from embedjob.operator.accept import is_planned
 from embedjob.operator.changes import check_spec_change, with_mutable
@@ -55,10 +56,13 @@ class Reconciler:
     """One tick of one job. ``sender`` is the Celery app (or anything with ``send_task``)."""
 
     def __init__(self, store: ProgressStore, sender: Sender, memory: JobMemory | None = None,
-                 settings: Settings | None = None) -> None:
+                 settings: Settings | None = None, *, namespace: str | None = None,
+                 policy: AccessPolicy | None = None) -> None:
         self.store = store
         self.sender = sender
         self.settings = settings or load()
+        self.namespace = namespace  # from the apiserver: the storage allow-list's scope
+        self.policy = policy or AccessPolicy.from_settings(self.settings)
         self.mem = memory if memory is not None else JobMemory()
         if self.mem.lost is None:
             self.mem.lost = LostMessages(grace=self.settings.lost_message_grace, lease=self.settings.lease_seconds)
@@ -84,9 +88,33 @@ class Reconciler:
               now: dt.datetime) -> TickResult:
         store, mem, events = self.store, self.mem, self.events
         try:
-            accepted = load_accepted(store, mem, raw_spec, job_status, events)
+            accepted = load_accepted(store, mem, raw_spec, job_status, events, self.namespace, self.policy,
+                                     self.settings)
+        except StorageNotAllowed as e:
+            return self._refused(raw_spec, job_status, e, generation, now)
         except SpecError as e:
-            return TickResult(status.invalid_status(job_status, "RebuildFailed", str(e), generation, now), events)
+            reason = getattr(e, "reason", "RebuildFailed")
+            return TickResult(status.invalid_status(job_status, reason, str(e), generation, now), events)
+        try:
+            return self._run(accepted, raw_spec, job_status, generation, now)
+        except StorageNotAllowed as e:  # a message outside the policy was about to be sent
+            return self._refused(raw_spec, job_status, e, generation, now)
+
+    def _refused(self, raw_spec: Mapping[str, Any], job_status: dict[str, Any], e: StorageNotAllowed,
+                 generation: int | None, now: dt.datetime) -> TickResult:
+        """The job is outside the storage policy (tightened since it was accepted, or a plan that did
+        not come from accept): it fails, and what it still had queued is withdrawn."""
+        queue = self.mem.spec.queue if self.mem.spec is not None else str(raw_spec.get("queue") or "embedjob")
+        self.store.set_control("suspended")  # workers drop its messages still in flight
+        removed = self.store.remove_queued_tasks(queue)
+        self.store.unregister_job(queue)
+        self.events.append(Event("Warning", "StorageNotAllowed", f"{e} ({removed} queued task(s) withdrawn)"))
+        return TickResult(status.invalid_status(job_status, "StorageNotAllowed", str(e), generation, now),
+                          self.events)
+
+    def _run(self, accepted: JobSpec, raw_spec: Mapping[str, Any], job_status: dict[str, Any],
+             generation: int | None, now: dt.datetime) -> TickResult:
+        store, mem, events = self.store, self.mem, self.events
         conditions = check_spec_change(accepted, raw_spec, job_status.get("conditions") or [], generation, now,
                                        mem, events)
         spec = with_mutable(accepted, raw_spec)
@@ -100,7 +128,7 @@ class Reconciler:
             store.unregister_job(spec.queue)
         else:  # (while suspended, expired shards wait as "queued" for the resume)
             redo = [s for s, v in states.items() if v == "queued"] if resumed else expired + lost
-            dispatcher = Dispatcher(store, self.sender, spec, mem.uris)
+            dispatcher = Dispatcher(store, self.sender, spec, mem.uris, self.policy, self.namespace)
             cap = self._fair_cap(spec, states, retry_due)
             dispatched = dispatcher.top_up(states, mem.plan or [], retry_due, redo, cap)
             if resumed:

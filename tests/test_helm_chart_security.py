@@ -14,7 +14,7 @@ import pytest
 import redis
 
 from embedjob.dev.services import free_port, stop_process, wait_for_port
-from tests.test_helm_chart import CHART, RELEASE, containers, env_of, helm, kinds, pod_specs, render
+from tests.test_helm_chart import CHART, POLICY, RELEASE, containers, env_of, helm, kinds, pod_specs, render
 
 REDIS = f"{RELEASE}-embedjob-redis"
 AUTH_SECRET = f"{RELEASE}-embedjob-redis-auth"
@@ -70,7 +70,8 @@ def test_auth_can_be_turned_off_explicitly():
 def test_external_redis_with_a_password_secret_and_a_tls_ca():
     docs = render("redis.enabled=false", "redis.url=rediss://redis.example:6380/0", "redis.auth.existingSecret=ext",
                   "redis.tls.caConfigMap=redis-ca", "redis.tls.caKey=ca.pem")
-    assert REDIS not in pod_specs(docs) and not kinds(docs, "NetworkPolicy") and not kinds(docs, "Secret")
+    assert REDIS not in pod_specs(docs) and not kinds(docs, "Secret")
+    assert REDIS not in {d["metadata"]["name"] for d in kinds(docs, "NetworkPolicy")}
     for pod_name in (f"{RELEASE}-embedjob-operator", f"{RELEASE}-embedjob-worker"):
         pod = pod_specs(docs)[pod_name]
         (c,) = pod["containers"]
@@ -92,7 +93,7 @@ def test_aof_noeviction_always_and_a_pvc_when_persistence_is_on():
     script = redis_pod(docs)["containers"][0]["args"][0]
     for opt in ("--appendonly yes", "--maxmemory-policy noeviction", "--dir /data"):
         assert opt in script
-    assert {"name": "data", "emptyDir": {}} in redis_pod(docs)["volumes"]
+    assert {"name": "data", "emptyDir": {"sizeLimit": "8Gi"}} in redis_pod(docs)["volumes"]
     assert not kinds(docs, "PersistentVolumeClaim")
 
     docs = render("redis.persistence.enabled=true", "redis.persistence.size=20Gi",
@@ -153,7 +154,7 @@ def test_the_rendered_redis_start_script_requires_the_password_and_keeps_it_off_
 # -- network policy ---------------------------------------------------------------------------------------
 def test_network_policy_admits_only_the_operator_and_workers_to_the_redis_port():
     docs = render()
-    (np_,) = kinds(docs, "NetworkPolicy")
+    (np_,) = [d for d in kinds(docs, "NetworkPolicy") if d["metadata"]["name"] == f"{RELEASE}-embedjob-redis"]
     base = {"app.kubernetes.io/name": "embedjob", "app.kubernetes.io/instance": RELEASE}
     assert np_["spec"]["podSelector"] == {"matchLabels": {**base, "app.kubernetes.io/component": "redis"}}
     assert np_["spec"]["policyTypes"] == ["Ingress"]
@@ -169,7 +170,61 @@ def test_network_policy_admits_only_the_operator_and_workers_to_the_redis_port()
             f["podSelector"] for f in rule["from"] if f["podSelector"]["matchLabels"]["app.kubernetes.io/component"]
             == comp)
         assert selector["matchLabels"].items() <= labels.items()
-    assert not kinds(render("redis.networkPolicy.enabled=false"), "NetworkPolicy")
+    assert not [d for d in kinds(render("redis.networkPolicy.enabled=false"), "NetworkPolicy")
+                if d["metadata"]["name"] == f"{RELEASE}-embedjob-redis"]
+
+
+def _policy(docs, component: str):  # noqa: ANN001, ANN202
+    (np_,) = [d for d in kinds(docs, "NetworkPolicy") if d["metadata"]["name"] == f"{RELEASE}-embedjob-{component}"]
+    return np_["spec"]
+
+
+def test_operator_and_worker_policies_admit_metrics_from_prometheus_only_and_limit_worker_egress():
+    docs = render("s3.endpoint=http://seaweedfs-s3:8333")
+    prometheus = [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}]
+    base = {"app.kubernetes.io/name": "embedjob", "app.kubernetes.io/instance": RELEASE}
+    op, worker = _policy(docs, "operator"), _policy(docs, "worker")
+    assert op["podSelector"] == {"matchLabels": {**base, "app.kubernetes.io/component": "operator"}}
+    assert op["policyTypes"] == ["Ingress"] and worker["policyTypes"] == ["Ingress", "Egress"]
+    for spec in (op, worker):
+        assert spec["ingress"] == [{"from": prometheus, "ports": [{"protocol": "TCP", "port": 9100}]}]
+    dns, to_redis, s3 = worker["egress"]
+    assert dns == {"ports": [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}]}
+    assert to_redis == {"to": [{"podSelector": {"matchLabels": {**base, "app.kubernetes.io/component": "redis"}}}],
+                        "ports": [{"protocol": "TCP", "port": 6379}]}
+    assert s3 == {"ports": [{"protocol": "TCP", "port": 8333}, {"protocol": "TCP", "port": 443}]}  # + the hub
+    # offline: the S3 port only; probes from listed node CIDRs; an external Redis; a narrowed S3 peer
+    docs = render("s3.endpoint=https://s3.internal", "models.offline=true", "networkPolicy.nodeCIDRs[0]=10.1.0.0/16",
+                  "redis.enabled=false", "redis.url=redis://r.example:6380/0",
+                  "networkPolicy.worker.redis.ports[0].port=6380",
+                  "networkPolicy.worker.s3.to[0].ipBlock.cidr=10.9.0.0/16", "metrics.enabled=false")
+    worker = _policy(docs, "worker")
+    assert worker["ingress"] == [{"from": [{"ipBlock": {"cidr": "10.1.0.0/16"}}],
+                                  "ports": [{"protocol": "TCP", "port": 8081}]}]
+    _, to_redis, s3 = worker["egress"]
+    assert to_redis == {"ports": [{"port": 6380}]}
+    assert s3 == {"ports": [{"protocol": "TCP", "port": 443}], "to": [{"ipBlock": {"cidr": "10.9.0.0/16"}}]}
+    assert _policy(render("metrics.enabled=false"), "operator")["ingress"] == []  # nothing may connect
+    assert not [d for d in kinds(render("networkPolicy.enabled=false"), "NetworkPolicy")
+                if d["metadata"]["name"] != f"{RELEASE}-embedjob-redis"]
+
+
+def test_every_emptydir_has_a_size_limit_and_metrics_bind_where_told():
+    for sets in ((), ("worker.modelCache.sizeLimit=", "worker.shm.sizeLimit=", "metrics.bindAddress=10.0.0.1")):
+        docs = render(*sets)
+        for name, pod in pod_specs(docs).items():
+            for v in pod["volumes"]:
+                if "emptyDir" in v:
+                    assert v["emptyDir"].get("sizeLimit"), (name, v)
+        for c in app_containers(docs):
+            assert env_of(c)["EMBEDJOB_METRICS_ADDR"] == ("10.0.0.1" if sets else "0.0.0.0")
+
+
+def test_workers_never_fetch_hub_kernels_and_offline_mode_sets_the_hub_offline():
+    (worker,) = [c for c in app_containers(render()) if c["name"] == "worker"]
+    assert env_of(worker)["USE_HUB_KERNELS"] == "0" and "HF_HUB_OFFLINE" not in env_of(worker)
+    (worker,) = [c for c in app_containers(render("models.offline=true")) if c["name"] == "worker"]
+    assert env_of(worker)["HF_HUB_OFFLINE"] == "1"
 
 
 # -- storage allow-list -----------------------------------------------------------------------------------
@@ -181,10 +236,46 @@ def test_storage_allow_list_goes_to_operator_and_workers_as_json_and_local_paths
                                                                    "team-a": ["s3://team-a/"]}
         assert env["EMBEDJOB_ALLOW_LOCAL_PATHS"] == "false"
         assert env["EMBEDJOB_MODEL_DIR"] == "/models"  # model.path may name a folder of the model cache
-    for c in app_containers(render()):
-        assert "EMBEDJOB_STORAGE_ALLOW_LIST" not in env_of(c) and env_of(c)["EMBEDJOB_ALLOW_LOCAL_PATHS"] == "false"
     r = helm("template", RELEASE, str(CHART), "--set", "storageAllowList.team-a[0]=/data/", check=False)
     assert r.returncode != 0 and "storageAllowList" in r.stderr
+
+
+def test_watching_every_namespace_without_a_storage_policy_does_not_render():
+    r = helm("template", RELEASE, str(CHART), check=False)
+    assert r.returncode != 0
+    for words in ("a storage policy is required", "storageNamespaceBuckets", "storageAllowList",
+                  '{"*":["*"]}'):
+        assert words in r.stderr, r.stderr
+    r = helm("lint", "--strict", str(CHART), check=False)
+    assert "a storage policy is required" in r.stdout + r.stderr
+    # one watched namespace (one tenant): the opt-out, endpoint still pinned
+    for c in app_containers(render("operator.watchNamespace=team-a")):
+        assert json.loads(env_of(c)["EMBEDJOB_STORAGE_ALLOW_LIST"]) == {"*": ["*"]}
+
+
+def test_namespace_buckets_give_each_namespace_its_own_folder_and_the_programs_agree():
+    from embedjob.access import AccessPolicy, StorageNotAllowed
+    from embedjob.settings import Settings
+
+    docs = render("storageNamespaceBuckets[0]=tenants", "storageNamespaceBuckets[1]=scratch",
+                  "storageAllowList.\\*[0]=s3://shared/", "storageEndpoints[0]=https://s3.other.example",
+                  "models.allowList[0]=openai/clip-vit-large-patch14@32bd64288804d66eefd0ccbe215aa642df71cc41",
+                  "limits.maxImagePixels=50000000", "worker.resources.requests.cpu=3500m")
+    for c in app_containers(docs):
+        env = {k: v for k, v in env_of(c).items() if isinstance(v, str)}
+        assert json.loads(env["EMBEDJOB_STORAGE_ALLOW_LIST"]) == {
+            "*": ["s3://shared/", "s3://tenants/{namespace}/", "s3://scratch/{namespace}/"]}
+        s = Settings.from_env(env)
+        assert (s.max_image_pixels, s.max_num_threads, s.max_shards) == (50_000_000, 3, 1_000_000)
+        assert s.model_allow_list == (("openai/clip-vit-large-patch14", "32bd64288804d66eefd0ccbe215aa642df71cc41"),)
+        p = AccessPolicy.from_settings(s)
+        p.check("spec.input.uri", "s3://tenants/team-a/in/", "team-a")
+        p.check("spec.output.uri", "s3://scratch/team-a/out/", "team-a")
+        with pytest.raises(StorageNotAllowed):
+            p.check("spec.input.uri", "s3://tenants/team-b/in/", "team-a")
+        p.check_endpoint("spec.storage.endpoint", "https://s3.other.example")
+        with pytest.raises(StorageNotAllowed):
+            p.check_endpoint("spec.storage.endpoint", "http://attacker.example:9000")
 
 
 def test_the_rendered_env_is_what_the_programs_accept():
@@ -207,7 +298,7 @@ def test_worker_pdb_option_and_the_operator_never_runs_twice():
     (pdb,) = kinds(render("worker.pdb.enabled=true", "worker.pdb.minAvailable=50%", "worker.pdb.maxUnavailable="),
                    "PodDisruptionBudget")
     assert pdb["spec"] == {"minAvailable": "50%", "selector": pdb["spec"]["selector"]}
-    r = helm("template", RELEASE, str(CHART), "--set", "worker.pdb.enabled=true", "--set",
+    r = helm("template", RELEASE, str(CHART), "--set", POLICY, "--set", "worker.pdb.enabled=true", "--set",
              "worker.pdb.minAvailable=1", check=False)
     assert r.returncode != 0 and "not both" in r.stderr
     op = next(d for d in kinds(render(), "Deployment") if d["metadata"]["name"] == f"{RELEASE}-embedjob-operator")
@@ -228,9 +319,11 @@ def test_generated_password_is_kept_across_helm_upgrade(tmp_path):
             out = kube.kubectl("get", "secret", AUTH_SECRET, "-n", ns, "-o", "json").stdout
             return base64.b64decode(json.loads(out)["data"]["redis-password"]).decode()
 
-        helm("install", RELEASE, str(CHART), "--namespace", ns, "--create-namespace", kc, "--skip-crds")
+        helm("install", RELEASE, str(CHART), "--namespace", ns, "--create-namespace", kc, "--skip-crds",
+             "--set", POLICY)
         first = password()
-        helm("upgrade", RELEASE, str(CHART), "--namespace", ns, kc, "--set", "worker.replicas=3", "--skip-crds")
+        helm("upgrade", RELEASE, str(CHART), "--namespace", ns, kc, "--set", "worker.replicas=3", "--skip-crds",
+             "--set", POLICY)
         assert password() == first and len(first) == 40
         deploy = json.loads(kube.kubectl("get", "deployment", f"{RELEASE}-embedjob-worker", "-n", ns, "-o",
                                          "json").stdout)

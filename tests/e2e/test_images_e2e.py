@@ -114,6 +114,7 @@ def render(release: str, namespace: str, images: dict[str, str], values: dict[st
         "operator": {"image": {"repository": repo_tag["operator"][0], "tag": repo_tag["operator"][1],
                                "pullPolicy": "Never"}},
         "worker": {"image": {"repository": repo_tag["worker"][0], "tag": repo_tag["worker"][1], "pullPolicy": "Never"}},
+        "storageAllowList": {"*": ["*"]},  # the explicit opt-out (watching every namespace needs a policy)
     }
     out = helm("template", release, str(CHART), "--namespace", namespace, "--values", "-",
                input=json.dumps(_merge(base, values)))

@@ -206,14 +206,73 @@ annotations:
 {{- end -}}
 {{- end -}}
 
-{{/* Storage allow-list ------------------------------------------------------------------------------ */}}
-{{/* Operator and workers: the allow-list (when set) and no local paths (a pod has no business reading
-     its own filesystem for a job; the model cache stays allowed for model.path, see embedjob.access). */}}
-{{- define "embedjob.access.env" -}}
-{{- with .Values.storageAllowList }}
+{{/* Storage policy ---------------------------------------------------------------------------------- */}}
+{{/* The allow-list the programs get (JSON): storageAllowList plus, for storageNamespaceBuckets, a "*"
+     entry s3://<bucket>/{namespace}/ per bucket. Fails closed: watching every namespace without a
+     policy does not render. One watched namespace without a policy: the opt-out {"*": ["*"]}. */}}
+{{- define "embedjob.access.allowList" -}}
+{{- $allow := deepCopy (.Values.storageAllowList | default dict) -}}
+{{- if .Values.storageNamespaceBuckets -}}
+{{- $star := get $allow "*" | default list -}}
+{{- range .Values.storageNamespaceBuckets -}}
+{{- $star = append $star (printf "s3://%s/{namespace}/" .) -}}
+{{- end -}}
+{{- $_ := set $allow "*" $star -}}
+{{- end -}}
+{{- if not $allow -}}
+{{- if .Values.operator.watchNamespace -}}
+{{- $_ := set $allow "*" (list "*") -}}
+{{- else -}}
+{{- fail "a storage policy is required when operator.watchNamespace is \"\" (every namespace): set storageNamespaceBuckets (each namespace gets s3://<bucket>/<namespace>/), or storageAllowList (namespace or \"*\" -> s3:// prefixes), or the explicit opt-out storageAllowList={\"*\":[\"*\"]} (any S3 location). See the README, \"Storage policy\"" -}}
+{{- end -}}
+{{- end -}}
+{{- toJson $allow -}}
+{{- end -}}
+
+{{/* Operator and workers: the storage policy, the admin's ceilings and model allow-list, and no local
+     paths (a pod has no business reading its own filesystem for a job; the model cache stays allowed
+     for model.path, see embedjob.access). */}}
+{{- define "embedjob.access.env" }}
 - name: EMBEDJOB_STORAGE_ALLOW_LIST
-  value: {{ toJson . | quote }}
+  value: {{ include "embedjob.access.allowList" . | quote }}
+{{- with .Values.storageEndpoints }}
+- name: EMBEDJOB_STORAGE_ENDPOINTS
+  value: {{ join "," . | quote }}
 {{- end }}
 - name: EMBEDJOB_ALLOW_LOCAL_PATHS
   value: "false"
+- name: EMBEDJOB_MAX_SHARDS
+  value: {{ .Values.limits.maxShards | int64 | toString | quote }}
+- name: EMBEDJOB_MAX_MANIFEST_BYTES
+  value: {{ .Values.limits.maxManifestBytes | int64 | toString | quote }}
+- name: EMBEDJOB_MAX_IMAGE_PIXELS
+  value: {{ .Values.limits.maxImagePixels | int64 | toString | quote }}
+- name: EMBEDJOB_MAX_NUM_THREADS
+  value: {{ include "embedjob.maxNumThreads" . | quote }}
+- name: EMBEDJOB_MAX_RETRIES
+  value: {{ .Values.limits.maxRetries | int64 | toString | quote }}
+- name: EMBEDJOB_MAX_PRIORITY
+  value: {{ .Values.limits.maxPriority | int64 | toString | quote }}
+{{- with .Values.models.allowList }}
+- name: EMBEDJOB_MODEL_ALLOW_LIST
+  value: {{ toJson . | quote }}
+{{- end }}
+{{- end -}}
+
+{{/* limits.maxNumThreads, or the worker's CPU request in whole CPUs ("4", "3500m" -> 3), at least 1. */}}
+{{- define "embedjob.maxNumThreads" -}}
+{{- if .Values.limits.maxNumThreads -}}
+{{- .Values.limits.maxNumThreads | int64 | toString -}}
+{{- else -}}
+{{- $cpu := toString (dig "requests" "cpu" "" (.Values.worker.resources | default dict)) -}}
+{{- $n := 0 -}}
+{{- if hasSuffix "m" $cpu -}}
+{{- $n = div (trimSuffix "m" $cpu | int64) 1000 -}}
+{{- else if $cpu -}}
+{{- $n = $cpu | float64 | floor | int64 -}}
+{{- else -}}
+{{- $n = 64 -}}
+{{- end -}}
+{{- max $n 1 | toString -}}
+{{- end -}}
 {{- end -}}

@@ -260,13 +260,13 @@ def test_namespace_buckets_give_each_namespace_its_own_folder_and_the_programs_a
     docs = render("storageNamespaceBuckets[0]=tenants", "storageNamespaceBuckets[1]=scratch",
                   "storageAllowList.\\*[0]=s3://shared/", "storageEndpoints[0]=https://s3.other.example",
                   "models.allowList[0]=openai/clip-vit-large-patch14@32bd64288804d66eefd0ccbe215aa642df71cc41",
-                  "limits.maxImagePixels=50000000", "worker.resources.requests.cpu=3500m")
+                  "limits.maxImagePixels=150000000", "worker.resources.requests.cpu=3500m")
     for c in app_containers(docs):
         env = {k: v for k, v in env_of(c).items() if isinstance(v, str)}
         assert json.loads(env["EMBEDJOB_STORAGE_ALLOW_LIST"]) == {
             "*": ["s3://shared/", "s3://tenants/{namespace}/", "s3://scratch/{namespace}/"]}
         s = Settings.from_env(env)
-        assert (s.max_image_pixels, s.max_num_threads, s.max_shards) == (50_000_000, 3, 1_000_000)
+        assert (s.max_image_pixels, s.max_num_threads, s.max_shards) == (150_000_000, 3, 1_000_000)
         assert s.model_allow_list == (("openai/clip-vit-large-patch14", "32bd64288804d66eefd0ccbe215aa642df71cc41"),)
         p = AccessPolicy.from_settings(s)
         p.check("spec.input.uri", "s3://tenants/team-a/in/", "team-a")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from embedjob.layout import shard_outputs, shard_stem, stem_from_manifest
-from embedjob.planning import PlanError, expand_braces, plan_shards
+from embedjob.planning import PlanError, count_braces, expand_braces, plan_shards
 from embedjob.spec import InputSpec
 from embedjob.storage import Storage, s3_client
 
@@ -57,3 +59,43 @@ def test_layout_round_trip():
     assert out.manifest == "s3://e/run/_manifests/part1/00007.json"
     assert stem_from_manifest(out.manifest, "s3://e/run/") == "part1/00007"
     assert shard_stem("s3://e/in/x/1.TAR", "s3://e/in") == "x/1"
+
+
+# -- bounded planning and hygiene (issue 16) ---------------------------------------------------------------
+BOMB = "s3://b/ns/in/{0..999999999}/{0..999999999}.tar"
+
+
+def test_brace_combinations_are_counted_before_anything_is_expanded():
+    assert count_braces(BOMB) == 10**18
+    assert count_braces("{0..9..3}/{a,b,c}") == 12 and count_braces("{9..0..4}") == len(expand_braces("{9..0..4}"))
+    assert count_braces("s3://b/{0..99999999999999999999999999}.tar") == 10**26  # no OverflowError
+    started = time.perf_counter()
+    with pytest.raises(PlanError) as e:
+        plan_shards(InputSpec(uri=BOMB), Storage())
+    assert time.perf_counter() - started < 0.1
+    assert e.value.field == "spec.input.uri" and "1,000,000,000,000,000,000 shards" in str(e.value)
+    with pytest.raises(PlanError, match="expands to 11 shards, more than the 10"):
+        plan_shards(InputSpec(uri="s3://b/{00..10}.tar"), Storage(), max_shards=10)
+    assert len(plan_shards(InputSpec(uri="s3://b/{00..09}.tar"), Storage(), max_shards=10)) == 10
+    with pytest.raises(PlanError, match="spec.input.shards: lists 3 shards"):
+        plan_shards(InputSpec(shards=("s3://b/0.tar", "s3://b/1.tar", "s3://b/2.tar")), Storage(), max_shards=2)
+
+
+def test_a_listing_stops_at_the_cap(bucket):
+    client = s3_client()
+    for i in range(5):
+        client.put_object(Bucket=bucket, Key=f"cap/{i}.tar", Body=b"x")
+    with pytest.raises(PlanError, match="holds more than the 3 shards"):
+        plan_shards(InputSpec(uri=f"s3://{bucket}/cap/"), Storage(), max_shards=3)
+    assert len(plan_shards(InputSpec(uri=f"s3://{bucket}/cap/"), Storage(), max_shards=5)) == 5
+
+
+def test_dot_segments_after_expansion_and_after_listing_are_refused(tmp_path):
+    with pytest.raises(PlanError, match=r"'\.\.' segment"):
+        plan_shards(InputSpec(uri="s3://b/a/in/{x,../../b/y}.tar"), Storage())
+    # A listed name is checked too. SeaweedFS refuses '..' keys and collapses '//' (AWS keeps both
+    # literally), so the listing here is of a local folder holding a name with a control character.
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a\nb.tar").write_bytes(b"x")
+    with pytest.raises(PlanError, match="U\\+000A"):
+        plan_shards(InputSpec(uri=str(tmp_path / "in")), Storage())

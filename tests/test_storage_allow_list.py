@@ -79,6 +79,33 @@ def test_with_an_allow_list_only_the_workers_own_endpoint_may_be_named():
     AccessPolicy(endpoint=None).check_endpoint("spec.storage.endpoint", "http://anything")  # no list: as before
 
 
+def test_the_namespace_placeholder_the_opt_out_and_the_admins_endpoints():
+    p = AccessPolicy.from_settings(Settings.from_env({
+        "EMBEDJOB_STORAGE_ALLOW_LIST": json.dumps({"*": ["s3://tenants/{namespace}/"]}),
+        "EMBEDJOB_STORAGE_ENDPOINTS": "https://s3.other.example/, http://minio:9000"}))
+    p.check("spec.input.uri", "s3://tenants/team-a/in/{0..9}.tar", "team-a")
+    p.check("spec.output.uri", "s3://tenants/team-a", "team-a")  # its folder itself
+    for uri in ("s3://tenants/team-b/in/", "s3://tenants/team-ab/in/", "s3://tenants/x.tar", "s3://tenants/"):
+        with pytest.raises(StorageNotAllowed, match="allowed: s3://tenants/team-a/"):
+            p.check("spec.input.uri", uri, "team-a")
+    # the workers' view (no trusted namespace): any one namespace's folder, never the bucket's top level
+    p.check("task input", "s3://tenants/team-b/in/0.tar")
+    with pytest.raises(StorageNotAllowed):
+        p.check("task input", "s3://tenants/x.tar")
+    p.check_endpoint("spec.storage.endpoint", "https://s3.other.example")
+    p.check_endpoint("spec.storage.endpoint", "http://minio:9000/")
+    # the opt-out: any S3 location, but the endpoint stays pinned and local paths stay local
+    anywhere = AccessPolicy(allow=(("*", ("*",)),), local_paths=False, endpoint="http://seaweedfs-s3:8333")
+    anywhere.check("spec.input.uri", "s3://any-bucket/x/", "team-a")
+    with pytest.raises(StorageNotAllowed, match="only the workers' own S3 endpoint"):
+        anywhere.check_endpoint("spec.storage.endpoint", "http://attacker.example:9000")
+    with pytest.raises(StorageNotAllowed, match="local paths"):
+        anywhere.check("spec.input.uri", "/etc/", "team-a")
+    assert Settings.from_env({"EMBEDJOB_STORAGE_ALLOW_LIST": '{"*": ["*"]}'}).storage_allow_list == (("*", ("*",)),)
+    with pytest.raises(ValueError, match="the only placeholder is"):
+        Settings.from_env({"EMBEDJOB_STORAGE_ALLOW_LIST": '{"*": ["s3://b/{user}/"]}'})
+
+
 def test_a_bad_allow_list_setting_fails_the_start_naming_the_variable():
     for raw, why in (("[1]", "expected a JSON object"), ('{"*": "s3://a/"}', "expected a list"),
                      ('{"*": ["/data/"]}', "is not an s3://bucket/prefix"), ("{", "not valid JSON")):

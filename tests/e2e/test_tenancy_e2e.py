@@ -138,13 +138,13 @@ def test_tenant_a_cannot_reach_tenant_bs_prefix_by_any_route(cluster, e2e_env, t
         assert cond["reason"] == "StorageNotAllowed" and cond["message"].startswith("spec.input.uri: "), cond
 
         # The brace bomb: refused at once, and the operator stays small.
-        started = time.monotonic()
         apply("bomb", {"input": {"uri": f"s3://{bucket}/{A}/in/{{0..999999999}}/{{0..999999999}}.tar"}})
+        started = time.monotonic()  # the resource exists from here on (kubectl apply returned)
         cond = wait("bomb", ("Failed",), timeout=10, every=0.05)["status"]["conditions"]
         refused_in = time.monotonic() - started
         cond = next(c for c in cond if c["type"] == "Failed")
         rss, peak = _rss_mb(operator.proc.pid)
-        print(f"\nbrace bomb refused in {refused_in:.2f} s (apply -> Failed seen by kubectl); operator RSS "
+        print(f"\nbrace bomb refused in {refused_in:.2f} s (created -> Failed seen by kubectl get); operator RSS "
               f"{rss:.0f} MB, peak {peak:.0f} MB; reason {cond['reason']}: {cond['message']}")
         assert cond["reason"] == "PlanFailed" and cond["message"].startswith("spec.input.uri: ")
         assert "1,000,000,000,000,000,000 shards" in cond["message"]

@@ -57,6 +57,12 @@ Environment variables (defaults in brackets):
 ``EMBEDJOB_MAX_NUM_THREADS``      ceiling on ``spec.inference.numThreads`` (workers: also their CPUs) [64]
 ``EMBEDJOB_MAX_RETRIES``          ceiling on ``spec.retries.perShard`` [10]
 ``EMBEDJOB_MAX_PRIORITY``         ceiling on ``spec.priority`` [10]
+``EMBEDJOB_MAX_TAR_HEADER_BYTES`` worker: a GNU long name/link or pax header larger than this is
+                                  skipped unread, its member recorded as skipped [65536]
+``EMBEDJOB_MAX_SIDECAR_BYTES``    worker: a caption or JSON sidecar larger than this is not read; its
+                                  sample is recorded as skipped [1048576]
+``EMBEDJOB_MAX_METADATA_BYTES``   worker: sidecar bytes kept per shard; samples past it are recorded
+                                  as skipped [67108864]
 ``EMBEDJOB_MODEL_ALLOW_LIST``     JSON list of hub models jobs may name: ``"org/name"`` (any revision)
                                   or ``"org/name@revision"`` [unset: any]
 ================================  ============================================================
@@ -112,6 +118,9 @@ class Settings:
     max_num_threads: int = 64
     max_retries: int = 10
     max_priority: int = 10
+    max_tar_header_bytes: int = 64 << 10
+    max_sidecar_bytes: int = 1 << 20
+    max_metadata_bytes: int = 64 << 20
     # (("org/name", "revision" or ""), ...): "" = any revision; None: any model
     model_allow_list: tuple[tuple[str, str], ...] | None = None
 
@@ -167,6 +176,9 @@ class Settings:
             max_num_threads=int(num("EMBEDJOB_MAX_NUM_THREADS", d.max_num_threads, int)),
             max_retries=int(num("EMBEDJOB_MAX_RETRIES", d.max_retries, int)),
             max_priority=int(num("EMBEDJOB_MAX_PRIORITY", d.max_priority, int)),
+            max_tar_header_bytes=int(num("EMBEDJOB_MAX_TAR_HEADER_BYTES", d.max_tar_header_bytes, int)),
+            max_sidecar_bytes=int(num("EMBEDJOB_MAX_SIDECAR_BYTES", d.max_sidecar_bytes, int)),
+            max_metadata_bytes=int(num("EMBEDJOB_MAX_METADATA_BYTES", d.max_metadata_bytes, int)),
             model_allow_list=_model_allow_list(env.get("EMBEDJOB_MODEL_ALLOW_LIST")),
         )
 

@@ -33,6 +33,10 @@ from embedjob.spec import COMPILE_MODES, DEVICES, DTYPES, PRECISIONS, PREPROCESS
 NOT_ALLOWED = "OptionsNotAllowed"
 
 
+class LimitExceeded(SpecError):  # noqa: N818 - a spec beyond the admin's ceilings (reason InvalidSpec)
+    """A spec field beyond a ceiling, or a model outside the allow-list (the operator's check)."""
+
+
 class OptionsNotAllowed(SpecError):  # noqa: N818 - named after the outcome it records
     """A task message's options or model beyond this worker's ceilings."""
 
@@ -48,14 +52,14 @@ def _listed(settings: Settings) -> str:
     return ", ".join(f"{n}@{r}" if r else n for n, r in settings.model_allow_list or ()) or "nothing"
 
 
-def _ceiling(field: str, value: int, ceiling: int, setting: str, error: type[SpecError] = SpecError) -> None:
+def _ceiling(field: str, value: int, ceiling: int, setting: str, error: type[SpecError] = LimitExceeded) -> None:
     if value > ceiling:
         raise error(field, f"must be at most {ceiling} on this cluster ({setting}), got {value}")
 
 
 def check_spec(spec: JobSpec, settings: Settings) -> None:
-    """The operator's admission check: raise :class:`SpecError` naming the first field beyond a ceiling
-    or a model outside the allow-list."""
+    """The operator's admission check: raise :class:`LimitExceeded` naming the first field beyond a
+    ceiling or a model outside the allow-list."""
     i = spec.inference
     _ceiling("spec.inference.maxImagePixels", i.maxImagePixels, settings.max_image_pixels,
              "EMBEDJOB_MAX_IMAGE_PIXELS")
@@ -65,7 +69,7 @@ def check_spec(spec: JobSpec, settings: Settings) -> None:
     if not spec.model.path and not model_allowed(settings, spec.model.name, spec.model.revision):
         field = "spec.model.revision" if any(n == spec.model.name for n, _ in settings.model_allow_list or ()) \
             else "spec.model.name"
-        raise SpecError(field, f"{spec.model.name}@{spec.model.revision or 'main'} is not on this cluster's "
+        raise LimitExceeded(field, f"{spec.model.name}@{spec.model.revision or 'main'} is not on this cluster's "
                                f"model allow-list (EMBEDJOB_MODEL_ALLOW_LIST: {_listed(settings)})")
 
 

@@ -27,6 +27,7 @@ from typing import Any
 
 from embedjob import fairness
 from embedjob.access import AccessPolicy, StorageNotAllowed
+from embedjob.limits import LimitExceeded
 from embedjob.operator import status
 from embedjob.operator.accept import is_planned
 from embedjob.operator.changes import check_spec_change, with_mutable
@@ -92,8 +93,8 @@ class Reconciler:
                                      self.settings)
         except StorageNotAllowed as e:
             return self._refused(raw_spec, job_status, e, generation, now)
-        except SpecError as e:
-            reason = getattr(e, "reason", "RebuildFailed")
+        except SpecError as e:  # beyond a (tightened) ceiling, or not rebuildable
+            reason = "InvalidSpec" if isinstance(e, LimitExceeded) else "RebuildFailed"
             return TickResult(status.invalid_status(job_status, reason, str(e), generation, now), events)
         try:
             return self._run(accepted, raw_spec, job_status, generation, now)

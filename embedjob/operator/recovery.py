@@ -27,14 +27,10 @@ from embedjob.spec import JobSpec, SpecError, parse_spec
 def check_admitted(spec: JobSpec, namespace: str | None, policy: AccessPolicy | None = None,
                    settings: Settings | None = None) -> None:
     """The admission rules again (ceilings, model and storage allow-lists), for a spec loaded from
-    anywhere but a fresh accept. Raises :class:`SpecError` (:class:`~embedjob.access.StorageNotAllowed`
-    for a location) naming the field."""
+    anywhere but a fresh accept. Raises :class:`~embedjob.limits.LimitExceeded` or
+    :class:`~embedjob.access.StorageNotAllowed` naming the field."""
     settings = settings or load()
-    try:
-        limits.check_spec(spec, settings)
-    except SpecError as e:
-        e.reason = "InvalidSpec"  # type: ignore[attr-defined] - the reconcile's condition reason
-        raise
+    limits.check_spec(spec, settings)
     (policy or AccessPolicy.from_settings(settings)).check_job(spec, namespace)
 
 

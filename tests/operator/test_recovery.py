@@ -105,3 +105,15 @@ def test_every_message_is_checked_before_it_is_sent(env):
     cond = next(c for c in res.status["conditions"] if c["type"] == "Failed")
     assert cond["reason"] == "StorageNotAllowed" and "s3://tenant-b/in/0000.tar" in cond["message"], cond
     assert queued_ids(r) == []  # not even the allowed shards of that batch: checked before any intent
+
+
+def test_a_ceiling_lowered_since_acceptance_fails_the_job_naming_the_field(env):
+    r, app, store, bucket = env
+    spec = raw_spec(bucket, n=2)  # retries.perShard: 1
+    status, _ = started(r, app, store, spec)
+    rec = Reconciler(store, app, JobMemory(), Settings(min_queued=10_000, max_retries=0))
+    res = rec.tick(spec, status, 1)
+    cond = next(c for c in res.status["conditions"] if c["type"] == "Failed")
+    assert res.status["phase"] == "Failed" and cond["reason"] == "InvalidSpec", cond
+    assert cond["message"].startswith("spec.retries.perShard: must be at most 0 on this cluster"), cond
+    assert queued_ids(r) == []

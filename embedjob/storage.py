@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
-from embedjob import settings
+from embedjob import settings, uris
 
 if TYPE_CHECKING:
     from embedjob.spec import JobSpec
@@ -123,6 +123,14 @@ def split_s3(uri: str) -> tuple[str, str]:
     return bucket, key
 
 
+def local_path(uri: str) -> str:
+    """``uri`` as a local path: anything not ``s3://`` is one, but a URI with another scheme
+    (``http://``, ``S3://``, ``file:``) is refused (:class:`~embedjob.uris.UnsafeURI`), never opened as
+    a relative path."""
+    uris.scheme_of(uri)
+    return uri
+
+
 def join(base: str, *parts: str) -> str:
     """Join URI / path segments with single slashes."""
     out = base.rstrip("/")
@@ -182,7 +190,7 @@ class Storage:
                 return _S3Reader(s3_client(self.options), bucket, key)
             except Exception as e:
                 raise storage_error("GetObject", uri, e) from e
-        return open(uri, "rb")  # noqa: SIM115 - caller closes
+        return open(local_path(uri), "rb")  # noqa: SIM115 - caller closes
 
     def read_bytes(self, uri: str) -> bytes:
         with self.open_read(uri) as f:
@@ -198,7 +206,7 @@ class Storage:
                 if _is_missing(e):
                     return False
                 raise storage_error("HeadObject", uri, e) from e
-        return os.path.exists(uri)
+        return os.path.exists(local_path(uri))
 
     def list(self, prefix: str, suffix: str = "") -> Iterator[str]:
         """Every object URI under ``prefix`` (recursive) ending in ``suffix``, in key order.
@@ -214,7 +222,7 @@ class Storage:
             except Exception as e:
                 raise storage_error("ListObjectsV2", prefix, e) from e
             return
-        root = Path(prefix)
+        root = Path(local_path(prefix))
         if root.is_file():
             if str(root).endswith(suffix):
                 yield str(root)
@@ -254,7 +262,7 @@ class Storage:
                 except Exception:  # noqa: BLE001 - a leftover under _tmp/ is harmless; the copy decides
                     pass
             return
-        path = Path(uri)
+        path = Path(local_path(uri))
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
         try:
@@ -277,7 +285,7 @@ class Storage:
             except Exception as e:
                 raise storage_error("DeleteObject", uri, e) from e
         else:
-            Path(uri).unlink(missing_ok=True)
+            Path(local_path(uri)).unlink(missing_ok=True)
 
 
 class _S3Reader(io.RawIOBase):

@@ -58,3 +58,15 @@ def test_a_job_files_relative_paths_are_resolved_before_the_check(tmp_path):
     (tmp_path / "jobs").mkdir()
     spec = parse_spec({"input": {"uri": "../shards/"}, "output": {"uri": "./out/"}}, base_dir=tmp_path / "jobs")
     assert spec.input.uri == str(tmp_path / "shards") and spec.output.uri == str(tmp_path / "jobs" / "out")
+
+
+def test_storage_never_opens_another_scheme_as_a_local_path(tmp_path, monkeypatch):
+    from embedjob.storage import Storage
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "http:").mkdir()
+    (tmp_path / "http:" / "x.tar").write_bytes(b"x")  # what "http://x.tar" would open as a relative path
+    for op in (lambda s: s.open_read("http://x.tar"), lambda s: s.exists("file:///etc/passwd"),
+               lambda s: list(s.list("gs://b/")), lambda s: s.put_atomic("S3://b/x", b"x")):
+        with pytest.raises(uris.UnsafeURI):
+            op(Storage())

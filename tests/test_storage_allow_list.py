@@ -185,6 +185,7 @@ def test_worker_refuses_forged_messages_and_embeds_the_allowed_one(secured_redis
            "EMBEDJOB_REDIS_PASSWORD": secured_redis.password, "EMBEDJOB_LEASE_SECONDS": "3",
            "EMBEDJOB_STORAGE_ALLOW_LIST": json.dumps({"*": [f"s3://{bucket}/allowed/"]}),
            "EMBEDJOB_ALLOW_LOCAL_PATHS": "false", "EMBEDJOB_MODEL_DIR": str(tiny_clip_dir),
+           "EMBEDJOB_MODEL_ALLOW_LIST": json.dumps(["openai/clip-vit-large-patch14"]),
            "OMP_NUM_THREADS": "1"}
     model = {"name": "x", "revision": None, "path": str(tiny_clip_dir)}
     options = {**EmbedOptions().__dict__, "device": "cpu", "dtype": "float32"}
@@ -202,12 +203,22 @@ def test_worker_refuses_forged_messages_and_embeds_the_allowed_one(secured_redis
         "modelname": task("modelname", allowed_in, model={"name": str(tmp_path), "revision": None, "path": None}),
         "endpoint": ShardTask(job=job, shard=allowed_in, stem="endpoint", output=out, model=model, options=options,
                               storage={"endpoint": "http://127.0.0.1:9", "region": "us-east-1"}),
+        "../../elsewhere/x": task("../../elsewhere/x", allowed_in),  # a stem that climbs out of the output
+    }
+    # Options beyond this worker's own ceilings (issue 16): refused whatever the operator admitted.
+    beyond = {
+        "pixels": ShardTask(job=job, shard=allowed_in, stem="pixels", output=out, model=model,
+                            options={**options, "max_image_pixels": 10**12}),
+        "threads": ShardTask(job=job, shard=allowed_in, stem="threads", output=out, model=model,
+                             options={**options, "num_threads": 256}),
+        "hub-model": ShardTask(job=job, shard=allowed_in, stem="hub-model", output=out, options=options,
+                               model={"name": "evil/model", "revision": "main", "path": None}),
     }
     env_send = {"EMBEDJOB_REDIS_URL": secured_redis.authed_url}  # the forger can write to Redis
     workers = Workers(env, f"q-{uuid.uuid4().hex[:8]}", tmp_path)
     try:
         workers.start("w1")
-        for t in forged.values():
+        for t in [*forged.values(), *beyond.values()]:
             _send(env_send, workers.queue, t)
         _send(env_send, workers.queue, task("good", allowed_in))
         store = ProgressStore(redis_client(secured_redis.authed_url), job)
@@ -221,6 +232,13 @@ def test_worker_refuses_forged_messages_and_embeds_the_allowed_one(secured_redis
         assert "local paths are not allowed" in store.info("local")["error"]
         assert "model cache" in store.info("model")["error"] and "model cache" in store.info("modelname")["error"]
         assert "only the workers' own S3 endpoint" in store.info("endpoint")["error"]
+        assert "'..' segment" in store.info("../../elsewhere/x")["error"]
+        for stem in beyond:
+            _wait_state(store, stem, "failed", 30)
+            info = store.info(stem)
+            assert info["errorCode"] == "OptionsNotAllowed" and info["transient"] is False, info
+        assert "must be between 1 and 178956970 on this worker" in store.info("pixels")["error"]
+        assert "model allow-list" in store.info("hub-model")["error"]
         # Nothing embedded for any forged message; the allowed one, once.
         assert store.executions() == {"good": 1}
         storage = Storage()

@@ -182,3 +182,31 @@ def test_load_or_reuse_says_whether_it_loaded(tiny_clip_dir):
     assert not cached
     again, cached = load_or_reuse(ref, device="cpu", precision="fp32")
     assert cached and again is first and load_embedder(ref, device="cpu", precision="fp32") is first
+
+
+def test_the_cache_holds_one_model_and_loading_another_frees_the_first(tiny_clip_dir, tmp_path):
+    """A worker serving many jobs holds one model: the second load drops the first, which is then
+    garbage-collected (on CUDA its memory goes back too: torch.cuda.empty_cache after the drop)."""
+    import gc
+    import os
+    import weakref
+
+    from embedjob.worker.model.load import load_or_reuse
+    from embedjob.worker.model.random_weights import save_random_clip
+
+    other = save_random_clip(tmp_path / "other")
+    first, _ = load_or_reuse({"name": "a", "path": str(tiny_clip_dir)}, device="cpu", precision="fp32")
+    gone = weakref.ref(first.module)
+    del first
+    second, cached = load_or_reuse({"name": "b", "path": str(other)}, device="cpu", precision="fp32")
+    gc.collect()
+    assert not cached and gone() is None  # the first model is freed, not kept "in case"
+    # a different dtype of the same model is another entry too; the model in use stays alive while used
+    in_use = weakref.ref(second.module)
+    third, _ = load_or_reuse({"name": "b", "path": str(other)}, device="cpu", precision="bf16")
+    assert in_use() is second.module  # still referenced by its user (a shard in flight)
+    del second
+    gc.collect()
+    assert in_use() is None and third.module is not None
+    # no hub kernels, whatever the environment says
+    assert os.environ.get("USE_HUB_KERNELS") == "0"

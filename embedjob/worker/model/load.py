@@ -9,13 +9,19 @@ Checkpoints are only ever read as safetensors with the built-in CLIP classes: ``
 is never passed, so no code shipped with a checkpoint runs.
 
 A loaded :class:`~embedjob.worker.model.embedder.Embedder` is cached, once per process, and reused
-for every shard; :func:`load_or_reuse` says whether a call really loaded (the worker times only
-those). Attention runs through PyTorch's scaled-dot-product attention (``attn_implementation="sdpa"``:
-flash / memory-efficient kernels on CUDA).
+for every shard. The cache holds ONE model: loading another (a job with a different model, dtype or
+compile mode) first drops the previous one and frees its memory (``gc`` and, on CUDA, the caching
+allocator's blocks), so a worker that serves many jobs holds one model, not every model it ever
+loaded (a shard still running with the old one keeps it alive until it ends). Hub kernels are never
+fetched (``use_kernels=False``; ``USE_HUB_KERNELS=0`` in the worker's environment).
+:func:`load_or_reuse` says whether a call really loaded (the worker times only those). Attention
+runs through PyTorch's scaled-dot-product attention (``attn_implementation="sdpa"``: flash /
+memory-efficient kernels on CUDA).
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import threading
@@ -126,6 +132,7 @@ def _load_module(ref: ModelRef, cache_dir: str, dtype: torch.dtype) -> torch.nn.
             dtype=dtype,
             attn_implementation=ATTENTION,
             output_loading_info=True,
+            use_kernels=False,  # never code from the hub (transformers 5 hub kernels)
         )
     except ModelLoadError:
         raise
@@ -165,6 +172,7 @@ def load_or_reuse(
         cached = _cache.get(key)
         if cached is not None:
             return cached, True
+        _evict()  # one model per process: the previous one is freed before the next is loaded
         if dev.type == "cpu":
             configure_cpu_threads()
         module = _load_module(ref, cache_dir, dtype).to(dev).eval()
@@ -208,6 +216,17 @@ def _check_runs(embedder: Embedder, precision: str) -> None:
         embedder.embed(torch.zeros(1, 3, size, size))
     except Exception as e:
         raise ModelLoadError(f"precision {precision!r} does not run on this CPU: {type(e).__name__}: {e}") from e
+
+
+def _evict() -> None:
+    """Drop the cached model(s) and give their memory back (call with ``_cache_lock`` held)."""
+    if not _cache:
+        return
+    on_cuda = any(e.device.type == "cuda" for e in _cache.values())
+    _cache.clear()
+    gc.collect()
+    if on_cuda:
+        torch.cuda.empty_cache()
 
 
 def clear_cache() -> None:

@@ -14,6 +14,9 @@ from embedjob.settings import library_env, set_library_env
 from embedjob.worker.host import available_cpus
 
 set_library_env("OMP_WAIT_POLICY", "PASSIVE", keep_users=True)
+# transformers 5 can fetch "hub kernels" (code) from the Hugging Face hub; a worker runs no code it was
+# not installed with, whatever a model asks for (from_pretrained also gets use_kernels=False).
+set_library_env("USE_HUB_KERNELS", "0")
 import torch  # noqa: E402
 
 PRECISION_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
-from embedjob import logs
+from embedjob import limits, logs
 from embedjob import settings as settings_module
 from embedjob.access import AccessPolicy
 from embedjob.contract import EmbedOptions, ShardTask
@@ -36,6 +36,7 @@ from embedjob.policy import describe_failure
 from embedjob.progress import ProgressStore, redis_client
 from embedjob.results import read_manifest, shard_counts
 from embedjob.storage import Storage, StorageError, StorageOptions
+from embedjob.worker.host import available_cpus
 from embedjob.worker.runtime import lifecycle, metrics
 from embedjob.worker.runtime.heartbeat import Heartbeat, Redeliver, release_lease, with_redis, worker_id
 from embedjob.worker.runtime.lifecycle import GiveBack
@@ -90,8 +91,10 @@ class ShardRunner:
 
         try:
             # Before any storage access with this worker's credentials: a message naming a location
-            # outside the storage allow-list (or a local path) is refused, whoever wrote it to Redis.
+            # outside the storage allow-list (or a local path), or with options beyond this worker's
+            # ceilings, is refused, whoever wrote it to Redis.
             check_task_locations(task)
+            check_task_options(task)
             options, storage = task_inputs(task)
         except Exception as e:  # noqa: BLE001 - a bad message: recorded
             return _failed(store, task, e)
@@ -222,7 +225,13 @@ def check_task_locations(task: ShardTask) -> None:
         model_path = name  # a "hub id" that is really a folder loads from disk: it is a path
     endpoint = (task.storage or {}).get("endpoint") if isinstance(task.storage, dict) else None
     AccessPolicy.from_settings(settings_module.load()).check_task(str(task.shard), str(task.output), model_path,
-                                                                  endpoint)
+                                                                  endpoint, stem=str(task.stem))
+
+
+def check_task_options(task: ShardTask) -> None:
+    """Raise :class:`~embedjob.limits.OptionsNotAllowed` when the message's options or model are beyond
+    this worker's own ceilings (``EMBEDJOB_MAX_*``, its CPUs, ``EMBEDJOB_MODEL_ALLOW_LIST``; embedjob.limits)."""
+    limits.check_task(task.options, task.model, settings_module.load(), available_cpus())
 
 
 def _count_success(task: ShardTask, storage: Storage, result: ShardResult) -> None:

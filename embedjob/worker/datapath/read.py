@@ -8,6 +8,12 @@ case) plus its ``.txt`` caption and ``.json`` sidecars; every other member is ig
 Memory is bounded by one sample: the tar is read in stream mode (``"r|*"``) straight from
 ``Storage.open_read`` (an S3 body or a local file) and nothing but the current sample is held.
 
+Hostile shards are bounded too (embedjob.settings): a GNU long name/link or pax header larger than
+``EMBEDJOB_MAX_TAR_HEADER_BYTES`` is skipped without being read (``tarfile`` would read it whole into
+memory) and its member recorded as skipped; a caption or JSON sidecar larger than
+``EMBEDJOB_MAX_SIDECAR_BYTES`` is not read, and sidecars past ``EMBEDJOB_MAX_METADATA_BYTES`` per shard
+are not kept: their samples are recorded as skipped, never embedded without their metadata.
+
 Damage is data, not a crash: when the tar itself is truncated or corrupt, the samples read before
 the damage are yielded and the error is reported through :class:`TarStats`. An error of the
 *source* (network, S3) is different — retrying may fix it — so it propagates as
@@ -25,6 +31,8 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
+
+from embedjob import settings
 
 IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff"})
 CAPTION_EXTENSION = "txt"
@@ -114,7 +122,25 @@ def _watching_tarinfo(seen: list[tarfile.HeaderError]) -> type[tarfile.TarInfo]:
     a garbage header or on data that stops at a member boundary (no end-of-archive blocks); only a
     zero block (EOFHeaderError) is a proper end."""
 
+    limit = settings.load().max_tar_header_bytes
+
     class WatchingTarInfo(tarfile.TarInfo):
+        refused: str | None = None  # why this member's header was skipped unread (see _proc_member)
+
+        def _proc_member(self, tar: tarfile.TarFile) -> tarfile.TarInfo:
+            kind = _LONG_HEADERS.get(self.type)
+            if kind is None or self.size <= limit:
+                return super()._proc_member(tar)
+            _skip(tar.fileobj, self._block(self.size))  # bounded chunks, never one 400 MiB read
+            try:
+                nxt = self.fromtarfile(tar)
+            except tarfile.HeaderError as e:
+                raise tarfile.SubsequentHeaderError(str(e)) from None
+            nxt.offset = self.offset
+            nxt.refused = (f"{kind} of {self.size} bytes (more than {limit}, EMBEDJOB_MAX_TAR_HEADER_BYTES): "
+                           "skipped unread")
+            return nxt
+
         @classmethod
         def fromtarfile(cls, tar: tarfile.TarFile) -> tarfile.TarInfo:
             try:
@@ -124,6 +150,26 @@ def _watching_tarinfo(seen: list[tarfile.HeaderError]) -> type[tarfile.TarInfo]:
                 raise
 
     return WatchingTarInfo
+
+
+def _drain(f: BinaryIO | None) -> None:
+    """Read a member's data to its end, 4 MiB at a time, keeping none of it."""
+    while f is not None and f.read(4 << 20):
+        pass
+
+
+_LONG_HEADERS = {tarfile.GNUTYPE_LONGNAME: "GNU long name", tarfile.GNUTYPE_LONGLINK: "GNU long link",
+                 tarfile.XHDTYPE: "pax header", tarfile.XGLTYPE: "pax global header",
+                 tarfile.SOLARIS_XHDTYPE: "pax header"}
+
+
+def _skip(fileobj: BinaryIO, n: int) -> None:
+    """Read and drop ``n`` bytes in 4 MiB chunks (a stream cannot seek)."""
+    while n > 0:
+        chunk = fileobj.read(min(n, 4 << 20))
+        if not chunk:
+            raise tarfile.TruncatedHeaderError("unexpected end of data in a skipped header")
+        n -= len(chunk)
 
 
 def _end_error(seen: list[tarfile.HeaderError]) -> str | None:
@@ -186,6 +232,9 @@ def iter_tar(raw: BinaryIO, stats: TarStats | None = None, in_place: bool = Fals
         except tarfile.TarError as e:
             raise TarOpenError(f"not a readable tar: {e}") from e
 
+    limits = settings.load()
+    metadata_bytes = 0  # sidecar bytes kept for this shard
+    refused: tuple[str, str] | None = None  # (member, why) when the current sample cannot be kept
     index = 0
     key: str | None = None
     image: tuple[str, bytes, int, int] | None = None
@@ -195,6 +244,8 @@ def iter_tar(raw: BinaryIO, stats: TarStats | None = None, in_place: bool = Fals
 
     def flush() -> Sample | None:
         nonlocal index
+        if key is not None and refused is not None:
+            return SkippedMember(key, image[0] if image is not None else refused[0], refused[1])
         if key is None or image is None:
             return None
         sample = Sample(key=key, member=image[0], image=image[1], caption=caption, json=sidecar, index=index,
@@ -213,6 +264,15 @@ def iter_tar(raw: BinaryIO, stats: TarStats | None = None, in_place: bool = Fals
                         stats.error = f"tar truncated or corrupt{after}: {problem}"
                     break
                 stats.members += 1
+                if getattr(info, "refused", None):  # a header too large to read: recorded, data skipped
+                    tar.members = []
+                    done = flush()  # the sample before it ends here (tar order is row order)
+                    if done is not None:
+                        yield done
+                    key, image, caption, sidecar, refused = None, None, None, None, None
+                    parts = split_key(info.name)
+                    yield SkippedMember(parts[0] if parts else info.name, info.name, info.refused)
+                    continue
                 # Stream mode still appends every TarInfo to tar.members; drop them so a shard with
                 # millions of members keeps a constant footprint.
                 tar.members = []
@@ -227,6 +287,7 @@ def iter_tar(raw: BinaryIO, stats: TarStats | None = None, in_place: bool = Fals
                     if done is not None:
                         yield done
                     key, image, caption, sidecar = member_key, None, None, None
+                    refused = None
                 if ext in IMAGE_EXTENSIONS and image is not None:
                     yield SkippedMember(key, name, f"sample already has an image ({image[0]})")
                     continue
@@ -242,6 +303,19 @@ def iter_tar(raw: BinaryIO, stats: TarStats | None = None, in_place: bool = Fals
                     last_member = name
                     image = (name, b"", info.offset_data, info.size)
                     continue
+                if ext in (CAPTION_EXTENSION, JSON_EXTENSION):
+                    why = None
+                    if info.size > limits.max_sidecar_bytes:
+                        why = (f"sidecar {name} too large ({info.size} > {limits.max_sidecar_bytes} bytes, "
+                               "EMBEDJOB_MAX_SIDECAR_BYTES)")
+                    elif metadata_bytes + info.size > limits.max_metadata_bytes:
+                        why = (f"the shard's sidecars exceed {limits.max_metadata_bytes} bytes "
+                               "(EMBEDJOB_MAX_METADATA_BYTES)")
+                    if why is not None:  # not kept; the sample is recorded, not embedded without it
+                        refused = refused or (name, why)
+                        _drain(tar.extractfile(info))  # in big chunks (tarfile's own skip is slow)
+                        continue
+                    metadata_bytes += info.size
                 f = tar.extractfile(info)
                 data = f.read() if f is not None else b""
                 if len(data) != info.size:

@@ -267,6 +267,7 @@ def test_namespace_buckets_give_each_namespace_its_own_folder_and_the_programs_a
             "*": ["s3://shared/", "s3://tenants/{namespace}/", "s3://scratch/{namespace}/"]}
         s = Settings.from_env(env)
         assert (s.max_image_pixels, s.max_num_threads, s.max_shards) == (150_000_000, 3, 1_000_000)
+        assert (s.max_tar_header_bytes, s.max_sidecar_bytes, s.max_metadata_bytes) == (64 << 10, 1 << 20, 64 << 20)
         assert s.model_allow_list == (("openai/clip-vit-large-patch14", "32bd64288804d66eefd0ccbe215aa642df71cc41"),)
         p = AccessPolicy.from_settings(s)
         p.check("spec.input.uri", "s3://tenants/team-a/in/", "team-a")

@@ -253,6 +253,12 @@ annotations:
   value: {{ .Values.limits.maxRetries | int64 | toString | quote }}
 - name: EMBEDJOB_MAX_PRIORITY
   value: {{ .Values.limits.maxPriority | int64 | toString | quote }}
+- name: EMBEDJOB_MAX_TAR_HEADER_BYTES
+  value: {{ .Values.limits.maxTarHeaderBytes | int64 | toString | quote }}
+- name: EMBEDJOB_MAX_SIDECAR_BYTES
+  value: {{ .Values.limits.maxSidecarBytes | int64 | toString | quote }}
+- name: EMBEDJOB_MAX_METADATA_BYTES
+  value: {{ .Values.limits.maxMetadataBytes | int64 | toString | quote }}
 {{- with .Values.models.allowList }}
 - name: EMBEDJOB_MODEL_ALLOW_LIST
   value: {{ toJson . | quote }}

@@ -22,7 +22,7 @@ import datetime as dt
 import math
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from embedjob import fairness
@@ -119,6 +119,8 @@ class Reconciler:
         conditions = check_spec_change(accepted, raw_spec, job_status.get("conditions") or [], generation, now,
                                        mem, events)
         spec = with_mutable(accepted, raw_spec)
+        if spec.priority > self.settings.max_priority:  # priority may change later: never past the ceiling
+            spec = replace(spec, priority=self.settings.max_priority)
         control, resumed = self._control(spec)
         states = store.states()
         failed_infos, retry_due = count_failures(store, spec, states, time.time(), events)

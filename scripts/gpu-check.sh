@@ -91,7 +91,7 @@ print("usable CPUs", available_cpus())
 EOF'
 
 # On the CPU they are skipped (and say so); the marker selects exactly them.
-wants cuda && run_step "CUDA tests" 120 "$OUT/pytest-cuda.txt" "$PY" -P -m pytest -q -rs -m cuda tests/test_cuda.py
+wants cuda && run_step "CUDA tests" 150 "$OUT/pytest-cuda.txt" "$PY" -P -m pytest -q -rs -m cuda tests/test_cuda.py
 
 # The biggest run first: it also makes the random ViT-L/14 (kept in the model cache) and tunes the batch.
 wants 500 && bench "bench 500x375, ${COUNT} x ${PER_SHARD}, exact + fast" 270 bench-500x375 --size 500x375 \

@@ -169,23 +169,21 @@ def test_processes_per_gpu_share_their_gpu_and_split_the_cpus():
     assert lifecycle.cpu_share(0, 2, None) == []
 
 
-def test_real_worker_with_two_processes_on_one_device_embeds_each_shard_once(
-        redis_url, s3_env, bucket, tiny_clip_dir, tmp_path):
-    """`embedjob worker --processes-per-gpu 2` (on CPU here, one device): two pool processes, both
-    pinned to the pod's one GPU, each with its own half of the CPUs; every shard is embedded and
-    committed exactly once, and both processes take shards."""
-    from embedjob.layout import shard_outputs
+def _pinned_worker_run(worker_args: list[str], visible: str, redis_url: str, s3_env: dict, bucket: str,
+                       tiny_clip_dir, tmp_path, options: dict) -> tuple[str, object, list[str]]:
+    """A real `embedjob worker` with ``worker_args`` and CUDA_VISIBLE_DEVICES=``visible`` embeds six
+    shards; returns its log, the job's ProgressStore and the stems, once every shard succeeded and the
+    worker stopped."""
     from embedjob.progress import ProgressStore, redis_client
     from embedjob.storage import Storage, s3_client
     from tests.shards import simple_shard
 
     queue = f"q-{uuid.uuid4().hex[:8]}"
     env = {**os.environ, **s3_env, "EMBEDJOB_REDIS_URL": redis_url, "OMP_NUM_THREADS": "1",
-           "CUDA_VISIBLE_DEVICES": "3"}
+           "CUDA_VISIBLE_DEVICES": visible}
     log_path = tmp_path / "worker.log"
     log = open(log_path, "wb")  # noqa: SIM115
-    proc = subprocess.Popen(embedjob_command("worker", "--queue", queue, "--processes-per-gpu", "2",
-                                             "--hostname", "ppg@%h"),
+    proc = subprocess.Popen(embedjob_command("worker", "--queue", queue, *worker_args, "--hostname", "pinned@%h"),
                             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     job = f"job-{uuid.uuid4().hex[:6]}"
     store = ProgressStore(redis_client(redis_url), job)
@@ -197,7 +195,7 @@ def test_real_worker_with_two_processes_on_one_device_embeds_each_shard_once(
                                    Body=simple_shard(150, size=(320, 240), seed=i).tar_bytes())
             task = ShardTask(job=job, shard=f"s3://{bucket}/in/{stem}.tar", stem=stem, output=f"s3://{bucket}/out",
                              model={"name": "x", "revision": None, "path": str(tiny_clip_dir)},
-                             options={**EmbedOptions().__dict__, "device": "cpu", "batch_size": 8})
+                             options={**EmbedOptions().__dict__, "device": "cpu", "batch_size": 8, **options})
             app.send_task(TASK_NAME, kwargs={"task": task.to_dict()}, task_id=task_id(job, stem, 1), queue=queue)
         _wait_for(lambda: all(store.state(s) == "succeeded" for s in stems), 240, "all shards done")
     finally:
@@ -206,7 +204,18 @@ def test_real_worker_with_two_processes_on_one_device_embeds_each_shard_once(
             proc.wait(30)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
-    text = log_path.read_text(errors="replace")
+    storage = Storage()
+    assert all(storage.exists(f"s3://{bucket}/out/_manifests/{s}.json") for s in stems)
+    return log_path.read_text(errors="replace"), store, stems
+
+
+def test_real_worker_with_two_processes_on_one_device_embeds_each_shard_once(
+        redis_url, s3_env, bucket, tiny_clip_dir, tmp_path):
+    """`embedjob worker --processes-per-gpu 2` (on CPU here, one device): two pool processes, both
+    pinned to the pod's one GPU, each with its own half of the CPUs; every shard is embedded and
+    committed exactly once, and both processes take shards."""
+    text, store, stems = _pinned_worker_run(["--processes-per-gpu", "2"], "3", redis_url, s3_env, bucket,
+                                            tiny_clip_dir, tmp_path, {})
     for i in (0, 1):
         assert f"pool process {i}" in text and "pinned to GPU 3 (CUDA_VISIBLE_DEVICES=3), 2 process(es) per GPU" in text
     cpus = [line.rsplit("CPUs ", 1)[1].strip() for line in text.splitlines() if "process(es) per GPU, CPUs" in line]
@@ -216,8 +225,6 @@ def test_real_worker_with_two_processes_on_one_device_embeds_each_shard_once(
     assert store.commits() == dict.fromkeys(stems, 1)
     workers = {store.info(s).get("worker") for s in stems}
     assert len(workers) == 2, workers  # both processes took shards
-    storage = Storage()
-    assert all(storage.exists(shard_outputs(f"s3://{bucket}/out", s).manifest) for s in stems)
 
 
 def test_real_worker_with_two_gpus_pins_each_process_and_records_the_device(
@@ -225,42 +232,10 @@ def test_real_worker_with_two_gpus_pins_each_process_and_records_the_device(
     """`embedjob worker --gpus 2` (on CPU here): two pool processes, process i with
     CUDA_VISIBLE_DEVICES=<the pod's i-th GPU> before anything starts CUDA; each shard records the GPU
     that embedded it, and every shard is embedded once."""
-    from embedjob.layout import shard_outputs
-    from embedjob.progress import ProgressStore, redis_client
-    from embedjob.storage import Storage, s3_client
-    from tests.shards import simple_shard
-
-    queue = f"q-{uuid.uuid4().hex[:8]}"
-    env = {**os.environ, **s3_env, "EMBEDJOB_REDIS_URL": redis_url, "OMP_NUM_THREADS": "1",
-           "CUDA_VISIBLE_DEVICES": "6,7"}
-    log_path = tmp_path / "worker.log"
-    log = open(log_path, "wb")  # noqa: SIM115
-    proc = subprocess.Popen(embedjob_command("worker", "--queue", queue, "--gpus", "2", "--hostname", "gpus@%h"),
-                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    job = f"job-{uuid.uuid4().hex[:6]}"
-    store = ProgressStore(redis_client(redis_url), job)
-    stems = [f"{i:03d}" for i in range(6)]
-    try:
-        app = make_app(redis_url)
-        for i, stem in enumerate(stems):
-            s3_client().put_object(Bucket=bucket, Key=f"in/{stem}.tar",
-                                   Body=simple_shard(150, size=(320, 240), seed=i).tar_bytes())
-            task = ShardTask(job=job, shard=f"s3://{bucket}/in/{stem}.tar", stem=stem, output=f"s3://{bucket}/out",
-                             model={"name": "x", "revision": None, "path": str(tiny_clip_dir)},
-                             options={**EmbedOptions().__dict__, "device": "cpu", "batch_size": 8, "num_threads": 1})
-            app.send_task(TASK_NAME, kwargs={"task": task.to_dict()}, task_id=task_id(job, stem, 1), queue=queue)
-        _wait_for(lambda: all(store.state(s) == "succeeded" for s in stems), 240, "all shards done")
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-    text = log_path.read_text(errors="replace")
+    text, store, stems = _pinned_worker_run(["--gpus", "2"], "6,7", redis_url, s3_env, bucket, tiny_clip_dir,
+                                            tmp_path, {"num_threads": 1})
     assert "pool process 0" in text and "pinned to GPU 6 (CUDA_VISIBLE_DEVICES=6)" in text
     assert "pool process 1" in text and "pinned to GPU 7 (CUDA_VISIBLE_DEVICES=7)" in text
     gpus = {s: store.info(s).get("gpu") for s in stems}
     assert set(gpus.values()) <= {"6", "7"} and None not in gpus.values(), gpus
     assert store.executions() == dict.fromkeys(stems, 1)
-    storage = Storage()
-    assert all(storage.exists(shard_outputs(f"s3://{bucket}/out", s).manifest) for s in stems)

@@ -188,28 +188,35 @@ class InferenceEngine:
 
     # -- the device-decode thread (fast path on CUDA) -------------------------------------------------
     def _decode_loop(self) -> None:
-        stream = self._decode_stream
         while True:
             item = self._inbox.get()
             if item is _STOP:
                 self._ready.put(_STOP)
                 return
-            slot, n, jpegs, future, external = item
-            if not future.set_running_or_notify_cancel():
-                self._free.put(slot)
-                continue
-            event = None
-            try:
-                if stream is not None:
-                    with torch.cuda.stream(stream):
-                        prepared: tuple | BaseException = self._batch(slot, n, jpegs, external)
-                        event = torch.cuda.Event()
-                        event.record(stream)
-                else:
-                    prepared = self._batch(slot, n, jpegs, external)
-            except BaseException as e:  # noqa: BLE001 - delivered through the Future
-                prepared = e
-            self._ready.put((slot, future, prepared, event))
+            started = self._start(item)
+            if started is not None:
+                self._ready.put(started)
+
+    def _start(self, item: tuple) -> tuple | None:
+        """Take up one submitted batch: ``(slot, future, prepared, event)``, where ``prepared`` is what
+        :meth:`_batch` made or the exception it raised and ``event`` marks its end on the decode stream
+        (None without one); None when the batch was cancelled meanwhile (its slot goes back)."""
+        slot, n, jpegs, future, external = item
+        if not future.set_running_or_notify_cancel():
+            self._free.put(slot)
+            return None
+        stream, event = self._decode_stream, None
+        try:
+            if stream is not None:
+                with torch.cuda.stream(stream):
+                    prepared: tuple | BaseException = self._batch(slot, n, jpegs, external)
+                    event = torch.cuda.Event()
+                    event.record(stream)
+            else:
+                prepared = self._batch(slot, n, jpegs, external)
+        except BaseException as e:  # noqa: BLE001 - delivered through the Future
+            prepared = e
+        return slot, future, prepared, event
 
     def _batch(self, slot: int, n: int, jpegs: dict[int, EncodedJpeg],
                external: torch.Tensor | None = None) -> tuple[torch.Tensor, dict, dict]:
@@ -281,18 +288,11 @@ class InferenceEngine:
                 item = self._ready.get()
             if item is _STOP:
                 break
-            if self._decode_thread is not None:  # prepared by the device-decode thread
-                slot, future, prepared, event = item
-            else:
-                slot, n, jpegs, future, external = item
-                if not future.set_running_or_notify_cancel():
-                    self._free.put(slot)
+            if self._decode_thread is None:  # else the device-decode thread has started it
+                item = self._start(item)
+                if item is None:
                     continue
-                event = None
-                try:
-                    prepared = self._batch(slot, n, jpegs, external)
-                except BaseException as e:  # noqa: BLE001 - delivered through the Future
-                    prepared = e
+            slot, future, prepared, event = item
             if isinstance(prepared, BaseException):
                 launched: tuple | BaseException = prepared
             else:

@@ -54,7 +54,9 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
     try:
         img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
     except Image.DecompressionBombError as e:
-        raise DecodeError(f"decompression bomb: {e}") from e
+        # Pillow's own message names its process-wide threshold, which depends on the largest limit
+        # this process has seen: the recorded reason must not.
+        raise DecodeError(f"decompression bomb: over twice the limit of {max_pixels} pixels") from e
     except Image.UnidentifiedImageError as e:
         raise DecodeError("not a supported image (unrecognised data)") from e
     except Exception as e:  # a broken header can raise almost anything inside a plugin
@@ -73,7 +75,9 @@ def load_image(img: Image.Image) -> Image.Image:
     try:
         img.load()
     except Image.DecompressionBombError as e:
-        raise DecodeError(f"decompression bomb: {e}") from e
+        # Pillow's own message names its process-wide threshold, which depends on the largest limit
+        # this process has seen: the recorded reason must not.
+        raise DecodeError(f"decompression bomb: over twice the limit of {max_pixels} pixels") from e
     except Exception as e:
         # Truncation is OSError("image file is truncated ..."); corrupt streams raise OSError,
         # SyntaxError or ValueError depending on the codec.

@@ -75,9 +75,8 @@ def load_image(img: Image.Image) -> Image.Image:
     try:
         img.load()
     except Image.DecompressionBombError as e:
-        # Pillow's own message names its process-wide threshold, which depends on the largest limit
-        # this process has seen: the recorded reason must not.
-        raise DecodeError(f"decompression bomb: over twice the limit of {max_pixels} pixels") from e
+        # (as in open_image: Pillow's message depends on this process's history, the reason must not)
+        raise DecodeError("decompression bomb: refused by the decoder's pixel limit while decoding") from e
     except Exception as e:
         # Truncation is OSError("image file is truncated ..."); corrupt streams raise OSError,
         # SyntaxError or ValueError depending on the codec.

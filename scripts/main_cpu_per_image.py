@@ -71,7 +71,10 @@ def main() -> None:
     from embedjob.worker.datapath.shard import embed_shard
     from embedjob.worker.model.load import load_embedder
     from embedjob.worker.model.random_weights import save_random_clip
-    from embedjob.worker.model.torch_env import torch
+    try:
+        from embedjob.worker.model.torch_env import torch
+    except ImportError:  # before the model package was split
+        from embedjob.worker.model.load import torch  # type: ignore[no-redef]
 
     work = Path(tempfile.mkdtemp(prefix="embedjob-maincpu-"))
     storage = Storage()

@@ -48,12 +48,12 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _run(job: Job, workers: int | None, progress: bool, extra: dict | None = None,
-         processes_per_gpu: int = 1) -> int:
+         processes_per_gpu: int = 1, retry_truncated: bool = False) -> int:
     from embedjob.cli.run import format_summary, run_job
 
     try:
         summary = run_job(job, workers=workers, show_progress=progress, extra_manifest=extra,
-                          processes_per_gpu=processes_per_gpu)
+                          processes_per_gpu=processes_per_gpu, retry_truncated=retry_truncated)
     except SpecError as e:  # includes PlanError
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -73,7 +73,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.processes_per_gpu < 1:
         print("error: --processes-per-gpu must be at least 1", file=sys.stderr)
         return 2
-    return _run(job, args.workers, not args.no_progress, processes_per_gpu=args.processes_per_gpu)
+    return _run(job, args.workers, not args.no_progress, processes_per_gpu=args.processes_per_gpu,
+                retry_truncated=args.retry_truncated)
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -135,7 +136,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             f"demo: running the whole pipeline with a small RANDOM-WEIGHT CLIP instead ({path}).\n"
             "demo: these embeddings are NOT meaningful; the output's manifests say so.",
         )
-        model = {"name": RANDOM_MODEL_DIRNAME, "path": str(path)}
+        model = {"path": str(path)}
         extra.update(randomWeights=True, note=f"RANDOM-WEIGHT test model, not {VIT_L14}: embeddings are meaningless")
     doc = {
         "apiVersion": "embedjob.io/v1alpha1",
@@ -237,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="worker processes per GPU, each with its own model and share of the CPUs (default 1)")
     r.add_argument("--overwrite", action="store_true", help="redo shards that are already done")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.add_argument("--retry-truncated", action="store_true",
+                   help="also redo finished shards whose tar was truncated or partly unreadable")
     r.set_defaults(func=_cmd_run)
 
     d = sub.add_parser("demo", help="embed the bundled sample shards end to end")

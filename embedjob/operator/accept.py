@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +21,7 @@ from embedjob.operator.changes import spec_hash
 from embedjob.operator.events import Event
 from embedjob.planning import PlanError, Shard, plan_shards
 from embedjob.progress import ProgressStore
-from embedjob.results import ManifestTooLarge, done_stems, read_manifest, shard_counts
+from embedjob.results import done_stems, read_shard_records
 from embedjob.settings import Settings, load
 from embedjob.spec import JobSpec, SpecError, parse_spec
 from embedjob.storage import Storage, StorageError, StorageOptions
@@ -44,17 +43,11 @@ class Accepted:
 
 
 def _manifest_counts(storage: Storage, output: str, stems: list[str]) -> dict[str, dict[str, Any]]:
-    def one(stem: str) -> tuple[str, dict[str, Any]]:
-        try:
-            images, failed = shard_counts(read_manifest(output, stem, storage))
-        except ManifestTooLarge:  # done, but its counts are not read (bounded memory)
-            images, failed = 0, 0
-        return stem, {"images": images, "failedImages": failed, "fromManifest": True}
-
-    if not stems:
-        return {}
-    with ThreadPoolExecutor(max_workers=min(16, len(stems))) as pool:
-        return dict(pool.map(one, stems))
+    """The info of shards already done: their counts and tar error, from their manifests (the model
+    is read once, by the status step)."""
+    records = read_shard_records(output, stems, storage)
+    return {stem: {"images": r["images"], "failedImages": r["failedImages"], "tarError": r["tarError"],
+                   "fromManifest": True} for stem, r in records.items()}
 
 
 def record_plan(store: ProgressStore, spec: JobSpec, raw_spec: Mapping[str, Any], shards: list[Shard],

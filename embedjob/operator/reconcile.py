@@ -36,7 +36,7 @@ from embedjob.operator.events import Event, JobMemory
 from embedjob.operator.failures import count_failures, fatal_error
 from embedjob.operator.leases import expire_leases
 from embedjob.operator.lost_messages import LostMessages
-from embedjob.operator.observe import finish, observe
+from embedjob.operator.observe import finish, observe, observe_model
 from embedjob.operator.recovery import load_accepted
 from embedjob.progress import ProgressStore
 from embedjob.settings import Settings, load
@@ -197,6 +197,7 @@ class Reconciler:
         store, mem = self.store, self.mem
         plan = mem.plan or []
         obs = observe(store, mem, plan, states, failed_infos)
+        obs.model = observe_model(mem, spec, states)
         done_at_start = int((job_status.get("plan") or {}).get("doneAtStart") or 0)
         obs.fatal = fatal_error(store, len(plan) - done_at_start, obs.succeeded - done_at_start)
         mem.samples.append((time.monotonic(), obs.images + obs.images_in_flight))

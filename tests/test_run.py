@@ -59,7 +59,8 @@ def test_run_local_folder_resume_and_read_back(tmp_path, tiny_clip_dir):
     manifest = json.loads((tmp_path / "out/_manifests/b/00001.json").read_text())
     assert [f["key"] for f in manifest["failed"]] == ["corrupt"]
     job_manifest = json.loads((tmp_path / "out/_job.json").read_text())
-    assert job_manifest["totals"] == {"shards": 4, "succeeded": 4, "failed": 0, "images": 14, "failedImages": 1}
+    assert job_manifest["totals"] == {"shards": 4, "succeeded": 4, "failed": 0, "images": 14, "failedImages": 1,
+                                      "truncatedShards": 0, "imagesThisRun": 14, "shardsThisRun": 4}
 
     # A rerun resumes: every shard is already done, nothing is rewritten.
     before = {p: p.stat().st_mtime_ns for p in (tmp_path / "out").rglob("*.npy")}
@@ -86,7 +87,8 @@ def test_run_s3_pattern_and_failure_policy(tmp_path, bucket, s3_env, tiny_clip_d
     }
     r = embedjob_cli("run", str(write_job(tmp_path / "job.yaml", spec)), "--no-progress", env=s3_env)
     assert r.returncode == 1, r.stdout + r.stderr
-    assert "FAILED after 2 attempts" in r.stderr and "failed shard 003" in r.stdout
+    # not a tar: a permanent error, one attempt whatever retries are left
+    assert "shard 003 FAILED (permanent error, not retried)" in r.stderr and "failed shard 003" in r.stdout
     storage = Storage()
     assert done_stems(f"s3://{bucket}/emb/") == {"000", "001", "002"}
     assert not storage.exists(f"s3://{bucket}/emb/_job.json")  # the job failed: no job manifest
@@ -171,3 +173,87 @@ def test_run_with_two_processes_on_one_device(tmp_path, tiny_clip_dir):
     keys, emb = embedjob.read_embeddings(str(tmp_path / "out"))
     assert emb.shape == (24, 32) and len(keys) == 24
     assert embedjob_cli("run", str(job), "--processes-per-gpu", "0").returncode == 2
+
+
+def _local_job(tmp_path: Path, model_dir: Path, n_shards: int = 3, **spec: object) -> Path:
+    for i in range(n_shards):
+        simple_shard(4 + i, seed=10 + i).write(tmp_path / "in" / f"{i:05d}.tar")
+    return write_job(tmp_path / "job.yaml", {
+        "input": {"uri": "in/"}, "output": {"uri": "out/"}, "model": {"path": str(model_dir)},
+        "inference": {"device": "cpu", "batchSize": 4}, **spec})
+
+
+def test_job_totals_describe_the_output_after_a_full_and_a_partial_rerun(tmp_path, tiny_clip_dir):
+    """_job.json and the summary count every shard present, earlier runs included; the rate counts
+    only what this run embedded."""
+    job = _local_job(tmp_path, tiny_clip_dir)  # 4 + 5 + 6 = 15 images
+    assert embedjob_cli("run", str(job), "--no-progress").returncode == 0
+    first = json.loads((tmp_path / "out/_job.json").read_text())
+    assert first["totals"]["images"] == 15 and first["totals"]["imagesThisRun"] == 15
+
+    r = embedjob_cli("run", str(job), "--no-progress")  # a full rerun: nothing to do
+    assert r.returncode == 0, r.stderr
+    assert "15 embedded, 0 skipped (recorded in the manifests; 0 embedded by this run)" in r.stdout
+    totals = json.loads((tmp_path / "out/_job.json").read_text())["totals"]
+    assert (totals["shards"], totals["succeeded"], totals["images"], totals["imagesThisRun"]) == (3, 3, 15, 0)
+    doc = json.loads((tmp_path / "out/_job.json").read_text())
+    assert doc["timings"]["imagesPerSecond"] == 0 and doc["timings"]["rateCounts"] == "images embedded by this run"
+    assert all(s["images"] for s in doc["shards"])  # every shard with its own counts, earlier runs included
+
+    (tmp_path / "out/_manifests/00001.json").unlink()  # a partial resume: only 00001 (5 images) is redone
+    r = embedjob_cli("run", str(job), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert "15 embedded, 0 skipped (recorded in the manifests; 5 embedded by this run)" in r.stdout, r.stdout
+    totals = json.loads((tmp_path / "out/_job.json").read_text())["totals"]
+    assert (totals["images"], totals["imagesThisRun"], totals["shardsThisRun"]) == (15, 5, 1)
+
+
+def test_truncated_shard_record_then_retry_and_fail(tmp_path, tiny_clip_dir):
+    """record (the default): the samples before the damage are kept, and the loss is in the summary,
+    _job.json and the shard's manifest; --retry-truncated redoes it; fail: the shard fails at once,
+    nothing committed, exit 1."""
+    job = _local_job(tmp_path, tiny_clip_dir, n_shards=2)
+    whole = (tmp_path / "in/00001.tar").read_bytes()
+    (tmp_path / "in/00001.tar").write_bytes(whole[: len(whole) // 2])  # the upload was cut short
+
+    r = embedjob_cli("run", str(job), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert "OK WITH DATA LOSS (1 truncated shard)" in r.stdout and "truncated shard 00001: tar truncated" in r.stdout
+    doc = json.loads((tmp_path / "out/_job.json").read_text())
+    assert doc["totals"]["truncatedShards"] == 1 and doc["dataLoss"] == {"truncatedShards": ["00001"]}
+    assert [s["stem"] for s in doc["shards"] if s.get("tarError")] == ["00001"]
+    kept = doc["totals"]["images"]
+    assert 4 <= kept < 4 + 5
+
+    # A plain rerun keeps it (done) but still reports the loss; --retry-truncated redoes it.
+    r = embedjob_cli("run", str(job), "--no-progress")
+    assert "0 to run" in r.stderr and "OK WITH DATA LOSS" in r.stdout
+    (tmp_path / "in/00001.tar").write_bytes(whole)  # the source is fixed
+    r = embedjob_cli("run", str(job), "--no-progress", "--retry-truncated")
+    assert r.returncode == 0 and "1 already done, 1 to run (1 truncated, retried)" in r.stderr, r.stderr
+    doc = json.loads((tmp_path / "out/_job.json").read_text())
+    assert doc["totals"]["truncatedShards"] == 0 and doc["totals"]["images"] == 9 and "OK\n" in r.stdout
+
+    # onTruncatedShard: fail: one attempt (a permanent error), nothing committed for that shard.
+    (tmp_path / "in/00001.tar").write_bytes(whole[: len(whole) // 2])
+    job = write_job(tmp_path / "job.yaml", {**yaml.safe_load(job.read_text())["spec"], "onTruncatedShard": "fail",
+                                           "output": {"uri": "out2/"}, "retries": {"backoffSeconds": 30}})
+    r = embedjob_cli("run", str(job), "--no-progress")
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "shard 00001 FAILED (permanent error, not retried)" in r.stderr and "onTruncatedShard: fail" in r.stderr
+    assert done_stems(str(tmp_path / "out2")) == {"00000"}
+    assert not (tmp_path / "out2/img_emb/00001.npy").exists()
+
+
+def test_unreadable_tar_fails_in_seconds_not_minutes(tmp_path, tiny_clip_dir):
+    """Not a tar, with the README's retries (3, backoff 30 s): one attempt, not 30 + 60 + 120 s of backoff."""
+    import time
+
+    job = _local_job(tmp_path, tiny_clip_dir, n_shards=1, retries={"perShard": 3, "backoffSeconds": 30})
+    (tmp_path / "in/00009.tar").write_bytes(b"this is not a tar file" * 100)
+    t = time.monotonic()
+    r = embedjob_cli("run", str(job), "--no-progress")
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert time.monotonic() - t < 25  # the time of one run (model load + two small shards), no backoff
+    assert "shard 00009 FAILED (permanent error, not retried): TarOpenError" in r.stderr
+    assert "retrying" not in r.stderr and "failed shard 00009" in r.stdout

@@ -356,8 +356,8 @@ def format_summary(s: RunSummary, output: str) -> str:
         f"job {s.job}: {verdict}",
         f"  shards:  {s.shards_total} total, {s.shards_done_before} already done, {s.shards_succeeded} embedded now, "
         f"{s.shards_failed} failed",
-        f"  images:  {s.images_total} embedded, {s.failed_images_total} skipped (recorded in the manifests)"
-        + (f"; {s.images} by this run" if s.shards_done_before else ""),
+        f"  images:  {s.images_total} embedded, {s.failed_images_total} skipped (recorded in the manifests"
+        + (f"; {s.images} embedded by this run)" if s.shards_done_before else ")"),
         f"  time:    {s.seconds:.1f} s, {s.images_per_second:.2f} images/s (this run's images)",
         f"  output:  {output}",
     ]

@@ -16,7 +16,8 @@ CONTRACT (other modules code against this; keep it stable):
   and of ``embedjob run`` choose what to run; the Celery task re-checks a delivery under its lease).
   An existing manifest is deleted first, so a redone shard is not "done" until its new outputs are.
 - Raises only for shard-level failures that leave no usable output (e.g. the shard cannot be
-  opened at all); a corrupt/truncated tar keeps what was read and records the error.
+  opened at all); a corrupt/truncated tar keeps what was read and records the error
+  (``options.on_truncated == "record"``) or raises :class:`TruncatedShard` (``"fail"``).
 
 The stages, one module each; the main process deals in batches, never in an image's bytes or pixels::
 
@@ -54,6 +55,7 @@ import numpy as np
 
 from embedjob.contract import EmbedOptions
 from embedjob.layout import shard_outputs, shard_stem
+from embedjob.policy import PermanentError
 from embedjob.storage import Storage, is_s3
 from embedjob.worker.datapath.batch_slots import CROP_SHAPE, BatchSlots
 from embedjob.worker.datapath.decode_pool import (
@@ -82,6 +84,11 @@ from embedjob.worker.model.embedder import Embedder
 log = logging.getLogger(__name__)
 
 STAGES = ("read", "decode", "preprocess", "inference", "write", "wait")
+
+
+class TruncatedShard(PermanentError):
+    """A truncated or partly unreadable tar under ``spec.onTruncatedShard: fail``: the shard fails at
+    once (retrying reads the same bytes) and nothing is committed."""
 
 
 @dataclass
@@ -474,6 +481,9 @@ def embed_shard(
             raise
         timings["read"] = stream.read_seconds
         if stream.stats.error:
+            if options.on_truncated == "fail":  # nothing committed: the shard is not done, a rerun retries it
+                raise TruncatedShard(f"{shard}: {stream.stats.error} (spec.onTruncatedShard: fail; "
+                                     f"{batches.embedded} images before the damage not committed)")
             log.warning("shard %s: %s (kept %d images read before it)", shard, stream.stats.error, batches.embedded)
         manifest = shard_manifest(
             shard=shard, stem=stem, output=output, embedded=batches.embedded, failures=batches.failures,

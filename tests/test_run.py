@@ -257,3 +257,31 @@ def test_unreadable_tar_fails_in_seconds_not_minutes(tmp_path, tiny_clip_dir):
     assert time.monotonic() - t < 25  # the time of one run (model load + two small shards), no backoff
     assert "shard 00009 FAILED (permanent error, not retried): TarOpenError" in r.stderr
     assert "retrying" not in r.stderr and "failed shard 00009" in r.stdout
+
+
+def test_local_model_provenance_is_its_folder_and_content_hash_never_a_hub_id(tmp_path, tiny_clip_dir):
+    """model.path and no model.name: the manifests and _job.json record the folder, the family and
+    dim, and a hash of the weights that does not depend on the folder's name; no hub id or revision."""
+    import shutil
+
+    from embedjob.spec import DEFAULT_MODEL, DEFAULT_REVISION
+
+    copy = tmp_path / "any-name-at-all"
+    shutil.copytree(tiny_clip_dir, copy)
+    hashes = []
+    for i, folder in enumerate((tiny_clip_dir, copy)):
+        job = _local_job(tmp_path / f"run{i}", folder, n_shards=1)
+        r = embedjob_cli("run", str(job), "--no-progress")
+        assert r.returncode == 0, r.stderr
+        out = tmp_path / f"run{i}" / "out"
+        manifest = json.loads((out / "_manifests/00000.json").read_text())["model"]
+        recorded = json.loads((out / "_job.json").read_text())
+        text = json.dumps(manifest) + json.dumps(recorded)
+        assert DEFAULT_MODEL not in text and DEFAULT_REVISION not in text
+        assert "id" not in manifest and "revision" not in manifest
+        assert manifest["path"] == str(folder.resolve()) and manifest["dim"] == 32
+        assert manifest["family"].startswith("clip ViT")
+        assert len(manifest["weightsSha256"]) == 64
+        assert recorded["model"] == {k: manifest[k] for k in ("path", "family", "dim", "weightsSha256")}
+        hashes.append(manifest["weightsSha256"])
+    assert hashes[0] == hashes[1]  # the same weights under another folder name

@@ -33,6 +33,7 @@ from embedjob.spec import COMPILE_MODES
 from embedjob.worker.host import resolve_device
 from embedjob.worker.model import ModelLoadError
 from embedjob.worker.model.embedder import Embedder
+from embedjob.worker.model.provenance import describe_source
 from embedjob.worker.model.torch_env import PRECISION_DTYPES, configure_cpu_threads, torch
 
 log = logging.getLogger(__name__)
@@ -191,6 +192,8 @@ def load_or_reuse(
             source=ref.source,
             module=module,
         )
+        embedder.provenance = describe_source(None if ref.path else ref.name, None if ref.path else ref.revision,
+                                              ref.path, module.config, embedder.dim)
         if dev.type == "cpu" and dtype != torch.float32:
             _check_runs(embedder, precision)
         embedder.enable_compile(compile)

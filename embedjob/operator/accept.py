@@ -43,11 +43,12 @@ class Accepted:
 
 
 def _manifest_counts(storage: Storage, output: str, stems: list[str]) -> dict[str, dict[str, Any]]:
-    """The info of shards already done: their counts and tar error, from their manifests (the model
-    is read once, by the status step)."""
+    """The info of shards already done when the job is planned (``doneBefore``: not this run's work,
+    so not in its rate): their counts and tar error, from their manifests (the model is read once,
+    by the status step)."""
     records = read_shard_records(output, stems, storage)
     return {stem: {"images": r["images"], "failedImages": r["failedImages"], "tarError": r["tarError"],
-                   "fromManifest": True} for stem, r in records.items()}
+                   "fromManifest": True, "doneBefore": True} for stem, r in records.items()}
 
 
 def record_plan(store: ProgressStore, spec: JobSpec, raw_spec: Mapping[str, Any], shards: list[Shard],

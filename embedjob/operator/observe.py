@@ -33,7 +33,7 @@ def observe(store: ProgressStore, mem: JobMemory, plan: list[tuple[str, str]], s
             info = mem.done_info.get(stem, {})
             obs.images += int(info.get("images") or 0)
             obs.failed_images += int(info.get("failedImages") or 0)
-            if not info.get("fromManifest"):  # embedded by this run, not found done when it was planned
+            if not info.get("doneBefore"):  # embedded by this run, not found done when it was planned
                 obs.images_this_run += int(info.get("images") or 0)
             if info.get("tarError"):
                 obs.truncated.append((stem, str(info["tarError"])))
@@ -85,7 +85,7 @@ def finish(store: ProgressStore, mem: JobMemory, spec: JobSpec, desired: Mapping
                 shards[stem] = {"state": "succeeded", "images": int(i.get("images") or 0),
                                 "failedImages": int(i.get("failedImages") or 0),
                                 "tarError": i.get("tarError") or None, "model": mem.model,
-                                "previousRun": bool(i.get("fromManifest"))}
+                                "previousRun": bool(i.get("doneBefore"))}
         started = status.parse_rfc3339(desired.get("startTime"))
         write_job_manifest(storage_for(spec), spec.output.uri, job=store.job, spec=spec.to_dict(), shards=shards,
                            started_at=started.timestamp() if started else None)

@@ -102,6 +102,7 @@ class ShardResult:
     manifest: str = ""
     timings: dict[str, float] = field(default_factory=dict)
     batch_size: int = 0  # images per forward pass at the end (resolved once; lowered by an OOM back-off)
+    tar_error: str | None = None  # a truncated or partly unreadable tar (recorded: onTruncatedShard record)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -502,4 +503,5 @@ def embed_shard(
     timings["total"] = seconds = time.perf_counter() - started
     return ShardResult(shard=shard, stem=stem, status="done", images=batches.embedded,
                        failed=len(manifest["failed"]), seconds=seconds, manifest=outputs.manifest, timings=timings,
-                       batch_size=min(options.batch_size, model.max_batch or options.batch_size))
+                       batch_size=min(options.batch_size, model.max_batch or options.batch_size),
+                       tar_error=stream.stats.error)

@@ -111,8 +111,6 @@ def test_run_s3_pattern_and_failure_policy(tmp_path, bucket, s3_env, tiny_clip_d
         ({"input": {"uri": "in/"}, "output": {"uri": "out/"}, "inference": {"batchSize": -1}},
          "spec.inference.batchSize"),
         ({"input": {"uri": "in/"}}, "spec.output"),
-        ({"input": {"uri": "in/"}, "output": {"uri": "out/"}, "model": {"path": "/nonexistent/model"}},
-         "spec.model.path"),
         ({"input": {"uri": "empty/"}, "output": {"uri": "out/"}}, "spec.input.uri"),
     ],
 )
@@ -285,3 +283,56 @@ def test_local_model_provenance_is_its_folder_and_content_hash_never_a_hub_id(tm
         assert recorded["model"] == {k: manifest[k] for k in ("path", "family", "dim", "weightsSha256")}
         hashes.append(manifest["weightsSha256"])
     assert hashes[0] == hashes[1]  # the same weights under another folder name
+
+
+def test_model_that_cannot_be_loaded_is_one_clear_error_with_its_own_exit_code(tmp_path):
+    """The README's model.name with no hub (HF_HUB_OFFLINE, or the hub unreachable) and an empty cache:
+    validate and run each fail at once with one message naming spec.model.name and what to set,
+    exit 3 (not 2, the bad-file code); a missing model.path names spec.model.path."""
+    import time
+
+    simple_shard(1).write(tmp_path / "in" / "0.tar")
+    job = write_job(tmp_path / "job.yaml", {"input": {"uri": "in/"}, "output": {"uri": "out/"},
+                                            "model": {"name": "openai/clip-vit-large-patch14"}})
+    env = {"EMBEDJOB_MODEL_DIR": str(tmp_path / "empty-cache")}
+    for offline in ({"HF_HUB_OFFLINE": "1"}, {"HF_ENDPOINT": "http://127.0.0.1:9"}):  # unreachable: port 9
+        for cmd in ("validate", "run"):
+            t = time.monotonic()
+            r = embedjob_cli(cmd, str(job), env={**env, **offline})
+            assert r.returncode == 3, (cmd, r.stdout, r.stderr)
+            assert time.monotonic() - t < 20  # no hub retries
+            errors = [line for line in r.stderr.splitlines() if line.strip()]
+            assert len(errors) == 1 and errors[0].startswith("error: the model cannot be loaded here: spec.model.name:")
+            assert "embedjob model fetch openai/clip-vit-large-patch14" in errors[0] and "spec.model.path" in errors[0]
+    assert not (tmp_path / "out").exists()
+    r = embedjob_cli("model", "fetch", env={**env, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 3 and "HF_HUB_OFFLINE is set" in r.stderr
+
+    missing = write_job(tmp_path / "job.yaml", {"input": {"uri": "in/"}, "output": {"uri": "out/"},
+                                                "model": {"path": "/nonexistent/model"}})
+    for cmd in ("validate", "run"):
+        r = embedjob_cli(cmd, str(missing))
+        assert r.returncode == 3 and "spec.model.path: /nonexistent/model does not exist" in r.stderr, r.stderr
+
+
+def test_model_name_from_a_filled_cache_runs_offline(tmp_path, tiny_clip_dir):
+    """The offline recipe: a model cache filled ahead (what `embedjob model fetch` writes: the hub's
+    cache layout), HF_HUB_OFFLINE=1, and model.name: validate says where it loads from, run uses it
+    with no hub, and the records name the hub id and revision that were really loaded."""
+    import shutil
+
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    cache = tmp_path / "cache"
+    snapshot = cache / "models--test--tiny-clip" / "snapshots" / revision
+    shutil.copytree(tiny_clip_dir, snapshot)
+    simple_shard(3).write(tmp_path / "in" / "0.tar")
+    job = write_job(tmp_path / "job.yaml", {"input": {"uri": "in/"}, "output": {"uri": "out/"},
+                                            "model": {"name": "test/tiny-clip", "revision": revision},
+                                            "inference": {"device": "cpu"}})
+    env = {"EMBEDJOB_MODEL_DIR": str(cache), "HF_HUB_OFFLINE": "1"}
+    r = embedjob_cli("validate", str(job), env=env)
+    assert r.returncode == 0 and f"model: test/tiny-clip at revision {revision} from the model cache" in r.stdout
+    r = embedjob_cli("run", str(job), "--no-progress", env=env)
+    assert r.returncode == 0, r.stderr
+    model = json.loads((tmp_path / "out/_job.json").read_text())["model"]
+    assert (model["id"], model["revision"], model["dim"]) == ("test/tiny-clip", revision, 32)

@@ -25,7 +25,7 @@ from embedjob.contract import ShardTask
 from embedjob.planning import Shard, plan_shards
 from embedjob.results import done_stems, read_shard_records, write_job_manifest
 from embedjob.settings import set_library_env
-from embedjob.spec import Job, SpecError
+from embedjob.spec import Job
 from embedjob.storage import Storage, StorageOptions
 
 
@@ -123,19 +123,21 @@ def _run_one(task: dict) -> dict:
 
 
 # -- main process side --------------------------------------------------------------------------------
-def check_model(model: dict) -> None:
-    """Fail fast, naming the field, when the model cannot be resolved (before any work starts): the
-    same config read the worker's loader does, so a non-CLIP or unreachable checkpoint is refused here."""
+def check_model(model: dict) -> str:
+    """Fail fast, before any work starts, when the model cannot be resolved (a folder, the model cache
+    or a reachable hub: :class:`~embedjob.worker.model.resolve.ModelUnavailable`, one message naming
+    the field and what to set), or is not a CLIP checkpoint (the same config read the worker's loader
+    does: :class:`~embedjob.worker.model.resolve.ModelUnavailable` too). Returns where it loads from."""
     from embedjob.worker.model.load import ModelLoadError, ModelRef, default_model_dir, vision_config
+    from embedjob.worker.model.resolve import ModelUnavailable, resolve_model
 
+    cache_dir = default_model_dir()
+    where = resolve_model(model, cache_dir)
     try:
-        vision_config(ModelRef.of(model), default_model_dir())
+        vision_config(ModelRef.of(model), cache_dir, where.local_only)
     except ModelLoadError as e:
-        field = "spec.model.path" if model.get("path") else "spec.model.name"
-        hint = "" if model.get("path") else (
-            f" (revision {model.get('revision')!r}). Point spec.model.path at a local copy, or pre-fill the "
-            "model cache (EMBEDJOB_MODEL_DIR).")
-        raise SpecError(field, f"{e}{hint}") from e
+        raise ModelUnavailable("spec.model.path" if model.get("path") else "spec.model.name", str(e)) from e
+    return where.describe(model.get("name"), model.get("revision"))
 
 
 def visible_gpus(device: str) -> list[str]:

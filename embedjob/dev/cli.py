@@ -24,7 +24,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     try:
-        stack.up(workers=args.workers, operator=not args.no_operator)
+        stack.up(workers=args.workers, operator=not args.no_operator, metrics=args.metrics)
     except Exception as e:  # noqa: BLE001 - report, and leave nothing running behind
         print(f"error: dev stack failed to start: {type(e).__name__}: {e}", file=sys.stderr)
         stack.down()
@@ -36,7 +36,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
 def _cmd_down(args: argparse.Namespace) -> int:
     from embedjob.dev.stack import DevStack
 
-    stopped = DevStack(args.dir).down()
+    stopped = DevStack(args.dir).down(say=lambda line: print(line, flush=True))
     print(f"stopped {stopped} process(es)")
     return 0
 
@@ -80,6 +80,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     up.add_argument("--dir", default=default_dir, help="state folder (default .dev)")
     up.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     up.add_argument("--no-operator", action="store_true", help="do not start the operator (run your own)")
+    up.add_argument("--metrics", action="store_true",
+                    help="serve /metrics from every process on its own port (also when EMBEDJOB_METRICS_PORT is set: "
+                         "from that port up); the URLs are printed")
     up.set_defaults(func=_cmd_up)
 
     down = dsub.add_parser("down", help="stop everything `dev up` started")

@@ -206,6 +206,7 @@ def parse_spec(spec: Any, allow_local: bool = True, base_dir: Path | None = None
     def local(p: str, where: str = "") -> str:
         if p.startswith("s3://"):
             return p
+        p = str(Path(p).expanduser()) if p.startswith("~") else p
         if base_dir is not None and not Path(p).is_absolute():
             p = str((base_dir / p).resolve())
         try:

@@ -41,6 +41,25 @@ def _cmd_down(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_upload(args: argparse.Namespace) -> int:
+    from embedjob.dev.stack import DevStack, StackError
+    from embedjob.spec import DNS_NAME
+
+    if not DNS_NAME.match(args.name):
+        print(f"error: --name must be a DNS-1123 name (it names the job), got {args.name!r}", file=sys.stderr)
+        return 2
+    stack = DevStack(args.dir)
+    try:
+        count, job = stack.upload(args.path, args.name)
+    except StackError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"uploaded {count} shard(s) to s3://datasets/{args.name}/")
+    print(f"job file: {job} (output s3://embeddings/{args.name}/)")
+    print(f"next:     kubectl apply -f {job} && kubectl get ej {args.name} -w")
+    return 0
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
     from embedjob.dev.stack import DevStack
 
@@ -88,6 +107,12 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     down = dsub.add_parser("down", help="stop everything `dev up` started")
     down.add_argument("--dir", default=default_dir)
     down.set_defaults(func=_cmd_down)
+
+    upload = dsub.add_parser("upload", help="upload your own .tar shards to the stack's S3 and write a job for them")
+    upload.add_argument("path", help="a folder of .tar shards (searched recursively) or one .tar")
+    upload.add_argument("--name", default="mine", help="s3://datasets/NAME/, the job's name (default: mine)")
+    upload.add_argument("--dir", default=default_dir)
+    upload.set_defaults(func=_cmd_upload)
 
     status = dsub.add_parser("status", help="show the components, their pids and logs, and the env to use")
     status.add_argument("--dir", default=default_dir)

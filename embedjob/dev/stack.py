@@ -248,19 +248,41 @@ class DevStack:
                            text=True)
         return str(path) if r.returncode == 0 else None
 
-    def _sample_job(self, env: dict[str, str], model: str | None) -> str:
+    def upload(self, source: str | Path, name: str) -> tuple[int, str]:
+        """Upload the ``.tar`` shards under ``source`` (a folder, searched recursively, or one file) to
+        ``s3://datasets/<name>/`` of the running stack, sub-folders kept, and write a job file for them
+        (``<dir>/<name>-job.yaml``, output ``s3://embeddings/<name>/``, the sample job's model). Returns
+        (shards uploaded, the job file)."""
+        state = self.state()
+        if not state.get("env"):
+            raise StackError(f"no dev stack in {self.dir}: `embedjob dev up` first")
+        src = Path(source)
+        tars = [src] if src.is_file() else sorted(p for p in src.rglob("*") if p.suffix.lower() == ".tar")
+        if not tars:
+            raise StackError(f"no .tar shards under {src}")
+        env = state["env"]
+        client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name=env["AWS_REGION"],
+                              aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                              aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])
+        for tar in tars:
+            rel = tar.name if src.is_file() else tar.relative_to(src).as_posix()
+            client.upload_file(str(tar), "datasets", f"{name}/{rel}")
+        model = self.dir / "models" / "RANDOM-WEIGHTS-tiny-clip"
+        return len(tars), self._sample_job(env, str(model) if (model / "config.json").exists() else None, name)
+
+    def _sample_job(self, env: dict[str, str], model: str | None, name: str = "sample") -> str:
         spec: dict[str, Any] = {
-            "input": {"uri": "s3://datasets/sample/"},
-            "output": {"uri": "s3://embeddings/sample/"},
+            "input": {"uri": f"s3://datasets/{name}/"},
+            "output": {"uri": f"s3://embeddings/{name}/"},
             "storage": {"endpoint": env["AWS_ENDPOINT_URL"]},
             "inference": {"device": "cpu", "batchSize": 16},
             "retries": {"perShard": 2, "backoffSeconds": 5},
         }
         if model:
             spec["model"] = {"path": model}
-        doc = {"apiVersion": "embedjob.io/v1alpha1", "kind": "EmbeddingJob", "metadata": {"name": "sample"},
+        doc = {"apiVersion": "embedjob.io/v1alpha1", "kind": "EmbeddingJob", "metadata": {"name": name},
                "spec": spec}
-        path = self.dir / "sample-job.yaml"
+        path = self.dir / f"{name}-job.yaml"
         path.write_text(json.dumps(doc, indent=1) + "\n")
         return str(path)
 
@@ -374,6 +396,7 @@ class DevStack:
             "try:",
             f"  kubectl apply -f {state.get('sampleJob', 'examples/job.yaml')}",
             "  kubectl get ej -w",
+            "own shards: embedjob dev upload ./my-shards/ --name mine   (then kubectl apply -f the job file it writes)",
             "drills:     embedjob dev restart|stop|start NAME   (NAME from the list above; s3, apiserver work too)",
             "stop:       embedjob dev down",
         ]

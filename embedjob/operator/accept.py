@@ -56,6 +56,11 @@ def record_plan(store: ProgressStore, spec: JobSpec, raw_spec: Mapping[str, Any]
     """Write the accepted spec, mark shards whose manifest exists as succeeded (with their counts),
     then the plan itself (last). Returns how many shards were already done. The listing of the
     output's manifests stops past ``max_manifests`` (default ``EMBEDJOB_MAX_SHARDS``)."""
+    return len(_record_plan(store, spec, raw_spec, shards, storage, max_manifests))
+
+
+def _record_plan(store: ProgressStore, spec: JobSpec, raw_spec: Mapping[str, Any], shards: list[Shard],
+                 storage: Storage, max_manifests: int | None = None) -> dict[str, dict[str, Any]]:
     planned = {s.stem for s in shards}
     limit = load().max_shards if max_manifests is None else max_manifests
     try:
@@ -64,7 +69,7 @@ def record_plan(store: ProgressStore, spec: JobSpec, raw_spec: Mapping[str, Any]
         raise PlanError("spec.output.uri", str(e)) from e
     counts = _manifest_counts(storage, spec.output.uri, done)
     store.save_plan(raw_spec, [(s.stem, s.uri) for s in shards], {stem: counts[stem] for stem in done})
-    return len(done)
+    return counts
 
 
 def accept(store: ProgressStore, raw_spec: Mapping[str, Any], previous_status: Mapping[str, Any] | None,
@@ -88,7 +93,8 @@ def accept(store: ProgressStore, raw_spec: Mapping[str, Any], previous_status: M
         where = "spec.input.uri"
         shards = plan_shards(spec.input, storage, settings.max_shards)
         where = "spec.output.uri"
-        done = record_plan(store, spec, raw_spec, shards, storage)
+        counts = _record_plan(store, spec, raw_spec, shards, storage)
+        done = len(counts)
     except SpecError as e:  # PlanError is a SpecError too
         reason = ("PlanFailed" if isinstance(e, PlanError) else
                   "StorageNotAllowed" if isinstance(e, StorageNotAllowed) else "InvalidSpec")
@@ -112,6 +118,11 @@ def accept(store: ProgressStore, raw_spec: Mapping[str, Any], previous_status: M
                  "plannedAt": status.rfc3339(now)},
         "progress": f"{done}/{len(shards)}",
         "shards": {"total": len(shards), "queued": len(shards) - done, "running": 0, "succeeded": done, "failed": 0},
+        # What the output already holds; nothing embedded by this job yet.
+        "images": {"embedded": sum(c["images"] for c in counts.values()),
+                   "failed": sum(c["failedImages"] for c in counts.values()),
+                   "soFar": sum(c["images"] for c in counts.values()), "embeddedThisRun": 0},
+        "imagesPerSecond": 0.0,
         "startTime": status.rfc3339(now),
         "conditions": conditions,
         "completionTime": None,

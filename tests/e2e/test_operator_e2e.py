@@ -323,3 +323,28 @@ def test_two_hundred_small_shards_exact_counters(stack, bucket):
     print(f"\n{n}-shard job: kubectl apply -> Succeeded in {wall:.1f}s "
           f"({n / wall:.2f} shards/s, 2 workers, 2 cores)")
     stack.delete("many")
+
+
+def test_kubectl_get_watch_prints_no_blank_rows(stack, bucket):
+    """`kubectl get ej -w` from before the job exists until it succeeds: every row has a phase and an
+    images count (the schema's status default until the operator's first status)."""
+    import subprocess
+
+    put_shards(bucket, "in", n=2, images=3)
+    watch = subprocess.Popen(["kubectl", f"--kubeconfig={stack.cluster.kubeconfig}", "get", "ej", "-w"],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        time.sleep(1)
+        stack.apply(stack.job_doc("watched", {"input": {"uri": f"s3://{bucket}/in/"},
+                                              "output": {"uri": f"s3://{bucket}/out/"}}))
+        stack.wait_phase("watched", "Succeeded", timeout=120)
+        time.sleep(2)
+    finally:
+        watch.terminate()
+    lines = [line for line in watch.communicate(timeout=10)[0].splitlines() if line.strip()]
+    rows = [line.split() for line in lines if line.startswith("watched")]
+    assert rows, lines
+    phases = {"Pending", "Running", "Succeeded"}
+    for row in rows:  # NAME PHASE PROGRESS IMAGES IMAGES/S AGE: nothing blank between the name and the age
+        assert row[1] in phases and len(row) == 6, lines
+    stack.delete("watched")

@@ -61,7 +61,8 @@ def test_readme_quick_start_runs_as_written(tmp_path):
     for (i, t), (_, t_next) in zip(marks, marks[1:], strict=False):
         print(f"{t_next - t:7.1f} s  {lines[i]}")
     print(f"total {time.monotonic() - t0:.0f} s")
-    assert r.returncode == 0, f"failed at: {lines[marks[-1][0]] if marks else '?'}\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
+    where = lines[marks[-1][0]] if marks and marks[-1][0] is not None else "?"
+    assert r.returncode == 0, f"failed at: {where}\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
     assert marks[-1][0] is None  # the end mark: every line ran
     # what the lines promise
     assert (clone / "out/demo/_job.json").exists() and (clone / "out/local/_job.json").exists()

@@ -129,7 +129,17 @@ def test_demo_runs_offline_and_says_so(tmp_path):
     assert "RANDOM-WEIGHT" in r.stdout and "NOT meaningful" in r.stdout
     keys, emb = embedjob.read_embeddings(str(tmp_path / "demo"))
     assert len(keys) == 33 and emb.shape[0] == 33
-    assert json.loads((tmp_path / "demo/_job.json").read_text())["randomWeights"] is True
+    doc = json.loads((tmp_path / "demo/_job.json").read_text())
+    assert doc["randomWeights"] is True
+    # the model as what it is (a local folder), never the hub id the demo could not load
+    assert "id" not in doc["model"] and doc["model"]["path"].endswith("RANDOM-WEIGHTS-tiny-clip")
+    # the metadata's shard column names the real shard file, not the editable install's link farm
+    import pyarrow.parquet as pq
+
+    shard_paths = set(pq.read_table(tmp_path / "demo/metadata/00000.parquet").column("shard").to_pylist())
+    assert len(shard_paths) == 1
+    (path,) = shard_paths
+    assert "__editable__" not in path and Path(path).is_file() and not Path(path).is_symlink()
 
 
 def test_local_workers_are_placed_per_gpu_with_their_share_of_the_cpus():

@@ -348,3 +348,21 @@ def test_kubectl_get_watch_prints_no_blank_rows(stack, bucket):
     for row in rows:  # NAME PHASE PROGRESS IMAGES IMAGES/S AGE: nothing blank between the name and the age
         assert row[1] in phases and len(row) == 6, lines
     stack.delete("watched")
+
+
+def test_images_column_moves_within_a_shard(stack, bucket):
+    """One large shard: `kubectl get ej` shows images embedded so far (the worker's heartbeat) before
+    the shard finishes, not only when it does."""
+    put_shards(bucket, "big", n=1, images=400)
+    stack.apply(stack.job_doc("big", {"input": {"uri": f"s3://{bucket}/big/"}, "output": {"uri": f"s3://{bucket}/o/"},
+                                      "inference": {"device": "cpu", "batchSize": 8, "numThreads": 1}}))
+    obj = stack.wait(
+        "big", lambda o: (o.get("status", {}).get("images", {}).get("soFar") or 0) > 0
+        and o["status"]["shards"]["succeeded"] == 0, timeout=120, what="images so far within the shard")
+    row = stack.kubectl("get", "ej", "big").stdout.splitlines()
+    images = row[1].split()[row[0].split().index("IMAGES")]
+    assert obj["status"]["shards"]["succeeded"] == 0 and int(images) > 0 or stack.get("big")["status"]["shards"][
+        "succeeded"] == 1
+    done = stack.wait_phase("big", "Succeeded", timeout=180)["status"]
+    assert done["images"]["soFar"] == done["images"]["embedded"] == 400
+    stack.delete("big")

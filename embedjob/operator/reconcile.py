@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from embedjob import fairness
+from embedjob import policy as failure_policy
 from embedjob.access import AccessPolicy, StorageNotAllowed
 from embedjob.limits import LimitExceeded
 from embedjob.operator import status
@@ -200,6 +201,11 @@ class Reconciler:
         obs.model = observe_model(mem, spec, states)
         done_at_start = int((job_status.get("plan") or {}).get("doneAtStart") or 0)
         obs.fatal = fatal_error(store, len(plan) - done_at_start, obs.succeeded - done_at_start)
+        if not obs.fatal and obs.failed > spec.maxFailedShards and obs.succeeded <= done_at_start:
+            # Access errors are permanent: shards fail at once, maybe before FAIL_FAST_SHARDS of them have
+            # been tried. A job that fails on them fails for that reason, not "too many failed shards".
+            finals = [i for i in failed_infos.values() if i.get("final")]
+            obs.fatal = failure_policy.common_access_error(finals, total=1, succeeded_this_run=0) or ""
         mem.samples.append((time.monotonic(), obs.images + obs.images_in_flight))
         desired = status.build_status(job_status, obs, status.Policy(max_failed_shards=spec.maxFailedShards,
                                                                      suspend=spec.suspend),

@@ -273,7 +273,8 @@ def _given_back(store: ProgressStore, task: ShardTask, owner: str, exc: GiveBack
 def _failed(store: ProgressStore, task: ShardTask, exc: BaseException) -> dict[str, Any]:
     metrics.SHARDS.labels("failed").inc()
     failure = describe_failure(exc)
-    log.error("shard %s failed (%s): %s", task.shard, "transient" if failure["transient"] else "hard",
-              failure["error"], exc_info=not isinstance(exc, StorageError))
+    kind = "transient" if failure["transient"] else "permanent, not retried" if failure.get("permanent") else "hard"
+    log.error("shard %s failed (%s): %s", task.shard, kind, failure["error"],
+              exc_info=not isinstance(exc, StorageError) and not failure.get("permanent"))
     record_outcome(store, task.stem, "failed", attempt=task.attempt, finishedAt=time.time(), **failure)
     return {"status": "failed", "stem": task.stem, **failure}

@@ -22,7 +22,9 @@ def _folder(package: str) -> Path:
     children = list(resources.files(package).iterdir())
     if not children:
         raise FileNotFoundError(f"package data {package} is empty")
-    return Path(str(children[0])).parent
+    # Resolved: an editable install links the files from build/__editable__...; what is recorded (the
+    # metadata's shard column) is where they really are.
+    return Path(str(children[0])).resolve().parent
 
 
 def crd_manifest() -> Path:

@@ -31,6 +31,7 @@ class EmbedOptions:
     overwrite: bool = False
     preprocessing: str = "exact"  # "exact" (OpenAI's reference, bit for bit) | "fast" (opt-in)
     compile: str = "none"  # torch.compile mode: none | default | reduce-overhead | max-autotune
+    on_truncated: str = "record"  # spec.onTruncatedShard: record (keep what was read, count the loss) | fail
 
     @classmethod
     def from_spec(cls, spec: JobSpec) -> EmbedOptions:
@@ -45,6 +46,7 @@ class EmbedOptions:
             overwrite=spec.output.overwrite,
             preprocessing=i.preprocessing,
             compile=i.compile,
+            on_truncated=spec.onTruncatedShard,
         )
 
 

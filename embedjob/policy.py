@@ -3,6 +3,8 @@ Torch-free; the operator and the local runner (``embedjob run``) both decide wit
 
 - A **hard** failure (the shard itself is bad, or an error retrying cannot fix) consumes one of
   ``spec.retries.perShard`` retries; the next attempt waits ``backoff_seconds``.
+- A **permanent** failure (a tar that cannot be parsed, not a tar at all, a missing object, 403, a
+  truncated shard under ``onTruncatedShard: fail``) fails the shard at once: retrying cannot fix it.
 - A **transient** failure (the object store was unreachable, answered 5xx or throttled after
   botocore's own retries) is retried with the same backoff but does not consume a retry, up to
   ``MAX_TRANSIENT_RETRIES`` in a row, its delay capped at 8 backoffs; after that it counts as hard
@@ -34,6 +36,14 @@ TRANSIENT_MAX_DELAY = 300.0
 FAIL_FAST_SHARDS = 3
 
 
+class PermanentError(Exception):
+    """A shard failure retrying cannot fix (the data itself is bad): the shard fails at once. The
+    worker's own errors of this kind subclass it (a tar that cannot be parsed, a truncated shard the
+    job refuses)."""
+
+    code = "PermanentError"
+
+
 def backoff_seconds(base: float, failures: int) -> float:
     """Exponential backoff: base, 2*base, 4*base, ... capped at an hour."""
     return float(min(MAX_BACKOFF, base * (2 ** max(0, failures - 1))))
@@ -50,8 +60,11 @@ class Decision:
 
 
 def on_failure(*, transient: bool, failures: int, transient_failures: int, per_shard: int,
-               backoff_base: float) -> Decision:
-    """Decide after a failed attempt. ``failures`` / ``transient_failures`` are the counts BEFORE it."""
+               backoff_base: float, permanent: bool = False) -> Decision:
+    """Decide after a failed attempt. ``failures`` / ``transient_failures`` are the counts BEFORE it.
+    A ``permanent`` failure is final at once, whatever retries are left."""
+    if permanent:
+        return Decision(final=True, delay=0.0, failures=failures + 1, transient_failures=0)
     if transient and transient_failures < MAX_TRANSIENT_RETRIES:
         n = transient_failures + 1
         # An outage ends for every shard at once: keep polling at most every 8 backoffs (5 min at most),
@@ -87,20 +100,30 @@ def common_access_error(failed_infos: Iterable[Mapping[str, Any]], total: int,
 
 
 def describe_failure(exc: BaseException) -> dict[str, Any]:
-    """The failed outcome's fields: the error text, its code, and whether it is transient (worth a
-    retry that does not consume the shard's budget) or an access error (bad credentials, missing
-    bucket: the same for every shard, so the job fails fast)."""
+    """The failed outcome's fields: the error text, its code, and its class: ``transient`` (worth a
+    retry that does not consume the shard's budget: network, 5xx, throttling, Redis), ``permanent``
+    (retrying cannot fix it: the shard fails at once: a tar that cannot be parsed, a missing object,
+    403), or neither (hard: retried with backoff); and whether it is an access error (bad
+    credentials, missing bucket: the same for every shard, so the job fails fast)."""
     error = f"{type(exc).__name__}: {exc}"[:1000]
     cause: BaseException | None = exc
     while cause is not None:
         if isinstance(cause, StorageError):
             return {"error": error, "errorCode": cause.code, "transient": cause.transient,
+                    "permanent": cause.access_denied or cause.missing,
                     "accessError": cause.access_denied or cause.code == "NoSuchBucket"}
         if isinstance(cause, StorageNotAllowed):  # the same for every shard of the job: fail fast
-            return {"error": error, "errorCode": "StorageNotAllowed", "transient": False, "accessError": True}
+            return {"error": error, "errorCode": "StorageNotAllowed", "transient": False, "permanent": True,
+                    "accessError": True}
         if isinstance(cause, OptionsNotAllowed):  # beyond the worker's ceilings: the same for every shard
-            return {"error": error, "errorCode": "OptionsNotAllowed", "transient": False, "accessError": True}
+            return {"error": error, "errorCode": "OptionsNotAllowed", "transient": False, "permanent": True,
+                    "accessError": True}
         if isinstance(cause, _REDIS_ERRORS):
-            return {"error": error, "errorCode": type(cause).__name__, "transient": True, "accessError": False}
+            return {"error": error, "errorCode": type(cause).__name__, "transient": True, "permanent": False,
+                    "accessError": False}
+        if isinstance(cause, PermanentError | FileNotFoundError):  # bad data; a local shard that is gone
+            return {"error": error, "errorCode": type(cause).__name__, "transient": False, "permanent": True,
+                    "accessError": False}
         cause = cause.__cause__ or cause.__context__
-    return {"error": error, "errorCode": type(exc).__name__, "transient": False, "accessError": False}
+    return {"error": error, "errorCode": type(exc).__name__, "transient": False, "permanent": False,
+            "accessError": False}

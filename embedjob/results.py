@@ -13,7 +13,8 @@ import io
 import itertools
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,6 +68,53 @@ def shard_counts(manifest: dict[str, Any]) -> tuple[int, int]:
     """(images embedded, samples failed) recorded in a shard manifest."""
     counts = manifest.get("counts") or {}
     return int(counts.get("embedded", 0)), int(counts.get("failed", 0))
+
+
+def shard_record(manifest: dict[str, Any]) -> dict[str, Any]:
+    """What the job-level records (``_job.json``, the status, ``embedjob run``'s summary) keep of a
+    finished shard, from its manifest: its counts, the tar's own error (a truncated or partly
+    unreadable shard: the samples after the damage are lost) and the model that embedded it."""
+    images, failed = shard_counts(manifest)
+    return {"images": images, "failedImages": failed, "tarError": manifest.get("tar_error") or None,
+            "model": manifest.get("model")}
+
+
+def read_shard_records(output_uri: str, stems: Iterable[str], storage: Storage | None = None,
+                       threads: int = 16) -> dict[str, dict[str, Any]]:
+    """:func:`shard_record` of each finished shard in ``stems`` (manifests read in parallel)."""
+    storage = storage or Storage()
+    stems = list(stems)
+    if not stems:
+        return {}
+
+    def one(stem: str) -> tuple[str, dict[str, Any]]:
+        try:
+            return stem, shard_record(read_manifest(output_uri, stem, storage))
+        except ManifestTooLarge:  # done, but its counts are not read (bounded memory)
+            return stem, {"images": 0, "failedImages": 0, "tarError": None, "model": None, "unread": True}
+
+    with ThreadPoolExecutor(max_workers=min(threads, len(stems))) as pool:
+        return dict(pool.map(one, stems))
+
+
+# What identifies the model in its records; the rest of a manifest's model block (device, precision,
+# compile warm-up) describes one run.
+_PROVENANCE_KEYS = ("id", "revision", "path", "name", "family", "dim", "weightsSha256")
+
+
+def model_provenance(models: Iterable[dict[str, Any] | None]) -> dict[str, Any] | list[dict[str, Any]] | None:
+    """The model that embedded the shards, as their manifests record it (never what a spec implied):
+    one record, or a list when shards were embedded by different models; None when none is known."""
+    seen: list[dict[str, Any]] = []
+    for m in models:
+        if not m:
+            continue
+        rec = {k: m[k] for k in _PROVENANCE_KEYS if m.get(k) is not None}
+        if rec and rec not in seen:
+            seen.append(rec)
+    if not seen:
+        return None
+    return seen[0] if len(seen) == 1 else seen
 
 
 def read_shard(output_uri: str, stem: str, storage: Storage | None = None) -> ShardEmbeddings:
@@ -125,29 +173,42 @@ def write_job_manifest(
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write ``_job.json`` under the output: totals, every shard with its state and counts, the
-    model, timings. ``shards`` maps stem -> {state, images, failedImages, error?}."""
+    model, timings. ``shards`` maps stem -> {state, images, failedImages, tarError?, model?, error?,
+    previousRun?}: every planned shard, including those an earlier run finished (their counts come
+    from their manifests), so the totals describe the output whatever run wrote it. The rate counts
+    only the images this run embedded (``imagesThisRun``). The model is what the shard manifests
+    record (:func:`model_provenance`); the spec's model block is kept as ``modelRequested``."""
     finished_at = finished_at or time.time()
+    done = [s for s in shards.values() if s.get("state") == "succeeded"]
+    truncated = sorted(k for k, s in shards.items() if s.get("state") == "succeeded" and s.get("tarError"))
     totals = {
         "shards": len(shards),
-        "succeeded": sum(1 for s in shards.values() if s.get("state") == "succeeded"),
+        "succeeded": len(done),
         "failed": sum(1 for s in shards.values() if s.get("state") == "failed"),
-        "images": sum(int(s.get("images") or 0) for s in shards.values()),
-        "failedImages": sum(int(s.get("failedImages") or 0) for s in shards.values()),
+        "images": sum(int(s.get("images") or 0) for s in done),
+        "failedImages": sum(int(s.get("failedImages") or 0) for s in done),
+        "truncatedShards": len(truncated),
+        "imagesThisRun": sum(int(s.get("images") or 0) for s in done if not s.get("previousRun")),
+        "shardsThisRun": sum(1 for s in done if not s.get("previousRun")),
     }
     seconds = (finished_at - started_at) if started_at else None
     doc = {
         "job": job,
-        "model": spec.get("model"),
+        "model": model_provenance(s.get("model") for s in done),
+        "modelRequested": spec.get("model"),
         "output": {"uri": output_uri, "dtype": spec.get("output", {}).get("dtype")},
         "input": spec.get("input"),
         "totals": totals,
+        "dataLoss": {"truncatedShards": truncated},
         "timings": {
             "startedAt": started_at,
             "finishedAt": finished_at,
             "seconds": seconds,
-            "imagesPerSecond": (totals["images"] / seconds) if seconds else None,
+            # What this run embedded over its own time: shards done before it are not counted.
+            "imagesPerSecond": (totals["imagesThisRun"] / seconds) if seconds else None,
+            "rateCounts": "images embedded by this run",
         },
-        "shards": [{"stem": k, **v} for k, v in sorted(shards.items())],
+        "shards": [{"stem": k, **{f: x for f, x in v.items() if f != "model"}} for k, v in sorted(shards.items())],
         **(extra or {}),
     }
     storage.put_atomic(job_manifest_uri(output_uri), json.dumps(doc, indent=1).encode(),

@@ -31,6 +31,9 @@ DEVICES = ("auto", "cpu", "cuda")
 # on the CPU (>= 2x the target) or by nvJPEG on the GPU; its deviation is measured by `embedjob bench`.
 PREPROCESSINGS = ("exact", "fast")
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
+# A truncated or partly unreadable tar: record it (the samples before the damage are kept and the loss
+# is counted) or fail the shard (nothing committed, so a rerun tries it again).
+ON_TRUNCATED = ("record", "fail")
 # Pillow's own decompression-bomb threshold; larger images are skipped and recorded.
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
 
@@ -63,7 +66,10 @@ class OutputSpec:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    name: str = DEFAULT_MODEL
+    """A hub ``name`` at ``revision``, or a local ``path`` (which wins: with a path and no name, no hub
+    id is implied, so none is ever recorded)."""
+
+    name: str | None = DEFAULT_MODEL
     revision: str | None = DEFAULT_REVISION
     path: str | None = None
 
@@ -105,6 +111,7 @@ class JobSpec:
     priority: int = 0  # share of a queue shared with other jobs: each step up doubles it (-10..10)
     suspend: bool = False
     ttlSecondsAfterFinished: int | None = None  # noqa: N815
+    onTruncatedShard: str = "record"  # noqa: N815 - record | fail (ON_TRUNCATED)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -192,13 +199,14 @@ def parse_spec(spec: Any, allow_local: bool = True, base_dir: Path | None = None
     _unknown(
         spec,
         {"input", "output", "model", "inference", "storage", "queue", "retries", "maxFailedShards",
-         "parallelism", "priority", "suspend", "ttlSecondsAfterFinished"},
+         "parallelism", "priority", "suspend", "ttlSecondsAfterFinished", "onTruncatedShard"},
         "spec",
     )
 
     def local(p: str, where: str = "") -> str:
         if p.startswith("s3://"):
             return p
+        p = str(Path(p).expanduser()) if p.startswith("~") else p
         if base_dir is not None and not Path(p).is_absolute():
             p = str((base_dir / p).resolve())
         try:
@@ -253,9 +261,10 @@ def parse_spec(spec: Any, allow_local: bool = True, base_dir: Path | None = None
 
     m = _mapping(spec.get("model"), "spec.model")
     _unknown(m, {"name", "revision", "path"}, "spec.model")
-    name = _str(m, "name", "spec.model", DEFAULT_MODEL)
-    revision = _str(m, "revision", "spec.model", DEFAULT_REVISION if name == DEFAULT_MODEL else None)
     mpath = _str(m, "path", "spec.model", None)
+    # With a path and no name, no hub id is implied: the default model is only the default of the hub.
+    name = _str(m, "name", "spec.model", None if mpath else DEFAULT_MODEL)
+    revision = _str(m, "revision", "spec.model", DEFAULT_REVISION if name == DEFAULT_MODEL and not mpath else None)
     model_spec = ModelSpec(name=name, revision=revision, path=local(mpath, "spec.model.path") if mpath else None)
 
     i = _mapping(spec.get("inference"), "spec.inference")
@@ -302,6 +311,7 @@ def parse_spec(spec: Any, allow_local: bool = True, base_dir: Path | None = None
         priority=_int(spec, "priority", "spec", 0, -10, 10),
         suspend=_bool(spec, "suspend", "spec", False),
         ttlSecondsAfterFinished=_int(spec, "ttlSecondsAfterFinished", "spec", None, 0),
+        onTruncatedShard=_str(spec, "onTruncatedShard", "spec", "record", ON_TRUNCATED),
     )
     check_semantics(job)
     return job

@@ -35,8 +35,10 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ "$(cat "$stamp")" !
   .venv/bin/pip install -q -e ".[worker,operator,dev]" --config-settings editable_mode=strict
   echo "$files_id" > "$stamp"
 fi
+path_hint='setup: to put embedjob, kubectl and helm on PATH in this shell:  . scripts/env.sh'
 if [ "$venv_only" = 1 ]; then
   echo "setup: ok (venv only)" >&2
+  echo "$path_hint" >&2
   exit 0
 fi
 
@@ -72,3 +74,4 @@ if [ ${#missing_tools[@]} -gt 0 ]; then
   rm -rf "$tmp"
 fi
 echo "setup: ok" >&2
+echo "$path_hint" >&2

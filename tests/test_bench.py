@@ -139,3 +139,37 @@ def test_vit_l14_flops_match_the_published_figure():
     config = CLIPVisionConfig(**VIT_L14_VISION)
     config.projection_dim = 768
     assert math.isclose(vision_flops_per_image(config) / 1e9, 162, rel_tol=0.01)
+
+
+def test_a_ratio_above_the_limit_or_below_the_baseline_is_never_printed_bare():
+    """The report's ratios as the issue saw them on the CPU with ViT-L/14 (e2e/limit 1.082,
+    e2e/baseline 0.86): each comes with why, and the steady state against the baseline."""
+    from embedjob.bench.measure import limits_and_ratios
+    from embedjob.bench.report import format_report
+
+    m = {"model_limit": {"images_per_s": 5.0, "cpu_ms_per_image": 380.0},
+         "decode_limit_exact": {"images_per_s": 150.0, "cpu_ms_per_image": 12.0},
+         "baseline": {"images_per_s": 4.6, "processor": "CLIPImageProcessorPil"},
+         "e2e_exact": {"images_per_s": 0.86 * 4.6, "steady_images_per_s": 4.9, "startup_seconds": 21.5,
+                       "cpu_ms_per_image": 400.0}}
+    limits, ratios = limits_and_ratios(m, ("exact",), "cpu")
+    r = ratios["exact"]
+    assert r["e2e_over_baseline"] == pytest.approx(0.86)
+    assert r["steady_over_baseline"] == pytest.approx(4.9 / 4.6, 1e-3)
+    assert any("cold start" in w and "21.5 s" in w and "steady state e2e is 1.065x" in w for w in r["why"])
+    assert not any("its limit" in w for w in r["why"])  # 0.82 of the limit: nothing to explain
+    m["model_limit"]["images_per_s"] = 3.6  # now e2e is above its limit
+    _, ratios = limits_and_ratios(m, ("exact",), "cpu")
+    assert ratios["exact"]["e2e_over_limit"] > 1 and any("measured apart" in w for w in ratios["exact"]["why"])
+    report = {"config": {"preprocessing": ["exact"], "batch_size": 32, "model": "vit-l14", "count": 2,
+                         "images_per_shard": 8, "size": "500x375"},
+              "environment": {"device": "cpu", "device_name": "cpu", "storage": "local", "cpus_available": 2,
+                              "torch_threads": 2, "load_average_start": 1.0},
+              "measurements": m, "limits": limits, "ratios": ratios}
+    for r in m.values():  # the columns every measured row prints
+        for k, v in {"images": 16, "seconds": 4.0, "peak_pss_mib": 900.0, "cpu_cores_busy": 1.9,
+                     "cpu_ms_per_image": 400.0}.items():
+            r.setdefault(k, v)
+    text = format_report(report)
+    assert "why: e2e is 0.860x the baseline" in text and "steady/baseline 1.065" in text
+    assert "x its limit: the decode and model limits are measured apart" in text

@@ -597,3 +597,14 @@ def test_operator_reconciles_a_job_with_only_its_service_account(kube, installed
     log = log_path.read_text()
     for refused in ("forbidden", "not enough permissions"):
         assert refused not in log.lower(), f"the operator was refused something ({refused}):\n{log[-3000:]}"
+
+
+def test_cpu_only_profile_asks_for_no_gpu():
+    """The documented CPU-only profile (README: -f charts/embedjob/values-cpu.yaml)."""
+    args = ["template", RELEASE, str(CHART), "--namespace", NS, "-f", str(CHART / "values-cpu.yaml")]
+    docs = [d for d in yaml.safe_load_all(helm(*args).stdout) if d]
+    worker = next(d for d in kinds(docs, "Deployment") if d["metadata"]["name"] == f"{RELEASE}-embedjob-worker")
+    (c,) = worker["spec"]["template"]["spec"]["containers"]
+    assert "nvidia.com/gpu" not in c["resources"]["limits"] and "nvidia.com/gpu" not in c["resources"]["requests"]
+    assert c["resources"]["limits"]["memory"] == "8Gi" and c["resources"]["requests"]["cpu"] == "2"
+    helm("lint", str(CHART), "-f", str(CHART / "values-cpu.yaml"))

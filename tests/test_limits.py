@@ -68,7 +68,8 @@ def test_the_worker_revalidates_every_message_against_its_own_ceilings():
             check_task(options, model, SETTINGS, cpus=4)
         assert e.value.field == f"task {field}"
         assert describe_failure(e.value) | {"error": ""} == {"error": "", "errorCode": "OptionsNotAllowed",
-                                                             "transient": False, "accessError": True}
+                                                             "transient": False, "permanent": True,
+                                                             "accessError": True}
     with pytest.raises(OptionsNotAllowed, match="model allow-list"):
         check_task(good, {"name": "evil/model", "revision": "main"}, SETTINGS, cpus=4)
 

@@ -61,7 +61,10 @@ def test_defaults_enums_bounds_and_patterns_match():
     r, rd = s["retries"]["properties"], sp.RetrySpec()
     assert (r["perShard"]["default"], r["perShard"]["minimum"], r["perShard"]["maximum"]) == (rd.perShard, 0, 100)
     assert (r["backoffSeconds"]["default"], r["backoffSeconds"]["maximum"]) == (rd.backoffSeconds, 86400)
-    assert s["model"]["properties"]["name"]["default"] == sp.DEFAULT_MODEL
+    # no default name in the schema: a model.path alone must not be given a hub id (the operator applies
+    # the default only when neither name nor path is set)
+    assert "default" not in s["model"]["properties"]["name"] and sp.ModelSpec().name == sp.DEFAULT_MODEL
+    assert s["onTruncatedShard"]["enum"] == list(sp.ON_TRUNCATED) and s["onTruncatedShard"]["default"] == "record"
     assert s["queue"]["default"] == "embedjob" and s["queue"]["pattern"] == sp.QUEUE_NAME.pattern
     assert s["input"]["properties"]["uri"]["pattern"] == sp.S3_URI.pattern
     assert s["output"]["properties"]["uri"]["pattern"] == sp.S3_URI.pattern

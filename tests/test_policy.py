@@ -72,3 +72,38 @@ def test_storage_errors_survive_pickling():
     e = StorageError("GetObject", "s3://b/k", "SlowDown", "SlowDown (HTTP 503)", transient=True)
     back = pickle.loads(pickle.dumps(e))
     assert (back.op, back.uri, back.code, back.transient, str(back)) == (e.op, e.uri, e.code, True, str(e))
+
+
+def test_permanent_failures_fail_at_once_whatever_retries_are_left():
+    d = policy.on_failure(transient=False, permanent=True, failures=0, transient_failures=0, per_shard=3,
+                          backoff_base=30)
+    assert d.final and d.delay == 0 and d.failures == 1
+
+
+def test_each_failure_class():
+    """Permanent: unparseable tar, not a tar, missing object, 403, a local shard that is gone.
+    Transient: network, 5xx, throttling, Redis. Hard (retried with backoff): anything else."""
+    from embedjob.worker.datapath.read import TarOpenError
+
+    def cls(e: BaseException) -> str:
+        d = describe_failure(e)
+        assert not (d["permanent"] and d["transient"])
+        return "permanent" if d["permanent"] else "transient" if d["transient"] else "hard"
+
+    missing = StorageError("GetObject", "s3://b/k.tar", "NoSuchKey", "NoSuchKey (HTTP 404)", transient=False)
+    denied = StorageError("GetObject", "s3://b/k.tar", "AccessDenied", "AccessDenied (HTTP 403)", transient=False)
+    assert cls(TarOpenError("not a readable tar: bad header")) == "permanent"
+    assert cls(missing) == "permanent" and cls(denied) == "permanent"
+    assert cls(SourceReadError("reading the shard failed")) == "hard"
+    try:
+        try:
+            raise missing
+        except StorageError as e:
+            raise SourceReadError(str(e)) from e
+    except SourceReadError as wrapped:
+        assert cls(wrapped) == "permanent"
+    assert cls(FileNotFoundError(2, "No such file", "/data/x.tar")) == "permanent"
+    for code in ("SlowDown", "503", "EndpointConnectionError"):
+        assert cls(StorageError("GetObject", "s3://b/k", code, code, transient=True)) == "transient"
+    assert cls(redis.exceptions.ConnectionError("gone")) == "transient"
+    assert cls(RuntimeError("CUDA error")) == "hard"

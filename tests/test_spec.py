@@ -108,3 +108,25 @@ def test_job_file_errors(tmp_path):
     (tmp_path / "bad.yaml").write_text("spec: [unclosed")
     with pytest.raises(SpecError, match="^file:.*not valid YAML"):
         load_job_file(tmp_path / "bad.yaml")
+
+
+def test_a_model_path_implies_no_hub_id():
+    from embedjob.spec import DEFAULT_MODEL, DEFAULT_REVISION, parse_spec
+
+    base = {"input": {"uri": "s3://in-bucket/x/"}, "output": {"uri": "s3://out-bucket/y/"}}
+    local = parse_spec({**base, "model": {"path": "/models/mine"}})
+    assert (local.model.name, local.model.revision, local.model.path) == (None, None, "/models/mine")
+    hub = parse_spec(base)
+    assert (hub.model.name, hub.model.revision) == (DEFAULT_MODEL, DEFAULT_REVISION)
+
+
+def test_on_truncated_shard():
+    import pytest
+
+    from embedjob.spec import SpecError, parse_spec
+
+    base = {"input": {"uri": "s3://in-bucket/x/"}, "output": {"uri": "s3://out-bucket/y/"}}
+    assert parse_spec(base).onTruncatedShard == "record"
+    assert parse_spec({**base, "onTruncatedShard": "fail"}).onTruncatedShard == "fail"
+    with pytest.raises(SpecError, match="spec.onTruncatedShard: must be one of record, fail"):
+        parse_spec({**base, "onTruncatedShard": "ignore"})

@@ -305,4 +305,35 @@ def limits_and_ratios(m: dict[str, Any], modes: tuple[str, ...], device_type: st
         if device_type != "cuda" and e2e.get("cpu_ms_per_image"):
             ratios[mode]["cpu_time_ratio"] = round(
                 (decode["cpu_ms_per_image"] + model["cpu_ms_per_image"]) / e2e["cpu_ms_per_image"], 3)
+        base = m["baseline"].get("images_per_s")
+        if base and steady:
+            ratios[mode]["steady_over_baseline"] = round(steady / base, 3)
+        ratios[mode]["why"] = explain_ratios(ratios[mode], e2e)
     return limits, ratios
+
+
+def explain_ratios(r: dict[str, Any], e2e: dict[str, Any]) -> list[str]:
+    """Why a ratio reads as impossible or as a regression, so the report never prints one bare: e2e
+    above its limit (the limit's parts are measured apart, each in its own time window, and a shared
+    machine's load moves between them; the CPU-time ratio is the load-free comparison), e2e below
+    the baseline (e2e counts its cold start, the baseline does not: the steady state compares like
+    with like)."""
+    why: list[str] = []
+    over = r.get("e2e_over_limit")
+    if over is not None and over > 1.0:
+        cpu = r.get("cpu_time_ratio")
+        why.append(f"e2e is {over:.3f}x its limit: the decode and model limits are measured apart, each in its own "
+                   "time window, and the machine's load differs between them (above 1 is within that noise, not "
+                   "a pipeline faster than its parts)"
+                   + (f"; CPU time (decode+model)/e2e, which the load does not move, is {cpu:.3f}" if cpu else ""))
+    below = r.get("e2e_over_baseline")
+    if below is not None and below < 1.0:
+        steady = r.get("steady_over_baseline")
+        startup = e2e.get("startup_seconds")
+        why.append(f"e2e is {below:.3f}x the baseline: e2e counts its cold start (process spawn, model load, first "
+                   f"batch{f': {startup:.1f} s' if startup is not None else ''}) and the baseline is timed after "
+                   "its warm-up" + (f"; in steady state e2e is {steady:.3f}x the baseline" if steady else "")
+                   + ("" if steady is None or steady >= 1.0 else
+                      " (below 1 in steady state too: the run is model-bound and too short to amortise the start, "
+                      "or the machine was busy; use --repeat and more images)"))
+    return why

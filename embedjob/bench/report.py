@@ -83,8 +83,12 @@ def format_report(report: dict[str, Any]) -> str:
                      f"{_fmt(r.get('steady_over_limit'), '.3f')}   e2e/baseline {_fmt(r['e2e_over_baseline'])}")
         if r and "cpu_time_ratio" in r:
             ratio += f"   CPU time (decode+model)/e2e {r['cpu_time_ratio']:.3f}"
+        if r and r.get("steady_over_baseline") is not None:
+            ratio += f"   steady/baseline {r['steady_over_baseline']:.3f}"
         shares = f", decode shares {lim['shares']}" if lim.get("shares") else ""
         lines.append(f"  {mode}: limit {lim['images_per_s']:.1f} images/s ({lim['rule']}{shares});  {ratio}")
+        for why in (r or {}).get("why", []):
+            lines.append(f"    why: {why}")
     c = report.get("compute")
     if c:
         lines.append(f"  model: {c['gflop_per_image']} GFLOP/image, {c['model_tflops']} TFLOP/s achieved vs dense "

@@ -2,7 +2,8 @@
 
     embedjob run job.yaml [--workers N]     run an EmbeddingJob on this machine (no cluster)
     embedjob demo                           the README's end-to-end run on the bundled sample shards
-    embedjob validate job.yaml              check a job file, naming the bad field
+    embedjob validate job.yaml              check a job file, naming the bad field, and that its model loads here
+    embedjob model fetch [NAME]             fill the model cache (or a folder) ahead of an offline job
     embedjob worker [--queue Q]             a Celery worker for the operator's tasks
     embedjob bench [--size 1mp ...]         throughput vs the decode/model limits and a baseline
     embedjob operator                       the Kubernetes operator
@@ -13,11 +14,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import sys
 from dataclasses import replace
 from pathlib import Path
-from urllib.parse import urlparse
 
 from embedjob import __version__
 from embedjob.bundled import sample_shards, sample_shards_dir
@@ -39,24 +38,48 @@ def _load_job(path: str) -> Job | None:
         return None
 
 
+# Exit codes of run / validate / demo: 0 succeeded, 1 shards failed (more than maxFailedShards),
+# 2 bad job file, 3 the model cannot be loaded here (not in the cache, hub unreachable, not a CLIP).
+EXIT_MODEL_UNAVAILABLE = 3
+
+
 def _cmd_validate(args: argparse.Namespace) -> int:
     job = _load_job(args.job)
     if job is None:
         return 2
     print(f"{args.job}: valid EmbeddingJob {job.name!r}")
+    if args.no_model_check:
+        return 0
+    from dataclasses import asdict
+
+    try:
+        from embedjob.cli.run import check_model
+        from embedjob.worker.model.resolve import ModelUnavailable
+    except ImportError as e:  # an install without the worker extra (the operator's) cannot load models
+        print(f"model: not checked ({e.name} is not installed here)")
+        return 0
+    try:
+        print(f"model: {check_model(asdict(job.spec.model))}")
+    except ModelUnavailable as e:
+        print(f"error: the model cannot be loaded here: {e}", file=sys.stderr)
+        return EXIT_MODEL_UNAVAILABLE
     return 0
 
 
 def _run(job: Job, workers: int | None, progress: bool, extra: dict | None = None,
-         processes_per_gpu: int = 1) -> int:
+         processes_per_gpu: int = 1, retry_truncated: bool = False) -> int:
     from embedjob.cli.run import format_summary, run_job
+    from embedjob.worker.model.resolve import ModelUnavailable
 
     try:
         summary = run_job(job, workers=workers, show_progress=progress, extra_manifest=extra,
-                          processes_per_gpu=processes_per_gpu)
+                          processes_per_gpu=processes_per_gpu, retry_truncated=retry_truncated)
     except SpecError as e:  # includes PlanError
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except ModelUnavailable as e:
+        print(f"error: the model cannot be loaded here: {e}", file=sys.stderr)
+        return EXIT_MODEL_UNAVAILABLE
     except KeyboardInterrupt:
         print("interrupted: finished shards are kept; rerun to resume", file=sys.stderr)
         return 130
@@ -73,18 +96,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.processes_per_gpu < 1:
         print("error: --processes-per-gpu must be at least 1", file=sys.stderr)
         return 2
-    return _run(job, args.workers, not args.no_progress, processes_per_gpu=args.processes_per_gpu)
-
-
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """One quick TCP connect, so an offline machine is told at once instead of after the hub
-    client's retries."""
-    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    try:
-        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
+    return _run(job, args.workers, not args.no_progress, processes_per_gpu=args.processes_per_gpu,
+                retry_truncated=args.retry_truncated)
 
 
 def _vit_l14_available() -> str | None:
@@ -99,7 +112,9 @@ def _vit_l14_available() -> str | None:
         return None
     except OSError:
         pass
-    if os.environ.get("HF_HUB_OFFLINE") == "1" or not _hub_reachable():
+    from embedjob.worker.model.resolve import hub_offline, hub_reachable
+
+    if hub_offline() or not hub_reachable():
         return "not in the model cache, and the Hugging Face hub is unreachable"
     try:
         CLIPVisionConfig.from_pretrained(VIT_L14, revision=DEFAULT_REVISION, cache_dir=default_model_dir())
@@ -135,7 +150,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             f"demo: running the whole pipeline with a small RANDOM-WEIGHT CLIP instead ({path}).\n"
             "demo: these embeddings are NOT meaningful; the output's manifests say so.",
         )
-        model = {"name": RANDOM_MODEL_DIRNAME, "path": str(path)}
+        model = {"path": str(path)}
         extra.update(randomWeights=True, note=f"RANDOM-WEIGHT test model, not {VIT_L14}: embeddings are meaningless")
     doc = {
         "apiVersion": "embedjob.io/v1alpha1",
@@ -153,6 +168,32 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         print(f"read it back: {sys.executable} -c \"import embedjob; "
               f"k, e = embedjob.read_embeddings('{output}'); print(len(k), e.shape)\"")
     return rc
+
+
+def _cmd_model_fetch(args: argparse.Namespace) -> int:
+    """Fill the model cache (or a folder for spec.model.path, e.g. a PVC) ahead of a job, so workers
+    and ``embedjob run`` load it with no hub (HF_HUB_OFFLINE=1)."""
+    from embedjob.settings import load as load_settings
+    from embedjob.worker.model.resolve import fetch_model, hub_endpoint, hub_offline, hub_reachable
+
+    revision = args.revision or (DEFAULT_REVISION if args.name == VIT_L14 else None)
+    cache_dir = args.cache_dir or load_settings().model_dir
+    if hub_offline() or not hub_reachable():
+        why = "HF_HUB_OFFLINE is set" if hub_offline() else f"the hub ({hub_endpoint()}) cannot be reached"
+        print(f"error: cannot fetch {args.name}: {why}. Run `embedjob model fetch` where the hub is reachable, "
+              "then copy the folder (--to DIR) or the model cache (EMBEDJOB_MODEL_DIR) here", file=sys.stderr)
+        return EXIT_MODEL_UNAVAILABLE
+    try:
+        folder = fetch_model(args.name, revision, cache_dir=cache_dir, to=args.to)
+    except Exception as e:  # noqa: BLE001 - not found, no access, network: one message
+        print(f"error: cannot fetch {args.name}: {type(e).__name__}: {e}", file=sys.stderr)
+        return EXIT_MODEL_UNAVAILABLE
+    if args.to:
+        print(f"fetched {args.name} into {folder}: use `model: {{path: {folder}}}` in the job")
+    else:
+        print(f"fetched {args.name} into the model cache {cache_dir} ({folder}): jobs with `model: {{name: "
+              f"{args.name}}}` load it from there, also with HF_HUB_OFFLINE=1")
+    return 0
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
@@ -237,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="worker processes per GPU, each with its own model and share of the CPUs (default 1)")
     r.add_argument("--overwrite", action="store_true", help="redo shards that are already done")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.add_argument("--retry-truncated", action="store_true",
+                   help="also redo finished shards whose tar was truncated or partly unreadable")
     r.set_defaults(func=_cmd_run)
 
     d = sub.add_parser("demo", help="embed the bundled sample shards end to end")
@@ -245,9 +288,22 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-progress", action="store_true")
     d.set_defaults(func=_cmd_demo)
 
-    v = sub.add_parser("validate", help="validate a job file")
+    v = sub.add_parser("validate", help="validate a job file, and check that its model can be loaded here")
     v.add_argument("job")
+    v.add_argument("--no-model-check", action="store_true",
+                   help="check the file only (not whether the model is in the cache, a folder or on a reachable hub)")
     v.set_defaults(func=_cmd_validate)
+
+    m = sub.add_parser("model", help="models ahead of a job (offline machines, PVCs)")
+    msub = m.add_subparsers(dest="model_command", required=True)
+    mf = msub.add_parser("fetch", help="download a model's config and safetensors weights into the model cache "
+                                       "(EMBEDJOB_MODEL_DIR) or a folder")
+    mf.add_argument("name", nargs="?", default=VIT_L14, help=f"Hugging Face id (default {VIT_L14})")
+    mf.add_argument("--revision", default=None, help="hub revision (default: the pinned one for the default model)")
+    mf.add_argument("--cache-dir", default=None, help="the model cache to fill (default: EMBEDJOB_MODEL_DIR)")
+    mf.add_argument("--to", default=None, metavar="DIR",
+                    help="a plain folder instead of the cache (then spec.model.path: DIR), e.g. a mounted PVC")
+    mf.set_defaults(func=_cmd_model_fetch)
 
     w = sub.add_parser("worker", help="start a Celery worker (broker: EMBEDJOB_REDIS_URL)")
     w.add_argument("--queue", default="embedjob")

@@ -23,28 +23,43 @@ from typing import Any
 from embedjob import policy
 from embedjob.contract import ShardTask
 from embedjob.planning import Shard, plan_shards
-from embedjob.results import done_stems, write_job_manifest
+from embedjob.results import done_stems, read_shard_records, write_job_manifest
 from embedjob.settings import set_library_env
-from embedjob.spec import Job, SpecError
+from embedjob.spec import Job
 from embedjob.storage import Storage, StorageOptions
 
 
 @dataclass
 class RunSummary:
+    """What ``embedjob run`` reports. The totals describe the whole output, whatever run wrote it
+    (shards done before count with their manifests' numbers); the rate counts this run only."""
+
     job: str
     shards_total: int
     shards_done_before: int = 0
-    shards_succeeded: int = 0
+    shards_succeeded: int = 0  # embedded by this run
     shards_failed: int = 0
-    images: int = 0
-    failed_images: int = 0
+    images: int = 0  # embedded by this run
+    failed_images: int = 0  # skipped by this run
+    images_before: int = 0  # in the shards an earlier run finished
+    failed_images_before: int = 0
+    truncated: dict[str, str] = field(default_factory=dict)  # stem -> tar error, over every finished shard
     seconds: float = 0.0
     failed: dict[str, str] = field(default_factory=dict)  # stem -> last error
     ok: bool = False
 
     @property
     def images_per_second(self) -> float:
+        """Images this run embedded per second of this run."""
         return self.images / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def images_total(self) -> int:
+        return self.images_before + self.images
+
+    @property
+    def failed_images_total(self) -> int:
+        return self.failed_images_before + self.failed_images
 
 
 # -- worker process side ------------------------------------------------------------------------------
@@ -108,19 +123,21 @@ def _run_one(task: dict) -> dict:
 
 
 # -- main process side --------------------------------------------------------------------------------
-def check_model(model: dict) -> None:
-    """Fail fast, naming the field, when the model cannot be resolved (before any work starts): the
-    same config read the worker's loader does, so a non-CLIP or unreachable checkpoint is refused here."""
+def check_model(model: dict) -> str:
+    """Fail fast, before any work starts, when the model cannot be resolved (a folder, the model cache
+    or a reachable hub: :class:`~embedjob.worker.model.resolve.ModelUnavailable`, one message naming
+    the field and what to set), or is not a CLIP checkpoint (the same config read the worker's loader
+    does: :class:`~embedjob.worker.model.resolve.ModelUnavailable` too). Returns where it loads from."""
     from embedjob.worker.model.load import ModelLoadError, ModelRef, default_model_dir, vision_config
+    from embedjob.worker.model.resolve import ModelUnavailable, resolve_model
 
+    cache_dir = default_model_dir()
+    where = resolve_model(model, cache_dir)
     try:
-        vision_config(ModelRef.of(model), default_model_dir())
+        vision_config(ModelRef.of(model), cache_dir, where.local_only)
     except ModelLoadError as e:
-        field = "spec.model.path" if model.get("path") else "spec.model.name"
-        hint = "" if model.get("path") else (
-            f" (revision {model.get('revision')!r}). Point spec.model.path at a local copy, or pre-fill the "
-            "model cache (EMBEDJOB_MODEL_DIR).")
-        raise SpecError(field, f"{e}{hint}") from e
+        raise ModelUnavailable("spec.model.path" if model.get("path") else "spec.model.name", str(e)) from e
+    return where.describe(model.get("name"), model.get("revision"))
 
 
 def visible_gpus(device: str) -> list[str]:
@@ -152,27 +169,44 @@ def run_job(
     processes_per_gpu: int = 1,
     out: Any = None,
     extra_manifest: dict[str, Any] | None = None,
+    retry_truncated: bool = False,
 ) -> RunSummary:
     """Run every unfinished shard of ``job`` locally, in ``workers`` processes (default: one per GPU
     times ``processes_per_gpu``, each pinned to its GPU and its share of the CPUs). Never raises for
-    shard failures: they are in the summary, whose ``ok`` follows ``spec.maxFailedShards``."""
+    shard failures: they are in the summary, whose ``ok`` follows ``spec.maxFailedShards``.
+    ``retry_truncated``: shards finished as truncated or partly unreadable tars (their manifest
+    records a tar error) are redone."""
     out = out or sys.stderr
     spec = job.spec
     storage = Storage(StorageOptions.from_spec(spec))
     shards = plan_shards(spec.input, storage)
     check_model(asdict(spec.model))
     done = set() if spec.output.overwrite else done_stems(spec.output.uri, storage) & {s.stem for s in shards}
+    # What the earlier runs left: the totals count them (from their manifests), the rate does not.
+    before = read_shard_records(spec.output.uri, sorted(done), storage)
+    redo = {stem for stem, r in before.items() if r["tarError"]} if retry_truncated else set()
+    done -= redo
     todo = [s for s in shards if s.stem not in done]
     summary = RunSummary(job=job.name, shards_total=len(shards), shards_done_before=len(done))
-    print(f"embedjob: {job.name}: {len(shards)} shards, {len(done)} already done, {len(todo)} to run "
+    again = f" ({len(redo)} truncated, retried)" if redo else ""
+    print(f"embedjob: {job.name}: {len(shards)} shards, {len(done)} already done, {len(todo)} to run{again} "
           f"-> {spec.output.uri}", file=out)
 
     started = time.time()
-    states: dict[str, dict[str, Any]] = {s.stem: {"state": "succeeded", "previousRun": True} for s in shards
-                                         if s.stem in done}
+    states: dict[str, dict[str, Any]] = {}
+    for stem in sorted(done):
+        r = before[stem]
+        states[stem] = {"state": "succeeded", "previousRun": True, **r}
+        summary.images_before += r["images"]
+        summary.failed_images_before += r["failedImages"]
     if todo:
         workers = workers or default_workers(spec.inference.device, processes_per_gpu)
         _execute(job, todo, workers, show_progress, summary, states, out, per_gpu=max(1, processes_per_gpu))
+    # This run's shards: their tar errors and model from the manifests they just wrote.
+    now_done = [stem for stem, st in states.items() if st["state"] == "succeeded" and not st.get("previousRun")]
+    for stem, r in read_shard_records(spec.output.uri, now_done, storage).items():
+        states[stem].update(tarError=r["tarError"], model=r["model"])
+    summary.truncated = {stem: st["tarError"] for stem, st in sorted(states.items()) if st.get("tarError")}
     summary.seconds = time.time() - started
     summary.ok = not policy.job_failed(summary.shards_failed, spec.maxFailedShards)
     if summary.ok:
@@ -230,18 +264,25 @@ def _execute(job: Job, todo: list[Shard], workers: int, show_progress: bool, sum
         rate = images / max(time.monotonic() - t0, 1e-9)
         bar.set_postfix_str(f"images={images} {rate:.1f} img/s failed={summary.shards_failed}", refresh=False)
 
-    def fail(shard: Shard, error: str, transient: bool = False) -> None:
+    def fail(shard: Shard, error: str, transient: bool = False, permanent: bool = False) -> None:
         in_shard.pop(shard.stem, None)
         n = attempts[shard.stem]
         before = failures.get(shard.stem)
         d = policy.on_failure(transient=transient, failures=before.failures if before else 0,
                               transient_failures=before.transient_failures if before else 0,
-                              per_shard=spec.retries.perShard, backoff_base=spec.retries.backoffSeconds)
+                              per_shard=spec.retries.perShard, backoff_base=spec.retries.backoffSeconds,
+                              permanent=permanent)
         failures[shard.stem] = d
         if not d.final:
             kind = "transient error" if d.transient_failures else "failed"
             bar.write(f"shard {shard.stem} {kind} (attempt {n}): {error}; retrying in {d.delay:.0f}s", file=out)
             heapq.heappush(retry_heap, (time.monotonic() + d.delay, next(sequence), shard))
+        elif permanent:
+            bar.write(f"shard {shard.stem} FAILED (permanent error, not retried): {error}", file=out)
+            summary.shards_failed += 1
+            summary.failed[shard.stem] = error
+            states[shard.stem] = {"state": "failed", "error": error, "attempts": n, "permanent": True}
+            bar.update(1)
         else:
             bar.write(f"shard {shard.stem} FAILED after {n} attempts: {error}", file=out)
             summary.shards_failed += 1
@@ -282,7 +323,8 @@ def _execute(job: Job, todo: list[Shard], workers: int, show_progress: bool, sum
                     fail(shard, f"{type(e).__name__}: {e}")
                     continue
                 if res.get("status") == "failed":
-                    fail(shard, res["error"], transient=bool(res.get("transient")))
+                    fail(shard, res["error"], transient=bool(res.get("transient")),
+                         permanent=bool(res.get("permanent")))
                     continue
                 in_shard.pop(shard.stem, None)
                 summary.shards_succeeded += 1
@@ -307,14 +349,26 @@ def _execute(job: Job, todo: list[Shard], workers: int, show_progress: bool, sum
 
 
 def format_summary(s: RunSummary, output: str) -> str:
+    """The closing summary: the output's totals (every shard present, earlier runs included), what
+    this run did and its rate, and any data loss (never an unqualified OK over a truncated shard)."""
+    verdict = "OK" if s.ok else "FAILED"
+    if s.ok and s.truncated:
+        verdict = f"OK WITH DATA LOSS ({len(s.truncated)} truncated shard{'s' if len(s.truncated) > 1 else ''})"
     lines = [
-        f"job {s.job}: {'OK' if s.ok else 'FAILED'}",
+        f"job {s.job}: {verdict}",
         f"  shards:  {s.shards_total} total, {s.shards_done_before} already done, {s.shards_succeeded} embedded now, "
         f"{s.shards_failed} failed",
-        f"  images:  {s.images} embedded, {s.failed_images} skipped (recorded in the manifests)",
-        f"  time:    {s.seconds:.1f} s, {s.images_per_second:.2f} images/s",
+        f"  images:  {s.images_total} embedded, {s.failed_images_total} skipped (recorded in the manifests"
+        + (f"; {s.images} embedded by this run)" if s.shards_done_before else ")"),
+        f"  time:    {s.seconds:.1f} s, {s.images_per_second:.2f} images/s (this run's images)",
         f"  output:  {output}",
     ]
+    if s.truncated:
+        lines.append(f"  data loss: {len(s.truncated)} shard(s) are truncated or partly unreadable tars: the samples "
+                     "after the damage are lost (rerun with --retry-truncated once the source is fixed; "
+                     "spec.onTruncatedShard: fail refuses them)")
+        for stem, err in list(s.truncated.items())[:20]:
+            lines.append(f"  truncated shard {stem}: {err}")
     for stem, err in sorted(s.failed.items())[:20]:
         lines.append(f"  failed shard {stem}: {err}")
     return "\n".join(lines)

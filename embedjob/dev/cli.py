@@ -24,7 +24,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     try:
-        stack.up(workers=args.workers, operator=not args.no_operator)
+        stack.up(workers=args.workers, operator=not args.no_operator, metrics=args.metrics)
     except Exception as e:  # noqa: BLE001 - report, and leave nothing running behind
         print(f"error: dev stack failed to start: {type(e).__name__}: {e}", file=sys.stderr)
         stack.down()
@@ -36,8 +36,27 @@ def _cmd_up(args: argparse.Namespace) -> int:
 def _cmd_down(args: argparse.Namespace) -> int:
     from embedjob.dev.stack import DevStack
 
-    stopped = DevStack(args.dir).down()
+    stopped = DevStack(args.dir).down(say=lambda line: print(line, flush=True))
     print(f"stopped {stopped} process(es)")
+    return 0
+
+
+def _cmd_upload(args: argparse.Namespace) -> int:
+    from embedjob.dev.stack import DevStack, StackError
+    from embedjob.spec import DNS_NAME
+
+    if not DNS_NAME.match(args.name):
+        print(f"error: --name must be a DNS-1123 name (it names the job), got {args.name!r}", file=sys.stderr)
+        return 2
+    stack = DevStack(args.dir)
+    try:
+        count, job = stack.upload(args.path, args.name)
+    except StackError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"uploaded {count} shard(s) to s3://datasets/{args.name}/")
+    print(f"job file: {job} (output s3://embeddings/{args.name}/)")
+    print(f"next:     kubectl apply -f {job} && kubectl get ej {args.name} -w")
     return 0
 
 
@@ -80,11 +99,20 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     up.add_argument("--dir", default=default_dir, help="state folder (default .dev)")
     up.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     up.add_argument("--no-operator", action="store_true", help="do not start the operator (run your own)")
+    up.add_argument("--metrics", action="store_true",
+                    help="serve /metrics from every process on its own port (also when EMBEDJOB_METRICS_PORT is set: "
+                         "from that port up); the URLs are printed")
     up.set_defaults(func=_cmd_up)
 
     down = dsub.add_parser("down", help="stop everything `dev up` started")
     down.add_argument("--dir", default=default_dir)
     down.set_defaults(func=_cmd_down)
+
+    upload = dsub.add_parser("upload", help="upload your own .tar shards to the stack's S3 and write a job for them")
+    upload.add_argument("path", help="a folder of .tar shards (searched recursively) or one .tar")
+    upload.add_argument("--name", default="mine", help="s3://datasets/NAME/, the job's name (default: mine)")
+    upload.add_argument("--dir", default=default_dir)
+    upload.set_defaults(func=_cmd_upload)
 
     status = dsub.add_parser("status", help="show the components, their pids and logs, and the env to use")
     status.add_argument("--dir", default=default_dir)

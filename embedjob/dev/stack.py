@@ -20,9 +20,11 @@ import json
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +52,39 @@ ALIASES = {"s3": "seaweedfs", "weed": "seaweedfs", "apiserver": "kube-apiserver"
 # are recorded with each component, so a restarted one runs with the same settings.
 KEPT_ENV_PREFIX = "EMBEDJOB_"
 STOP_GRACE = 20.0
+# What `dev down` says while it waits for a component known to take a while.
+SLOW_STOPS = {"seaweedfs": " (SeaweedFS waits about 15 s for its gRPC servers to stop)",
+              "worker": " (a worker finishes the shard it is embedding)"}
+
+
+def metrics_ports(base: str | None, count: int, wanted: bool) -> list[int]:
+    """One ``/metrics`` port per process when metrics are wanted (``EMBEDJOB_METRICS_PORT`` set and not
+    0, or ``--metrics``): from the given port up, skipping ports in use; free ones with no base."""
+    start = int(base) if base and base.strip() not in ("", "0") else 0
+    if not start and not wanted:
+        return []
+    if not start:
+        return [free_port() for _ in range(count)]
+    out: list[int] = []
+    port = start
+    while len(out) < count:
+        if port_free(port):
+            out.append(port)
+        port += 1
+    return out
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _metrics_ready(ports: list[int], i: int) -> dict[str, Any]:
+    return {"metricsPort": ports[i], "metrics": f"http://127.0.0.1:{ports[i]}/metrics"} if ports else {}
 
 
 class StackError(Exception):
@@ -87,7 +122,10 @@ class DevStack:
         return any(is_running(p) for p in self.components())
 
     # -- up --------------------------------------------------------------------------------------------
-    def up(self, workers: int = 1, operator: bool = True) -> dict[str, Any]:
+    def up(self, workers: int = 1, operator: bool = True, metrics: bool = False) -> dict[str, Any]:
+        """Start everything. Metrics (``metrics`` or ``EMBEDJOB_METRICS_PORT`` set): every process gets
+        its own ``/metrics`` port (the given one for the first, the next free ones after it), recorded
+        with it (a restart keeps it) and printed by :meth:`describe`."""
         self.dir.mkdir(parents=True, exist_ok=True)
         logs = self.dir / "logs"
         state: dict[str, Any] = {"processes": []}
@@ -138,27 +176,46 @@ class DevStack:
         self._write_env(env)
         # What the operator and workers get: the stack's env plus the EMBEDJOB_* settings in force now.
         program_env = {**{k: v for k, v in os.environ.items() if k.startswith(KEPT_ENV_PREFIX)}, **env}
+        ports = metrics_ports(program_env.get("EMBEDJOB_METRICS_PORT"), workers + int(operator), metrics)
+        program_env.pop("EMBEDJOB_METRICS_PORT", None)  # each process gets its own, below
+
+        def own_env(i: int) -> dict[str, str]:
+            if not ports:
+                return program_env
+            return {**program_env, "EMBEDJOB_METRICS_PORT": str(ports[i]), "EMBEDJOB_METRICS_ADDR": "127.0.0.1"}
         self._make_buckets(env)
         model = self._random_model({**os.environ, **program_env})
         state["sampleJob"] = self._sample_job(env, model)
         self._save(state)
 
+        started: list[tuple[str, subprocess.Popen, int | None]] = []  # (name, process, metrics port)
         if operator:
             port = free_port()
             log = logs / "operator.log"
+            penv = own_env(0)
             proc = spawn(embedjob_command("operator", "--liveness", f"http://127.0.0.1:{port}/healthz"), log, self.dir,
-                         {**os.environ, **program_env})
-            record("operator", proc, self.dir, log, program_env, port=port)
+                         {**os.environ, **penv})
+            record("operator", proc, self.dir, log, penv, port=port, **_metrics_ready(ports, 0))
             state["liveness"] = f"http://127.0.0.1:{port}/healthz"
             self._save(state)
             wait_for_port(port, 60, proc, "operator")
+            started.append(("operator", proc, ports[0] if ports else None))
         for i in range(workers):
             log = logs / f"worker-{i}.log"
+            k = i + int(operator)
+            wenv = own_env(k)
             proc = spawn(embedjob_command("worker", "--queue", QUEUE, "--hostname", f"dev{i}@%h", "--concurrency", "1"),
                          log, self.dir,
-                         {**os.environ, **program_env})
-            record(f"worker-{i}", proc, self.dir, log, program_env)
+                         {**os.environ, **wenv})
+            record(f"worker-{i}", proc, self.dir, log, wenv, **_metrics_ready(ports, k))
+            started.append((f"worker-{i}", proc, ports[k] if ports else None))
+        for name, proc, mport in started:  # a process whose /metrics does not answer is not "running" well
+            if mport is not None:
+                wait_for_port(mport, 120, proc, f"{name} /metrics")
         return state
+
+    def metrics_urls(self) -> list[tuple[str, str]]:
+        return [(p["name"], p["ready"]["metrics"]) for p in self.components() if p.get("ready", {}).get("metrics")]
 
     def _write_env(self, env: dict[str, str]) -> None:
         lines = [f"export {k}={v}" for k, v in env.items()]
@@ -191,19 +248,41 @@ class DevStack:
                            text=True)
         return str(path) if r.returncode == 0 else None
 
-    def _sample_job(self, env: dict[str, str], model: str | None) -> str:
+    def upload(self, source: str | Path, name: str) -> tuple[int, str]:
+        """Upload the ``.tar`` shards under ``source`` (a folder, searched recursively, or one file) to
+        ``s3://datasets/<name>/`` of the running stack, sub-folders kept, and write a job file for them
+        (``<dir>/<name>-job.yaml``, output ``s3://embeddings/<name>/``, the sample job's model). Returns
+        (shards uploaded, the job file)."""
+        state = self.state()
+        if not state.get("env"):
+            raise StackError(f"no dev stack in {self.dir}: `embedjob dev up` first")
+        src = Path(source)
+        tars = [src] if src.is_file() else sorted(p for p in src.rglob("*") if p.suffix.lower() == ".tar")
+        if not tars:
+            raise StackError(f"no .tar shards under {src}")
+        env = state["env"]
+        client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name=env["AWS_REGION"],
+                              aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                              aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])
+        for tar in tars:
+            rel = tar.name if src.is_file() else tar.relative_to(src).as_posix()
+            client.upload_file(str(tar), "datasets", f"{name}/{rel}")
+        model = self.dir / "models" / "RANDOM-WEIGHTS-tiny-clip"
+        return len(tars), self._sample_job(env, str(model) if (model / "config.json").exists() else None, name)
+
+    def _sample_job(self, env: dict[str, str], model: str | None, name: str = "sample") -> str:
         spec: dict[str, Any] = {
-            "input": {"uri": "s3://datasets/sample/"},
-            "output": {"uri": "s3://embeddings/sample/"},
+            "input": {"uri": f"s3://datasets/{name}/"},
+            "output": {"uri": f"s3://embeddings/{name}/"},
             "storage": {"endpoint": env["AWS_ENDPOINT_URL"]},
             "inference": {"device": "cpu", "batchSize": 16},
             "retries": {"perShard": 2, "backoffSeconds": 5},
         }
         if model:
             spec["model"] = {"path": model}
-        doc = {"apiVersion": "embedjob.io/v1alpha1", "kind": "EmbeddingJob", "metadata": {"name": "sample"},
+        doc = {"apiVersion": "embedjob.io/v1alpha1", "kind": "EmbeddingJob", "metadata": {"name": name},
                "spec": spec}
-        path = self.dir / "sample-job.yaml"
+        path = self.dir / f"{name}-job.yaml"
         path.write_text(json.dumps(doc, indent=1) + "\n")
         return str(path)
 
@@ -258,6 +337,8 @@ class DevStack:
             wait_for_s3(ready["s3"], timeout, authenticated=True)
         if "apiserver" in ready:
             wait_apiserver_ready(ready["apiserver"], self._token(), timeout, proc, Path(rec["log"]))
+        if "metricsPort" in ready:
+            wait_for_port(ready["metricsPort"], timeout, proc, f"{name} /metrics")
         if not ready:  # a worker: no port; it must at least survive its start-up
             time.sleep(1)
             if proc.poll() is not None:
@@ -268,11 +349,18 @@ class DevStack:
         return kubeconfig["users"][0]["user"]["token"]
 
     # -- down / describe -------------------------------------------------------------------------------
-    def down(self, grace: float = STOP_GRACE) -> int:
+    def down(self, grace: float = STOP_GRACE, say: Callable[[str], None] | None = None) -> int:
+        """Stop every component, consumers first; ``say`` is told what is being waited for."""
         procs = self.components()
         stopped = 0
         for kind in KINDS:
             group = [p for p in procs if kind_of(p["name"]) == kind and is_running(p)]
+            if not group:
+                continue
+            t = time.monotonic()
+            if say is not None:
+                names = ", ".join(p["name"] for p in group)
+                say(f"stopping {names}{SLOW_STOPS.get(kind, '')} ...")
             for p in group:
                 signal_group(p["pid"], signal.SIGTERM)
             deadline = time.monotonic() + grace
@@ -282,6 +370,8 @@ class DevStack:
                 if process_alive(p["pid"]):
                     signal_group(p["pid"], signal.SIGKILL)
                 stopped += 1
+            if say is not None:
+                say(f"  stopped in {time.monotonic() - t:.1f} s")
         if self.state_file.exists():
             self.state_file.unlink()
         return stopped
@@ -295,6 +385,10 @@ class DevStack:
             status = "running" if is_running(p) else "STOPPED"
             lines.append(f"  {p['name']:<15} pid {p['pid']:<8} {status:<8} {p['log']}")
         env = state.get("env", {})
+        metrics = self.metrics_urls()
+        if metrics:
+            lines.append("metrics:")
+            lines += [f"  {name:<15} {url}" for name, url in metrics]
         lines += [
             f"kubeconfig: {env.get('KUBECONFIG')}",
             f"env:        source {self.dir / 'env.sh'}",
@@ -302,6 +396,7 @@ class DevStack:
             "try:",
             f"  kubectl apply -f {state.get('sampleJob', 'examples/job.yaml')}",
             "  kubectl get ej -w",
+            "own shards: embedjob dev upload ./my-shards/ --name mine   (then kubectl apply -f the job file it writes)",
             "drills:     embedjob dev restart|stop|start NAME   (NAME from the list above; s3, apiserver work too)",
             "stop:       embedjob dev down",
         ]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +21,7 @@ from embedjob.operator.changes import spec_hash
 from embedjob.operator.events import Event
 from embedjob.planning import PlanError, Shard, plan_shards
 from embedjob.progress import ProgressStore
-from embedjob.results import ManifestTooLarge, done_stems, read_manifest, shard_counts
+from embedjob.results import done_stems, read_shard_records
 from embedjob.settings import Settings, load
 from embedjob.spec import JobSpec, SpecError, parse_spec
 from embedjob.storage import Storage, StorageError, StorageOptions
@@ -44,17 +43,12 @@ class Accepted:
 
 
 def _manifest_counts(storage: Storage, output: str, stems: list[str]) -> dict[str, dict[str, Any]]:
-    def one(stem: str) -> tuple[str, dict[str, Any]]:
-        try:
-            images, failed = shard_counts(read_manifest(output, stem, storage))
-        except ManifestTooLarge:  # done, but its counts are not read (bounded memory)
-            images, failed = 0, 0
-        return stem, {"images": images, "failedImages": failed, "fromManifest": True}
-
-    if not stems:
-        return {}
-    with ThreadPoolExecutor(max_workers=min(16, len(stems))) as pool:
-        return dict(pool.map(one, stems))
+    """The info of shards already done when the job is planned (``doneBefore``: not this run's work,
+    so not in its rate): their counts and tar error, from their manifests (the model is read once,
+    by the status step)."""
+    records = read_shard_records(output, stems, storage)
+    return {stem: {"images": r["images"], "failedImages": r["failedImages"], "tarError": r["tarError"],
+                   "fromManifest": True, "doneBefore": True} for stem, r in records.items()}
 
 
 def record_plan(store: ProgressStore, spec: JobSpec, raw_spec: Mapping[str, Any], shards: list[Shard],
@@ -62,6 +56,11 @@ def record_plan(store: ProgressStore, spec: JobSpec, raw_spec: Mapping[str, Any]
     """Write the accepted spec, mark shards whose manifest exists as succeeded (with their counts),
     then the plan itself (last). Returns how many shards were already done. The listing of the
     output's manifests stops past ``max_manifests`` (default ``EMBEDJOB_MAX_SHARDS``)."""
+    return len(_record_plan(store, spec, raw_spec, shards, storage, max_manifests))
+
+
+def _record_plan(store: ProgressStore, spec: JobSpec, raw_spec: Mapping[str, Any], shards: list[Shard],
+                 storage: Storage, max_manifests: int | None = None) -> dict[str, dict[str, Any]]:
     planned = {s.stem for s in shards}
     limit = load().max_shards if max_manifests is None else max_manifests
     try:
@@ -70,7 +69,7 @@ def record_plan(store: ProgressStore, spec: JobSpec, raw_spec: Mapping[str, Any]
         raise PlanError("spec.output.uri", str(e)) from e
     counts = _manifest_counts(storage, spec.output.uri, done)
     store.save_plan(raw_spec, [(s.stem, s.uri) for s in shards], {stem: counts[stem] for stem in done})
-    return len(done)
+    return counts
 
 
 def accept(store: ProgressStore, raw_spec: Mapping[str, Any], previous_status: Mapping[str, Any] | None,
@@ -94,7 +93,8 @@ def accept(store: ProgressStore, raw_spec: Mapping[str, Any], previous_status: M
         where = "spec.input.uri"
         shards = plan_shards(spec.input, storage, settings.max_shards)
         where = "spec.output.uri"
-        done = record_plan(store, spec, raw_spec, shards, storage)
+        counts = _record_plan(store, spec, raw_spec, shards, storage)
+        done = len(counts)
     except SpecError as e:  # PlanError is a SpecError too
         reason = ("PlanFailed" if isinstance(e, PlanError) else
                   "StorageNotAllowed" if isinstance(e, StorageNotAllowed) else "InvalidSpec")
@@ -118,6 +118,11 @@ def accept(store: ProgressStore, raw_spec: Mapping[str, Any], previous_status: M
                  "plannedAt": status.rfc3339(now)},
         "progress": f"{done}/{len(shards)}",
         "shards": {"total": len(shards), "queued": len(shards) - done, "running": 0, "succeeded": done, "failed": 0},
+        # What the output already holds; nothing embedded by this job yet.
+        "images": {"embedded": sum(c["images"] for c in counts.values()),
+                   "failed": sum(c["failedImages"] for c in counts.values()),
+                   "soFar": sum(c["images"] for c in counts.values()), "embeddedThisRun": 0},
+        "imagesPerSecond": 0.0,
         "startTime": status.rfc3339(now),
         "conditions": conditions,
         "completionTime": None,

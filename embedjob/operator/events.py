@@ -34,6 +34,7 @@ class JobMemory:
     lost: LostMessages | None = None  # queued stems seen in no queue (made with the settings' grace)
     finished: deque = field(default_factory=lambda: deque(maxlen=24))  # (monotonic, shards finished): pace
     share: Any = None  # the job's latest fair share of its queue (embedjob.fairness.Share)
+    model: dict[str, Any] | None = None  # the model a finished shard's manifest records (status.model)
 
     def forget_sightings(self) -> None:
         """After an outage, what was seen missing before says nothing about after (leases are re-taken,

@@ -1,6 +1,6 @@
 """The failure step of a tick: every failed attempt is counted once (embedjob.policy decides: retry
-after a backoff, transient or hard, or give up), and the job's fail-fast check (the same access error
-on every shard tried so far)."""
+after a backoff, transient or hard, or give up; a permanent failure at once), and the job's fail-fast
+check (the same access error on every shard tried so far)."""
 
 from __future__ import annotations
 
@@ -36,15 +36,16 @@ def _count(store: ProgressStore, spec: JobSpec, stem: str, info: dict[str, Any],
            events: list[Event]) -> dict[str, Any]:
     d = policy.on_failure(transient=bool(info.get("transient")), failures=int(info.get("failures") or 0),
                           transient_failures=int(info.get("transientFailures") or 0),
-                          per_shard=spec.retries.perShard, backoff_base=spec.retries.backoffSeconds)
+                          per_shard=spec.retries.perShard, backoff_base=spec.retries.backoffSeconds,
+                          permanent=bool(info.get("permanent")))
     info = store.update_info(stem, failures=d.failures, transientFailures=d.transient_failures,
                              countedDispatch=dispatch_n, final=d.final, retryAt=None if d.final else now + d.delay)
     store.count_total("transientFailures" if d.transient_failures else "failures")
     if info.get("accessError"):
         store.record_access_error(stem, info.get("errorCode"), info.get("error"))
     if d.final:
-        events.append(Event("Warning", "ShardFailed", f"{stem} failed {d.failures} time(s), giving up: "
-                                                      f"{info.get('error')}"))
+        why = "a permanent error, not retried" if info.get("permanent") else f"failed {d.failures} time(s), giving up"
+        events.append(Event("Warning", "ShardFailed", f"{stem}: {why}: {info.get('error')}"))
     elif d.transient_failures:
         log.warning("job %s: %s hit a transient error, retry in %.0fs: %s", store.job, stem, d.delay,
                     info.get("error"))

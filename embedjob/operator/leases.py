@@ -17,7 +17,7 @@ from embedjob.layout import shard_outputs
 from embedjob.operator.accept import storage_for
 from embedjob.operator.events import Event, JobMemory
 from embedjob.progress import ProgressStore
-from embedjob.results import ManifestTooLarge, read_manifest, shard_counts
+from embedjob.results import ManifestTooLarge, read_manifest, shard_record
 from embedjob.settings import Settings
 from embedjob.spec import JobSpec
 
@@ -42,7 +42,8 @@ def expire_leases(store: ProgressStore, spec: JobSpec, states: dict[str, str], m
             continue  # storage unreachable: decide on a later tick
         if done:
             if store.set_state_if(stem, "running", "succeeded"):
-                store.update_info(stem, images=done[0], failedImages=done[1], fromManifest=True, error=None)
+                store.update_info(stem, images=done[0], failedImages=done[1], tarError=done[2], fromManifest=True,
+                                  error=None)
                 states[stem] = "succeeded"
                 mem.done_info.pop(stem, None)
         elif store.set_state_if(stem, "running", "queued"):
@@ -69,16 +70,17 @@ def _count_expiry(store: ProgressStore, stem: str, settings: Settings, events: l
 
 
 def committed(spec: JobSpec, stem: str, job: str = "") -> tuple[int, ...] | None:
-    """(images, failed) from the shard's manifest when it exists, () when it does not, None when the
-    store cannot tell right now."""
+    """(images, failed, tar error) from the shard's manifest when it exists, () when it does not, None
+    when the store cannot tell right now."""
     try:
         storage = storage_for(spec)
         if not storage.exists(shard_outputs(spec.output.uri, stem).manifest):
             return ()
-        return shard_counts(read_manifest(spec.output.uri, stem, storage))
+        record = shard_record(read_manifest(spec.output.uri, stem, storage))
+        return record["images"], record["failedImages"], record["tarError"]
     except ManifestTooLarge as e:  # committed, but its counts are not read
         log.warning("job %s: %s", job, e)
-        return (0, 0)
+        return (0, 0, None)
     except Exception as e:  # noqa: BLE001 - decided again on the next tick
         log.warning("job %s: cannot check the manifest of %s yet: %s", job, stem, e)
         return None

@@ -119,6 +119,9 @@ class JobsCollector(Collector):
         phase = GaugeMetricFamily("embedjob_job_phase", "1 for the job's current phase.", labels=[*lbl, "phase"])
         shards = GaugeMetricFamily("embedjob_job_shards", "The job's shards by state (status.shards).",
                                    labels=[*lbl, "state"])
+        truncated = GaugeMetricFamily("embedjob_job_truncated_shards", "Finished shards that are truncated or partly "
+                                      "unreadable tars: samples after the damage are lost "
+                                      "(status.dataLoss.truncatedShards).", labels=lbl)
         planned = GaugeMetricFamily("embedjob_job_planned_shards", "Shards in the job's plan (status.shards.total).",
                                     labels=lbl)
         eta = GaugeMetricFamily("embedjob_job_estimated_completion_timestamp_seconds",
@@ -137,6 +140,7 @@ class JobsCollector(Collector):
             for s in SHARD_STATES:
                 shards.add_metric([ns, name, s], _num(st, "shards", s))
             planned.add_metric([ns, name], _num(st, "shards", "total"))
+            truncated.add_metric([ns, name], _num(st, "dataLoss", "truncatedShards"))
             when = _timestamp(st.get("estimatedCompletionTime"))
             if when is not None:
                 eta.add_metric([ns, name], when)
@@ -144,7 +148,7 @@ class JobsCollector(Collector):
             for family, path in counters:
                 family.add_metric([ns, name], _num(st, *path))
             demand_by_queue[j.queue] = demand_by_queue.get(j.queue, 0) + demand(st)
-        yield from (info, phase, shards, planned, eta, dispatched)
+        yield from (info, phase, shards, planned, truncated, eta, dispatched)
         yield from (family for family, _ in counters)
 
         d = GaugeMetricFamily("embedjob_queue_demand_shards", "Shards waiting or running over all jobs on the "

@@ -4,6 +4,7 @@ on failure."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -11,8 +12,10 @@ from embedjob.operator import status
 from embedjob.operator.accept import storage_for
 from embedjob.operator.events import Event, JobMemory
 from embedjob.progress import ProgressStore
-from embedjob.results import write_job_manifest
+from embedjob.results import model_provenance, read_shard_records, write_job_manifest
 from embedjob.spec import JobSpec
+
+log = logging.getLogger("embedjob.operator")
 
 
 def observe(store: ProgressStore, mem: JobMemory, plan: list[tuple[str, str]], states: Mapping[str, str],
@@ -30,6 +33,10 @@ def observe(store: ProgressStore, mem: JobMemory, plan: list[tuple[str, str]], s
             info = mem.done_info.get(stem, {})
             obs.images += int(info.get("images") or 0)
             obs.failed_images += int(info.get("failedImages") or 0)
+            if not info.get("doneBefore"):  # embedded by this run, not found done when it was planned
+                obs.images_this_run += int(info.get("images") or 0)
+            if info.get("tarError"):
+                obs.truncated.append((stem, str(info["tarError"])))
         elif v == "running":
             obs.running += 1
             obs.images_in_flight += int(running_info.get(stem, {}).get("imagesSoFar") or 0)
@@ -48,6 +55,22 @@ def observe(store: ProgressStore, mem: JobMemory, plan: list[tuple[str, str]], s
     return obs
 
 
+def observe_model(mem: JobMemory, spec: JobSpec, states: Mapping[str, str]) -> dict[str, Any] | None:
+    """The model the job's outputs were embedded with, as a finished shard's manifest records it (read
+    once per operator process): never the spec's name for a model loaded from a path."""
+    if mem.model is None:
+        stem = next((s for s, v in states.items() if v == "succeeded"), None)
+        if stem is not None:
+            try:
+                record = read_shard_records(spec.output.uri, [stem], storage_for(spec))[stem]
+            except Exception as e:  # noqa: BLE001 - the status goes on without it; read again next tick
+                log.warning("job %s: cannot read the manifest of %s for the model: %s", spec.output.uri, stem, e)
+                return None
+            provenance = model_provenance([record.get("model")])
+            mem.model = provenance if isinstance(provenance, dict) else None
+    return mem.model
+
+
 def finish(store: ProgressStore, mem: JobMemory, spec: JobSpec, desired: Mapping[str, Any],
            plan: list[tuple[str, str]], obs: status.Observed, events: list[Event]) -> None:
     """Transition to Succeeded (job manifest first, then the status) or Failed (stop the rest)."""
@@ -60,7 +83,9 @@ def finish(store: ProgressStore, mem: JobMemory, spec: JobSpec, desired: Mapping
             else:
                 i = mem.done_info.get(stem, {})
                 shards[stem] = {"state": "succeeded", "images": int(i.get("images") or 0),
-                                "failedImages": int(i.get("failedImages") or 0)}
+                                "failedImages": int(i.get("failedImages") or 0),
+                                "tarError": i.get("tarError") or None, "model": mem.model,
+                                "previousRun": bool(i.get("doneBefore"))}
         started = status.parse_rfc3339(desired.get("startTime"))
         write_job_manifest(storage_for(spec), spec.output.uri, job=store.job, spec=spec.to_dict(), shards=shards,
                            started_at=started.timestamp() if started else None)

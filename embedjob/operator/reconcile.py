@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from embedjob import fairness
+from embedjob import policy as failure_policy
 from embedjob.access import AccessPolicy, StorageNotAllowed
 from embedjob.limits import LimitExceeded
 from embedjob.operator import status
@@ -36,7 +37,7 @@ from embedjob.operator.events import Event, JobMemory
 from embedjob.operator.failures import count_failures, fatal_error
 from embedjob.operator.leases import expire_leases
 from embedjob.operator.lost_messages import LostMessages
-from embedjob.operator.observe import finish, observe
+from embedjob.operator.observe import finish, observe, observe_model
 from embedjob.operator.recovery import load_accepted
 from embedjob.progress import ProgressStore
 from embedjob.settings import Settings, load
@@ -197,8 +198,14 @@ class Reconciler:
         store, mem = self.store, self.mem
         plan = mem.plan or []
         obs = observe(store, mem, plan, states, failed_infos)
+        obs.model = observe_model(mem, spec, states)
         done_at_start = int((job_status.get("plan") or {}).get("doneAtStart") or 0)
         obs.fatal = fatal_error(store, len(plan) - done_at_start, obs.succeeded - done_at_start)
+        if not obs.fatal and obs.failed > spec.maxFailedShards and obs.succeeded <= done_at_start:
+            # Access errors are permanent: shards fail at once, maybe before FAIL_FAST_SHARDS of them have
+            # been tried. A job that fails on them fails for that reason, not "too many failed shards".
+            finals = [i for i in failed_infos.values() if i.get("final")]
+            obs.fatal = failure_policy.common_access_error(finals, total=1, succeeded_this_run=0) or ""
         mem.samples.append((time.monotonic(), obs.images + obs.images_in_flight))
         desired = status.build_status(job_status, obs, status.Policy(max_failed_shards=spec.maxFailedShards,
                                                                      suspend=spec.suspend),

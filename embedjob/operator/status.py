@@ -17,10 +17,12 @@ PENDING, RUNNING, SUSPENDED, SUCCEEDED, FAILED = "Pending", "Running", "Suspende
 TERMINAL = (SUCCEEDED, FAILED)
 
 COMPLETE, FAILED_COND, SUSPENDED_COND, SPEC_REFUSED = "Complete", "Failed", "Suspended", "SpecChangeRefused"
+DATA_LOSS = "DataLoss"  # True while some finished shard is a truncated or partly unreadable tar
 
 # failedShards is a bounded list: a job with 100,000 broken shards must not blow etcd's object limit.
 MAX_FAILED_SHARDS_LISTED = 50
 MAX_ERROR_CHARS = 500
+MAX_DATA_LOSS_LISTED = 20
 
 
 def now_utc() -> dt.datetime:
@@ -101,7 +103,10 @@ class Observed:
     failed: int = 0  # gave up after retries
     images: int = 0  # embedded by succeeded shards (exact, from their results)
     failed_images: int = 0
-    images_in_flight: int = 0  # imagesSoFar of running shards (for the rate only)
+    images_in_flight: int = 0  # imagesSoFar of running shards (for the rate and the IMAGES column)
+    images_this_run: int = 0  # embedded by shards this job ran (not found done when it was planned)
+    truncated: list[tuple[str, str]] = field(default_factory=list)  # (stem, tar error) of finished shards
+    model: dict[str, Any] | None = None  # what a finished shard's manifest records
     failures: int = 0  # real failures seen (each retry consumed one)
     transient_failures: int = 0  # storage/Redis outages retried without consuming a retry
     lease_expiries: int = 0
@@ -201,13 +206,31 @@ def build_status(
         conditions = set_condition(conditions, make_condition(COMPLETE, False, "InProgress", message, generation, now))
         conditions = set_condition(conditions, make_condition(FAILED_COND, False, "InProgress",
                                                               "no failure", generation, now))
+    truncated = sorted(obs.truncated)
+    if truncated:
+        stems = ", ".join(stem for stem, _ in truncated[:5]) + (", ..." if len(truncated) > 5 else "")
+        conditions = set_condition(conditions, make_condition(
+            DATA_LOSS, True, "TruncatedShards",
+            f"{len(truncated)} shard(s) are truncated or partly unreadable tars: the samples after the damage "
+            f"are lost ({stems}); spec.onTruncatedShard: fail refuses them, `embedjob run --retry-truncated` "
+            "redoes them", generation, now))
+    else:
+        conditions = set_condition(conditions, make_condition(DATA_LOSS, False, "NoDataLoss",
+                                                              "no truncated or unreadable shard", generation, now))
     status: dict[str, Any] = {
         **prev,
         "phase": phase,
         "progress": f"{obs.succeeded}/{obs.total}",
         "shards": {"total": obs.total, "queued": obs.queued, "running": obs.running,
                    "succeeded": obs.succeeded, "failed": obs.failed},
-        "images": {"embedded": obs.images, "failed": obs.failed_images},
+        # embedded: committed by finished shards; soFar adds what running shards have embedded so far
+        # (their heartbeat), so the IMAGES column moves within a shard; embeddedThisRun does not count
+        # shards found done when the job was planned.
+        "images": {"embedded": obs.images, "failed": obs.failed_images,
+                   "soFar": obs.images + obs.images_in_flight, "embeddedThisRun": obs.images_this_run},
+        "dataLoss": {"truncatedShards": len(truncated),
+                     "shards": [{"stem": stem, "error": err[:MAX_ERROR_CHARS]}
+                                for stem, err in truncated[:MAX_DATA_LOSS_LISTED]]},
         "attempts": {"failures": obs.failures, "transientFailures": obs.transient_failures,
                      "leaseExpiries": obs.lease_expiries, "messagesLost": obs.messages_lost},
         "imagesPerSecond": rate if phase in (RUNNING,) else 0.0,
@@ -219,15 +242,18 @@ def build_status(
         status["failedShardsTruncated"] = obs.failed - MAX_FAILED_SHARDS_LISTED
     else:
         status.pop("failedShardsTruncated", None)
+    if obs.model is not None:
+        status["model"] = obs.model
     if generation is not None:
         status["observedGeneration"] = generation
     if phase in TERMINAL:
         status.setdefault("completionTime", rfc3339(now))
         status.pop("estimatedCompletionTime", None)
-        # A finished job shows its average rate over the run rather than a meaningless 0.
+        # A finished job shows its average rate over the run rather than a meaningless 0: the images
+        # this run embedded (shards found done when it was planned are not its work).
         started, finished = parse_rfc3339(status.get("startTime")), parse_rfc3339(status["completionTime"])
         if started and finished and finished > started:
-            status["imagesPerSecond"] = round(obs.images / (finished - started).total_seconds(), 1)
+            status["imagesPerSecond"] = round(obs.images_this_run / (finished - started).total_seconds(), 1)
     else:
         status.pop("completionTime", None)
         eta = estimate_completion(obs, parse_rfc3339(prev.get("startTime")), now,
@@ -250,7 +276,7 @@ def status_patch(current: Mapping[str, Any] | None, desired: Mapping[str, Any]) 
     return patch
 
 
-_OWNED = {"phase", "progress", "shards", "images", "attempts", "imagesPerSecond", "failedShards",
+_OWNED = {"phase", "progress", "shards", "images", "attempts", "imagesPerSecond", "failedShards", "dataLoss", "model",
           "failedShardsTruncated", "conditions", "observedGeneration", "completionTime",
           "estimatedCompletionTime", "startTime", "plan"}
 

@@ -24,11 +24,23 @@ def listening(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
+def scrape(url: str) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        return resp.read().decode()
+
+
 def test_dev_up_survives_component_restarts_and_dev_down_stops_everything(tmp_path):
     d = tmp_path / "dev"
     # Short leases and ticks, so a worker restarted mid-shard costs seconds; a restarted component
     # must keep them (stack.json records the EMBEDJOB_* settings in force at `dev up`).
-    env = {**os.environ, "EMBEDJOB_LEASE_SECONDS": "5", "EMBEDJOB_OPERATOR_INTERVAL": "1", "OMP_NUM_THREADS": "1"}
+    # EMBEDJOB_METRICS_PORT set: every process gets its own /metrics port from it up (not all the same one).
+    from embedjob.dev.services import free_port
+
+    base = free_port()
+    env = {**os.environ, "EMBEDJOB_LEASE_SECONDS": "5", "EMBEDJOB_OPERATOR_INTERVAL": "1", "OMP_NUM_THREADS": "1",
+           "EMBEDJOB_METRICS_PORT": str(base)}
 
     def dev(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
         return subprocess.run(embedjob_command("dev", *args, "--dir", str(d)), capture_output=True, text=True,
@@ -48,6 +60,17 @@ def test_dev_up_survives_component_restarts_and_dev_down_stops_everything(tmp_pa
         assert "AWS_SECRET_ACCESS_KEY" not in up.stdout  # the secret stays in env.sh and stack.json (mode 600)
         assert oct((d / "env.sh").stat().st_mode & 0o777) == "0o600"
         assert oct((d / "stack.json").stat().st_mode & 0o777) == "0o600"
+
+        # /metrics: one port per process, every one serving, every URL printed
+        metrics = dict(stack.metrics_urls())
+        assert sorted(metrics) == ["operator", "worker-0", "worker-1"]
+        assert len(set(metrics.values())) == 3 and metrics["operator"] == f"http://127.0.0.1:{base}/metrics"
+        for name, url in metrics.items():
+            assert f"{name:<15} {url}" in up.stdout
+            body = scrape(url)
+            assert ("embedjob_jobs" if name == "operator" else "embedjob_worker_shards_running") in body, name
+        for i in (0, 1):
+            assert "Address already in use" not in (d / "logs" / f"worker-{i}.log").read_text()
 
         def kubectl(*args: str) -> subprocess.CompletedProcess:
             return subprocess.run(["kubectl", f"--kubeconfig={kubeconfig}", *args], capture_output=True,
@@ -76,6 +99,7 @@ def test_dev_up_survives_component_restarts_and_dev_down_stops_everything(tmp_pa
         assert after["worker-1"]["pid"] == before["worker-1"]["pid"]  # the others are left alone
         assert after["operator"]["env"]["EMBEDJOB_LEASE_SECONDS"] == "5"
         assert listening(after["redis"]["ready"]["port"]) and listening(after["operator"]["ready"]["port"])
+        assert "embedjob_worker_shards_running" in scrape(metrics["worker-0"])  # the same port after a restart
         pids_seen.update(p["pid"] for p in stack.components())
 
         deadline = time.monotonic() + 240
@@ -85,6 +109,8 @@ def test_dev_up_survives_component_restarts_and_dev_down_stops_everything(tmp_pa
             status_obj = json.loads(kubectl("get", "ej", "sample", "-o", "json").stdout).get("status", {})
         assert status_obj.get("phase") == "Succeeded", status_obj
         assert status_obj["progress"] == "3/3" and status_obj["images"]["embedded"] > 0
+        # the sample job's model is a local folder: recorded as such, not as the default hub id
+        assert "id" not in status_obj["model"] and status_obj["model"]["path"].endswith("RANDOM-WEIGHTS-tiny-clip")
         assert "Succeeded" in kubectl("get", "ej").stdout
         unknown = dev("restart", "nope")
         assert unknown.returncode == 1 and "components: etcd, kube-apiserver" in unknown.stderr
@@ -92,5 +118,6 @@ def test_dev_up_survives_component_restarts_and_dev_down_stops_everything(tmp_pa
         pids_seen.update(p["pid"] for p in stack.components())
         down = dev("down")
     assert down.returncode == 0, down.stderr
+    assert "stopping seaweedfs (SeaweedFS waits about 15 s" in down.stdout and "stopped in" in down.stdout
     assert pids_seen and not any(process_alive(p) for p in pids_seen)
     assert not stack.running() and not (d / "stack.json").exists()

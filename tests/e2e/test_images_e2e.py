@@ -467,7 +467,7 @@ def test_job_applied_with_kubectl_is_embedded_by_the_worker_containers(image_sta
     assert st["phase"] == "Succeeded", f"{json.dumps(st, indent=1)}\n{stack.diagnostics()}"
     assert st["progress"] == "4/4"
     assert st["shards"] == {"total": 4, "queued": 0, "running": 0, "succeeded": 4, "failed": 0}
-    assert st["images"] == {"embedded": 18, "failed": 2}
+    assert (st["images"]["embedded"], st["images"]["failed"]) == (18, 2)
     assert st["failedShards"] == []
     assert_outputs_complete(bucket, shards)
     # Only the worker containers consume this queue (its name is unique to this module), and they say so.

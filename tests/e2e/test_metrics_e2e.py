@@ -85,9 +85,9 @@ def test_totals_equal_status_and_manifests(stack, bucket, prometheus, metrics_wo
     embedded = sum(m["counts"]["embedded"] for m in manifests)
     skipped = sum(m["counts"]["failed"] for m in manifests)
     assert (embedded, skipped) == (22, 2)
-    assert st["images"] == {"embedded": embedded, "failed": skipped}
+    assert (st["images"]["embedded"], st["images"]["failed"]) == (embedded, skipped)
     assert st["shards"]["succeeded"] == 4 and st["shards"]["failed"] == 1
-    assert st["attempts"]["failures"] == 2  # the broken shard: first try and its one retry
+    assert st["attempts"]["failures"] == 1  # the broken shard (not a tar): a permanent failure, not retried
 
     job = f'namespace="default",name="{name}"'
 
@@ -97,7 +97,7 @@ def test_totals_equal_status_and_manifests(stack, bucket, prometheus, metrics_wo
                prom.value(f"sum(embedjob_worker_images_embedded_total{{{ws}}})"),
                prom.value(f'embedjob_job_phase{{{job},phase="Succeeded"}}'),
                prom.value(f'sum(embedjob_worker_shards_total{{{ws},outcome="failed"}})'))
-        return got == (embedded, embedded, 1, 2) or (assert_false(got))
+        return got == (embedded, embedded, 1, 1) or (assert_false(got))
 
     prom.wait_for(settled, 60, "the final scrape")
     # operator: exactly the status
@@ -105,13 +105,14 @@ def test_totals_equal_status_and_manifests(stack, bucket, prometheus, metrics_wo
     assert prom.by(f"embedjob_job_shards{{{job}}}", "state") == {
         "queued": 0, "running": 0, "succeeded": 4, "failed": 1}
     assert prom.value(f"embedjob_job_planned_shards{{{job}}}") == 5
-    assert prom.value(f"embedjob_job_shard_failures_total{{{job}}}") == 2
+    assert prom.value(f"embedjob_job_truncated_shards{{{job}}}") == 0
+    assert prom.value(f"embedjob_job_shard_failures_total{{{job}}}") == 1
     assert prom.value(f"embedjob_job_shard_transient_failures_total{{{job}}}") == st["attempts"]["transientFailures"]
     assert prom.value(f"embedjob_job_lease_expiries_total{{{job}}}") == st["attempts"]["leaseExpiries"]
     assert prom.value(f"embedjob_job_messages_lost_total{{{job}}}") == st["attempts"]["messagesLost"]
-    # 5 first sends + 1 retry (+ any re-enqueue the safety nets did)
+    # 5 first sends, no retry of the permanent failure (+ any re-enqueue the safety nets did)
     assert prom.value(f"embedjob_job_shards_dispatched_total{{{job}}}") == \
-        6 + st["attempts"]["leaseExpiries"] + st["attempts"]["messagesLost"]
+        5 + st["attempts"]["leaseExpiries"] + st["attempts"]["messagesLost"]
     assert prom.value(f'embedjob_job_info{{{job},queue="{metrics_queue}",uid="{obj["metadata"]["uid"]}"}}') == 1
     assert prom.value(f'embedjob_queue_demand_shards{{queue="{metrics_queue}"}}') == 0
     assert prom.value(f'embedjob_queue_messages{{queue="{metrics_queue}"}}') == 0
@@ -139,12 +140,13 @@ def test_totals_equal_status_and_manifests(stack, bucket, prometheus, metrics_wo
     busy = prom.query_range(f"sum(embedjob_worker_shards_running{{{ws}}})", t0, end, 0.5)
     assert busy and max(float(v) for _, v in busy[0]["values"]) >= 1, "no scrape saw a worker busy"
 
-    # JSON logs follow the broken shard across its two attempts (and whichever workers ran them).
+    # JSON logs carry the broken shard's context: its one attempt (a permanent failure, not retried).
     lines = [json.loads(line) for f in sorted(metrics_workers.logdir.glob("worker-*.log"))
              for line in f.read_text(errors="replace").splitlines() if line.startswith("{")]
     failed = [x for x in lines if x.get("job") == obj["metadata"]["uid"] and x.get("stem") == "0009"
               and x["level"] == "ERROR"]
-    assert sorted(x["attempt"] for x in failed) == [1, 2], failed
+    assert sorted(x["attempt"] for x in failed) == [1], failed
+    assert "failed (permanent, not retried): TarOpenError" in failed[0]["message"]
     assert all(x["shard"] == f"s3://{bucket}/in/0009.tar" and x["worker"] for x in failed)
 
     # A deleted job's series disappear.

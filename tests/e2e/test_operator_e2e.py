@@ -68,7 +68,11 @@ def test_apply_job_succeeds_with_exact_counters_and_verified_outputs(stack, buck
     st = obj["status"]
     assert st["progress"] == "4/4"
     assert st["shards"] == {"total": 4, "queued": 0, "running": 0, "succeeded": 4, "failed": 0}
-    assert st["images"] == {"embedded": 18, "failed": 2}
+    assert st["images"] == {"embedded": 18, "failed": 2, "soFar": 18, "embeddedThisRun": 18}
+    # the model as loaded: the folder and its weights' hash, never the default hub id it was not loaded from
+    assert st["model"]["path"] == os.path.realpath(stack.model_path) and len(st["model"]["weightsSha256"]) == 64
+    assert "id" not in st["model"] and "clip-vit-large" not in json.dumps(st)
+    assert st["dataLoss"]["truncatedShards"] == 0
     assert st["observedGeneration"] == obj["metadata"]["generation"]
     conds = {c["type"]: c for c in st["conditions"]}
     assert conds["Complete"]["status"] == "True" and conds["Failed"]["status"] == "False"
@@ -76,7 +80,9 @@ def test_apply_job_succeeds_with_exact_counters_and_verified_outputs(stack, buck
     assert st["startTime"] <= st["completionTime"] and st["failedShards"] == []
     assert_outputs_complete(bucket, shards)
     job = json.loads(Storage().read_bytes(job_manifest_uri(f"s3://{bucket}/out/")))
-    assert job["totals"] == {"shards": 4, "succeeded": 4, "failed": 0, "images": 18, "failedImages": 2}
+    assert job["totals"] == {"shards": 4, "succeeded": 4, "failed": 0, "images": 18, "failedImages": 2,
+                             "truncatedShards": 0, "imagesThisRun": 18, "shardsThisRun": 4}
+    assert job["model"] == st["model"]  # the status and _job.json say the same
     assert store_of(obj).executions() == {s: 1 for s in shards}
     table = stack.kubectl("get", "ej", "basic").stdout
     assert "Succeeded" in table and "4/4" in table and "18" in table
@@ -231,13 +237,13 @@ def test_delete_mid_job_releases_finalizer_and_removes_queued_tasks(stack, bucke
 
 
 def test_always_failing_shard_is_retried_then_fails_or_is_tolerated(stack, bucket):
-    # Shard 0001 does not exist: every attempt fails (NoSuchKey) at the shard level.
+    # Shard 0001 does not exist (NoSuchKey): a permanent failure, failed at once whatever retries are left.
     put_shards(bucket, "in", n=3, images=2)
     s3_client().delete_object(Bucket=bucket, Key="in/0001.tar")
     for name, max_failed in (("strict", 0), ("tolerant", 1)):
         stack.apply(stack.job_doc(name, {"input": {"uri": f"s3://{bucket}/in/{{0000..0002}}.tar"},
                                          "output": {"uri": f"s3://{bucket}/out-{name}/"},
-                                         "retries": {"perShard": 2, "backoffSeconds": 1},
+                                         "retries": {"perShard": 2, "backoffSeconds": 30},
                                          "maxFailedShards": max_failed,
                                          **({"ttlSecondsAfterFinished": 3} if name == "strict" else {})}))
     strict = stack.wait_phase("strict", "Failed", timeout=120)
@@ -246,8 +252,8 @@ def test_always_failing_shard_is_retried_then_fails_or_is_tolerated(stack, bucke
         st = obj["status"]
         assert st["shards"]["failed"] == 1
         [failed] = st["failedShards"]
-        assert failed["stem"] == "0001" and failed["attempts"] == 3 and "NoSuch" in failed["error"]
-        assert store_of(obj).executions()["0001"] == 3  # 1 + perShard retries
+        assert failed["stem"] == "0001" and failed["attempts"] == 1 and "NoSuch" in failed["error"]
+        assert store_of(obj).executions()["0001"] == 1  # not retried: retrying cannot make it exist
     cond = next(c for c in strict["status"]["conditions"] if c["type"] == "Failed")
     assert cond["status"] == "True" and cond["reason"] == "TooManyFailedShards"
     assert tolerant["status"]["progress"] == "2/3" and tolerant["status"]["images"]["embedded"] == 4
@@ -261,6 +267,45 @@ def test_always_failing_shard_is_retried_then_fails_or_is_tolerated(stack, bucke
     stack.delete("tolerant")
 
 
+def test_truncated_shard_is_counted_in_kubectl_and_a_rerun_reports_no_false_rate(stack, bucket):
+    """record: the job succeeds, and kubectl shows the loss (the Truncated column, a DataLoss
+    condition, status.dataLoss); fail: the shard fails at once. A job over an output that is already
+    complete embeds nothing and reports 0 images/s, not the old images over its few seconds."""
+    put_shards(bucket, "in", n=3, images=6)
+    client = s3_client()
+    whole = client.get_object(Bucket=bucket, Key="in/0001.tar")["Body"].read()
+    client.put_object(Bucket=bucket, Key="in/0001.tar", Body=whole[: len(whole) // 2])
+    spec = {"input": {"uri": f"s3://{bucket}/in/"}, "output": {"uri": f"s3://{bucket}/out/"}}
+    stack.apply(stack.job_doc("trunc", spec))
+    obj = stack.wait_phase("trunc", "Succeeded", timeout=120)
+    st = obj["status"]
+    assert st["dataLoss"]["truncatedShards"] == 1 and st["dataLoss"]["shards"][0]["stem"] == "0001"
+    assert 6 <= st["images"]["embedded"] < 18
+    wide = stack.kubectl("get", "ej", "trunc", "-o", "wide").stdout.splitlines()
+    assert "TRUNCATED" in wide[0] and wide[1].split()[wide[0].split().index("TRUNCATED")] == "1"
+    described = stack.kubectl("describe", "ej", "trunc").stdout
+    assert "DataLoss" in described and "TruncatedShards" in described
+    job = json.loads(Storage().read_bytes(job_manifest_uri(f"s3://{bucket}/out/")))
+    assert job["totals"]["truncatedShards"] == 1 and job["dataLoss"] == {"truncatedShards": ["0001"]}
+
+    stack.apply(stack.job_doc("again", {**spec, "retries": {"perShard": 3, "backoffSeconds": 30}}))
+    again = stack.wait_phase("again", "Succeeded", timeout=60)["status"]
+    assert again["plan"]["doneAtStart"] == 3 and again["imagesPerSecond"] == 0
+    assert again["images"]["embedded"] == st["images"]["embedded"] and again["images"]["embeddedThisRun"] == 0
+    row = stack.kubectl("get", "ej", "again").stdout.splitlines()
+    assert row[1].split()[row[0].split().index("IMAGES/S")] == "0"
+
+    stack.apply(stack.job_doc("strict-trunc", {**spec, "output": {"uri": f"s3://{bucket}/out-strict/"},
+                                               "onTruncatedShard": "fail",
+                                               "retries": {"perShard": 3, "backoffSeconds": 30}}))
+    strict = stack.wait_phase("strict-trunc", "Failed", timeout=60)["status"]
+    [failed] = strict["failedShards"]
+    assert failed["stem"] == "0001" and failed["attempts"] == 1 and "onTruncatedShard: fail" in failed["error"]
+    assert not Storage().exists(f"s3://{bucket}/out-strict/_manifests/0001.json")
+    for name in ("trunc", "again", "strict-trunc"):
+        stack.delete(name)
+
+
 def test_two_hundred_small_shards_exact_counters(stack, bucket):
     n = int(os.environ.get("EMBEDJOB_E2E_MANY_SHARDS", "200"))
     shards = put_shards(bucket, "many", n=n, images=2, corrupt={7: 1}, size=(32, 32))
@@ -271,10 +316,53 @@ def test_two_hundred_small_shards_exact_counters(stack, bucket):
     wall = time.monotonic() - t0
     st = obj["status"]
     assert st["shards"] == {"total": n, "queued": 0, "running": 0, "succeeded": n, "failed": 0}
-    assert st["images"] == {"embedded": 2 * n - 1, "failed": 1}
+    assert (st["images"]["embedded"], st["images"]["failed"]) == (2 * n - 1, 1)
     assert store_of(obj).executions() == {s: 1 for s in shards}
     job = json.loads(Storage().read_bytes(job_manifest_uri(f"s3://{bucket}/out/")))
     assert job["totals"]["shards"] == n and job["totals"]["images"] == 2 * n - 1
     print(f"\n{n}-shard job: kubectl apply -> Succeeded in {wall:.1f}s "
           f"({n / wall:.2f} shards/s, 2 workers, 2 cores)")
     stack.delete("many")
+
+
+def test_kubectl_get_watch_prints_no_blank_rows(stack, bucket):
+    """`kubectl get ej -w` from before the job exists until it succeeds: every row has a phase and an
+    images count (the schema's status default until the operator's first status)."""
+    import subprocess
+
+    put_shards(bucket, "in", n=2, images=3)
+    watch = subprocess.Popen(["kubectl", f"--kubeconfig={stack.cluster.kubeconfig}", "get", "ej", "-w"],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        time.sleep(1)
+        stack.apply(stack.job_doc("watched", {"input": {"uri": f"s3://{bucket}/in/"},
+                                              "output": {"uri": f"s3://{bucket}/out/"}}))
+        stack.wait_phase("watched", "Succeeded", timeout=120)
+        time.sleep(2)
+    finally:
+        watch.terminate()
+    lines = [line for line in watch.communicate(timeout=10)[0].splitlines() if line.strip()]
+    rows = [line.split() for line in lines if line.startswith("watched")]
+    assert rows, lines
+    phases = {"Pending", "Running", "Succeeded"}
+    for row in rows:  # NAME PHASE PROGRESS IMAGES IMAGES/S AGE: nothing blank between the name and the age
+        assert row[1] in phases and len(row) == 6, lines
+    stack.delete("watched")
+
+
+def test_images_column_moves_within_a_shard(stack, bucket):
+    """One large shard: `kubectl get ej` shows images embedded so far (the worker's heartbeat) before
+    the shard finishes, not only when it does."""
+    put_shards(bucket, "big", n=1, images=400)
+    stack.apply(stack.job_doc("big", {"input": {"uri": f"s3://{bucket}/big/"}, "output": {"uri": f"s3://{bucket}/o/"},
+                                      "inference": {"device": "cpu", "batchSize": 8, "numThreads": 1}}))
+    obj = stack.wait(
+        "big", lambda o: (o.get("status", {}).get("images", {}).get("soFar") or 0) > 0
+        and o["status"]["shards"]["succeeded"] == 0, timeout=120, what="images so far within the shard")
+    row = stack.kubectl("get", "ej", "big").stdout.splitlines()
+    images = row[1].split()[row[0].split().index("IMAGES")]
+    assert obj["status"]["shards"]["succeeded"] == 0 and int(images) > 0 or stack.get("big")["status"]["shards"][
+        "succeeded"] == 1
+    done = stack.wait_phase("big", "Succeeded", timeout=180)["status"]
+    assert done["images"]["soFar"] == done["images"]["embedded"] == 400
+    stack.delete("big")

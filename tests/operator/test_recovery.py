@@ -28,7 +28,8 @@ def test_redis_data_loss_rebuilds_from_manifests(env):
     r.flushall()
     res = rec.tick(spec, status, 1)
     assert any(e.reason == "ProgressRebuilt" for e in res.events)
-    assert res.status["images"] == {"embedded": 8, "failed": 2} and res.status["progress"] == "2/4"
+    images = res.status["images"]
+    assert (images["embedded"], images["failed"]) == (8, 2) and res.status["progress"] == "2/4"
     assert sorted(queued_ids(r)) == sorted(task_id(store.job, s, 1) for s in ("0001", "0003"))
 
 

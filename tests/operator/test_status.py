@@ -33,17 +33,19 @@ def test_phases_from_counts():
 
 
 def test_build_status_counters_progress_and_conditions():
-    obs = st.Observed(total=10, queued=5, running=2, succeeded=3, images=300, failed_images=4)
+    obs = st.Observed(total=10, queued=5, running=2, succeeded=3, images=300, failed_images=4,
+                      images_this_run=300, images_in_flight=17)
     s = st.build_status({"startTime": "2026-01-01T11:59:00Z"}, obs, st.Policy(), generation=3,
                         now=T0, rate=12.5)
     assert s["phase"] == st.RUNNING and s["progress"] == "3/10"
     assert s["shards"] == {"total": 10, "queued": 5, "running": 2, "succeeded": 3, "failed": 0}
-    assert s["images"] == {"embedded": 300, "failed": 4}
+    # soFar (the IMAGES column) moves within a shard: the running shards' heartbeat counts
+    assert s["images"] == {"embedded": 300, "failed": 4, "soFar": 317, "embeddedThisRun": 300}
     assert s["imagesPerSecond"] == 12.5 and s["observedGeneration"] == 3
     assert not is_true(s["conditions"], st.COMPLETE) and not is_true(s["conditions"], st.FAILED_COND)
     assert "estimatedCompletionTime" in s and "completionTime" not in s
 
-    done = st.Observed(total=10, succeeded=10, images=1000)
+    done = st.Observed(total=10, succeeded=10, images=1000, images_this_run=1000)
     s2 = st.build_status(s, done, st.Policy(), generation=3, now=T0 + dt.timedelta(seconds=30))
     assert s2["phase"] == st.SUCCEEDED and is_true(s2["conditions"], st.COMPLETE)
     assert s2["completionTime"] == "2026-01-01T12:00:30Z" and "estimatedCompletionTime" not in s2
@@ -51,6 +53,31 @@ def test_build_status_counters_progress_and_conditions():
     # terminal phases are sticky, and a second evaluation changes nothing: no patch
     s3 = st.build_status(s2, done, st.Policy(), generation=3, now=T0 + dt.timedelta(seconds=90))
     assert st.status_patch(s2, s3) == {}
+
+
+def test_rate_of_a_finished_job_counts_only_what_this_run_embedded():
+    """3 shards found done at planning (300 images), nothing embedded now: 0 images/s, not 300 / elapsed."""
+    start = {"startTime": "2026-01-01T11:59:50Z", "plan": {"doneAtStart": 3}}
+    nothing = st.Observed(total=3, succeeded=3, images=300, images_this_run=0)
+    s = st.build_status(start, nothing, st.Policy(), generation=1, now=T0)
+    assert s["phase"] == st.SUCCEEDED and s["imagesPerSecond"] == 0.0
+    assert s["images"]["embedded"] == 300 and s["images"]["embeddedThisRun"] == 0
+    half = st.Observed(total=3, succeeded=3, images=300, images_this_run=100)
+    assert st.build_status(start, half, st.Policy(), generation=1, now=T0)["imagesPerSecond"] == 10.0
+
+
+def test_truncated_shards_are_a_counter_and_a_condition():
+    obs = st.Observed(total=4, succeeded=4, images=40, truncated=[("00002", "tar truncated or corrupt after x.jpg")],
+                      model={"path": "/m", "dim": 32, "weightsSha256": "ab"})
+    s = st.build_status({}, obs, st.Policy(), generation=1, now=T0)
+    assert s["phase"] == st.SUCCEEDED  # recorded (spec.onTruncatedShard: record), but never silent:
+    assert s["dataLoss"] == {"truncatedShards": 1,
+                             "shards": [{"stem": "00002", "error": "tar truncated or corrupt after x.jpg"}]}
+    loss = st.get_condition(s["conditions"], st.DATA_LOSS)
+    assert loss["status"] == "True" and loss["reason"] == "TruncatedShards" and "00002" in loss["message"]
+    assert s["model"] == {"path": "/m", "dim": 32, "weightsSha256": "ab"}
+    clean = st.build_status({}, st.Observed(total=1, succeeded=1), st.Policy(), generation=1, now=T0)
+    assert clean["dataLoss"]["truncatedShards"] == 0 and not is_true(clean["conditions"], st.DATA_LOSS)
 
 
 def test_failed_shards_list_is_bounded():

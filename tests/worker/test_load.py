@@ -66,9 +66,13 @@ def test_loads_from_a_full_clip_checkpoint_folder(tiny_clip_dir):
     assert (e.model_id, e.dim, e.device.type, e.dtype) == ("tiny-clip", 32, "cpu", torch.float32)
     assert e.source == str(tiny_clip_dir)
     assert not hasattr(e.module, "text_model")  # only the vision tower was built
-    assert e.describe() == {"id": "tiny-clip", "revision": None, "source": str(tiny_clip_dir), "dim": 32,
-                            "device": "cpu", "precision": "fp32", "attention": "sdpa", "compile": "none",
-                            "compileWarmupSeconds": 0.0}
+    # a folder is recorded as what it is (no hub id: "tiny-clip" was not loaded from the hub)
+    described = e.describe()
+    assert described == {"path": str(tiny_clip_dir.resolve()), "source": str(tiny_clip_dir.resolve()), "name": None,
+                         "family": "clip ViT width 64, 2 layers, patch 14", "dim": 32,
+                         "weightsSha256": described["weightsSha256"], "device": "cpu", "precision": "fp32",
+                         "attention": "sdpa", "compile": "none", "compileWarmupSeconds": 0.0}
+    assert len(described["weightsSha256"]) == 64
     # Loaded once per process: the same object comes back.
     assert load_embedder({"name": "tiny-clip", "path": str(tiny_clip_dir)}) is e
     # A bare path works too.

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from embedjob import settings
+from embedjob.policy import PermanentError
 
 IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff"})
 CAPTION_EXTENSION = "txt"
@@ -46,8 +47,8 @@ MAX_MEMBER_BYTES = 256 * 1024 * 1024
 _DAMAGE = (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, OSError)
 
 
-class TarOpenError(Exception):
-    """The shard is not a readable tar at all (nothing could be read from it)."""
+class TarOpenError(PermanentError):
+    """The shard is not a readable tar at all (nothing could be read from it): retrying cannot fix it."""
 
 
 class SourceReadError(Exception):

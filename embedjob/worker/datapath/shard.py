@@ -16,7 +16,8 @@ CONTRACT (other modules code against this; keep it stable):
   and of ``embedjob run`` choose what to run; the Celery task re-checks a delivery under its lease).
   An existing manifest is deleted first, so a redone shard is not "done" until its new outputs are.
 - Raises only for shard-level failures that leave no usable output (e.g. the shard cannot be
-  opened at all); a corrupt/truncated tar keeps what was read and records the error.
+  opened at all); a corrupt/truncated tar keeps what was read and records the error
+  (``options.on_truncated == "record"``) or raises :class:`TruncatedShard` (``"fail"``).
 
 The stages, one module each; the main process deals in batches, never in an image's bytes or pixels::
 
@@ -54,6 +55,7 @@ import numpy as np
 
 from embedjob.contract import EmbedOptions
 from embedjob.layout import shard_outputs, shard_stem
+from embedjob.policy import PermanentError
 from embedjob.storage import Storage, is_s3
 from embedjob.worker.datapath.batch_slots import CROP_SHAPE, BatchSlots
 from embedjob.worker.datapath.decode_pool import (
@@ -84,6 +86,11 @@ log = logging.getLogger(__name__)
 STAGES = ("read", "decode", "preprocess", "inference", "write", "wait")
 
 
+class TruncatedShard(PermanentError):
+    """A truncated or partly unreadable tar under ``spec.onTruncatedShard: fail``: the shard fails at
+    once (retrying reads the same bytes) and nothing is committed."""
+
+
 @dataclass
 class ShardResult:
     shard: str
@@ -95,6 +102,7 @@ class ShardResult:
     manifest: str = ""
     timings: dict[str, float] = field(default_factory=dict)
     batch_size: int = 0  # images per forward pass at the end (resolved once; lowered by an OOM back-off)
+    tar_error: str | None = None  # a truncated or partly unreadable tar (recorded: onTruncatedShard record)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -474,6 +482,9 @@ def embed_shard(
             raise
         timings["read"] = stream.read_seconds
         if stream.stats.error:
+            if options.on_truncated == "fail":  # nothing committed: the shard is not done, a rerun retries it
+                raise TruncatedShard(f"{shard}: {stream.stats.error} (spec.onTruncatedShard: fail; "
+                                     f"{batches.embedded} images before the damage not committed)")
             log.warning("shard %s: %s (kept %d images read before it)", shard, stream.stats.error, batches.embedded)
         manifest = shard_manifest(
             shard=shard, stem=stem, output=output, embedded=batches.embedded, failures=batches.failures,
@@ -492,4 +503,5 @@ def embed_shard(
     timings["total"] = seconds = time.perf_counter() - started
     return ShardResult(shard=shard, stem=stem, status="done", images=batches.embedded,
                        failed=len(manifest["failed"]), seconds=seconds, manifest=outputs.manifest, timings=timings,
-                       batch_size=min(options.batch_size, model.max_batch or options.batch_size))
+                       batch_size=min(options.batch_size, model.max_batch or options.batch_size),
+                       tar_error=stream.stats.error)

@@ -74,6 +74,7 @@ class Embedder:
         self._eager_forward: Callable[[torch.Tensor], torch.Tensor] | None = None  # set when compiled
         self.auto_batch_size: int | None = None  # what resolve_batch_size(0) chose, once
         self.auto_batch_trials: dict[int, float] = {}  # candidate -> images/s (CUDA tuning)
+        self.provenance: dict[str, Any] | None = None  # set by the loader (model/provenance.py)
 
     def busy_seconds(self) -> float:
         """Time this embedder's device spent on batches: wall time of each batch on the CPU or with
@@ -86,11 +87,11 @@ class Embedder:
         return {v: k for k, v in PRECISION_DTYPES.items()}[self.dtype]
 
     def describe(self) -> dict[str, Any]:
-        """What a manifest records about the model."""
+        """What a manifest records about the model: what was loaded (``provenance``: a hub id and
+        revision, or a local folder with its weights' content hash, never a hub id it was not
+        loaded from; embedjob.worker.model.provenance), then how it ran."""
         return {
-            "id": self.model_id,
-            "revision": self.revision,
-            "source": self.source,
+            **(self.provenance or {"id": self.model_id, "revision": self.revision, "source": self.source}),
             "dim": self.dim,
             "device": str(self.device),
             "precision": self.precision,

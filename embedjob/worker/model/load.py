@@ -33,6 +33,8 @@ from embedjob.spec import COMPILE_MODES
 from embedjob.worker.host import resolve_device
 from embedjob.worker.model import ModelLoadError
 from embedjob.worker.model.embedder import Embedder
+from embedjob.worker.model.provenance import describe_source
+from embedjob.worker.model.resolve import ModelUnavailable, resolve_model
 from embedjob.worker.model.torch_env import PRECISION_DTYPES, configure_cpu_threads, torch
 
 log = logging.getLogger(__name__)
@@ -88,13 +90,15 @@ _cache: dict[tuple, Embedder] = {}
 _cache_lock = threading.Lock()
 
 
-def vision_config(ref: ModelRef, cache_dir: str) -> Any:
+def vision_config(ref: ModelRef, cache_dir: str, local_only: bool = False) -> Any:
     """The vision config from the checkpoint's config.json, with the projection size of the full
-    model (a CLIPModel's vision_config does not carry it). Only CLIP model types are accepted."""
+    model (a CLIPModel's vision_config does not carry it). Only CLIP model types are accepted.
+    ``local_only``: never ask the hub (a folder, or a model already in the cache)."""
     from transformers import CLIPConfig, CLIPVisionConfig, PretrainedConfig
 
     try:
-        config_dict, _ = PretrainedConfig.get_config_dict(ref.source, revision=ref.revision, cache_dir=cache_dir)
+        config_dict, _ = PretrainedConfig.get_config_dict(ref.source, revision=ref.revision, cache_dir=cache_dir,
+                                                          local_files_only=local_only)
     except Exception as e:
         raise ModelLoadError(f"cannot read the model config of {ref.source!r}: {type(e).__name__}: {e}") from e
     model_type = config_dict.get("model_type")
@@ -112,7 +116,7 @@ def vision_config(ref: ModelRef, cache_dir: str) -> Any:
     )
 
 
-def _load_module(ref: ModelRef, cache_dir: str, dtype: torch.dtype) -> torch.nn.Module:
+def _load_module(ref: ModelRef, cache_dir: str, dtype: torch.dtype, local_only: bool = False) -> torch.nn.Module:
     from transformers import CLIPVisionModelWithProjection
     from transformers.utils import logging as hf_logging
 
@@ -122,12 +126,13 @@ def _load_module(ref: ModelRef, cache_dir: str, dtype: torch.dtype) -> torch.nn.
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
-        config = vision_config(ref, cache_dir)
+        config = vision_config(ref, cache_dir, local_only)
         module, info = CLIPVisionModelWithProjection.from_pretrained(
             ref.source,
             config=config,
             revision=ref.revision,
             cache_dir=cache_dir,
+            local_files_only=local_only,
             use_safetensors=True,
             dtype=dtype,
             attn_implementation=ATTENTION,
@@ -175,7 +180,12 @@ def load_or_reuse(
         _evict()  # one model per process: the previous one is freed before the next is loaded
         if dev.type == "cpu":
             configure_cpu_threads()
-        module = _load_module(ref, cache_dir, dtype).to(dev).eval()
+        try:  # a cached model loads from the cache alone; an unreachable hub fails at once, said plainly
+            where = resolve_model({"name": None if ref.path else ref.name, "revision": ref.revision,
+                                   "path": ref.path}, cache_dir)
+        except ModelUnavailable as e:
+            raise ModelLoadError(str(e)) from e
+        module = _load_module(ref, cache_dir, dtype, where.local_only).to(dev).eval()
         module.requires_grad_(False)
 
         def forward(pixels: torch.Tensor) -> torch.Tensor:
@@ -191,6 +201,8 @@ def load_or_reuse(
             source=ref.source,
             module=module,
         )
+        embedder.provenance = describe_source(None if ref.path else ref.name, None if ref.path else ref.revision,
+                                              ref.path, module.config, embedder.dim)
         if dev.type == "cpu" and dtype != torch.float32:
             _check_runs(embedder, precision)
         embedder.enable_compile(compile)

@@ -34,7 +34,7 @@ from embedjob.contract import EmbedOptions, ShardTask
 from embedjob.layout import shard_outputs
 from embedjob.policy import describe_failure
 from embedjob.progress import ProgressStore, redis_client
-from embedjob.results import read_manifest, shard_counts
+from embedjob.results import read_manifest, shard_record
 from embedjob.storage import Storage, StorageError, StorageOptions
 from embedjob.worker.host import available_cpus
 from embedjob.worker.runtime import lifecycle, metrics
@@ -116,7 +116,7 @@ class ShardRunner:
                 return _failed(store, task, e)
             if counts is not None:
                 record_outcome(store, task.stem, "succeeded", images=counts[0], failedImages=counts[1],
-                               finishedAt=time.time())
+                               tarError=counts[2], finishedAt=time.time())
                 metrics.SHARDS.labels("skipped").inc()
                 return {"status": "skipped", "stem": task.stem}
             try:
@@ -149,7 +149,8 @@ class ShardRunner:
             record_outcome(store, task.stem, "succeeded", commit=uuid.uuid4().hex, attempt=task.attempt,
                            images=result.images,
                            failedImages=result.failed, seconds=round(result.seconds, 3), finishedAt=time.time(),
-                           error=None, transient=None, errorCode=None, accessError=None)
+                           tarError=result.tar_error, error=None, transient=None, permanent=None, errorCode=None,
+                           accessError=None)
             _count_success(task, storage, result)
             summary = result.to_dict()
             summary["timings"] = {k: round(v, 3) for k, v in result.timings.items()}
@@ -208,11 +209,12 @@ def record_outcome(store: ProgressStore, stem: str, state: str, *, commit: str =
     with_redis(write, f"recording {stem} as {state}")
 
 
-def committed_counts(task: ShardTask, storage: Storage) -> tuple[int, int] | None:
-    """(images, failed images) of the shard's committed outputs, or None when it is not done."""
+def committed_counts(task: ShardTask, storage: Storage) -> tuple[int, int, str | None] | None:
+    """(images, failed images, tar error) of the shard's committed outputs, or None when it is not done."""
     if not storage.exists(shard_outputs(task.output, task.stem).manifest):
         return None
-    return shard_counts(read_manifest(task.output, task.stem, storage))
+    record = shard_record(read_manifest(task.output, task.stem, storage))
+    return record["images"], record["failedImages"], record["tarError"]
 
 
 def check_task_locations(task: ShardTask) -> None:
@@ -271,7 +273,8 @@ def _given_back(store: ProgressStore, task: ShardTask, owner: str, exc: GiveBack
 def _failed(store: ProgressStore, task: ShardTask, exc: BaseException) -> dict[str, Any]:
     metrics.SHARDS.labels("failed").inc()
     failure = describe_failure(exc)
-    log.error("shard %s failed (%s): %s", task.shard, "transient" if failure["transient"] else "hard",
-              failure["error"], exc_info=not isinstance(exc, StorageError))
+    kind = "transient" if failure["transient"] else "permanent, not retried" if failure.get("permanent") else "hard"
+    log.error("shard %s failed (%s): %s", task.shard, kind, failure["error"],
+              exc_info=not isinstance(exc, StorageError) and not failure.get("permanent"))
     record_outcome(store, task.stem, "failed", attempt=task.attempt, finishedAt=time.time(), **failure)
     return {"status": "failed", "stem": task.stem, **failure}

@@ -15,7 +15,7 @@ from PIL import Image
 
 from embedjob.bench.synth import synthetic_jpegs
 from embedjob.contract import EmbedOptions
-from embedjob.worker.datapath.decode_pool import Crop, prepare_image
+from embedjob.worker.datapath.crop import Crop, prepare_image
 from embedjob.worker.datapath.engine import DEVICE_JPEG_PATH, InferenceEngine
 from embedjob.worker.datapath.preprocess import reference_crop
 from embedjob.worker.datapath.shard import embed_shard
@@ -100,7 +100,7 @@ def test_nvjpeg_crops_stay_within_30_db_of_exact():
 def test_device_decode_stream_overlaps_and_keeps_every_batch_in_order(gpu):
     """nvJPEG on the engine's decode stream, the forward on its own: over more batches than host
     buffers, each batch equals its images decoded and cropped beforehand, then embedded."""
-    from embedjob.worker.datapath.decode_pool import EncodedJpeg
+    from embedjob.worker.datapath.crop import EncodedJpeg
     from embedjob.worker.datapath.gpu_decode import device_crops, nvjpeg_decoder
 
     jpegs = synthetic_jpegs("mix", 40, seed=6)

@@ -20,7 +20,7 @@ from PIL import Image
 from embedjob.bench.synth import synthetic_jpegs
 from embedjob.contract import EmbedOptions
 from embedjob.worker.datapath import shard as pipeline
-from embedjob.worker.datapath.decode_pool import Crop, EncodedJpeg, Rejected, draft_request, prepare_image
+from embedjob.worker.datapath.crop import Crop, EncodedJpeg, Rejected, draft_request, prepare_image
 from embedjob.worker.datapath.engine import DEVICE_JPEG_PATH, InferenceEngine
 from embedjob.worker.datapath.gpu_decode import DeviceDecodeUnavailable, device_crops, nvjpeg_decoder
 from embedjob.worker.model.embedder import Embedder

@@ -18,9 +18,10 @@ import pytest
 
 from embedjob.contract import EmbedOptions
 from embedjob.storage import Storage, StorageError, s3_client
+from embedjob.worker.datapath.batch import decode_workers
 from embedjob.worker.datapath.decode_pool import shared_decode_pool
 from embedjob.worker.datapath.read import SourceReadError, TarOpenError
-from embedjob.worker.datapath.shard import decode_workers, embed_shard
+from embedjob.worker.datapath.shard import embed_shard
 from embedjob.worker.datapath.write import METADATA_SCHEMA
 from embedjob.worker.model.load import clear_cache, load_embedder
 from tests import shards

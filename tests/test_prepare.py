@@ -17,14 +17,8 @@ import pytest
 from PIL import Image
 
 from embedjob.contract import EmbedOptions
-from embedjob.worker.datapath.decode_pool import (
-    Crop,
-    DecodePool,
-    DecodePoolBroken,
-    Rejected,
-    discard_decode_pool,
-    shared_decode_pool,
-)
+from embedjob.worker.datapath.crop import Crop, Rejected
+from embedjob.worker.datapath.decode_pool import DecodePool, DecodePoolBroken, discard_decode_pool, shared_decode_pool
 from embedjob.worker.datapath.preprocess import reference_crop
 from embedjob.worker.datapath.shard import embed_shard
 from tests import shards

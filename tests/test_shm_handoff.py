@@ -22,16 +22,11 @@ import pytest
 
 from embedjob.contract import EmbedOptions
 from embedjob.storage import Storage
-from embedjob.worker.datapath.decode_pool import (
-    Crop,
-    DecodePool,
-    DecodePoolBroken,
-    discard_decode_pool,
-    prepare_image,
-    shared_decode_pool,
-)
+from embedjob.worker.datapath.batch import PreparedStream
+from embedjob.worker.datapath.crop import Crop, prepare_image
+from embedjob.worker.datapath.decode_pool import DecodePool, DecodePoolBroken, discard_decode_pool, shared_decode_pool
 from embedjob.worker.datapath.read import iter_tar
-from embedjob.worker.datapath.shard import PreparedStream, embed_shard
+from embedjob.worker.datapath.shard import embed_shard
 from embedjob.worker.model.load import clear_cache, load_embedder
 from tests import shards
 
@@ -268,13 +263,14 @@ def test_slots_are_bounded_and_reused(tmp_path):
 
 def test_the_decode_protocol_has_no_pickles():
     """Frames are a JSON header and raw bytes, both ways."""
-    from embedjob.worker.datapath import decode_pool
+    from embedjob.worker.datapath import crop, decode_pool, decode_worker
 
     buf = io.BytesIO()
-    decode_pool._write_frame(buf, {"op": "chunk", "items": [[0, 3]]}, b"abc")
+    decode_worker.write_frame(buf, {"op": "chunk", "items": [[0, 3]]}, b"abc")
     buf.seek(0)
-    assert decode_pool._read_frame(buf) == ({"op": "chunk", "items": [[0, 3]]}, b"abc")
-    assert "import pickle" not in Path(decode_pool.__file__).read_text()
+    assert decode_worker.read_frame(buf) == ({"op": "chunk", "items": [[0, 3]]}, b"abc")
+    for module in (crop, decode_pool, decode_worker):
+        assert "import pickle" not in Path(module.__file__).read_text()
 
 
 def test_a_shard_rewritten_at_the_same_path_is_read_afresh(tmp_path):

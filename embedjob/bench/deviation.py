@@ -15,7 +15,7 @@ from embedjob.contract import EmbedOptions
 def fast_crops(datas: list[bytes], device: Any, max_pixels: int) -> tuple[list[np.ndarray], str]:
     """The fast path's crops as the worker makes them on ``device``: nvJPEG + resize on the device on
     CUDA (the CPU path for what it refuses), DCT-domain downscale + exact resize on the CPU."""
-    from embedjob.worker.datapath.decode_pool import Crop, prepare_image
+    from embedjob.worker.datapath.crop import Crop, prepare_image
 
     out: list[Any] = [None] * len(datas)
     path = "cpu-draft"
@@ -37,7 +37,7 @@ def fast_crops(datas: list[bytes], device: Any, max_pixels: int) -> tuple[list[n
 def measure_deviation(datas: list[bytes], device: Any, model_dir: str, precision: str) -> dict[str, Any]:
     """Fast against exact on the same images: PSNR and mean absolute difference of the 224x224 crops,
     and the cosine between the embeddings of the two crops."""
-    from embedjob.worker.datapath.decode_pool import Crop, prepare_image
+    from embedjob.worker.datapath.crop import Crop, prepare_image
     from embedjob.worker.model.load import load_embedder
 
     max_pixels = EmbedOptions().max_image_pixels

@@ -129,8 +129,8 @@ def _worker_process(index: int, work: Any, replies: Any, go: Any, job: str, outp
     """One worker process of a ``processes`` > 1 e2e (spawned): imports first, then waits for the
     start so that every process starts at once, then runs shards until the queue is empty."""
     try:
+        from embedjob.worker.datapath.batch import decode_workers
         from embedjob.worker.datapath.decode_pool import shared_decode_pool
-        from embedjob.worker.datapath.shard import decode_workers
         from embedjob.worker.model.load import load_embedder
         from embedjob.worker.runtime import shard_run as _shard_run  # noqa: F401 - imported before the start
 
@@ -214,8 +214,8 @@ def measure_e2e(shards: list[str], stems: list[str], output: str, model: dict[st
                            "(embedjob.bench.entry sets it to its private Redis)")
 
     from embedjob.results import read_manifest
+    from embedjob.worker.datapath.batch import decode_workers
     from embedjob.worker.datapath.decode_pool import discard_decode_pool, shared_decode_pool
-    from embedjob.worker.datapath.shard import decode_workers
     from embedjob.worker.model.load import clear_cache, load_embedder
 
     processes = max(1, processes)

@@ -56,8 +56,9 @@ def measure_decode(shards: list[str], storage: Storage, options: EmbedOptions, d
     path on CUDA) the JPEGs the workers leave encoded are decoded, resized and cropped on ``device``
     in batches, as the engine does, still without the model: that decode shares the device's SMs
     with the model (``shares_model_device``)."""
-    from embedjob.worker.datapath.decode_pool import EncodedJpeg, Rejected, shared_decode_pool
-    from embedjob.worker.datapath.shard import PreparedStream, decode_workers
+    from embedjob.worker.datapath.batch import PreparedStream, decode_workers
+    from embedjob.worker.datapath.crop import EncodedJpeg, Rejected
+    from embedjob.worker.datapath.decode_pool import shared_decode_pool
 
     pool = shared_decode_pool(decode_workers(options), pool_kind)
     pool.warm_up()

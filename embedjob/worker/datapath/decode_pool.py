@@ -4,14 +4,8 @@ One task prepares a small chunk of images (the reader groups consecutive samples
 cost of the pool is paid once per chunk, not per image). The decode process reads the images itself
 (by offset from a local tar, or from the task's payload for a stream), writes each crop straight
 into its row of a shared-memory batch slot (batch_slots.py) and answers with one small JSON record
-per image; tasks and answers are a JSON header plus raw bytes, never pickles. :func:`prepare_image`,
-the work on one image, gives:
-
-- :class:`Crop`: the uint8 ``[224, 224, 3]`` crop of the reference transform (or of the opt-in
-  fast path), with the original width and height;
-- :class:`EncodedJpeg`: only with ``device_jpeg`` (the CUDA fast path): a baseline RGB/grey JPEG
-  whose header was checked here, left encoded for the GPU's nvJPEG decoder (worker/device_decode.py);
-- :class:`Rejected`: why the image cannot be embedded (recorded in the manifest, never raised).
+per image; tasks and answers are a JSON header plus raw bytes, never pickles. The work on one image
+is :func:`embedjob.worker.datapath.crop.prepare_image`.
 
 This module and everything it imports are torch-free: a decode process costs a Python, Pillow and
 numpy, not a second copy of torch.
@@ -25,30 +19,26 @@ Threads sharing one interpreter with the model's Python code stop scaling long b
 from __future__ import annotations
 
 import itertools
-import json
-import os
 import queue
 import socket
-import struct
 import subprocess
 import sys
 import threading
-import time
 from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import IO, Any
 
 import numpy as np
 
-from embedjob.worker.datapath.batch_slots import BatchSlots, map_slots
-from embedjob.worker.datapath.decode import DecodeError, load_image, open_image
-from embedjob.worker.datapath.preprocess import IMAGE_SIZE, PreprocessError, reference_crop
+from embedjob.worker.datapath.batch_slots import BatchSlots
+from embedjob.worker.datapath.decode_worker import (
+    ATTACH,
+    DETACH,
+    Sources,
+    read_frame,
+    run_chunk,
+    unpack_prepared,
+    write_frame,
+)
 
-# What a manifest records for preprocessing "fast" ("exact" records preprocess.PREPROCESSING_ID).
-FAST_PREPROCESSING_ID = "embedjob-fast-v1"
-# The fast CPU path decodes JPEGs at 1/2, 1/4 or 1/8 scale in the DCT domain (Pillow's ``draft``)
-# but never below this multiple of the target, then applies the exact bicubic resize.
-DRAFT_FACTOR = 2
 # Images per pool task, and the bytes after which a chunk is sent even if not full: a task costs the
 # worker process ~0.3 ms of its own CPU (queues, pickling, futures), so it carries several images;
 # the byte cap keeps a chunk of large images short (~40 ms of decoding), so that the start and the
@@ -57,202 +47,13 @@ CHUNK_IMAGES = 16
 CHUNK_BYTES = 512 * 1024
 
 
-@dataclass
-class Crop:
-    pixels: np.ndarray  # uint8 [224, 224, 3]
-    width: int  # the original image's size (for the metadata)
-    height: int
-    decode_s: float
-    preprocess_s: float
-    path: str  # "exact" | "cpu-draft": how it was made (counted in the manifest)
-
-
-@dataclass
-class EncodedJpeg:
-    data: bytes
-    width: int
-    height: int
-    decode_s: float  # header parsing only; the decode itself happens on the device
-
-
-@dataclass
-class Rejected:
-    reason: str
-    decode_s: float = 0.0
-    preprocess_s: float = 0.0
-
-
-Prepared = Crop | EncodedJpeg | Rejected
-
-
-def draft_request(width: int, height: int, short_side: int = DRAFT_FACTOR * IMAGE_SIZE) -> tuple[int, int]:
-    """The size to ask Pillow's ``draft`` for: the image scaled so its short side is ``short_side``
-    (rounded up). ``draft`` picks the largest DCT scale (1/2, 1/4, 1/8) that stays at least this
-    big on both sides, so the decoded image never has a short side below ``short_side``."""
-    if width <= height:
-        return short_side, -(-short_side * height // width)
-    return -(-short_side * width // height), short_side
-
-
-def _device_jpeg_ok(img: object, data: bytes) -> bool:
-    """Worth handing to nvJPEG: a complete (ends with EOI) baseline or progressive JPEG in RGB or
-    grey. CMYK, odd modes and truncated files take the CPU path, which records or converts them."""
-    return getattr(img, "format", None) == "JPEG" and getattr(img, "mode", None) in ("RGB", "L") and (
-        data.rstrip(b"\0")[-2:] == b"\xff\xd9")
-
-
-def prepare_image(data: bytes, max_pixels: int, preprocessing: str = "exact", device_jpeg: bool = False) -> Prepared:
-    """Decode + preprocess one image. Never raises: every problem is a :class:`Rejected` reason."""
-    t0 = time.perf_counter()
-    try:
-        img = open_image(data, max_pixels)
-        width, height = img.size
-        if device_jpeg and _device_jpeg_ok(img, data):
-            img.close()
-            return EncodedJpeg(data, width, height, time.perf_counter() - t0)
-        path = "exact"
-        if preprocessing == "fast" and img.format == "JPEG":
-            req = draft_request(width, height)
-            if min(width // req[0], height // req[1]) >= 2 and img.draft(None, req) is not None:
-                path = "cpu-draft"
-        img = load_image(img)
-    except DecodeError as e:
-        return Rejected(e.reason, decode_s=time.perf_counter() - t0)
-    except Exception as e:  # noqa: BLE001 - a bad image must never fail the shard
-        return Rejected(f"decode: {type(e).__name__}: {e}", decode_s=time.perf_counter() - t0)
-    t1 = time.perf_counter()
-    try:
-        crop = reference_crop(img, source_size=(width, height))
-    except PreprocessError as e:
-        return Rejected(e.reason, t1 - t0, time.perf_counter() - t1)
-    except Exception as e:  # noqa: BLE001
-        return Rejected(f"preprocess: {type(e).__name__}: {e}", t1 - t0, time.perf_counter() - t1)
-    finally:
-        img.close()
-    return Crop(crop, width, height, t1 - t0, time.perf_counter() - t1, path)
-
-
-def prepare_images(datas: list[bytes], max_pixels: int, preprocessing: str = "exact",
-                   device_jpeg: bool = False) -> list[Prepared]:
-    """:func:`prepare_image` on each of ``datas``, in order (in this process)."""
-    return [prepare_image(d, max_pixels, preprocessing, device_jpeg) for d in datas]
-
-
-# -- one pool task: a chunk of images ---------------------------------------------------------------
-# A task is a small JSON header plus a raw payload, both ways; no pickles. The header of a chunk:
-#   {"op": "chunk", "max_pixels", "preprocessing", "device_jpeg",
-#    "src": a local tar file the decoder reads the images from (by offset), or null: from the payload,
-#    "src_id": [st_dev, st_ino, st_size, st_mtime_ns] of the file the reader indexed (a file put in
-#              its place since is refused, never read),
-#    "items": [[offset, size], ...]   (in the file, or in the payload),
-#    "slots": the BatchSlots id the crops go into, "slot": its slot, "rows": [row, ...]
-#             (or "slots": null: the crops come back in the reply's payload)}
-# The reply: {"records": [[status, width, height, text, payload bytes], ...], "decode_s",
-# "preprocess_s", "paths": {path: count}} plus a payload (the crops when not in slots, the encoded
-# JPEGs of the device path). status: CROP (text = its path), JPEG, REJECTED (text = the reason).
-CROP, JPEG, REJECTED = 0, 1, 2
-
-
-def file_identity(st: os.stat_result) -> list[int]:
-    """What tells one version of a file from another: device, inode, size, modification time."""
-    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns]
-
-
-class _Sources:
-    """The decode side's open tar files (a few: two shards may be in flight), each the very file the
-    reader indexed (``src_id``)."""
-
-    def __init__(self, keep: int = 4) -> None:
-        self.keep = keep
-        self._files: dict[tuple, int] = {}
-
-    def read(self, path: str, identity: list[int] | None, offset: int, size: int) -> bytes:
-        key = (path, *(identity or ()))
-        fd = self._files.get(key)
-        if fd is None:
-            while len(self._files) >= self.keep:
-                os.close(self._files.pop(next(iter(self._files))))
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            if identity is not None and file_identity(os.fstat(fd)) != list(identity):
-                os.close(fd)
-                raise RuntimeError(f"{path} changed while its shard was being read")
-            self._files[key] = fd
-        return os.pread(fd, size, offset)
-
-    def close(self) -> None:
-        for fd in self._files.values():
-            os.close(fd)
-        self._files.clear()
-
-
-def run_chunk(header: dict, payload: bytes | memoryview, slots: dict[int, np.ndarray],
-              sources: _Sources) -> tuple[dict, list[bytes]]:
-    """Prepare one chunk (see above); ``slots`` maps the attached BatchSlots ids to their arrays."""
-    src = header.get("src")
-    view = memoryview(payload)
-    out = None
-    if header.get("slots") is not None:
-        out = slots.get(header["slots"])
-        if out is None:
-            raise RuntimeError(f"batch slots {header['slots']} are not attached")
-        out = out[header["slot"]]
-    rows = header.get("rows") or []
-    records: list[list] = []
-    blobs: list[bytes] = []
-    paths: dict[str, int] = {}
-    decode_s = preprocess_s = 0.0
-    for k, (offset, size) in enumerate(header["items"]):
-        data = sources.read(src, header.get("src_id"), offset, size) if src else bytes(view[offset:offset + size])
-        if src and len(data) != size:
-            item: Prepared = Rejected(f"decode: short read ({len(data)} of {size} bytes)")
-        else:
-            item = prepare_image(data, header["max_pixels"], header["preprocessing"], header["device_jpeg"])
-        decode_s += item.decode_s
-        if isinstance(item, Crop):
-            preprocess_s += item.preprocess_s
-            paths[item.path] = paths.get(item.path, 0) + 1
-            if out is not None:
-                out[rows[k]] = item.pixels
-                records.append([CROP, item.width, item.height, item.path, 0])
-            else:
-                blobs.append(item.pixels.tobytes())
-                records.append([CROP, item.width, item.height, item.path, len(blobs[-1])])
-        elif isinstance(item, EncodedJpeg):
-            blobs.append(item.data)
-            records.append([JPEG, item.width, item.height, "", len(item.data)])
-        else:
-            preprocess_s += item.preprocess_s
-            records.append([REJECTED, 0, 0, item.reason, 0])
-    return {"records": records, "decode_s": decode_s, "preprocess_s": preprocess_s, "paths": paths}, blobs
-
-
-def unpack_prepared(reply: dict, payload: bytes) -> list[Prepared]:
-    """The :class:`Prepared` items of a chunk whose crops came back in the payload."""
-    out: list[Prepared] = []
-    pos = 0
-    for status, width, height, text, size in reply["records"]:
-        blob, pos = payload[pos:pos + size], pos + size
-        if status == CROP:
-            pixels = np.frombuffer(blob, dtype=np.uint8).reshape(IMAGE_SIZE, IMAGE_SIZE, 3)
-            out.append(Crop(pixels, width, height, 0.0, 0.0, text))
-        elif status == JPEG:
-            out.append(EncodedJpeg(blob, width, height, 0.0))
-        else:
-            out.append(Rejected(text))
-    return out
-
-
 class DecodePoolBroken(RuntimeError):
     """A decode worker process died (a crashing codec, the OOM killer): the shard fails and is
     retried; the next shard gets a fresh pool."""
 
 
-_ATTACH = "attach"
-_DETACH = "detach"
-
-
 class _DecodeProcess:
-    """One decode worker: ``python -P -m embedjob.worker.datapath.decode_pool`` with length-prefixed
+    """One decode worker: ``python -P -m embedjob.worker.datapath.decode_worker`` with length-prefixed
     frames (JSON header + raw payload) over its stdin/stdout, and a Unix socket that passes it the
     batch slots' file descriptors. A plain subprocess, not multiprocessing: it starts the same way
     from a Celery prefork child (a daemonic process multiprocessing will not let start children),
@@ -265,7 +66,7 @@ class _DecodeProcess:
         try:
             # -P: a source checkout's embedjob/ in the working folder must not shadow the installed package.
             self.proc = subprocess.Popen(
-                [sys.executable, "-P", "-m", "embedjob.worker.datapath.decode_pool", str(child_fds.fileno())],
+                [sys.executable, "-P", "-m", "embedjob.worker.datapath.decode_worker", str(child_fds.fileno())],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True, pass_fds=(child_fds.fileno(),))
         finally:
             child_fds.close()
@@ -287,34 +88,34 @@ class _DecodeProcess:
         self._inbox.put((task_id, future, header, payload))
 
     def attach(self, slots: BatchSlots) -> None:
-        self._inbox.put((_ATTACH, slots))
+        self._inbox.put((ATTACH, slots))
 
     def detach(self, slots: BatchSlots) -> None:
-        self._inbox.put((_DETACH, slots))
+        self._inbox.put((DETACH, slots))
 
     def _send(self) -> None:
         pipe = self.proc.stdin
         assert pipe is not None
         try:
             while (item := self._inbox.get()) is not None:
-                if item[0] == _ATTACH:
+                if item[0] == ATTACH:
                     slots = item[1]
                     with slots._lock:  # not closed meanwhile: its fd is still ours to send
                         if slots.closed:
                             continue
                         socket.send_fds(self._fds, [b"s"], [slots.fd])
-                    _write_frame(pipe, {"op": _ATTACH, "slots": slots.id, "count": slots.slots,
+                    write_frame(pipe, {"op": ATTACH, "slots": slots.id, "count": slots.slots,
                                         "batch_size": slots.batch_size})
                     continue
-                if item[0] == _DETACH:
-                    _write_frame(pipe, {"op": _DETACH, "slots": item[1].id})
+                if item[0] == DETACH:
+                    write_frame(pipe, {"op": DETACH, "slots": item[1].id})
                     continue
                 task_id, future, header, payload = item
                 if not future.set_running_or_notify_cancel():  # cancelled while queued here
                     with self._lock:
                         self.pending.pop(task_id, None)
                     continue
-                _write_frame(pipe, {**header, "id": task_id}, payload)
+                write_frame(pipe, {**header, "id": task_id}, payload)
         except (OSError, ValueError):
             pass  # the process is gone: _receive fails what was pending
         finally:
@@ -329,7 +130,7 @@ class _DecodeProcess:
         assert pipe is not None
         while True:
             try:
-                reply, payload = _read_frame(pipe)
+                reply, payload = read_frame(pipe)
                 task_id = reply["id"]
             except (EOFError, OSError, ValueError, KeyError, TypeError):
                 break
@@ -363,34 +164,6 @@ class _DecodeProcess:
             self.proc.wait()
         for t in self._threads:
             t.join(timeout)
-
-
-_FRAME = struct.Struct("<II")
-
-
-def _write_frame(pipe: IO[bytes], header: dict, payload: bytes | list[bytes] = b"") -> None:
-    head = json.dumps(header, separators=(",", ":")).encode()
-    parts = payload if isinstance(payload, list) else [payload]
-    pipe.write(_FRAME.pack(len(head), sum(len(p) for p in parts)))
-    pipe.write(head)
-    for part in parts:
-        pipe.write(part)
-    pipe.flush()
-
-
-def _read_exact(pipe: IO[bytes], size: int) -> bytes:
-    data = pipe.read(size)
-    if len(data) < size:
-        raise EOFError
-    return data
-
-
-def _read_frame(pipe: IO[bytes]) -> tuple[dict, bytes]:
-    head_size, payload_size = _FRAME.unpack(_read_exact(pipe, _FRAME.size))
-    header = json.loads(_read_exact(pipe, head_size))
-    if not isinstance(header, dict):
-        raise ValueError("a frame's header must be a JSON object")
-    return header, _read_exact(pipe, payload_size) if payload_size else b""
 
 
 class DecodePool:
@@ -435,7 +208,7 @@ class DecodePool:
     def _run_in_thread(self, header: dict, payload: bytes) -> tuple[dict, bytes]:
         sources = getattr(self._sources, "files", None)
         if sources is None:
-            sources = self._sources.files = _Sources()
+            sources = self._sources.files = Sources()
         reply, blobs = run_chunk(header, payload, self._slots, sources)
         return reply, b"".join(blobs)
 
@@ -500,56 +273,6 @@ def _cancel_with(outer: Future, inner: Future) -> None:
     outer.cancel = both  # type: ignore[method-assign]
 
 
-def serve(stdin: IO[bytes], stdout: IO[bytes], fds: socket.socket | None = None) -> None:
-    """The decode worker's loop: read a task, prepare its images, write the results; until EOF."""
-    attached: dict[int, tuple[Any, np.ndarray]] = {}
-    views: dict[int, np.ndarray] = {}
-    sources = _Sources()
-    while True:
-        try:
-            header, payload = _read_frame(stdin)
-        except EOFError:
-            return
-        op = header.get("op")
-        if op == _ATTACH:
-            assert fds is not None
-            _, received, _, _ = socket.recv_fds(fds, 1, 1)  # one byte: exactly one sendmsg's fd
-            try:
-                mm, array = map_slots(received[0], header["count"], header["batch_size"])
-            finally:
-                for fd in received:
-                    os.close(fd)
-            attached[header["slots"]] = (mm, array)
-            views[header["slots"]] = array
-            continue
-        if op == _DETACH:
-            views.pop(header["slots"], None)
-            mm, _ = attached.pop(header["slots"], (None, None))
-            del _
-            if mm is not None:
-                try:
-                    mm.close()
-                except BufferError:
-                    pass
-            continue
-        try:
-            reply, blobs = run_chunk(header, payload, views, sources)
-        except Exception as e:  # noqa: BLE001 - prepare_image never raises; anything else goes back
-            reply, blobs = {"error": f"{type(e).__name__}: {e}"}, []
-        reply["id"] = header.get("id")
-        _write_frame(stdout, reply, blobs)
-
-
-def _main() -> None:
-    # The protocol owns the real stdout; anything a library prints goes to stderr instead.
-    out = os.fdopen(os.dup(1), "wb")
-    os.dup2(2, 1)
-    fds = socket.socket(fileno=int(sys.argv[1])) if len(sys.argv) > 1 else None
-    from embedjob.worker.datapath import decode_pool as prepare
-
-    prepare.serve(sys.stdin.buffer, out, fds)
-
-
 _pool: DecodePool | None = None
 _pool_lock = threading.Lock()
 
@@ -578,7 +301,4 @@ def discard_decode_pool(pool: DecodePool | None = None) -> None:
             _pool.shutdown()
             _pool = None
 
-
-if __name__ == "__main__":
-    _main()
 

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from embedjob.worker.datapath.decode_pool import Crop, EncodedJpeg, prepare_image
+from embedjob.worker.datapath.crop import Crop, EncodedJpeg, prepare_image
 from embedjob.worker.datapath.gpu_decode import JpegDecoder, decode_into
 from embedjob.worker.model.embedder import Embedder, Launched
 from embedjob.worker.model.torch_env import OutOfMemoryError, torch

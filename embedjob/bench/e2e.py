@@ -111,8 +111,7 @@ def _run_tasks(take: Callable[[], tuple[str, str] | None], job: str, output: str
 
 
 def _gpu_memory(options: EmbedOptions, reset: bool = False) -> float | None:
-    from embedjob.worker.host import resolve_device
-    from embedjob.worker.model.torch_env import torch
+    from embedjob.worker.model.torch_env import resolve_device, torch
 
     device = resolve_device(options.device)
     if device.type != "cuda":

@@ -116,9 +116,9 @@ def _check(cfg: BenchConfig) -> None:
 
 def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Every measurement in ``cfg.measure``; returns the report (see embedjob.bench.report)."""
-    from embedjob.worker.host import available_cpus, resolve_device
+    from embedjob.worker.host import available_cpus
     from embedjob.worker.model.load import load_embedder, resolve_dtype
-    from embedjob.worker.model.torch_env import torch
+    from embedjob.worker.model.torch_env import resolve_device, torch
 
     _check(cfg)
     device = resolve_device(cfg.device)

@@ -193,7 +193,7 @@ def measure_baseline(shards: list[str], storage: Storage, model_dir: str, device
     except ImportError:  # pragma: no cover - older transformers
         from transformers import CLIPImageProcessor as Processor
 
-    from embedjob.worker.host import resolve_device
+    from embedjob.worker.model.torch_env import resolve_device
 
     dev = resolve_device(device)
     hf_logging.set_verbosity_error()

@@ -1,7 +1,7 @@
-"""Facts about the machine a worker runs on: the CPUs it may use and the device it computes on.
+"""Facts about the machine a worker runs on: the CPUs it may use.
 
-Torch-free at import (the decode processes import this and must stay torch-free): only
-:func:`resolve_device` imports torch, through :mod:`embedjob.worker.model.torch_env`.
+Torch-free (the decode processes import this and must stay torch-free); the device is resolved
+where torch is, in :mod:`embedjob.worker.model.torch_env`.
 """
 
 from __future__ import annotations
@@ -9,12 +9,6 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-from embedjob.worker.model import ModelLoadError
-
-if TYPE_CHECKING:
-    import torch
 
 
 def available_cpus() -> int:
@@ -31,18 +25,3 @@ def available_cpus() -> int:
     except (OSError, ValueError):
         pass
     return max(1, n)
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """auto: CUDA when torch sees a GPU, else the CPU; cpu / cuda[:N]: as asked, if this machine has
-    it. Raises :class:`~embedjob.worker.model.ModelLoadError`."""
-    from embedjob.worker.model.torch_env import torch
-
-    if device in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError(f"device {device!r} requested but CUDA is not available on this machine")
-    if dev.type not in ("cpu", "cuda"):
-        raise ModelLoadError(f"unsupported device {device!r} (use auto, cpu or cuda)")
-    return dev

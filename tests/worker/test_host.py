@@ -8,8 +8,9 @@ import sys
 
 import pytest
 
-from embedjob.worker.host import available_cpus, resolve_device
+from embedjob.worker.host import available_cpus
 from embedjob.worker.model import ModelLoadError
+from embedjob.worker.model.torch_env import resolve_device
 
 
 def test_available_cpus_without_importing_torch():

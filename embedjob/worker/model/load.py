@@ -30,12 +30,11 @@ from typing import Any
 
 from embedjob import settings
 from embedjob.spec import COMPILE_MODES
-from embedjob.worker.host import resolve_device
 from embedjob.worker.model import ModelLoadError
 from embedjob.worker.model.embedder import Embedder
 from embedjob.worker.model.provenance import describe_source
 from embedjob.worker.model.resolve import ModelUnavailable, resolve_model
-from embedjob.worker.model.torch_env import PRECISION_DTYPES, configure_cpu_threads, torch
+from embedjob.worker.model.torch_env import PRECISION_DTYPES, configure_cpu_threads, resolve_device, torch
 
 log = logging.getLogger(__name__)
 

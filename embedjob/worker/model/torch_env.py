@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from embedjob.settings import library_env, set_library_env
 from embedjob.worker.host import available_cpus
+from embedjob.worker.model import ModelLoadError
 
 set_library_env("OMP_WAIT_POLICY", "PASSIVE", keep_users=True)
 # transformers 5 can fetch "hub kernels" (code) from the Hugging Face hub; a worker runs no code it was
@@ -36,4 +37,17 @@ def configure_cpu_threads() -> None:
         torch.set_num_threads(available_cpus())
 
 
-__all__ = ["PRECISION_DTYPES", "OutOfMemoryError", "configure_cpu_threads", "torch"]
+def resolve_device(device: str = "auto") -> torch.device:
+    """auto: CUDA when torch sees a GPU, else the CPU; cpu / cuda[:N]: as asked, if this machine has
+    it. Raises :class:`~embedjob.worker.model.ModelLoadError`."""
+    if device in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {device!r} requested but CUDA is not available on this machine")
+    if dev.type not in ("cpu", "cuda"):
+        raise ModelLoadError(f"unsupported device {device!r} (use auto, cpu or cuda)")
+    return dev
+
+
+__all__ = ["PRECISION_DTYPES", "OutOfMemoryError", "configure_cpu_threads", "resolve_device", "torch"]

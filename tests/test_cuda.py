@@ -21,7 +21,7 @@ from embedjob.worker.datapath.preprocess import reference_crop
 from embedjob.worker.datapath.shard import embed_shard
 from embedjob.worker.model.load import clear_cache, load_embedder
 from tests import shards
-from tests.test_preprocess import REFERENCE_CASES, clip_reference
+from tests.worker.datapath.test_preprocess import REFERENCE_CASES, clip_reference
 
 pytestmark = [
     pytest.mark.cuda,

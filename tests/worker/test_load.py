@@ -19,7 +19,7 @@ from embedjob.worker.datapath.shard import embed_shard
 from embedjob.worker.model import ModelLoadError
 from embedjob.worker.model.load import clear_cache, load_embedder
 from tests import shards
-from tests.test_preprocess import clip_reference
+from tests.worker.datapath.test_preprocess import clip_reference
 
 
 @pytest.fixture(autouse=True)

@@ -19,7 +19,7 @@ from embedjob.worker.model.embedder import Embedder, normalize_on_device
 from embedjob.worker.model.load import clear_cache, load_embedder
 from embedjob.worker.model.torch_env import OutOfMemoryError
 from tests import shards
-from tests.test_preprocess import REFERENCE_CASES, clip_reference
+from tests.worker.datapath.test_preprocess import REFERENCE_CASES, clip_reference
 
 
 @pytest.fixture(scope="module")

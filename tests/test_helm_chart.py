@@ -600,11 +600,16 @@ def test_operator_reconciles_a_job_with_only_its_service_account(kube, installed
 
 
 def test_cpu_only_profile_asks_for_no_gpu():
-    """The documented CPU-only profile (README: -f charts/embedjob/values-cpu.yaml)."""
-    args = ["template", RELEASE, str(CHART), "--namespace", NS, "-f", str(CHART / "values-cpu.yaml")]
+    """The documented CPU-only profile (README: -f charts/embedjob/values-cpu.yaml, with a storage
+    policy: the chart fails closed without one, the profile does not change that)."""
+    profile = ["-f", str(CHART / "values-cpu.yaml")]
+    bare = helm("template", RELEASE, str(CHART), "--namespace", NS, *profile, check=False)
+    assert bare.returncode != 0 and "a storage policy is required" in bare.stderr
+    args = ["template", RELEASE, str(CHART), "--namespace", NS, *profile,
+            "--set", "storageNamespaceBuckets={tenant-data}"]
     docs = [d for d in yaml.safe_load_all(helm(*args).stdout) if d]
     worker = next(d for d in kinds(docs, "Deployment") if d["metadata"]["name"] == f"{RELEASE}-embedjob-worker")
     (c,) = worker["spec"]["template"]["spec"]["containers"]
     assert "nvidia.com/gpu" not in c["resources"]["limits"] and "nvidia.com/gpu" not in c["resources"]["requests"]
     assert c["resources"]["limits"]["memory"] == "8Gi" and c["resources"]["requests"]["cpu"] == "2"
-    helm("lint", str(CHART), "-f", str(CHART / "values-cpu.yaml"))
+    helm("lint", str(CHART), *profile, "--set", "storageNamespaceBuckets={tenant-data}")

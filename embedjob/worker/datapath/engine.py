@@ -301,7 +301,8 @@ class InferenceEngine:
                     if event is not None:  # made on the decode stream: the forward's stream waits for it
                         current = torch.cuda.current_stream(self.embedder.device)
                         current.wait_event(event)
-                        batch.record_stream(current)
+                        if batch.is_cuda:  # a batch with no device JPEG is the host slot, uploaded later
+                            batch.record_stream(current)
                     launched = (self._launch(slot, batch), rejected, paths)
                 except BaseException as e:  # noqa: BLE001 - delivered through the Future
                     launched = e

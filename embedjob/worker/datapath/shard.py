@@ -52,7 +52,7 @@ from embedjob.contract import EmbedOptions
 from embedjob.layout import shard_outputs, shard_stem
 from embedjob.policy import PermanentError
 from embedjob.storage import Storage
-from embedjob.worker.datapath.batch import PreparedBatch, PreparedStream, decode_workers
+from embedjob.worker.datapath.batch import PreparedBatch, PreparedStream, SampleInfo, decode_workers
 from embedjob.worker.datapath.crop import FAST_PREPROCESSING_ID
 from embedjob.worker.datapath.decode_pool import (
     DecodePoolBroken,
@@ -90,19 +90,6 @@ class ShardResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-@dataclass(frozen=True)
-class SampleInfo:
-    """What the reader keeps of a sample while its image is in the decode pool."""
-
-    key: str
-    member: str
-    caption: str | None = None
-    json: str | None = None
-
-    def row(self, shard: str, width: int, height: int) -> MetadataRow:
-        return MetadataRow(self.key, shard, self.member, width, height, self.caption, self.json)
 
 
 def device_jpeg_decoder(options: EmbedOptions, model: Embedder) -> JpegDecoder | None:

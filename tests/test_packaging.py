@@ -1,5 +1,5 @@
 """Layout rules a user or a tool would trip over (docs/architecture.md, "Layout"): import names, the
-source where its import path says (the top-level operator/ and worker/ are only links to it),
+source where its import path says (no links, no second copy),
 torch-free shared modules, dev tooling apart from the runtime, and package data instead of paths into
 the source checkout. The installed wheel is tested in tests/test_wheel.py."""
 
@@ -34,7 +34,6 @@ def test_bare_operator_is_the_standard_library_even_from_the_repo_root():
     out = subprocess.run([sys.executable, "-S", "-c", "import operator; print(operator.__file__)"], cwd=REPO,
                          check=True, capture_output=True, text=True).stdout
     assert not out.strip().startswith(str(REPO / "operator")), out
-    assert not (REPO / "operator" / "__init__.py").exists() and not (REPO / "worker" / "__init__.py").exists()
 
 
 def test_packages_import_under_embedjob():
@@ -45,17 +44,15 @@ def test_packages_import_under_embedjob():
     assert wk == str(REPO / "embedjob" / "worker" / "runtime" / "task.py")
 
 
-def test_the_only_links_are_the_top_level_views_of_the_two_programs():
-    """Each module has one real path, its import path; operator/ and worker/ at the top are links for
-    browsing (tools that follow imports see embedjob/operator/ and embedjob/worker/)."""
+def test_no_links_and_no_top_level_program_folders():
+    """Each module has one real path, its import path: the repository holds no symbolic links, and no
+    top-level operator/ or worker/ (a bare `import operator` must find the standard library)."""
     if not (REPO / ".git").exists():
         pytest.skip("not a git checkout")
     listing = subprocess.run(["git", "ls-files", "-s"], cwd=REPO, check=True, capture_output=True,
                              text=True).stdout
-    links = [line.split("\t", 1)[1] for line in listing.splitlines() if line.startswith("120000")]
-    assert sorted(links) == ["operator", "worker"]
-    for name in links:
-        assert (REPO / name).readlink() == Path("embedjob") / name
+    assert [line for line in listing.splitlines() if line.startswith("120000")] == []
+    assert not (REPO / "operator").exists() and not (REPO / "worker").exists()
 
 
 def test_shared_contract_is_torch_free():

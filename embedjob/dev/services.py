@@ -68,8 +68,8 @@ def wait_for_port(port: int, timeout: float, proc: subprocess.Popen | None = Non
 def embedjob_command(*args: str) -> list[str]:
     """The ``embedjob`` command line run by this interpreter. ``-P`` keeps the working folder off
     ``sys.path``: in a source checkout its ``embedjob/`` folder would shadow the installed package,
-    where ``embedjob.operator`` and ``embedjob.worker`` live (they are mapped from ``operator/`` and
-    ``worker/`` at install time)."""
+    whose package data (``embedjob.crds``, ``embedjob.sample_shards``) is mapped from ``crds/`` and
+    ``examples/shards/`` at install time."""
     return [sys.executable, "-P", "-m", "embedjob.cli.main", *args]
 
 

@@ -17,6 +17,19 @@ S3_KEY = "embedjob-test"
 S3_SECRET = "embedjob-test-secret"
 
 
+@pytest.fixture(autouse=True)
+def _environment_restored():
+    """Each test leaves os.environ as it found it. Worker subprocesses inherit it: a variable one test
+    leaves behind (a worker's probe folder, say) changes what every later worker does."""
+    saved = dict(os.environ)
+    yield
+    for k in set(os.environ) - set(saved):
+        del os.environ[k]
+    for k, v in saved.items():
+        if os.environ.get(k) != v:
+            os.environ[k] = v
+
+
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory):
     server = RedisServer(tmp_path_factory.mktemp("redis")).start()

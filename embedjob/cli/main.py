@@ -197,13 +197,20 @@ def _cmd_model_fetch(args: argparse.Namespace) -> int:
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
+    from embedjob.procs import FolderInUse
     from embedjob.settings import load
     from embedjob.worker.runtime import lifecycle, multiproc
 
     settings = load()
-    if settings.metrics_port:
-        # Before prometheus_client is imported (by the tasks module) and before the pool forks.
-        multiproc.prepare(settings.metrics_dir)
+    try:
+        if settings.metrics_port:
+            # Before prometheus_client is imported (by the tasks module) and before the pool forks.
+            multiproc.prepare(settings.metrics_dir)
+        # Shared with the pool children (forked later): shutdown deadline, probes, GPU and CPU pinning.
+        lifecycle.prepare(settings.health_dir, processes=1)
+    except FolderInUse as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.gpus < 1 or args.processes_per_gpu < 1:
         print("error: --gpus and --processes-per-gpu must be at least 1", file=sys.stderr)
         return 2
@@ -218,8 +225,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         print("error: --shards-in-flight > 1 runs in one process; use it with --concurrency 1", file=sys.stderr)
         return 2
     processes = args.concurrency if args.concurrency > 1 else 0
-    # Shared with the pool children (forked later): shutdown deadline, probes, GPU and CPU pinning.
-    lifecycle.prepare(settings.health_dir, processes=max(processes, 1))
+    lifecycle.expect_processes(max(processes, 1))
     lifecycle.configure_pool(processes, pin_gpus=pinned > 1, visible=os.environ.get("CUDA_VISIBLE_DEVICES"),
                              per_gpu=args.processes_per_gpu,
                              cpus=sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None)

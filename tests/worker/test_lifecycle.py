@@ -239,3 +239,33 @@ def test_real_worker_with_two_gpus_pins_each_process_and_records_the_device(
     gpus = {s: store.info(s).get("gpu") for s in stems}
     assert set(gpus.values()) <= {"6", "7"} and None not in gpus.values(), gpus
     assert store.executions() == dict.fromkeys(stems, 1)
+
+
+def test_a_second_worker_on_the_same_probe_folder_is_refused_and_the_first_keeps_its_state(
+        redis_url, s3_env, tmp_path):
+    """Two workers on one EMBEDJOB_HEALTH_DIR would wipe each other's files and read each other's
+    SIGTERM: the second would give back every shard it takes. The second refuses to start instead,
+    naming the variable, and leaves the first's folder alone."""
+    health = tmp_path / "health"
+    env = {**os.environ, **s3_env, "EMBEDJOB_REDIS_URL": redis_url, "EMBEDJOB_HEALTH_DIR": str(health),
+           "OMP_NUM_THREADS": "1"}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    queue = f"q-{uuid.uuid4().hex[:8]}"
+    log = open(tmp_path / "first.log", "wb")  # noqa: SIM115
+    first = subprocess.Popen(embedjob_command("worker", "--queue", queue, "--hostname", "first@%h"), env=env,
+                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_for(lambda: (health / "consumer").exists() or None, 120, "the first worker's consumer loop")
+        second = subprocess.run(embedjob_command("worker", "--queue", queue, "--hostname", "second@%h"), env=env,
+                                capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2, second.stderr[-2000:]
+        assert f"EMBEDJOB_HEALTH_DIR={health} is in use by another worker (pid {first.pid})" in second.stderr
+        assert (health / "consumer").exists() and (health / "expect").exists()
+        assert first.poll() is None
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(10)
+    # Its owner gone, the folder is free again.
+    from embedjob.procs import claim_folder
+
+    claim_folder(health, "EMBEDJOB_HEALTH_DIR")

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from embedjob.procs import process_alive
+from embedjob.procs import OWNER_FILE, claim_folder, process_alive
 
 log = logging.getLogger("embedjob.worker")
 
@@ -51,16 +51,23 @@ class GiveBack(Exception):  # noqa: N818 - an instruction, not an error report
 
 def prepare(path: str = "", processes: int = 1) -> Path:
     """Create (or wipe) the folder, record how many pool processes must be ready, and export it to
-    the children (entry point, before the pool forks)."""
+    the children (entry point, before the pool forks). A folder owned by another live worker is
+    refused (:class:`embedjob.procs.FolderInUse`)."""
     folder = Path(path) if path else Path(tempfile.mkdtemp(prefix="embedjob-health-"))
     folder.mkdir(parents=True, exist_ok=True)
+    claim_folder(folder, ENV)  # a second worker on this folder would read this one's shutdown
     for child in folder.iterdir():
-        if child.is_file():
+        if child.is_file() and child.name != OWNER_FILE:
             child.unlink()
-    (folder / "expect").write_text(str(processes))
     os.environ[ENV] = str(folder)
     configure(folder)
+    expect_processes(processes)
     return folder
+
+
+def expect_processes(processes: int) -> None:
+    """Record how many pool processes must be ready before the worker is."""
+    _touch("expect", str(processes))
 
 
 def configure(folder: str | Path | None) -> None:

@@ -8,6 +8,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from embedjob.procs import OWNER_FILE, claim_folder
 from embedjob.settings import set_library_env
 
 ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -15,14 +16,15 @@ ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 def prepare(path: str = "") -> str:
     """Create (or wipe) the folder and export it to this process and the pool children it forks.
-    ``path`` empty: a fresh temporary folder. Returns the folder."""
+    ``path`` empty: a fresh temporary folder. Returns the folder. A folder owned by another live
+    worker is refused (:class:`embedjob.procs.FolderInUse`)."""
     folder = Path(path) if path else Path(tempfile.mkdtemp(prefix="embedjob-metrics-"))
-    if folder.exists():
-        for child in folder.iterdir():  # wiped: values of a previous run must not leak into this one
-            if child.is_dir():
-                shutil.rmtree(child)
-            else:
-                child.unlink()
     folder.mkdir(parents=True, exist_ok=True)
+    claim_folder(folder, ENV)  # wiping another live worker's values would corrupt its /metrics
+    for child in folder.iterdir():  # wiped: values of a previous run must not leak into this one
+        if child.is_dir():
+            shutil.rmtree(child)
+        elif child.name != OWNER_FILE:
+            child.unlink()
     set_library_env(ENV, str(folder))
     return str(folder)

@@ -56,7 +56,11 @@ def test_bench_measures_all_four_and_the_ratios(tmp_path):
         e2e = m[f"e2e_{mode}"]
         assert 0 < e2e["startup_seconds"] < e2e["seconds"] and e2e["processes"] == 1
         assert 0 < e2e["main_cpu_ms_per_image"] <= e2e["cpu_ms_per_image"]
-    assert "start-up" in stdout and "main ms/img" in stdout
+        # Which of the worker's threads paid for it: the data path's own threads are named.
+        by_thread = e2e["main_cpu_seconds_by_thread"]
+        assert "embedjob-forward" in by_thread and "embedjob-tar-reader" in by_thread, by_thread
+        assert 0 < sum(by_thread.values()) <= e2e["main_cpu_seconds"] + 0.5  # the monitor's own thread left out
+    assert "start-up" in stdout and "main ms/img" in stdout and "main process CPU by thread" in stdout
 
     # The e2e run wrote real outputs, and each manifest says how its pixels were made.
     work = tmp_path / "work"
@@ -90,6 +94,7 @@ def test_bench_e2e_in_two_worker_processes(tmp_path):
     assert e2e["processes"] == 2 and e2e["decode_workers"] == 1 and e2e["images"] == 12
     assert len(e2e["main_cpu_seconds_per_process"]) == 2
     assert e2e["main_cpu_seconds"] == pytest.approx(sum(e2e["main_cpu_seconds_per_process"]), abs=2e-3)
+    assert "embedjob-forward" in e2e["main_cpu_seconds_by_thread"]  # summed over the two processes
     manifests = [json.loads((tmp_path / "work" / "out-exact" / "_manifests" / f"{i:05d}.json").read_text())
                  for i in range(3)]
     assert [x["counts"]["embedded"] for x in manifests] == [4, 4, 4]

@@ -143,12 +143,13 @@ def _worker_process(index: int, work: Any, replies: Any, go: Any, job: str, outp
             except queue.Empty:
                 return None
 
-        with batch_writes() as writes:
+        with batch_writes() as writes, TreeMonitor() as mon:
             if pool_kind:
                 shared_decode_pool(decode_workers(options), pool_kind)
             results = _run_tasks(take, job, output, model, options, storage_options, in_flight)
         embedder = load_embedder(model, device=options.device, precision=options.precision, compile=options.compile)
         replies.put(("done", index, {"results": results, "writes": writes, "main_cpu_seconds": own_cpu_seconds() - cpu0,
+                                     "main_cpu_seconds_by_thread": mon.report()["main_cpu_seconds_by_thread"],
                                      "model_busy_seconds": embedder.busy_seconds(),
                                      "gpu_memory_mib": _gpu_memory(options)}))
     except BaseException as e:  # noqa: BLE001 - reported to the bench
@@ -282,6 +283,11 @@ def measure_e2e(shards: list[str], stems: list[str], output: str, model: dict[st
     if outcomes is not None:  # the processes that ran the task, not the bench's own
         main = sum(o["main_cpu_seconds"] for o in outcomes)
         row["main_cpu_seconds"] = round(main, 3)
+        by_thread: dict[str, float] = {}
+        for o in outcomes:
+            for name, sec in o["main_cpu_seconds_by_thread"].items():
+                by_thread[name] = round(by_thread.get(name, 0.0) + sec, 3)
+        row["main_cpu_seconds_by_thread"] = dict(sorted(by_thread.items(), key=lambda kv: -kv[1]))
         row["main_cpu_ms_per_image"] = round(1000 * main / images, 3) if images else None
     return row
 

@@ -5,6 +5,7 @@ the CPU time of this process alone (the one that runs the task), without the mon
 from __future__ import annotations
 
 import os
+import re
 import resource
 import threading
 import time
@@ -49,12 +50,7 @@ def _memory_kib(pid: int) -> int:
 
 
 def _cpu_ticks(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return int(fields[11]) + int(fields[12])  # utime + stime
-    except OSError:
-        return 0
+    return _cpu_ticks_of(f"/proc/{pid}/stat") or 0
 
 
 def own_cpu_seconds() -> float:
@@ -62,6 +58,91 @@ def own_cpu_seconds() -> float:
     are children, and ``RUSAGE_SELF`` leaves them out)."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
+
+
+def _thread_group(name: str) -> str:
+    """A thread's name without its numbers: the decode sender of worker 3 and of worker 5, or two
+    shards' forward threads, count together."""
+    return re.sub(r"\d+", "N", name)
+
+
+class ThreadCpu:
+    """The CPU time of this process's threads over a measurement, by thread name (Python's name where
+    the thread is a Python thread, the kernel's ``comm`` otherwise: torch's and CUDA's own threads).
+    Which of the worker's threads pays for what: the question ``main_cpu_ms_per_image`` alone cannot
+    answer.
+
+    Threads that end during the measurement (one forward thread per shard) report their own
+    ``time.thread_time()`` as they end: :meth:`start` wraps ``threading.Thread.run`` until :meth:`stop`
+    (the bench's probe; nothing in the worker changes). Threads still running at the end are read
+    from ``/proc/self/task``, less what they had used at the start."""
+
+    def __init__(self) -> None:
+        self._first: dict[int, int] = {}
+        self._ended: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self._original_run = None
+        self.seconds: dict[str, float] = {}
+
+    def start(self) -> None:
+        self._first = {tid: ticks for tid, ticks, _ in _threads()}
+        original = self._original_run = threading.Thread.run
+        ended, lock = self._ended, self._lock
+
+        def run(thread: threading.Thread) -> None:
+            try:
+                original(thread)
+            finally:
+                with lock:
+                    name = _thread_group(thread.name)
+                    ended[name] = ended.get(name, 0.0) + time.thread_time()
+
+        threading.Thread.run = run  # type: ignore[method-assign]
+
+    def stop(self) -> dict[str, float]:
+        """CPU seconds per thread group, largest first."""
+        if self._original_run is not None:
+            threading.Thread.run = self._original_run  # type: ignore[method-assign]
+            self._original_run = None
+        hz = os.sysconf("SC_CLK_TCK")
+        with self._lock:
+            out = dict(self._ended)
+        for tid, ticks, name in _threads():
+            out[name] = out.get(name, 0.0) + (ticks - self._first.get(tid, 0)) / hz
+        self.seconds = dict(sorted(((k, round(v, 3)) for k, v in out.items() if v > 0), key=lambda kv: -kv[1]))
+        return self.seconds
+
+
+def _threads() -> list[tuple[int, int, str]]:
+    """(id, CPU ticks, name group) of this process's running threads."""
+    python = {t.native_id: t.name for t in threading.enumerate() if t.native_id is not None}
+    try:
+        tids = [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:
+        return []
+    out = []
+    for tid in tids:
+        ticks = _cpu_ticks_of(f"/proc/self/task/{tid}/stat")
+        if ticks is None:
+            continue
+        name = python.get(tid)
+        if name is None:
+            try:  # not a Python thread: torch's intra-op pool, CUDA's, the JIT's
+                with open(f"/proc/self/task/{tid}/comm") as f:
+                    name = f"native:{f.read().strip()}"
+            except OSError:
+                name = "native:?"
+        out.append((tid, ticks, _thread_group(name)))
+    return out
+
+
+def _cpu_ticks_of(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])  # utime + stime
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 class TreeMonitor:
@@ -82,6 +163,7 @@ class TreeMonitor:
         self._own_start = 0.0
         self._sampling = 0.0  # CPU seconds the monitor thread spent sampling
         self.own_cpu_seconds = 0.0
+        self.threads = ThreadCpu()
 
     def _sample(self) -> None:
         total = 0
@@ -96,6 +178,7 @@ class TreeMonitor:
         self._start_sampled = False
         self._sample()
         self._start_sampled = True
+        self.threads.start()
         self._start = time.perf_counter()
         self._own_start = own_cpu_seconds()
         self._thread.start()
@@ -110,6 +193,7 @@ class TreeMonitor:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+        self.threads.stop()
         self.own_cpu_seconds = max(0.0, own_cpu_seconds() - self._own_start - self._sampling)
         self._sample()
         self.seconds = time.perf_counter() - self._start
@@ -122,7 +206,9 @@ class TreeMonitor:
     def report(self) -> dict[str, float]:
         return {"peak_pss_mib": round(self.peak_kib / 1024, 1), "cpu_seconds": round(self.cpu_seconds, 2),
                 "cpu_cores_busy": round(self.cpu_seconds / self.seconds, 2) if self.seconds else 0.0,
-                "main_cpu_seconds": round(self.own_cpu_seconds, 3)}
+                "main_cpu_seconds": round(self.own_cpu_seconds, 3),
+                "main_cpu_seconds_by_thread": {k: v for k, v in self.threads.seconds.items()
+                                               if k != "bench-monitor"}}
 
 
 def load_average() -> list[float]:

@@ -66,6 +66,10 @@ def format_report(report: dict[str, Any]) -> str:
                          f"steady {_fmt(e2e.get('steady_images_per_s'), '.1f')} images/s "
                          f"over {_fmt(e2e.get('steady_seconds'))} s; main process CPU "
                          f"{_fmt(e2e.get('main_cpu_ms_per_image'), '.3f')} ms/image")
+        if e2e.get("main_cpu_seconds_by_thread") and e2e.get("images"):
+            top = sorted(e2e["main_cpu_seconds_by_thread"].items(), key=lambda kv: -kv[1])[:6]
+            lines.append(f"  e2e {mode}: main process CPU by thread (ms/image): "
+                         + ", ".join(f"{name} {1000 * sec / e2e['images']:.3f}" for name, sec in top))
         if e2e.get("gpu_memory_mib") is not None or e2e.get("gpu_memory_mib_per_process"):
             lines.append(f"  e2e {mode}: GPU memory reserved (peak, MiB): "
                          f"{e2e.get('gpu_memory_mib') or e2e.get('gpu_memory_mib_per_process')}")

@@ -8,13 +8,13 @@
 # budget, GPU_CHECK_BUDGET_S, default 420 s, plus 30 s for the summary), and a step the budget no longer allows is SKIPPED.
 # At the end a table gives each step, its status and its seconds; the exit status is non-zero when
 # any step did not pass. Everything lands in OUTDIR: env.txt, pytest-cuda.txt, bench-<size>.{txt,json},
-# model-<compile>.{txt,json}, steps.{txt,json}, summary.md (the tables for the README and a closing note).
+# model-<compile>.{txt,json}, profile/profile-<mode>.txt, steps.{txt,json}, summary.md (the tables for the README and a closing note).
 #
 #   scripts/gpu-check.sh OUTDIR
 #   GPU_CHECK_DRY_RUN=1 scripts/gpu-check.sh OUTDIR   # the same steps on the CPU, tiny model, tiny
 #                                                      # shards, compile none only (tests/test_gpu_check.py)
 #   GPU_CHECK_PROCESSES=N                              # the second e2e's worker processes per GPU (default 2)
-#   GPU_CHECK_STEPS="cuda 500 procs compile 1mp"       # a subset of the steps (default all, in this order);
+#   GPU_CHECK_STEPS="cuda 500 procs profile compile 1mp"  # a subset of the steps (default all, in this order);
 #                                                      # two device calls can split the check this way
 #
 # Needs a Python with a CUDA build of torch and embedjob installed (the worker image, or
@@ -31,7 +31,7 @@ OUT=$(cd "$OUT" && pwd)
 export PY OUT
 BUDGET=${GPU_CHECK_BUDGET_S:-420}
 PROCS=${GPU_CHECK_PROCESSES:-2}
-STEPS=" ${GPU_CHECK_STEPS:-cuda 500 procs compile 1mp} "
+STEPS=" ${GPU_CHECK_STEPS:-cuda 500 procs profile compile 1mp} "
 wants() { [[ "$STEPS" == *" $1 "* ]]; }
 STARTED=$(date +%s)
 
@@ -108,6 +108,12 @@ wants procs && bench "e2e 500x375, ${COUNT} x ${PER_SHARD}, ${PROCS} processes p
   --size 500x375 --count "$COUNT" --images-per-shard "$PER_SHARD" --batch-size "$TUNED" --preprocessing both \
   --measure e2e --processes-per-gpu "$PROCS"
 
+# Where the e2e's time goes: operators and kernels by device and CPU time, the CUDA syncs, every thread
+# (torch.profiler over 2 shards, exact and fast; the main process's CPU by thread is in every e2e row).
+wants profile && bench "e2e 500x375 under torch.profiler, 2 x ${PER_SHARD}" 90 "bench-profile" \
+  --size 500x375 --count 2 --images-per-shard "$PER_SHARD" --batch-size "$TUNED" --preprocessing both \
+  --measure e2e --profile "$OUT/profile"
+
 # max-autotune last: its autotuning takes what the budget leaves.
 if wants compile; then
   for MODE in $COMPILE_MODES; do
@@ -151,6 +157,10 @@ for r in procs:
                   f"(steady {m.get('steady_images_per_s')}, start-up {m.get('startup_seconds')} s, "
                   f"main CPU {m.get('main_cpu_ms_per_image')} ms/image, model busy {busy}, "
                   f"GPU MiB per process {m.get('gpu_memory_mib_per_process')})")
+prof = load("bench-profile")
+for mode, pr in sorted(((prof or {}).get("profiles") or {}).items()):
+    print(f"\ne2e {mode} under torch.profiler ({pr.get('images')} images, {pr.get('seconds')} s): device busy "
+          f"{pr.get('device_busy_fraction')}; tables in {pr.get('file')}")
 if models:
     print("\nmodel limit by compile mode (uint8 batches, one thread warms up and runs):\n")
     print(compile_markdown(models))

@@ -101,6 +101,18 @@ def test_bench_e2e_in_two_worker_processes(tmp_path):
     assert "2 processes x ShardRunner.run" in stdout
 
 
+def test_bench_profile_writes_the_operators_the_e2e_spent_its_time_on(tmp_path):
+    """--profile: one more e2e under torch.profiler, its tables in a file (on the CPU: by self CPU
+    time; on CUDA also by device time), the measured rows untouched by the profiler's cost."""
+    report, _ = _bench(tmp_path, "--measure", "e2e", "--size", "256", "--count", "3", "--images-per-shard", "4",
+                       "--profile", str(tmp_path / "prof"))
+    profile = report["profiles"]["exact"]
+    assert profile["images"] == 8 and profile["device_busy_fraction"] is None  # the first 2 shards, on the CPU
+    text = (tmp_path / "prof" / "profile-exact.txt").read_text()
+    assert "by self CPU time (8 images" in text and "Self CPU" in text and "aten::" in text
+    assert report["measurements"]["e2e_exact"]["images"] == 12
+
+
 def test_limit_rule_and_timeline():
     from embedjob.bench.e2e import timeline
     from embedjob.bench.measure import limit_of

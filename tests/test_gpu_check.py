@@ -12,7 +12,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = ["environment", "CUDA tests", "bench 500x375, 1 x 8, exact + fast", "e2e 500x375, 1 x 8, 2 processes per GPU",
-         "model limit, compile none", "bench 1mp, 1 x 8, exact + fast", "summary"]
+         "e2e 500x375 under torch.profiler, 2 x 8", "model limit, compile none", "bench 1mp, 1 x 8, exact + fast",
+         "summary"]
 
 
 def _python() -> str:
@@ -42,6 +43,8 @@ def test_gpu_check_dry_run_writes_every_result(tmp_path):
     procs = json.loads((out / "bench-500x375-p2.json").read_text())
     assert set(procs["measurements"]) == {"e2e_exact", "e2e_fast"}
     assert procs["measurements"]["e2e_fast"]["processes"] == 2 and procs["measurements"]["e2e_fast"]["images"] == 8
+    for mode in ("exact", "fast"):  # where the e2e's time went, operator by operator
+        assert "by self CPU time" in (out / "profile" / f"profile-{mode}.txt").read_text()
     model = json.loads((out / "model-none.json").read_text())
     assert set(model["measurements"]) == {"model_limit"} and model["measurements"]["model_limit"]["images"] > 0
     steps = json.loads((out / "steps.json").read_text())
@@ -51,6 +54,7 @@ def test_gpu_check_dry_run_writes_every_result(tmp_path):
     assert "fast vs exact at 1mp (cpu-draft" in summary
     assert "| none |" in summary  # the compile table
     assert "e2e fast at 500x375 with 2 processes per GPU" in summary
+    assert "e2e exact under torch.profiler (16 images" in summary
     assert "| model limit, compile none | ok |" in summary and "| summary | ok |" in proc.stdout
 
 

@@ -26,6 +26,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, replace
+from pathlib import Path
 from typing import Any
 
 from embedjob.bench.measure import measurement
@@ -298,3 +299,37 @@ def _sum_paths(manifests: list[dict[str, Any]]) -> dict[str, int]:
         for k, v in (m.get("preprocessing_paths") or {}).items():
             out[k] = out.get(k, 0) + v
     return out
+
+
+def profile_e2e(out: Path, shards: list[str], stems: list[str], output: str, model: dict[str, Any],
+                options: EmbedOptions, storage_options: StorageOptions, redis_url: str | None, in_flight: int,
+                device: Any) -> dict[str, Any]:
+    """One more e2e (one process) under ``torch.profiler``, CPU and, on CUDA, device activity: ``out``
+    gets the operators and kernels by self device time and by self CPU time, and the report gets
+    where the device time went. Slower than the measured e2e (the profiler's own cost); for the
+    question of what the rate is spent on, not for the rate."""
+    from torch.profiler import ProfilerActivity, profile
+
+    if redis_url is None:
+        return {"skipped": NO_REDIS}
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    try:  # every thread (the forward and decode threads, not only this one), and the CUDA syncs
+        from torch._C._profiler import _ExperimentalConfig
+
+        extra = {"experimental_config": _ExperimentalConfig(profile_all_threads=True,
+                                                            enable_cuda_sync_events=device.type == "cuda")}
+    except (ImportError, TypeError):  # an older torch: this thread's operators only
+        extra = {}
+    with profile(activities=activities, **extra) as prof:
+        row = measure_e2e(shards, stems, output, model, options, storage_options, redis_url, in_flight)
+    averages = prof.key_averages()
+    sections = []
+    if device.type == "cuda":
+        sections.append(("by self device time", averages.table(sort_by="self_cuda_time_total", row_limit=30)))
+    sections.append(("by self CPU time", averages.table(sort_by="self_cpu_time_total", row_limit=30)))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(f"## e2e under torch.profiler, {title} ({row['images']} images, {row['seconds']} s)\n\n"
+                           f"{table}\n\n" for title, table in sections))
+    device_us = sum(getattr(e, "self_device_time_total", 0) or 0 for e in averages)
+    return {"file": str(out), "images": row["images"], "seconds": row["seconds"],
+            "device_busy_fraction": round(device_us / 1e6 / row["seconds"], 3) if device.type == "cuda" else None}

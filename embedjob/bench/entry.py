@@ -16,7 +16,7 @@ from typing import Any
 
 from embedjob.bench import measure
 from embedjob.bench.deviation import measure_deviation
-from embedjob.bench.e2e import measure_e2e
+from embedjob.bench.e2e import measure_e2e, profile_e2e
 from embedjob.bench.monitor import load_average, max_rss_mib
 from embedjob.bench.synth import SIZES, make_shards, synthetic_jpegs
 from embedjob.contract import EmbedOptions
@@ -55,6 +55,7 @@ class BenchConfig:
     decode_scaling: bool = False  # also the exact decode limit on 1, 2, 4 ... all CPUs
     shards_in_flight: int = 2  # e2e: shards at once in one worker process (embedjob worker's default)
     redis_url: str | None = None  # e2e: a Redis of the benchmark's own (bench() starts one); None: e2e skipped
+    profile_dir: str | None = None  # one more e2e per mode under torch.profiler, its tables written here
 
 
 @contextmanager
@@ -195,6 +196,14 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
             exact = replace(base, preprocessing="exact")
             report["decode_scaling"] = measure.measure_scaling(shards[:1], storage, exact, available_cpus(), log,
                                                                cfg.decode_pool)
+        if cfg.profile_dir and shards:
+            report["profiles"] = {}
+            for mode in modes:
+                log(f"bench: e2e ({mode}) under torch.profiler -> {cfg.profile_dir}")
+                report["profiles"][mode] = profile_e2e(
+                    Path(cfg.profile_dir) / f"profile-{mode}.txt", shards[:2], stems[:2],
+                    join(root, f"out-profile-{mode}"), model, replace(base, preprocessing=mode), storage_options,
+                    cfg.redis_url, cfg.shards_in_flight, device)
         if "fast" in modes and cfg.deviation_images > 0 and "decode_limit" in wants:
             log("bench: fast vs exact deviation")
             dev_model = model_path if cfg.deviation_model == "same" else _model_dir("vit-l14", workdir)

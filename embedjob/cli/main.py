@@ -257,7 +257,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         s3_endpoint=args.s3_endpoint, s3_bucket=args.s3_bucket, workdir=args.workdir,
         baseline_images=args.baseline_images, model_seconds=args.model_seconds,
         deviation_images=args.deviation_images, deviation_model=args.deviation_model, repeat=args.repeat,
-        decode_scaling=args.decode_scaling, shards_in_flight=args.shards_in_flight,
+        decode_scaling=args.decode_scaling, shards_in_flight=args.shards_in_flight, profile_dir=args.profile,
     )
     try:
         # e2e gets a private Redis of the bench's own (embedjob.bench.entry), never a deployment's.
@@ -364,6 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "--compile modes)")
     b.add_argument("--decode-scaling", action="store_true",
                    help="also the exact decode limit on 1, 2, 4 ... all usable CPUs (first shard)")
+    b.add_argument("--profile", default=None, metavar="DIR",
+                   help="after the measurements, one more e2e per mode (first 2 shards) under torch.profiler: "
+                        "DIR/profile-<mode>.txt, the operators and kernels by self CPU and device time")
     b.add_argument("--json", default=None, metavar="OUT", help="also write the report as JSON")
     b.set_defaults(func=_cmd_bench)
 

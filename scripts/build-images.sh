@@ -44,7 +44,7 @@ log() { echo "build-images: $*" >&2; }
 
 # Files the Dockerfile's context holds (.dockerignore lets only these in).
 context_files() {
-  find pyproject.toml README.md embedjob operator worker crds examples/shards -type f \
+  find pyproject.toml README.md embedjob crds examples/shards -type f \
     -not -path '*/__pycache__/*' -not -name '*.pyc' | LC_ALL=C sort
 }
 

@@ -32,6 +32,8 @@ class EmbedOptions:
     preprocessing: str = "exact"  # "exact" (OpenAI's reference, bit for bit) | "fast" (opt-in)
     compile: str = "none"  # torch.compile mode: none | default | reduce-overhead | max-autotune
     on_truncated: str = "record"  # spec.onTruncatedShard: record (keep what was read, count the loss) | fail
+    # spec.scores: {score: {name, revision, path, file}} of the heads to run on the embeddings (None: none)
+    scores: dict[str, dict[str, Any]] | None = None
 
     @classmethod
     def from_spec(cls, spec: JobSpec) -> EmbedOptions:
@@ -47,6 +49,7 @@ class EmbedOptions:
             preprocessing=i.preprocessing,
             compile=i.compile,
             on_truncated=spec.onTruncatedShard,
+            scores={k: asdict(v) for k, v in spec.scores.heads().items()} or None,
         )
 
 

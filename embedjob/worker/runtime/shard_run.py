@@ -188,11 +188,17 @@ def embed_task(task: ShardTask, options: EmbedOptions, storage: Storage, *,
     from embedjob.worker.datapath.shard import embed_shard
 
     embedder = load_model(task, options)
+    heads = None
+    if options.scores:
+        from embedjob.worker.model.heads import load_heads
+        from embedjob.worker.model.load import default_model_dir
+
+        heads = load_heads(options.scores, embedder.dim, default_model_dir())
     if before_embed is not None:
         before_embed()
     max_batch = embedder.max_batch  # lowered by the model after a CUDA OOM
     result = embed_shard(task.shard, task.output, embedder, options, stem=task.stem, storage=storage,
-                         on_progress=on_progress)
+                         on_progress=on_progress, heads=heads)
     metrics.record_backoff(max_batch, embedder.max_batch)
     return result
 

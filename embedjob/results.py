@@ -22,6 +22,7 @@ import numpy as np
 
 from embedjob import settings
 from embedjob.layout import job_manifest_uri, manifests_prefix, shard_outputs, stem_from_manifest, tmp_root
+from embedjob.sketch import merge_summaries
 from embedjob.storage import Storage, StorageOptions
 
 
@@ -75,8 +76,11 @@ def shard_record(manifest: dict[str, Any]) -> dict[str, Any]:
     finished shard, from its manifest: its counts, the tar's own error (a truncated or partly
     unreadable shard: the samples after the damage are lost) and the model that embedded it."""
     images, failed = shard_counts(manifest)
-    return {"images": images, "failedImages": failed, "tarError": manifest.get("tar_error") or None,
-            "model": manifest.get("model")}
+    record = {"images": images, "failedImages": failed, "tarError": manifest.get("tar_error") or None,
+              "model": manifest.get("model")}
+    if manifest.get("score_sketches"):
+        record["scoreSketches"] = manifest["score_sketches"]  # merged into the job's summaries
+    return record
 
 
 def read_shard_records(output_uri: str, stems: Iterable[str], storage: Storage | None = None,
@@ -208,9 +212,14 @@ def write_job_manifest(
             "imagesPerSecond": (totals["imagesThisRun"] / seconds) if seconds else None,
             "rateCounts": "images embedded by this run",
         },
-        "shards": [{"stem": k, **{f: x for f, x in v.items() if f != "model"}} for k, v in sorted(shards.items())],
+        "shards": [{"stem": k, **{f: x for f, x in v.items() if f not in ("model", "scoreSketches")}}
+                   for k, v in sorted(shards.items())],
         **(extra or {}),
     }
+    # Per score: count, mean and quantiles, merged from the shards' sketches (no score is read back).
+    scores = merge_summaries(s.get("scoreSketches") for s in done)
+    if scores:
+        doc["scores"] = scores
     storage.put_atomic(job_manifest_uri(output_uri), json.dumps(doc, indent=1).encode(),
                        tmp_root=tmp_root(output_uri))
     return doc

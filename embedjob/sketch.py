@@ -103,7 +103,10 @@ class QuantileSketch:
     def to_json(self) -> dict[str, Any]:
         return {"kind": KIND, "size": self.size, "count": self.count, "sum": self.total,
                 "min": self.min if self.count else None, "max": self.max if self.count else None,
-                "values": self.values.tolist(), "weights": self.weights.tolist()}
+                "values": self.values.tolist(),
+                # A compacted sketch's points all weigh the same: one number instead of a list.
+                "weights": (float(self.weights[0]) if self.weights.size and np.all(self.weights == self.weights[0])
+                            else self.weights.tolist())}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> QuantileSketch:
@@ -111,7 +114,9 @@ class QuantileSketch:
         if not isinstance(d, dict) or d.get("kind") != KIND:
             raise ValueError(f"not a {KIND} sketch")
         values = np.asarray(d.get("values") or [], dtype=np.float64)
-        weights = np.asarray(d.get("weights") or [], dtype=np.float64)
+        w = d.get("weights")
+        weights = (np.full(values.shape, float(w)) if isinstance(w, int | float)
+                   else np.asarray(w or [], dtype=np.float64))
         if values.shape != weights.shape or values.ndim != 1:
             raise ValueError("sketch values and weights differ in length")
         count = int(d.get("count") or 0)

@@ -206,6 +206,8 @@ def run_job(
     now_done = [stem for stem, st in states.items() if st["state"] == "succeeded" and not st.get("previousRun")]
     for stem, r in read_shard_records(spec.output.uri, now_done, storage).items():
         states[stem].update(tarError=r["tarError"], model=r["model"])
+        if r.get("scoreSketches"):
+            states[stem]["scoreSketches"] = r["scoreSketches"]
     summary.truncated = {stem: st["tarError"] for stem, st in sorted(states.items()) if st.get("tarError")}
     summary.seconds = time.time() - started
     summary.ok = not policy.job_failed(summary.shards_failed, spec.maxFailedShards)

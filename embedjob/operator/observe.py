@@ -71,9 +71,11 @@ def observe_model(mem: JobMemory, spec: JobSpec, states: Mapping[str, str]) -> d
     return mem.model
 
 
-def finish(store: ProgressStore, mem: JobMemory, spec: JobSpec, desired: Mapping[str, Any],
+def finish(store: ProgressStore, mem: JobMemory, spec: JobSpec, desired: dict[str, Any],
            plan: list[tuple[str, str]], obs: status.Observed, events: list[Event]) -> None:
-    """Transition to Succeeded (job manifest first, then the status) or Failed (stop the rest)."""
+    """Transition to Succeeded (job manifest first, then the status) or Failed (stop the rest). With
+    score heads, the shards' sketches are read from their manifests (never the scores themselves) and
+    the merged summaries go into ``_job.json`` and ``status.scores``."""
     if desired["phase"] == status.SUCCEEDED:
         failed = {f.stem: f for f in obs.failed_shards}
         shards = {}
@@ -86,9 +88,16 @@ def finish(store: ProgressStore, mem: JobMemory, spec: JobSpec, desired: Mapping
                                 "failedImages": int(i.get("failedImages") or 0),
                                 "tarError": i.get("tarError") or None, "model": mem.model,
                                 "previousRun": bool(i.get("doneBefore"))}
+        if spec.scores.heads():
+            done = [stem for stem, s in shards.items() if s["state"] == "succeeded"]
+            for stem, record in read_shard_records(spec.output.uri, done, storage_for(spec)).items():
+                if record.get("scoreSketches"):
+                    shards[stem]["scoreSketches"] = record["scoreSketches"]
         started = status.parse_rfc3339(desired.get("startTime"))
-        write_job_manifest(storage_for(spec), spec.output.uri, job=store.job, spec=spec.to_dict(), shards=shards,
-                           started_at=started.timestamp() if started else None)
+        doc = write_job_manifest(storage_for(spec), spec.output.uri, job=store.job, spec=spec.to_dict(),
+                                 shards=shards, started_at=started.timestamp() if started else None)
+        if doc.get("scores"):
+            desired["scores"] = doc["scores"]
         events.append(Event("Normal", "Succeeded", condition_message(desired, status.COMPLETE)))
     else:
         store.set_control("suspended")  # late messages of a failed job are dropped by workers

@@ -272,6 +272,11 @@ if (reasons.length) { const r = document.getElementById("reasons");
 document.getElementById("model").textContent = JSON.stringify({model: D.model, heads: D.heads}, null, 1);
 const panels = document.getElementById("panels");
 for (const [name, P] of Object.entries(D.panels)) {
+  // as many decimals as the score's own range needs (random-weight heads spread over 0.001)
+  const span = P.edges[P.edges.length - 1] - P.edges[0];
+  const dec = Math.min(8, Math.max(2, Math.ceil(2 - Math.log10(span || 1))));
+  const fmt = n => n === null || n === undefined ? "-"
+    : (Number.isInteger(n) ? n.toLocaleString("en-US") : n.toFixed(dec));
   const p = el("div", {class: "panel", id: "panel-" + name});
   p.appendChild(el("h2", {}, name + " (" + fmt(P.count) + " images, mean " + fmt(P.mean) + ")"));
   const q = Object.entries(P.quantiles).map(([k, v]) => k + " " + fmt(v)).join(" · ");

@@ -1,0 +1,94 @@
+"""`embedjob report`: the page built from a real scored 20-shard output, opened in headless Chromium."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from embedjob.report import HIST_BINS, render
+from tests.browser import CHROMIUM, Browser
+
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (scripts/setup.sh)")
+
+
+def scores_of(output) -> dict[str, np.ndarray]:
+    tables = [pq.read_table(p) for p in sorted((output / "metadata").glob("*.parquet"))]
+    return {s: np.concatenate([t.column(s).to_numpy() for t in tables]) for s in ("aesthetic", "nsfw")}
+
+
+@pytest.fixture(scope="module")
+def report_page(scored_output, tmp_path_factory):
+    html = tmp_path_factory.mktemp("report") / "report.html"
+    r = subprocess.run([sys.executable, "-m", "embedjob.cli.main", "report", str(scored_output["output"]),
+                        "--html", str(html)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return html
+
+
+@pytest.fixture(scope="module")
+def page(report_page):
+    with Browser() as b:
+        b.open(report_page.as_uri())
+        assert b.js("document.body.dataset.ready") == "1"
+        yield b
+
+
+def test_totals_and_failed_reasons(page, scored_output):
+    totals = page.js("Object.fromEntries([...document.querySelectorAll('[data-total]')].map("
+                     "c => [c.dataset.total, c.querySelector('b').textContent]))")
+    assert totals["images"] == str(scored_output["images"]) and totals["failed samples"] == "1"
+    assert totals["shards done"] == "20 / 20"
+    reasons = page.js("[...document.querySelectorAll('#failed-reasons td')].map(td => td.textContent)")
+    assert len(reasons) == 2 and reasons[1] == "1"
+
+
+@pytest.mark.parametrize("score", ["aesthetic", "nsfw"])
+def test_histogram_counts_are_the_scores(page, scored_output, score):
+    values = scores_of(scored_output["output"])[score].astype(np.float64)
+    expected, _ = np.histogram(values, bins=HIST_BINS, range=(values.min(), values.max()))
+    bars = page.js(f"[...document.querySelectorAll('svg[data-score={score}] rect.bar')].map(r => +r.dataset.count)")
+    assert bars == expected.tolist() and sum(bars) == scored_output["images"]
+
+
+def test_moving_the_slider_changes_the_kept_count(page, scored_output):
+    values = scores_of(scored_output["output"])["aesthetic"].astype(np.float64)
+    assert page.js("+document.getElementById('kept-aesthetic').dataset.kept") == values.size  # >= the minimum
+    kept = page.js("""(() => { const s = document.getElementById('slider-aesthetic');
+        s.value = Math.round(s.max / 2); s.dispatchEvent(new Event('input'));
+        return [+document.getElementById('kept-aesthetic').dataset.kept,
+                +document.getElementById('kept-aesthetic').parentElement.dataset.threshold]; })()""")
+    assert 0 < kept[0] < values.size
+    assert kept[0] == int((values >= kept[1]).sum())
+    # nsfw keeps what is below the threshold
+    kept_nsfw = page.js("""(() => { const s = document.getElementById('slider-nsfw');
+        s.value = 0; s.dispatchEvent(new Event('input'));
+        return +document.getElementById('kept-nsfw').dataset.kept; })()""")
+    assert kept_nsfw == 0
+
+
+def test_every_thumbnail_loads(page):
+    thumbs = page.js("""Promise.all([...document.querySelectorAll('.thumbs img')].map(img =>
+        img.decode().then(() => [img.dataset.loaded, img.naturalWidth, img.dataset.member],
+                          () => ['failed', 0, img.dataset.member])))""")
+    assert len(thumbs) == 2 * 3 * 4  # two scores x lowest, median, highest x 4
+    assert all(loaded == "1" and width > 0 for loaded, width, _ in thumbs), thumbs
+    assert all(member.endswith(".jpg") for _, _, member in thumbs)
+
+
+def test_no_external_requests_and_a_screenshot_renders(page, tmp_path, report_page):
+    assert page.requests and all(u.startswith(("file://", "data:")) for u in page.requests), page.requests
+    png = page.screenshot(tmp_path / "report.png")
+    img = Image.open(io.BytesIO(png)).convert("RGB")
+    assert img.width >= 1000 and img.height >= 900
+    assert len(img.getcolors(1 << 20) or []) > 50  # drawn: bars, text, thumbnails; not a blank page
+
+
+def test_the_page_data_cannot_close_its_script_element():
+    page = render({"output": "</script><script>alert(1)</script>", "job": None, "totals": {}, "panels": {}})
+    assert "</script><script>alert(1)" not in page

@@ -288,7 +288,8 @@ for (const [name, P] of Object.entries(D.panels)) {
       "data-count": c, "data-lo": P.edges[i], "data-hi": P.edges[i + 1]})); });
   const cut = svgEl("line", {class: "cut", x1: 0, x2: 0, y1: 0, y2: H}); svg.appendChild(cut);
   svg.appendChild(svgEl("text", {x: 0, y: H + 14, "font-size": 11})).textContent = fmt(P.edges[0]);
-  svg.appendChild(svgEl("text", {x: W - 40, y: H + 14, "font-size": 11})).textContent = fmt(P.edges[n]);
+  svg.appendChild(svgEl("text", {x: W, y: H + 14, "font-size": 11, "text-anchor": "end"})).textContent =
+    fmt(P.edges[n]);
   p.appendChild(svg);
   const controls = el("div", {class: "controls"});
   const slider = el("input", {type: "range", min: 0, max: P.thresholds.length - 1, step: 1, value: 0,

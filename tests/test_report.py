@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import io
 import subprocess
-import sys
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from embedjob.dev.services import embedjob_command
 from embedjob.report import HIST_BINS, render
 from tests.browser import CHROMIUM, Browser
 
@@ -25,8 +25,8 @@ def scores_of(output) -> dict[str, np.ndarray]:
 @pytest.fixture(scope="module")
 def report_page(scored_output, tmp_path_factory):
     html = tmp_path_factory.mktemp("report") / "report.html"
-    r = subprocess.run([sys.executable, "-m", "embedjob.cli.main", "report", str(scored_output["output"]),
-                        "--html", str(html)], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(embedjob_command("report", str(scored_output["output"]), "--html", str(html)),
+                       capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     return html
 
@@ -92,3 +92,26 @@ def test_no_external_requests_and_a_screenshot_renders(page, tmp_path, report_pa
 def test_the_page_data_cannot_close_its_script_element():
     page = render({"output": "</script><script>alert(1)</script>", "job": None, "totals": {}, "panels": {}})
     assert "</script><script>alert(1)" not in page
+
+
+def test_report_of_the_demo_output(tmp_path):
+    """The demo's output (no score heads): the page still renders its totals, with no score panel."""
+    import json
+    import os
+
+    out, html = tmp_path / "demo", tmp_path / "demo.html"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "EMBEDJOB_MODEL_DIR": str(tmp_path / "models"),
+           "OMP_NUM_THREADS": "1"}
+    cli = embedjob_command()
+    r = subprocess.run([*cli, "demo", "--output", str(out), "--no-progress", "--workers", "1"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([*cli, "report", str(out), "--html", str(html)], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    images = json.loads((out / "_job.json").read_text())["totals"]["images"]
+    with Browser() as b:
+        b.open(html.as_uri())
+        assert b.js("document.body.dataset.ready") == "1"
+        assert b.js("document.querySelector('[data-total=images] b').textContent") == f"{images:,}"
+        assert b.js("document.querySelectorAll('.panel').length") == 0
+        assert all(u.startswith(("file://", "data:")) for u in b.requests), b.requests

@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import sys
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from embedjob.dev.services import embedjob_command
 from embedjob.where import WhereError, evaluate, parse_where, select_keys
 
 
@@ -70,7 +70,7 @@ def test_filter_returns_exactly_the_expected_keys(scored_output):
 def test_filter_cli_writes_keys_and_refuses_a_malformed_expression(scored_output, tmp_path):
     out = str(scored_output["output"])
     keys = tmp_path / "keys.parquet"
-    cmd = [sys.executable, "-m", "embedjob.cli.main", "filter", out]
+    cmd = embedjob_command("filter", out)
     r = subprocess.run([*cmd, "--where", "nsfw >= 0", "--keys", str(keys)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     written = pq.read_table(keys)

@@ -232,8 +232,13 @@ def check_task_locations(task: ShardTask) -> None:
     if not model_path and name and (os.path.isabs(name) or name.startswith(".") or os.path.exists(name)):
         model_path = name  # a "hub id" that is really a folder loads from disk: it is a path
     endpoint = (task.storage or {}).get("endpoint") if isinstance(task.storage, dict) else None
-    AccessPolicy.from_settings(settings_module.load()).check_task(str(task.shard), str(task.output), model_path,
-                                                                  endpoint, stem=str(task.stem))
+    policy = AccessPolicy.from_settings(settings_module.load())
+    policy.check_task(str(task.shard), str(task.output), model_path, endpoint, stem=str(task.stem))
+    # A score head's weights file is checked as a model folder is (a local path only where allowed).
+    scores = task.options.get("scores") if isinstance(task.options, dict) else None
+    for head in (scores or {}).values() if isinstance(scores, dict) else ():
+        if isinstance(head, dict) and head.get("path"):
+            policy.check_task(str(task.shard), str(task.output), str(head["path"]), endpoint, stem=str(task.stem))
 
 
 def check_task_options(task: ShardTask) -> None:

@@ -77,7 +77,7 @@ class ModelSpec:
 # Score heads computed on the image embeddings (embedjob.worker.model.heads): name -> what it is.
 SCORE_HEADS = {
     "aesthetic": "LAION improved aesthetic predictor v2 (768-1024-128-64-16-1)",
-    "nsfw": "LAION CLIP-based NSFW detector (normalisation, 768-64-512-256-128-1, sigmoid)",
+    "nsfw": "LAION CLIP-based NSFW detector (normalisation, 768-64-512-256-1, sigmoid)",
 }
 # Both heads were trained on ViT-L/14 image embeddings; their published weights take 768-wide input.
 HEAD_WIDTH = 768
@@ -408,7 +408,7 @@ def head_width(head: HeadSpec) -> int | None:
             header = json.loads(f.read(min(n, 1 << 24)))
     except (OSError, ValueError, struct.error):
         return None
-    for key in ("layers.0.weight", "dense.0.weight", "normalization.mean"):
+    for key in ("layers.0.weight", "linear_1.weight", "norm.mean"):
         shape = (header.get(key) or {}).get("shape") if isinstance(header, dict) else None
         if shape:
             return int(shape[-1])

@@ -37,11 +37,11 @@ def plain_aesthetic(state: dict, x: torch.Tensor) -> torch.Tensor:
 
 
 def plain_nsfw(state: dict, x: torch.Tensor) -> torch.Tensor:
-    """The NSFW detector, written out: Keras normalisation, four ReLU Dense, a sigmoid Dense."""
-    x = (x - state["normalization.mean"]) / torch.sqrt(state["normalization.variance"]).clamp(min=1e-7)
-    for i in range(4):
-        x = torch.relu(x @ state[f"dense.{i}.weight"].T + state[f"dense.{i}.bias"])
-    return torch.sigmoid(x @ state["dense.4.weight"].T + state["dense.4.bias"])[:, 0]
+    """The NSFW detector, written out: Keras normalisation, three ReLU Dense, a sigmoid Dense."""
+    x = (x - state["norm.mean"]) / torch.sqrt(state["norm.variance"]).clamp(min=1e-7)
+    for i in (1, 2, 3):
+        x = torch.relu(x @ state[f"linear_{i}.weight"].T + state[f"linear_{i}.bias"])
+    return torch.sigmoid(x @ state["linear_4.weight"].T + state["linear_4.bias"])[:, 0]
 
 
 PLAIN = {"aesthetic": plain_aesthetic, "nsfw": plain_nsfw}
@@ -59,9 +59,10 @@ def test_heads_have_the_published_shapes_and_keys(head_files):
         "layers.2.bias": (128,), "layers.4.weight": (64, 128), "layers.4.bias": (64,),
         "layers.6.weight": (16, 64), "layers.6.bias": (16,), "layers.7.weight": (1, 16), "layers.7.bias": (1,)}
     nsfw = read_state_dict(head_files["nsfw"])
-    assert [tuple(nsfw[f"dense.{i}.weight"].shape) for i in range(5)] == [
-        (64, 768), (512, 64), (256, 512), (128, 256), (1, 128)]
-    assert nsfw["normalization.mean"].shape == nsfw["normalization.variance"].shape == (768,)
+    assert {k: tuple(v.shape) for k, v in nsfw.items()} == {
+        "norm.mean": (768,), "norm.variance": (768,), "linear_1.weight": (64, 768), "linear_1.bias": (64,),
+        "linear_2.weight": (512, 64), "linear_2.bias": (512,), "linear_3.weight": (256, 512),
+        "linear_3.bias": (256,), "linear_4.weight": (1, 256), "linear_4.bias": (1,)}
 
 
 @pytest.mark.parametrize("score", ["aesthetic", "nsfw"])

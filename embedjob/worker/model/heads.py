@@ -10,17 +10,18 @@ as they are:
   Its ``.pth`` state dict loads with its original keys ``layers.{0,2,4,6,7}.{weight,bias}``.
 - ``nsfw``: the LAION CLIP-based NSFW detector (LAION-AI/CLIP-based-NSFW-Detector, the AutoKeras model
   ``clip_autokeras_binary_nsfw`` for ViT-L/14): Keras Normalization (``(x - mean) / max(sqrt(variance),
-  1e-7)``), Dense 768->64 ReLU, Dropout, Dense 64->512 ReLU, Dense 512->256 ReLU, Dense 256->128 ReLU,
-  Dense 128->1, sigmoid. Keras weights are no torch state dict, so this module names them (a converted
-  file uses these keys; a Keras kernel ``[in, out]`` is stored transposed, ``[out, in]``)::
+  1e-7)``), Dense 768->64 ReLU, Dense 64->512 ReLU, Dense 512->256 ReLU, Dense 256->1 sigmoid (AutoKeras'
+  dropout is the identity at inference and holds no weights). Keras weights are no torch state dict; the
+  key names are those of the torch conversion published with the detector (LAION-AI/CLIP-based-NSFW-Detector
+  issue 7, also what NVIDIA NeMo Curator loads), so that converted file loads as it is (a Keras kernel
+  ``[in, out]`` is stored transposed, ``[out, in]``)::
 
-      normalization.mean       [768]        Normalization layer's mean
-      normalization.variance   [768]        Normalization layer's variance
-      dense.0.weight / .bias   [64, 768]    Dense 768->64, ReLU
-      dense.1.weight / .bias   [512, 64]    Dense 64->512, ReLU
-      dense.2.weight / .bias   [256, 512]   Dense 512->256, ReLU
-      dense.3.weight / .bias   [128, 256]   Dense 256->128, ReLU
-      dense.4.weight / .bias   [1, 128]     Dense 128->1, sigmoid
+      norm.mean                   [768]        Normalization layer's mean
+      norm.variance               [768]        Normalization layer's variance
+      linear_1.weight / .bias     [64, 768]    Dense 768->64, ReLU
+      linear_2.weight / .bias     [512, 64]    Dense 64->512, ReLU
+      linear_3.weight / .bias     [256, 512]   Dense 512->256, ReLU
+      linear_4.weight / .bias     [1, 256]     Dense 256->1, sigmoid
 
 Weights come from a local file or a hub repository (``name`` + ``revision`` + ``file``): safetensors, or
 a ``.pth`` state dict read with ``torch.load(weights_only=True)`` (never an arbitrary pickle). The input
@@ -76,17 +77,18 @@ class NsfwDetector(nn.Module):
     def __init__(self, input_size: int = 768) -> None:
         super().__init__()
         self.input_size = input_size
-        self.normalization = _KerasNormalization(input_size)
-        widths = [input_size, 64, 512, 256, 128, 1]
-        self.dense = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths, widths[1:], strict=False))
-        self.dropout = nn.Dropout(0.5)  # after the first Dense, as AutoKeras placed it (identity in eval)
+        self.norm = _KerasNormalization(input_size)
+        self.linear_1 = nn.Linear(input_size, 64)
+        self.linear_2 = nn.Linear(64, 512)
+        self.linear_3 = nn.Linear(512, 256)
+        self.linear_4 = nn.Linear(256, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.normalization(x)
-        x = self.dropout(torch.relu(self.dense[0](x)))
-        for layer in self.dense[1:-1]:
-            x = torch.relu(layer(x))
-        return torch.sigmoid(self.dense[-1](x))
+        x = self.norm(x)
+        x = torch.relu(self.linear_1(x))
+        x = torch.relu(self.linear_2(x))
+        x = torch.relu(self.linear_3(x))
+        return torch.sigmoid(self.linear_4(x))
 
 
 class _KerasNormalization(nn.Module):
@@ -102,7 +104,7 @@ class _KerasNormalization(nn.Module):
 ARCHITECTURES: dict[str, tuple[str, type[nn.Module], str]] = {
     # score -> (architecture id, module, the key whose last dimension is the input width)
     "aesthetic": (AESTHETIC_ARCH, AestheticMLP, "layers.0.weight"),
-    "nsfw": (NSFW_ARCH, NsfwDetector, "dense.0.weight"),
+    "nsfw": (NSFW_ARCH, NsfwDetector, "linear_1.weight"),
 }
 
 

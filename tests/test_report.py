@@ -1,4 +1,6 @@
-"""`embedjob report`: the page built from a real scored 20-shard output, opened in headless Chromium."""
+"""`embedjob report`: the page built from a real scored 20-shard output and from the demo's, opened in
+headless Chromium (the Debian package scripts/setup.sh installs; without it these tests fail, they do
+not skip)."""
 
 from __future__ import annotations
 
@@ -12,9 +14,7 @@ from PIL import Image
 
 from embedjob.dev.services import embedjob_command
 from embedjob.report import HIST_BINS, render
-from tests.browser import CHROMIUM, Browser
-
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (scripts/setup.sh)")
+from tests.browser import Browser
 
 
 def scores_of(output) -> dict[str, np.ndarray]:
@@ -115,3 +115,31 @@ def test_report_of_the_demo_output(tmp_path):
         assert b.js("document.querySelector('[data-total=images] b').textContent") == f"{images:,}"
         assert b.js("document.querySelectorAll('.panel').length") == 0
         assert all(u.startswith(("file://", "data:")) for u in b.requests), b.requests
+
+
+def test_clip_score_column_gets_its_histogram_and_thumbnails(tmp_path):
+    """An output whose metadata has a clip_score column (text outputs): its panel, from the column."""
+    import json
+
+    import pyarrow as pa
+
+    from embedjob.report import build_report
+    from embedjob.storage import Storage
+    from tests.shards import simple_shard
+
+    shard = simple_shard(5, seed=3, size=(64, 48)).write(tmp_path / "in" / "00000.tar")
+    keys = [f"{i:06d}" for i in range(5)]
+    out = tmp_path / "out"
+    (out / "metadata").mkdir(parents=True)
+    (out / "_manifests").mkdir()
+    clip = np.array([0.31, 0.12, 0.25, 0.28, 0.05], np.float32)
+    pq.write_table(pa.table({"key": keys, "shard": [str(shard)] * 5, "member": [f"{k}.jpg" for k in keys],
+                             "clip_score": clip}), out / "metadata" / "00000.parquet")
+    (out / "_manifests" / "00000.json").write_text(json.dumps({"counts": {"embedded": 5, "failed": 0}}))
+    page = build_report(str(out), Storage())
+    data = json.loads(page.split('id="report-data">', 1)[1].split("</script>", 1)[0])
+    panel = data["panels"]["clip_score"]
+    assert sum(panel["counts"]) == 5 and panel["keepAbove"] and panel["atOrAbove"][0] == 5
+    lowest = data["thumbnails"]["clip_score"]["lowest"]
+    assert [t["key"] for t in lowest] == ["000004", "000001", "000002", "000003"]
+    assert all(t["src"].startswith("data:image/jpeg;base64,") for t in lowest)

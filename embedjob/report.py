@@ -18,12 +18,13 @@ import io
 import json
 import tarfile
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from embedjob.layout import job_manifest_uri, shard_outputs
+from embedjob.layout import job_manifest_uri, report_uri, shard_outputs, tmp_root
 from embedjob.results import ManifestTooLarge, done_stems, model_provenance, read_manifest
 from embedjob.storage import Storage
 
@@ -82,10 +83,14 @@ def _thumbnail(data: bytes) -> str | None:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def read_members(storage: Storage, wanted: dict[str, set[str]]) -> dict[tuple[str, str], bytes]:
-    """``(shard, member) -> bytes`` of the wanted members of each input shard (one streaming pass each)."""
+def read_members(storage: Storage, wanted: dict[str, set[str]],
+                 allowed: Callable[[str], bool] | None = None) -> dict[tuple[str, str], bytes]:
+    """``(shard, member) -> bytes`` of the wanted members of each input shard (one streaming pass each).
+    A shard ``allowed`` refuses is not read (its thumbnails are missing)."""
     found: dict[tuple[str, str], bytes] = {}
     for shard, members in sorted(wanted.items()):
+        if allowed is not None and not allowed(shard):
+            continue
         try:
             with storage.open_read(shard) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
                 for info in tar:
@@ -164,8 +169,10 @@ def _reason_kind(reason: str) -> str:
     return head[:80] or "unknown"
 
 
-def thumbnails(storage: Storage, scores: dict[str, ScoreData]) -> dict[str, dict[str, list[dict[str, Any]]]]:
-    """For each score: ``THUMBS_PER_QUANTILE`` samples at its lowest, median and highest values."""
+def thumbnails(storage: Storage, scores: dict[str, ScoreData],
+               allowed: Callable[[str], bool] | None = None) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """For each score: ``THUMBS_PER_QUANTILE`` samples at its lowest, median and highest values (read
+    from the input shards ``allowed`` accepts: the shard URIs come from the output's metadata)."""
     picks: dict[str, dict[str, list[tuple[float, tuple]]]] = {}
     for name, d in scores.items():
         finite = np.flatnonzero(np.isfinite(d.values))
@@ -181,7 +188,7 @@ def thumbnails(storage: Storage, scores: dict[str, ScoreData]) -> dict[str, dict
         for items in groups.values():
             for _, (_stem, _row, _key, shard, member) in items:
                 wanted.setdefault(shard, set()).add(member)
-    data = read_members(storage, wanted)
+    data = read_members(storage, wanted, allowed)
     out: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for name, groups in picks.items():
         out[name] = {}
@@ -192,8 +199,10 @@ def thumbnails(storage: Storage, scores: dict[str, ScoreData]) -> dict[str, dict
     return out
 
 
-def build_report(output_uri: str, storage: Storage | None = None) -> str:
-    """The report page of the job output at ``output_uri``, as one HTML string."""
+def build_report(output_uri: str, storage: Storage | None = None,
+                 allowed_shards: Callable[[str], bool] | None = None) -> str:
+    """The report page of the job output at ``output_uri``, as one HTML string. ``allowed_shards``: the
+    input shards thumbnails may be read from (None: any the storage can read)."""
     storage = storage or Storage()
     data = collect(output_uri, storage)
     if not data["totals"]["shardsDone"]:
@@ -201,8 +210,16 @@ def build_report(output_uri: str, storage: Storage | None = None) -> str:
     page = {k: v for k, v in data.items() if k != "scores"}
     page["panels"] = {name: {**score_panel(d.values), "keepAbove": KEEP_ABOVE.get(name, True)}
                       for name, d in data["scores"].items()}
-    page["thumbnails"] = thumbnails(storage, data["scores"])
+    page["thumbnails"] = thumbnails(storage, data["scores"], allowed_shards)
     return render(page)
+
+
+def write_report(output_uri: str, storage: Storage, allowed_shards: Callable[[str], bool] | None = None) -> str:
+    """Build the page and write it as ``report.html`` under the output (atomically). Returns its URI."""
+    uri = report_uri(output_uri)
+    page = build_report(output_uri, storage, allowed_shards)
+    storage.put_atomic(uri, page.encode(), tmp_root=tmp_root(output_uri))
+    return uri
 
 
 def render(page: dict[str, Any]) -> str:

@@ -62,6 +62,7 @@ class OutputSpec:
     uri: str
     dtype: str = "float16"
     overwrite: bool = False
+    report: bool = False  # cluster mode: a worker writes report.html (embedjob report) when the job succeeds
 
 
 @dataclass(frozen=True)
@@ -281,7 +282,7 @@ def parse_spec(spec: Any, allow_local: bool = True, base_dir: Path | None = None
     if "output" not in spec:
         raise SpecError("spec.output", "is required")
     o = _mapping(spec["output"], "spec.output")
-    _unknown(o, {"uri", "dtype", "overwrite"}, "spec.output")
+    _unknown(o, {"uri", "dtype", "overwrite", "report"}, "spec.output")
     out_uri = _str(o, "uri", "spec.output", None)
     if out_uri is None:
         raise SpecError("spec.output.uri", "is required")
@@ -290,6 +291,7 @@ def parse_spec(spec: Any, allow_local: bool = True, base_dir: Path | None = None
         uri=out_uri,
         dtype=_str(o, "dtype", "spec.output", "float16", DTYPES),
         overwrite=_bool(o, "overwrite", "spec.output", False),
+        report=_bool(o, "report", "spec.output", False),
     )
 
     m = _mapping(spec.get("model"), "spec.model")

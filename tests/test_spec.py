@@ -179,3 +179,11 @@ def test_a_head_whose_width_is_not_the_models_is_refused_naming_the_field(tmp_pa
         assert "768-wide" in e.value.message and "32-wide" in e.value.message
     # The default model (ViT-L/14, 768) takes them.
     assert parse_job(job(scores={"nsfw": {"path": str(heads["nsfw"])}})).spec.scores.nsfw
+
+
+def test_output_report_is_off_by_default():
+    assert parse_job(job()).spec.output.report is False
+    assert parse_job(job(output={"uri": "s3://embeddings/x/", "report": True})).spec.output.report is True
+    with pytest.raises(SpecError) as e:
+        parse_job(job(output={"uri": "s3://embeddings/x/", "report": "yes"}))
+    assert e.value.field == "spec.output.report"

@@ -8,8 +8,11 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+from embedjob.contract import REPORT_TASK_NAME, report_task_id
+from embedjob.layout import report_uri
 from embedjob.operator import status
 from embedjob.operator.accept import storage_for
+from embedjob.operator.dispatch import Sender
 from embedjob.operator.events import Event, JobMemory
 from embedjob.progress import ProgressStore
 from embedjob.results import model_provenance, read_shard_records, write_job_manifest
@@ -72,7 +75,8 @@ def observe_model(mem: JobMemory, spec: JobSpec, states: Mapping[str, str]) -> d
 
 
 def finish(store: ProgressStore, mem: JobMemory, spec: JobSpec, desired: dict[str, Any],
-           plan: list[tuple[str, str]], obs: status.Observed, events: list[Event]) -> None:
+           plan: list[tuple[str, str]], obs: status.Observed, events: list[Event],
+           sender: Sender | None = None) -> None:
     """Transition to Succeeded (job manifest first, then the status) or Failed (stop the rest). With
     score heads, the shards' sketches are read from their manifests (never the scores themselves) and
     the merged summaries go into ``_job.json`` and ``status.scores``."""
@@ -98,12 +102,30 @@ def finish(store: ProgressStore, mem: JobMemory, spec: JobSpec, desired: dict[st
                                  shards=shards, started_at=started.timestamp() if started else None)
         if doc.get("scores"):
             desired["scores"] = doc["scores"]
+        if spec.output.report and sender is not None:
+            request_report(store, spec, desired, sender)
         events.append(Event("Normal", "Succeeded", condition_message(desired, status.COMPLETE)))
     else:
         store.set_control("suspended")  # late messages of a failed job are dropped by workers
         removed = store.remove_queued_tasks(spec.queue)
         events.append(Event("Warning", "Failed", f"{condition_message(desired, status.FAILED_COND)}; "
                                                  f"{removed} queued task(s) removed"))
+
+
+def request_report(store: ProgressStore, spec: JobSpec, desired: dict[str, Any], sender: Sender) -> None:
+    """``spec.output.report``: one report task to the job's queue (a worker writes ``report.html``;
+    embedjob.worker.runtime.report_run) and its location in ``status.report``."""
+    uri = report_uri(spec.output.uri)
+    task = {"job": store.job, "output": spec.output.uri, "storage": {"endpoint": spec.storage.endpoint,
+                                                                     "region": spec.storage.region}}
+    try:
+        sender.send_task(REPORT_TASK_NAME, kwargs={"task": task}, queue=spec.queue, task_id=report_task_id(store.job))
+    except Exception as e:  # noqa: BLE001 - the job succeeded; the report is best effort
+        log.warning("job %s: cannot send the report task: %s", store.job, e)
+        desired["report"] = {"uri": uri, "state": "NotRequested", "message": str(e)[:200]}
+        return
+    desired["report"] = {"uri": uri, "state": "Requested",
+                         "message": "a worker writes it (embedjob report); open it once it exists"}
 
 
 def condition_message(job_status: Mapping[str, Any], ctype: str) -> str:

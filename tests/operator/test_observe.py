@@ -79,3 +79,32 @@ def test_a_job_with_score_heads_gets_their_summaries_from_the_shard_sketches(env
         assert abs(np.searchsorted(np.sort(every), summary[name], side="right") / every.size - q) <= 0.01
     job = json.loads(Storage().read_bytes(job_manifest_uri(f"s3://{bucket}/out/")))
     assert job["scores"] == res.status["scores"]
+
+
+def test_output_report_sends_one_report_task_and_links_it_in_the_status(env):
+    from embedjob.contract import REPORT_TASK_NAME, report_task_id
+    from tests.operator.jobs import QUEUE
+
+    r, app, store, bucket = env
+    spec = raw_spec(bucket, n=1, output={"uri": f"s3://{bucket}/out/", "report": True})
+    status, rec = started(r, app, store, spec)
+    status = rec.tick(spec, status, 1).status
+    r.delete(QUEUE)  # the shard's own message: the test plays the worker
+    worker_finishes(store, "0000", 3)
+    res = rec.tick(spec, status, 1)
+    assert res.status["phase"] == "Succeeded"
+    assert res.status["report"]["uri"] == f"s3://{bucket}/out/report.html"
+    assert res.status["report"]["state"] == "Requested"
+    messages = [json.loads(m) for m in r.lrange(QUEUE, 0, -1)]
+    assert [(m["headers"]["task"], m["headers"]["id"]) for m in messages] == [
+        (REPORT_TASK_NAME, report_task_id(store.job))]
+
+
+def test_no_report_unless_asked(env):
+    r, app, store, bucket = env
+    spec = raw_spec(bucket, n=1)
+    status, rec = started(r, app, store, spec)
+    status = rec.tick(spec, status, 1).status
+    worker_finishes(store, "0000", 3)
+    res = rec.tick(spec, status, 1)
+    assert res.status["phase"] == "Succeeded" and "report" not in res.status

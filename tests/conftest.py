@@ -82,7 +82,7 @@ def subprocess_env(extra: dict | None = None) -> dict:
 def scored_output(tmp_path_factory) -> dict:
     """A 20-shard job run through ``embedjob run`` (run_job) with both score heads (random weights in
     their real shapes) on a 768-wide random CLIP: its output folder, input folder and head files. One
-    shard holds a corrupt image (a failed sample)."""
+    shard holds a corrupt image (a failed sample). ``output.report``: the run writes report.html."""
     from embedjob.cli.run import run_job
     from embedjob.spec import parse_job
     from embedjob.worker.model.random_weights import save_random_clip, save_random_heads
@@ -97,7 +97,7 @@ def scored_output(tmp_path_factory) -> dict:
             spec.members.insert(2, ("s03-corrupt.jpg", b"\xff\xd8\xff not a jpeg"))
         spec.write(root / "in" / f"{j:05d}.tar")
     doc = {"apiVersion": "embedjob.io/v1alpha1", "kind": "EmbeddingJob", "metadata": {"name": "scored"},
-           "spec": {"input": {"uri": str(root / "in") + "/"}, "output": {"uri": str(root / "out")},
+           "spec": {"input": {"uri": str(root / "in") + "/"}, "output": {"uri": str(root / "out"), "report": True},
                     "model": {"path": str(model)}, "inference": {"device": "cpu", "batchSize": 8},
                     "scores": {k: {"path": str(v)} for k, v in heads.items()}}}
     summary = run_job(parse_job(doc), workers=1, show_progress=False, out=open(os.devnull, "w"))  # noqa: SIM115

@@ -39,6 +39,13 @@ def page(report_page):
         yield b
 
 
+def test_embedjob_run_writes_the_report_when_output_report_is_set(scored_output, report_page):
+    """The fixture's job has output.report: true: `embedjob run` wrote the same page under the output."""
+    written = scored_output["output"] / "report.html"
+    strip = lambda html: html.split('"throughput"', 1)[0]  # noqa: E731 - timings differ between builds
+    assert strip(written.read_text()) == strip(report_page.read_text())
+
+
 def test_totals_and_failed_reasons(page, scored_output):
     totals = page.js("Object.fromEntries([...document.querySelectorAll('[data-total]')].map("
                      "c => [c.dataset.total, c.querySelector('b').textContent]))")

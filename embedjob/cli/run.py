@@ -214,7 +214,20 @@ def run_job(
     if summary.ok:
         write_job_manifest(storage, spec.output.uri, job=job.name, spec=spec.to_dict(), shards=states,
                            started_at=started, extra=extra_manifest)
+        if spec.output.report:
+            _write_report(spec.output.uri, storage, {s.uri for s in shards}, out)
     return summary
+
+
+def _write_report(output: str, storage: Storage, inputs: set[str], out: Any) -> None:
+    """``output.report``: `embedjob report`'s page as report.html under the output (thumbnails from the
+    job's own shards only). A failure is said, not raised: the embeddings are complete."""
+    from embedjob.report import write_report
+
+    try:
+        print(f"embedjob: report: {write_report(output, storage, inputs.__contains__)}", file=out)
+    except Exception as e:  # noqa: BLE001
+        print(f"embedjob: warning: the report could not be written: {e}", file=out)
 
 
 def _execute(job: Job, todo: list[Shard], workers: int, show_progress: bool, summary: RunSummary,

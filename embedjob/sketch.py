@@ -7,9 +7,13 @@ The sketch is a weighted quantile summary: at most ``size`` points ``(value, wei
 with no more values than ``size`` keeps them all (exact); a larger one keeps ``size`` points at evenly
 spaced ranks, each standing for ``count / size`` values. Merging concatenates the points of every
 sketch and compacts them back to ``size`` the same way. Each compaction moves a rank by at most
-``count / size``: with the default ``size`` of 1024, one merge of any number of shards stays within
-0.2% rank error (tests/test_sketch.py checks 1% on 100,000 values over 50 shards). Count, sum (so the
+``count / (2 size)``: with the default ``size`` of 1024, one merge of any number of shards stays within
+0.05% rank error (tests/test_sketch.py checks 1% on 100,000 values over 50 shards). Count, sum (so the
 mean), min and max are exact.
+
+A job's shards are merged by :class:`SketchMerger` with bounded memory: batches of shard sketches,
+merged like a binary counter, so a value goes through at most ``log2(shards / batch) + 2`` compactions
+(under 1% rank error for a million shards; tested on 2,000).
 """
 
 from __future__ import annotations
@@ -140,11 +144,35 @@ def _round(x: float | None) -> float | None:
     return None if x is None else round(float(x), 6)
 
 
+class SketchMerger:
+    """Merges any number of sketches in bounded memory: ``batch`` at a time, then the batches' merges
+    pairwise by level (a binary counter), so no value is compacted more than ``log2(n / batch) + 2``
+    times and at most ``batch + log2(n / batch)`` sketches are held."""
+
+    def __init__(self, batch: int = 256, size: int = DEFAULT_SIZE) -> None:
+        self.batch, self.size = batch, size
+        self._pending: list[QuantileSketch] = []
+        self._levels: dict[int, QuantileSketch] = {}
+
+    def add(self, sketch: QuantileSketch) -> None:
+        self._pending.append(sketch)
+        if len(self._pending) >= self.batch:
+            merged, self._pending = QuantileSketch.merge(self._pending, self.size), []
+            level = 0
+            while level in self._levels:
+                merged = QuantileSketch.merge([self._levels.pop(level), merged], self.size)
+                level += 1
+            self._levels[level] = merged
+
+    def result(self) -> QuantileSketch:
+        return QuantileSketch.merge([*self._pending, *self._levels.values()], self.size)
+
+
 def merge_summaries(per_shard: Iterable[dict[str, dict[str, Any]] | None]) -> dict[str, dict[str, Any]]:
     """``{score: summary}`` of the merged ``{score: sketch JSON}`` of each shard (a shard without
-    sketches is skipped)."""
-    by_score: dict[str, list[QuantileSketch]] = {}
+    sketches is skipped). ``per_shard`` may be a generator: it is read once, in bounded memory."""
+    mergers: dict[str, SketchMerger] = {}
     for sketches in per_shard:
         for name, d in (sketches or {}).items():
-            by_score.setdefault(name, []).append(QuantileSketch.from_json(d))
-    return {name: QuantileSketch.merge(parts).summary() for name, parts in sorted(by_score.items())}
+            mergers.setdefault(name, SketchMerger()).add(QuantileSketch.from_json(d))
+    return {name: m.result().summary() for name, m in sorted(mergers.items())}

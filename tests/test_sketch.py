@@ -56,3 +56,19 @@ def test_merge_summaries_per_score():
 def test_from_json_refuses_what_is_not_a_sketch():
     with pytest.raises(ValueError):
         QuantileSketch.from_json({"kind": "pickle"})
+
+
+def test_merger_of_2000_shards_in_small_batches_stays_within_one_percent():
+    """Many levels of compaction (batches of 8: eight levels), as a big job's summary goes through."""
+    from embedjob.sketch import SketchMerger
+
+    rng = np.random.default_rng(3)
+    values = rng.gamma(2.0, 1.5, 100_000)
+    merger = SketchMerger(batch=8, size=256)
+    for part in np.array_split(values, 2000):
+        merger.add(QuantileSketch.of(part, size=256))
+    merged = merger.result()
+    exact = np.sort(values)
+    assert merged.count == values.size and merged.mean == pytest.approx(values.mean(), rel=1e-12)
+    for q in (0.01, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99):
+        assert _rank_error(exact, merged.quantile(q), q) <= 0.01, q

@@ -23,7 +23,7 @@ from typing import Any
 from embedjob import policy
 from embedjob.contract import ShardTask
 from embedjob.planning import Shard, plan_shards
-from embedjob.results import done_stems, read_shard_records, write_job_manifest
+from embedjob.results import done_stems, read_score_summaries, read_shard_records, write_job_manifest
 from embedjob.settings import set_library_env
 from embedjob.spec import Job
 from embedjob.storage import Storage, StorageOptions
@@ -206,14 +206,16 @@ def run_job(
     now_done = [stem for stem, st in states.items() if st["state"] == "succeeded" and not st.get("previousRun")]
     for stem, r in read_shard_records(spec.output.uri, now_done, storage).items():
         states[stem].update(tarError=r["tarError"], model=r["model"])
-        if r.get("scoreSketches"):
-            states[stem]["scoreSketches"] = r["scoreSketches"]
     summary.truncated = {stem: st["tarError"] for stem, st in sorted(states.items()) if st.get("tarError")}
     summary.seconds = time.time() - started
     summary.ok = not policy.job_failed(summary.shards_failed, spec.maxFailedShards)
     if summary.ok:
+        scores = None
+        if spec.scores.heads():  # merged from the shards' sketches, earlier runs' included
+            done_now = sorted(stem for stem, st in states.items() if st["state"] == "succeeded")
+            scores = read_score_summaries(spec.output.uri, done_now, storage)
         write_job_manifest(storage, spec.output.uri, job=job.name, spec=spec.to_dict(), shards=states,
-                           started_at=started, extra=extra_manifest)
+                           started_at=started, extra=extra_manifest, scores=scores)
         if spec.output.report:
             _write_report(spec.output.uri, storage, {s.uri for s in shards}, out)
     return summary

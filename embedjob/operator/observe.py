@@ -15,7 +15,7 @@ from embedjob.operator.accept import storage_for
 from embedjob.operator.dispatch import Sender
 from embedjob.operator.events import Event, JobMemory
 from embedjob.progress import ProgressStore
-from embedjob.results import model_provenance, read_shard_records, write_job_manifest
+from embedjob.results import model_provenance, read_score_summaries, read_shard_records, write_job_manifest
 from embedjob.spec import JobSpec
 
 log = logging.getLogger("embedjob.operator")
@@ -92,16 +92,15 @@ def finish(store: ProgressStore, mem: JobMemory, spec: JobSpec, desired: dict[st
                                 "failedImages": int(i.get("failedImages") or 0),
                                 "tarError": i.get("tarError") or None, "model": mem.model,
                                 "previousRun": bool(i.get("doneBefore"))}
+        scores = None
         if spec.scores.heads():
             done = [stem for stem, s in shards.items() if s["state"] == "succeeded"]
-            for stem, record in read_shard_records(spec.output.uri, done, storage_for(spec)).items():
-                if record.get("scoreSketches"):
-                    shards[stem]["scoreSketches"] = record["scoreSketches"]
+            scores = read_score_summaries(spec.output.uri, done, storage_for(spec))
         started = status.parse_rfc3339(desired.get("startTime"))
-        doc = write_job_manifest(storage_for(spec), spec.output.uri, job=store.job, spec=spec.to_dict(),
-                                 shards=shards, started_at=started.timestamp() if started else None)
-        if doc.get("scores"):
-            desired["scores"] = doc["scores"]
+        write_job_manifest(storage_for(spec), spec.output.uri, job=store.job, spec=spec.to_dict(), shards=shards,
+                           started_at=started.timestamp() if started else None, scores=scores)
+        if scores:
+            desired["scores"] = scores
         if spec.output.report and sender is not None:
             request_report(store, spec, desired, sender)
         events.append(Event("Normal", "Succeeded", condition_message(desired, status.COMPLETE)))

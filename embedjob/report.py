@@ -39,10 +39,14 @@ THUMB_PX = 112
 
 @dataclass
 class ScoreData:
+    """One score column over the whole output, and where each value is (12 bytes a row: no per-row
+    Python objects, whatever the job's size)."""
+
     name: str
-    values: np.ndarray
-    # (stem, row, key, shard, member) of each value, for the thumbnails
-    where: list[tuple[str, int, str, str, str]] = field(default_factory=list)
+    stems: list[str]  # the output's stems, shared by every score
+    values: np.ndarray = field(default_factory=lambda: np.empty(0, np.float32))
+    stem_index: np.ndarray = field(default_factory=lambda: np.empty(0, np.int32))  # into ``stems``
+    rows: np.ndarray = field(default_factory=lambda: np.empty(0, np.int32))  # the row in that shard
 
 
 def _edges(lo: float, hi: float, n: int) -> np.ndarray:
@@ -119,8 +123,8 @@ def collect(output_uri: str, storage: Storage) -> dict[str, Any]:
     models = []
     seconds = 0.0
     heads: dict[str, Any] = {}
-    scores: dict[str, ScoreData] = {}
-    for stem in stems:
+    parts: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
+    for n, stem in enumerate(stems):
         try:
             m = read_manifest(output_uri, stem, storage)
         except ManifestTooLarge:
@@ -140,12 +144,12 @@ def collect(output_uri: str, storage: Storage) -> dict[str, Any]:
         present = [c for c in SCORE_COLUMNS if c in schema.names]
         if not present:
             continue
-        table = pq.read_table(io.BytesIO(meta), columns=["key", "shard", "member", *present])
-        keys, shards, members = (table.column(c).to_pylist() for c in ("key", "shard", "member"))
+        table = pq.read_table(io.BytesIO(meta), columns=present)
+        rows = np.arange(table.num_rows, dtype=np.int32)
         for c in present:
-            d = scores.setdefault(c, ScoreData(c, np.empty(0, np.float32)))
-            d.values = np.concatenate([d.values, table.column(c).to_numpy(zero_copy_only=False).astype(np.float32)])
-            d.where.extend((stem, i, keys[i], shards[i], members[i]) for i in range(table.num_rows))
+            values = table.column(c).to_numpy(zero_copy_only=False).astype(np.float32)
+            parts.setdefault(c, []).append((values, np.full(rows.size, n, np.int32), rows))
+    scores = {c: ScoreData(c, stems, *(np.concatenate(x) for x in zip(*p, strict=True))) for c, p in parts.items()}
     timings = job.get("timings") or {}
     totals = job.get("totals") or {}
     return {
@@ -169,11 +173,25 @@ def _reason_kind(reason: str) -> str:
     return head[:80] or "unknown"
 
 
-def thumbnails(storage: Storage, scores: dict[str, ScoreData],
+def _locate(output_uri: str, storage: Storage, picked: set[tuple[str, int]]) -> dict[tuple[str, int], tuple]:
+    """``(stem, row) -> (key, shard, member)`` of the picked rows (only their shards' metadata is read)."""
+    import pyarrow.parquet as pq
+
+    out: dict[tuple[str, int], tuple] = {}
+    for stem in sorted({s for s, _ in picked}):
+        meta = storage.read_bytes(shard_outputs(output_uri, stem).metadata)
+        table = pq.read_table(io.BytesIO(meta), columns=["key", "shard", "member"])
+        for s, row in picked:
+            if s == stem:
+                out[(s, row)] = tuple(table.column(c)[row].as_py() for c in ("key", "shard", "member"))
+    return out
+
+
+def thumbnails(output_uri: str, storage: Storage, scores: dict[str, ScoreData],
                allowed: Callable[[str], bool] | None = None) -> dict[str, dict[str, list[dict[str, Any]]]]:
     """For each score: ``THUMBS_PER_QUANTILE`` samples at its lowest, median and highest values (read
     from the input shards ``allowed`` accepts: the shard URIs come from the output's metadata)."""
-    picks: dict[str, dict[str, list[tuple[float, tuple]]]] = {}
+    picks: dict[str, dict[str, list[tuple[float, tuple[str, int]]]]] = {}
     for name, d in scores.items():
         finite = np.flatnonzero(np.isfinite(d.values))
         order = finite[np.argsort(d.values[finite], kind="stable")]
@@ -182,20 +200,23 @@ def thumbnails(storage: Storage, scores: dict[str, ScoreData],
         k = min(THUMBS_PER_QUANTILE, order.size)
         mid = max(0, order.size // 2 - k // 2)
         groups = {"lowest": order[:k], "median": order[mid:mid + k], "highest": order[::-1][:k]}
-        picks[name] = {g: [(float(d.values[i]), d.where[i]) for i in idx] for g, idx in groups.items()}
+        picks[name] = {g: [(float(d.values[i]), (d.stems[d.stem_index[i]], int(d.rows[i]))) for i in idx]
+                       for g, idx in groups.items()}
+    where = _locate(output_uri, storage, {at for groups in picks.values() for items in groups.values()
+                                          for _, at in items})
     wanted: dict[str, set[str]] = {}
-    for groups in picks.values():
-        for items in groups.values():
-            for _, (_stem, _row, _key, shard, member) in items:
-                wanted.setdefault(shard, set()).add(member)
+    for _key, shard, member in where.values():
+        wanted.setdefault(shard, set()).add(member)
     data = read_members(storage, wanted, allowed)
     out: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for name, groups in picks.items():
         out[name] = {}
         for g, items in groups.items():
-            out[name][g] = [{"value": v, "key": key, "member": member, "stem": stem,
-                             "src": _thumbnail(data[(shard, member)]) if (shard, member) in data else None}
-                            for v, (stem, _row, key, shard, member) in items]
+            out[name][g] = []
+            for v, (stem, row) in items:
+                key, shard, member = where[(stem, row)]
+                out[name][g].append({"value": v, "key": key, "member": member, "stem": stem,
+                                     "src": _thumbnail(data[(shard, member)]) if (shard, member) in data else None})
     return out
 
 
@@ -210,7 +231,7 @@ def build_report(output_uri: str, storage: Storage | None = None,
     page = {k: v for k, v in data.items() if k != "scores"}
     page["panels"] = {name: {**score_panel(d.values), "keepAbove": KEEP_ABOVE.get(name, True)}
                       for name, d in data["scores"].items()}
-    page["thumbnails"] = thumbnails(storage, data["scores"], allowed_shards)
+    page["thumbnails"] = thumbnails(output_uri, storage, data["scores"], allowed_shards)
     return render(page)
 
 

@@ -79,8 +79,11 @@ def test_head_equals_plain_torch(head_files, score):
 
 
 def test_width_mismatch_and_foreign_weights_are_refused_naming_the_field(head_files, tmp_path):
-    with pytest.raises(ModelLoadError, match=r"spec\.scores\.nsfw: the head takes 768-wide .* 512-wide"):
+    from embedjob.policy import describe_failure
+
+    with pytest.raises(ModelLoadError, match=r"spec\.scores\.nsfw: the head takes 768-wide .* 512-wide") as e:
         load_head("nsfw", HeadSpec(path=str(head_files["nsfw"])), dim=512)
+    assert describe_failure(e.value)["permanent"]  # the shard fails at once: retrying cannot help
     with pytest.raises(ModelLoadError, match=r"spec\.scores\.aesthetic: .* not a LAION improved aesthetic"):
         load_head("aesthetic", HeadSpec(path=str(head_files["nsfw"])), dim=768)
     with pytest.raises(ModelLoadError, match=r"spec\.scores\.aesthetic: cannot read the weights"):

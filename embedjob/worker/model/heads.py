@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from embedjob.policy import PermanentError
 from embedjob.spec import SCORE_HEADS, HeadSpec, check_head_width
 from embedjob.worker.model import ModelLoadError
 from embedjob.worker.model.torch_env import torch
@@ -48,6 +49,11 @@ nn = torch.nn
 AESTHETIC_ARCH = "laion-improved-aesthetic-predictor-v2"
 NSFW_ARCH = "laion-clip-based-nsfw-detector"
 KERAS_EPSILON = 1e-7
+
+
+class HeadMismatch(ModelLoadError, PermanentError):
+    """Weights that are not the head's architecture, or not the model's width: retrying cannot help,
+    so the shard fails at once (a file that cannot be read at all is an ordinary, retried failure)."""
 
 
 class AestheticMLP(nn.Module):
@@ -152,18 +158,18 @@ def load_head(score: str, head: HeadSpec, dim: int, cache_dir: str | None = None
     except Exception as e:  # noqa: BLE001 - any reason: the field is named
         raise ModelLoadError(f"{where}: cannot read the weights: {e}") from e
     if width_key not in state:
-        raise ModelLoadError(f"{where}: {path.name} is not a {SCORE_HEADS[score]} (no {width_key!r} key; "
+        raise HeadMismatch(f"{where}: {path.name} is not a {SCORE_HEADS[score]} (no {width_key!r} key; "
                              f"found {', '.join(sorted(state)[:4])}...)")
     width = int(state[width_key].shape[-1])
     try:
         check_head_width(where, width, dim)
     except ValueError as e:
-        raise ModelLoadError(str(e)) from e
+        raise HeadMismatch(str(e)) from e
     module = module_type(width)
     try:
         module.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     except RuntimeError as e:
-        raise ModelLoadError(f"{where}: {path.name} does not fit the {SCORE_HEADS[score]}: {e}") from e
+        raise HeadMismatch(f"{where}: {path.name} does not fit the {SCORE_HEADS[score]}: {e}") from e
     module.eval()
     identity = {"score": score, "architecture": arch, **identity, "inputDim": width, "sha256": _sha256(path)}
     return ScoreHead(score, module, identity)

@@ -14,6 +14,9 @@ from embedjob.spec import InferenceSpec, JobSpec, ModelSpec
 from embedjob.storage import StorageOptions
 
 TASK_NAME = "embedjob.embed_shard"
+# The job's report (spec.output.report): sent once by the operator when the job succeeds. Its arguments:
+# {"job": the progress namespace, "output": output root, "storage": endpoint/region}.
+REPORT_TASK_NAME = "embedjob.write_report"
 # Bumped whenever the task's argument shape changes incompatibly.
 CONTRACT_VERSION = 1
 
@@ -32,6 +35,8 @@ class EmbedOptions:
     preprocessing: str = "exact"  # "exact" (OpenAI's reference, bit for bit) | "fast" (opt-in)
     compile: str = "none"  # torch.compile mode: none | default | reduce-overhead | max-autotune
     on_truncated: str = "record"  # spec.onTruncatedShard: record (keep what was read, count the loss) | fail
+    # spec.scores: {score: {name, revision, path, file}} of the heads to run on the embeddings (None: none)
+    scores: dict[str, dict[str, Any]] | None = None
 
     @classmethod
     def from_spec(cls, spec: JobSpec) -> EmbedOptions:
@@ -47,6 +52,7 @@ class EmbedOptions:
             preprocessing=i.preprocessing,
             compile=i.compile,
             on_truncated=spec.onTruncatedShard,
+            scores={k: asdict(v) for k, v in spec.scores.heads().items()} or None,
         )
 
 
@@ -91,6 +97,11 @@ def task_id(job_id: str, stem: str, attempt: int) -> str:
     task, so an operator restart mid-enqueue is recognisable."""
     digest = hashlib.sha1(stem.encode()).hexdigest()[:20]
     return f"ej-{job_id}-{digest}-{attempt}"
+
+
+def report_task_id(job_id: str) -> str:
+    """The report task's id: one per job (a resend after an operator restart names the same task)."""
+    return f"ej-{job_id}-report"
 
 
 def task_id_prefix(job_id: str) -> str:

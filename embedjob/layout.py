@@ -6,6 +6,7 @@ For input shard ``<stem>.tar`` under ``output.uri``::
     metadata/<stem>.parquet     one row per .npy row, same order
     _manifests/<stem>.json      written last; its presence means "this shard is done"
     _job.json                   job-level manifest, written when the whole job succeeds
+    report.html                 `embedjob report`'s page (cluster mode: with spec.output.report)
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ META_DIR = "metadata"
 MANIFEST_DIR = "_manifests"
 TMP_DIR = "_tmp"
 JOB_MANIFEST = "_job.json"
+REPORT_FILE = "report.html"
 SHARD_SUFFIX = ".tar"
 
 
@@ -44,6 +46,10 @@ def shard_outputs(output_uri: str, stem: str) -> ShardOutputs:
 def tmp_root(output_uri: str) -> str:
     """Where S3 temporary keys go before they are committed under a final name."""
     return join(output_uri, TMP_DIR)
+
+
+def report_uri(output_uri: str) -> str:
+    return join(output_uri, REPORT_FILE)
 
 
 def job_manifest_uri(output_uri: str) -> str:

@@ -22,6 +22,7 @@ import numpy as np
 
 from embedjob import settings
 from embedjob.layout import job_manifest_uri, manifests_prefix, shard_outputs, stem_from_manifest, tmp_root
+from embedjob.sketch import merge_summaries
 from embedjob.storage import Storage, StorageOptions
 
 
@@ -95,6 +96,28 @@ def read_shard_records(output_uri: str, stems: Iterable[str], storage: Storage |
 
     with ThreadPoolExecutor(max_workers=min(threads, len(stems))) as pool:
         return dict(pool.map(one, stems))
+
+
+def read_score_summaries(output_uri: str, stems: Iterable[str], storage: Storage | None = None,
+                         threads: int = 16, chunk: int = 256) -> dict[str, dict[str, Any]]:
+    """Per score: count, mean and quantiles over the finished shards ``stems``, merged from the quantile
+    sketches their manifests carry (no score is read back). Manifests are read ``chunk`` at a time, in
+    parallel, and merged as they come: memory stays bounded however many shards there are."""
+    storage = storage or Storage()
+    stems = list(stems)
+
+    def one(stem: str) -> dict[str, Any] | None:
+        try:
+            return read_manifest(output_uri, stem, storage).get("score_sketches")
+        except ManifestTooLarge:
+            return None
+
+    def sketches() -> Iterator[dict[str, Any] | None]:
+        with ThreadPoolExecutor(max_workers=max(1, min(threads, len(stems)))) as pool:
+            for i in range(0, len(stems), chunk):
+                yield from pool.map(one, stems[i:i + chunk])
+
+    return merge_summaries(sketches()) if stems else {}
 
 
 # What identifies the model in its records; the rest of a manifest's model block (device, precision,
@@ -171,13 +194,15 @@ def write_job_manifest(
     started_at: float | None,
     finished_at: float | None = None,
     extra: dict[str, Any] | None = None,
+    scores: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Write ``_job.json`` under the output: totals, every shard with its state and counts, the
     model, timings. ``shards`` maps stem -> {state, images, failedImages, tarError?, model?, error?,
     previousRun?}: every planned shard, including those an earlier run finished (their counts come
     from their manifests), so the totals describe the output whatever run wrote it. The rate counts
     only the images this run embedded (``imagesThisRun``). The model is what the shard manifests
-    record (:func:`model_provenance`); the spec's model block is kept as ``modelRequested``."""
+    record (:func:`model_provenance`); the spec's model block is kept as ``modelRequested``. ``scores``:
+    the score summaries (:func:`read_score_summaries`), kept as ``scores``."""
     finished_at = finished_at or time.time()
     done = [s for s in shards.values() if s.get("state") == "succeeded"]
     truncated = sorted(k for k, s in shards.items() if s.get("state") == "succeeded" and s.get("tarError"))
@@ -211,6 +236,8 @@ def write_job_manifest(
         "shards": [{"stem": k, **{f: x for f, x in v.items() if f != "model"}} for k, v in sorted(shards.items())],
         **(extra or {}),
     }
+    if scores:
+        doc["scores"] = scores
     storage.put_atomic(job_manifest_uri(output_uri), json.dumps(doc, indent=1).encode(),
                        tmp_root=tmp_root(output_uri))
     return doc

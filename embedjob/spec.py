@@ -62,6 +62,7 @@ class OutputSpec:
     uri: str
     dtype: str = "float16"
     overwrite: bool = False
+    report: bool = False  # cluster mode: a worker writes report.html (embedjob report) when the job succeeds
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,38 @@ class ModelSpec:
     name: str | None = DEFAULT_MODEL
     revision: str | None = DEFAULT_REVISION
     path: str | None = None
+
+
+# Score heads computed on the image embeddings (embedjob.worker.model.heads): name -> what it is.
+SCORE_HEADS = {
+    "aesthetic": "LAION improved aesthetic predictor v2 (768-1024-128-64-16-1)",
+    "nsfw": "LAION CLIP-based NSFW detector (normalisation, 768-64-512-256-1, sigmoid)",
+}
+# Both heads were trained on ViT-L/14 image embeddings; their published weights take 768-wide input.
+HEAD_WIDTH = 768
+# Embedding widths of hub models known without loading them (a local folder's comes from its config.json).
+KNOWN_MODEL_DIMS = {DEFAULT_MODEL: 768}
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """A score head's weights: a local ``path`` (a .safetensors or .pth file), or ``file`` of the hub
+    repository ``name`` at ``revision``."""
+
+    name: str | None = None
+    revision: str | None = None
+    path: str | None = None
+    file: str | None = None
+
+
+@dataclass(frozen=True)
+class ScoresSpec:
+    aesthetic: HeadSpec | None = None
+    nsfw: HeadSpec | None = None
+
+    def heads(self) -> dict[str, HeadSpec]:
+        """The heads asked for, by score name."""
+        return {k: v for k, v in (("aesthetic", self.aesthetic), ("nsfw", self.nsfw)) if v is not None}
 
 
 @dataclass(frozen=True)
@@ -112,6 +145,7 @@ class JobSpec:
     suspend: bool = False
     ttlSecondsAfterFinished: int | None = None  # noqa: N815
     onTruncatedShard: str = "record"  # noqa: N815 - record | fail (ON_TRUNCATED)
+    scores: ScoresSpec = field(default_factory=ScoresSpec)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -199,7 +233,7 @@ def parse_spec(spec: Any, allow_local: bool = True, base_dir: Path | None = None
     _unknown(
         spec,
         {"input", "output", "model", "inference", "storage", "queue", "retries", "maxFailedShards",
-         "parallelism", "priority", "suspend", "ttlSecondsAfterFinished", "onTruncatedShard"},
+         "parallelism", "priority", "suspend", "ttlSecondsAfterFinished", "onTruncatedShard", "scores"},
         "spec",
     )
 
@@ -248,7 +282,7 @@ def parse_spec(spec: Any, allow_local: bool = True, base_dir: Path | None = None
     if "output" not in spec:
         raise SpecError("spec.output", "is required")
     o = _mapping(spec["output"], "spec.output")
-    _unknown(o, {"uri", "dtype", "overwrite"}, "spec.output")
+    _unknown(o, {"uri", "dtype", "overwrite", "report"}, "spec.output")
     out_uri = _str(o, "uri", "spec.output", None)
     if out_uri is None:
         raise SpecError("spec.output.uri", "is required")
@@ -257,6 +291,7 @@ def parse_spec(spec: Any, allow_local: bool = True, base_dir: Path | None = None
         uri=out_uri,
         dtype=_str(o, "dtype", "spec.output", "float16", DTYPES),
         overwrite=_bool(o, "overwrite", "spec.output", False),
+        report=_bool(o, "report", "spec.output", False),
     )
 
     m = _mapping(spec.get("model"), "spec.model")
@@ -298,6 +333,30 @@ def parse_spec(spec: Any, allow_local: bool = True, base_dir: Path | None = None
         backoffSeconds=_int(r, "backoffSeconds", "spec.retries", 30, 0, 86400),
     )
 
+    sc = _mapping(spec.get("scores"), "spec.scores")
+    _unknown(sc, set(SCORE_HEADS), "spec.scores")
+    heads: dict[str, HeadSpec] = {}
+    for head in SCORE_HEADS:
+        if sc.get(head) is None:
+            continue
+        where = f"spec.scores.{head}"
+        h = _mapping(sc[head], where)
+        _unknown(h, {"name", "revision", "path", "file"}, where)
+        hpath, hname = _str(h, "path", where, None), _str(h, "name", where, None)
+        if bool(hpath) == bool(hname):
+            raise SpecError(where, "needs either path (a .safetensors or .pth file) or name (a hub id), not both")
+        hfile = _str(h, "file", where, None)
+        weights = hpath or hfile or "model.safetensors"
+        if not weights.lower().endswith((".safetensors", ".pth", ".pt")):
+            raise SpecError(f"{where}.{'path' if hpath else 'file'}",
+                            f"must be a .safetensors or .pth file (weights only, never a pickle), got {weights!r}")
+        if hpath and (hfile or h.get("revision")):
+            raise SpecError(where, "revision and file go with name (a hub id), not with path")
+        heads[head] = HeadSpec(name=hname, revision=_str(h, "revision", where, None),
+                               path=local(hpath, f"{where}.path") if hpath else None,
+                               file=hfile or (None if hpath else "model.safetensors"))
+    scores_spec = ScoresSpec(**heads)
+
     job = JobSpec(
         input=input_spec,
         output=output_spec,
@@ -312,6 +371,7 @@ def parse_spec(spec: Any, allow_local: bool = True, base_dir: Path | None = None
         suspend=_bool(spec, "suspend", "spec", False),
         ttlSecondsAfterFinished=_int(spec, "ttlSecondsAfterFinished", "spec", None, 0),
         onTruncatedShard=_str(spec, "onTruncatedShard", "spec", "record", ON_TRUNCATED),
+        scores=scores_spec,
     )
     check_semantics(job)
     return job
@@ -321,8 +381,57 @@ def _norm(uri: str) -> str:
     return uri.rstrip("/") + "/"
 
 
+def model_dim(model: ModelSpec) -> int | None:
+    """The model's embedding width when it is known without loading it: a known hub id, or a local
+    folder's ``config.json`` (``projection_dim``); None otherwise."""
+    if model.path:
+        import json
+
+        try:
+            config = json.loads((Path(model.path) / "config.json").read_text())
+        except (OSError, ValueError):
+            return None
+        dim = config.get("projection_dim") if isinstance(config, dict) else None
+        return dim if isinstance(dim, int) else None
+    return KNOWN_MODEL_DIMS.get(model.name or "")
+
+
+def head_width(head: HeadSpec) -> int | None:
+    """The input width of a head's weights, read from a local safetensors file's header (no tensor is
+    loaded); None when it cannot be known here (a hub file, a .pth: checked when the worker loads it)."""
+    if not head.path or not head.path.lower().endswith(".safetensors"):
+        return None
+    import json
+    import struct
+
+    try:
+        with open(head.path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(min(n, 1 << 24)))
+    except (OSError, ValueError, struct.error):
+        return None
+    for key in ("layers.0.weight", "linear_1.weight", "norm.mean"):
+        shape = (header.get(key) or {}).get("shape") if isinstance(header, dict) else None
+        if shape:
+            return int(shape[-1])
+    return None
+
+
+def check_head_width(field_name: str, width: int, dim: int) -> None:
+    """A head takes embeddings of exactly the model's width."""
+    if width != dim:
+        raise SpecError(field_name, f"the head takes {width}-wide embeddings but the model (spec.model) makes "
+                                    f"{dim}-wide ones: use the head trained for this model, or the model it was "
+                                    "trained for")
+
+
 def check_semantics(spec: JobSpec) -> None:
     """Rules a schema cannot express."""
+    dim = model_dim(spec.model)
+    for head_name, head in spec.scores.heads().items():
+        width = head_width(head) or HEAD_WIDTH
+        if dim is not None:
+            check_head_width(f"spec.scores.{head_name}", width, dim)
     out = _norm(spec.output.uri)
     inputs = [spec.input.uri] if spec.input.uri else list(spec.input.shards)
     for idx, src in enumerate(inputs):

@@ -48,6 +48,8 @@ command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
 command -v etcd >/dev/null 2>&1 || need_apt+=(etcd-server)
 # Prometheus scrapes the operator and workers in the e2e tests (tests/e2e/test_metrics_e2e.py).
 command -v prometheus >/dev/null 2>&1 || need_apt+=(prometheus)
+# Headless Chromium opens `embedjob report`'s page in its tests (tests/test_report_browser.py).
+command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: apt-get install ${need_apt[*]}" >&2
   $SUDO apt-get update -qq

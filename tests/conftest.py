@@ -89,3 +89,30 @@ def subprocess_env(extra: dict | None = None) -> dict:
     env = dict(os.environ)
     env.update(extra or {})
     return env
+
+
+@pytest.fixture(scope="session")
+def scored_output(tmp_path_factory) -> dict:
+    """A 20-shard job run through ``embedjob run`` (run_job) with both score heads (random weights in
+    their real shapes) on a 768-wide random CLIP: its output folder, input folder and head files. One
+    shard holds a corrupt image (a failed sample). ``output.report``: the run writes report.html."""
+    from embedjob.cli.run import run_job
+    from embedjob.spec import parse_job
+    from embedjob.worker.model.random_weights import save_random_clip, save_random_heads
+    from tests.shards import simple_shard
+
+    root = tmp_path_factory.mktemp("scored")
+    model = save_random_clip(root / "clip768", projection_dim=768)
+    heads = save_random_heads(root / "heads")
+    for j in range(20):
+        spec = simple_shard(6, seed=j + 1, size=(96, 80), prefix=f"s{j:02d}-")
+        if j == 3:
+            spec.members.insert(2, ("s03-corrupt.jpg", b"\xff\xd8\xff not a jpeg"))
+        spec.write(root / "in" / f"{j:05d}.tar")
+    doc = {"apiVersion": "embedjob.io/v1alpha1", "kind": "EmbeddingJob", "metadata": {"name": "scored"},
+           "spec": {"input": {"uri": str(root / "in") + "/"}, "output": {"uri": str(root / "out"), "report": True},
+                    "model": {"path": str(model)}, "inference": {"device": "cpu", "batchSize": 8},
+                    "scores": {k: {"path": str(v)} for k, v in heads.items()}}}
+    summary = run_job(parse_job(doc), workers=1, show_progress=False, out=open(os.devnull, "w"))  # noqa: SIM115
+    assert summary.ok and summary.shards_failed == 0
+    return {"output": root / "out", "input": root / "in", "heads": heads, "images": 120, "failed": 1}

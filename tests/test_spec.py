@@ -130,3 +130,60 @@ def test_on_truncated_shard():
     assert parse_spec({**base, "onTruncatedShard": "fail"}).onTruncatedShard == "fail"
     with pytest.raises(SpecError, match="spec.onTruncatedShard: must be one of record, fail"):
         parse_spec({**base, "onTruncatedShard": "ignore"})
+
+
+# -- spec.scores ----------------------------------------------------------------------------------------
+def test_scores_parse_and_reach_the_task_options(tmp_path):
+    from embedjob.contract import EmbedOptions
+
+    weights = tmp_path / "aesthetic.pth"
+    weights.write_bytes(b"")
+    s = parse_job(job(scores={"aesthetic": {"path": str(weights)},
+                              "nsfw": {"name": "laion/nsfw", "revision": "r1", "file": "nsfw.safetensors"}})).spec
+    assert s.scores.aesthetic.path == str(weights) and s.scores.nsfw.name == "laion/nsfw"
+    assert EmbedOptions.from_spec(s).scores == {
+        "aesthetic": {"name": None, "revision": None, "path": str(weights), "file": None},
+        "nsfw": {"name": "laion/nsfw", "revision": "r1", "path": None, "file": "nsfw.safetensors"}}
+    assert parse_job(job()).spec.scores.heads() == {}
+    assert EmbedOptions.from_spec(parse_job(job()).spec).scores is None
+
+
+@pytest.mark.parametrize(
+    "scores, field",
+    [
+        ({"clip": {"name": "x"}}, "spec.scores.clip"),
+        ({"aesthetic": {}}, "spec.scores.aesthetic"),
+        ({"aesthetic": {"name": "a/b", "path": "/w.pth"}}, "spec.scores.aesthetic"),
+        ({"nsfw": {"name": "a/b", "file": "model.ckpt"}}, "spec.scores.nsfw.file"),
+        ({"nsfw": {"path": "/weights.pkl"}}, "spec.scores.nsfw.path"),
+        ({"nsfw": {"path": "/w.pth", "revision": "r"}}, "spec.scores.nsfw"),
+        ({"aesthetic": "yes"}, "spec.scores.aesthetic"),
+    ],
+)
+def test_bad_scores_field_is_named(scores, field):
+    with pytest.raises(SpecError) as e:
+        parse_job(job(scores=scores))
+    assert e.value.field == field
+
+
+def test_a_head_whose_width_is_not_the_models_is_refused_naming_the_field(tmp_path):
+    """A 32-wide model (its config.json says so) with the 768-wide heads: refused at validation."""
+    from embedjob.worker.model.random_weights import save_random_clip, save_random_heads
+
+    model = save_random_clip(tmp_path / "clip32", projection_dim=32)
+    heads = save_random_heads(tmp_path / "heads")
+    for score in ("nsfw", "aesthetic"):  # a safetensors header read, and a .pth of the published width
+        with pytest.raises(SpecError) as e:
+            parse_job(job(model={"path": str(model)}, scores={score: {"path": str(heads[score])}}))
+        assert e.value.field == f"spec.scores.{score}"
+        assert "768-wide" in e.value.message and "32-wide" in e.value.message
+    # The default model (ViT-L/14, 768) takes them.
+    assert parse_job(job(scores={"nsfw": {"path": str(heads["nsfw"])}})).spec.scores.nsfw
+
+
+def test_output_report_is_off_by_default():
+    assert parse_job(job()).spec.output.report is False
+    assert parse_job(job(output={"uri": "s3://embeddings/x/", "report": True})).spec.output.report is True
+    with pytest.raises(SpecError) as e:
+        parse_job(job(output={"uri": "s3://embeddings/x/", "report": "yes"}))
+    assert e.value.field == "spec.output.report"

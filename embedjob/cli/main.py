@@ -6,6 +6,8 @@
     embedjob model fetch [NAME]             fill the model cache (or a folder) ahead of an offline job
     embedjob worker [--queue Q]             a Celery worker for the operator's tasks
     embedjob bench [--size 1mp ...]         throughput vs the decode/model limits and a baseline
+    embedjob report OUTPUT [--html F]       one self-contained HTML page about a job's output
+    embedjob filter OUTPUT --where E --keys F   the keys of the rows whose metadata satisfies E
     embedjob operator                       the Kubernetes operator
     embedjob dev up|down|status|restart ... the local dev stack (embedjob.dev)
 """
@@ -17,12 +19,16 @@ import os
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from embedjob import __version__
 from embedjob.bundled import sample_shards, sample_shards_dir
 from embedjob.dev.cli import add_commands as add_dev_commands
 from embedjob.operator.cli import add_commands as add_operator_commands
 from embedjob.spec import DEFAULT_REVISION, Job, SpecError, load_job_file, parse_job
+
+if TYPE_CHECKING:
+    from embedjob.storage import Storage
 
 # Worker modules (torch, transformers) are imported inside the commands that run them, so the CLI and
 # the operator image stay torch-free (tests/test_packaging.py).
@@ -271,6 +277,40 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _output_storage(args: argparse.Namespace) -> Storage:
+    from embedjob.storage import Storage, StorageOptions
+
+    return Storage(StorageOptions(endpoint=args.endpoint, region=args.region))
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from embedjob.report import build_report
+
+    try:
+        page = build_report(args.output, _output_storage(args))
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    Path(args.html).write_text(page)
+    print(f"{args.html}: report of {args.output} ({len(page) // 1024} KiB, self-contained)")
+    return 0
+
+
+def _cmd_filter(args: argparse.Namespace) -> int:
+    import pyarrow.parquet as pq
+
+    from embedjob.where import WhereError, select_keys
+
+    try:
+        kept = select_keys(args.output, args.where, _output_storage(args))
+    except WhereError as e:
+        print(f"error: --where: {e}", file=sys.stderr)
+        return 2
+    pq.write_table(kept, args.keys)
+    print(f"{args.keys}: {kept.num_rows} keys where {args.where}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="embedjob", description="CLIP image embeddings for WebDataset shards.")
     p.add_argument("--version", action="version", version=f"embedjob {__version__}")
@@ -369,6 +409,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "DIR/profile-<mode>.txt, the operators and kernels by self CPU and device time")
     b.add_argument("--json", default=None, metavar="OUT", help="also write the report as JSON")
     b.set_defaults(func=_cmd_bench)
+
+    rp = sub.add_parser("report", help="one self-contained HTML page about a job's output: totals, score "
+                                       "histograms with a threshold slider, thumbnails at the score quantiles")
+    rp.add_argument("output", help="the job's output (s3:// URI or local folder)")
+    rp.add_argument("--html", default="report.html", help="where to write the page (default: report.html)")
+    fl = sub.add_parser("filter", help="write the keys of the rows whose metadata satisfies an expression")
+    fl.add_argument("output", help="the job's output (s3:// URI or local folder)")
+    fl.add_argument("--where", required=True, help='e.g. "aesthetic >= 5.5 and nsfw < 0.1" (and, or, not, '
+                                                   "parentheses; < <= > >= == != against metadata columns)")
+    fl.add_argument("--keys", required=True, help="the parquet file to write: key, shard, member, stem, row")
+    for cmd, func in ((rp, _cmd_report), (fl, _cmd_filter)):
+        cmd.add_argument("--endpoint", default=None, help="S3 endpoint (default: the environment's)")
+        cmd.add_argument("--region", default=None)
+        cmd.set_defaults(func=func)
 
     add_operator_commands(sub)
     add_dev_commands(sub)

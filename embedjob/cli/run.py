@@ -23,7 +23,7 @@ from typing import Any
 from embedjob import policy
 from embedjob.contract import ShardTask
 from embedjob.planning import Shard, plan_shards
-from embedjob.results import done_stems, read_shard_records, write_job_manifest
+from embedjob.results import done_stems, read_score_summaries, read_shard_records, write_job_manifest
 from embedjob.settings import set_library_env
 from embedjob.spec import Job
 from embedjob.storage import Storage, StorageOptions
@@ -210,9 +210,26 @@ def run_job(
     summary.seconds = time.time() - started
     summary.ok = not policy.job_failed(summary.shards_failed, spec.maxFailedShards)
     if summary.ok:
+        scores = None
+        if spec.scores.heads():  # merged from the shards' sketches, earlier runs' included
+            done_now = sorted(stem for stem, st in states.items() if st["state"] == "succeeded")
+            scores = read_score_summaries(spec.output.uri, done_now, storage)
         write_job_manifest(storage, spec.output.uri, job=job.name, spec=spec.to_dict(), shards=states,
-                           started_at=started, extra=extra_manifest)
+                           started_at=started, extra=extra_manifest, scores=scores)
+        if spec.output.report:
+            _write_report(spec.output.uri, storage, {s.uri for s in shards}, out)
     return summary
+
+
+def _write_report(output: str, storage: Storage, inputs: set[str], out: Any) -> None:
+    """``output.report``: `embedjob report`'s page as report.html under the output (thumbnails from the
+    job's own shards only). A failure is said, not raised: the embeddings are complete."""
+    from embedjob.report import write_report
+
+    try:
+        print(f"embedjob: report: {write_report(output, storage, inputs.__contains__)}", file=out)
+    except Exception as e:  # noqa: BLE001
+        print(f"embedjob: warning: the report could not be written: {e}", file=out)
 
 
 def _execute(job: Job, todo: list[Shard], workers: int, show_progress: bool, summary: RunSummary,

@@ -8,11 +8,14 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+from embedjob.contract import REPORT_TASK_NAME, report_task_id
+from embedjob.layout import report_uri
 from embedjob.operator import status
 from embedjob.operator.accept import storage_for
+from embedjob.operator.dispatch import Sender
 from embedjob.operator.events import Event, JobMemory
 from embedjob.progress import ProgressStore
-from embedjob.results import model_provenance, read_shard_records, write_job_manifest
+from embedjob.results import model_provenance, read_score_summaries, read_shard_records, write_job_manifest
 from embedjob.spec import JobSpec
 
 log = logging.getLogger("embedjob.operator")
@@ -71,9 +74,12 @@ def observe_model(mem: JobMemory, spec: JobSpec, states: Mapping[str, str]) -> d
     return mem.model
 
 
-def finish(store: ProgressStore, mem: JobMemory, spec: JobSpec, desired: Mapping[str, Any],
-           plan: list[tuple[str, str]], obs: status.Observed, events: list[Event]) -> None:
-    """Transition to Succeeded (job manifest first, then the status) or Failed (stop the rest)."""
+def finish(store: ProgressStore, mem: JobMemory, spec: JobSpec, desired: dict[str, Any],
+           plan: list[tuple[str, str]], obs: status.Observed, events: list[Event],
+           sender: Sender | None = None) -> None:
+    """Transition to Succeeded (job manifest first, then the status) or Failed (stop the rest). With
+    score heads, the shards' sketches are read from their manifests (never the scores themselves) and
+    the merged summaries go into ``_job.json`` and ``status.scores``."""
     if desired["phase"] == status.SUCCEEDED:
         failed = {f.stem: f for f in obs.failed_shards}
         shards = {}
@@ -86,15 +92,39 @@ def finish(store: ProgressStore, mem: JobMemory, spec: JobSpec, desired: Mapping
                                 "failedImages": int(i.get("failedImages") or 0),
                                 "tarError": i.get("tarError") or None, "model": mem.model,
                                 "previousRun": bool(i.get("doneBefore"))}
+        scores = None
+        if spec.scores.heads():
+            done = [stem for stem, s in shards.items() if s["state"] == "succeeded"]
+            scores = read_score_summaries(spec.output.uri, done, storage_for(spec))
         started = status.parse_rfc3339(desired.get("startTime"))
         write_job_manifest(storage_for(spec), spec.output.uri, job=store.job, spec=spec.to_dict(), shards=shards,
-                           started_at=started.timestamp() if started else None)
+                           started_at=started.timestamp() if started else None, scores=scores)
+        if scores:
+            desired["scores"] = scores
+        if spec.output.report and sender is not None:
+            request_report(store, spec, desired, sender)
         events.append(Event("Normal", "Succeeded", condition_message(desired, status.COMPLETE)))
     else:
         store.set_control("suspended")  # late messages of a failed job are dropped by workers
         removed = store.remove_queued_tasks(spec.queue)
         events.append(Event("Warning", "Failed", f"{condition_message(desired, status.FAILED_COND)}; "
                                                  f"{removed} queued task(s) removed"))
+
+
+def request_report(store: ProgressStore, spec: JobSpec, desired: dict[str, Any], sender: Sender) -> None:
+    """``spec.output.report``: one report task to the job's queue (a worker writes ``report.html``;
+    embedjob.worker.runtime.report_run) and its location in ``status.report``."""
+    uri = report_uri(spec.output.uri)
+    task = {"job": store.job, "output": spec.output.uri, "storage": {"endpoint": spec.storage.endpoint,
+                                                                     "region": spec.storage.region}}
+    try:
+        sender.send_task(REPORT_TASK_NAME, kwargs={"task": task}, queue=spec.queue, task_id=report_task_id(store.job))
+    except Exception as e:  # noqa: BLE001 - the job succeeded; the report is best effort
+        log.warning("job %s: cannot send the report task: %s", store.job, e)
+        desired["report"] = {"uri": uri, "state": "NotRequested", "message": str(e)[:200]}
+        return
+    desired["report"] = {"uri": uri, "state": "Requested",
+                         "message": "a worker writes it (embedjob report); open it once it exists"}
 
 
 def condition_message(job_status: Mapping[str, Any], ctype: str) -> str:

@@ -213,7 +213,7 @@ class Reconciler:
                                       rate=status.images_per_second(list(mem.samples)), dispatched=bool(states))
         desired["conditions"] = _merge_conditions(desired["conditions"], conditions)
         if desired["phase"] in status.TERMINAL and job_status.get("phase") not in status.TERMINAL:
-            finish(store, mem, spec, desired, plan, obs, self.events)
+            finish(store, mem, spec, desired, plan, obs, self.events, self.sender)
         return TickResult(desired, self.events)
 
 

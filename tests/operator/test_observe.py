@@ -51,3 +51,60 @@ def test_observe_puts_every_planned_shard_in_one_bucket_with_the_totals(env):
     assert obs.failed_shards == [st.FailedShard(stem="0003", shard=f"s3://{bucket}/in/0003.tar", attempts=2,
                                                 error="ValueError: bad")]
     assert (obs.failures, obs.transient_failures, obs.lease_expiries, obs.messages_lost) == (2, 0, 1, 1)
+
+
+def test_a_job_with_score_heads_gets_their_summaries_from_the_shard_sketches(env):
+    """status.scores and _job.json's scores merge the sketches the shard manifests carry."""
+    import numpy as np
+
+    from embedjob.layout import shard_outputs
+    from embedjob.sketch import QuantileSketch
+
+    r, app, store, bucket = env
+    spec = raw_spec(bucket, n=2, scores={"aesthetic": {"name": "laion/aesthetic", "revision": "r1"}})
+    status, rec = started(r, app, store, spec)
+    status = rec.tick(spec, status, 1).status
+    values = {"0000": np.linspace(1.0, 5.0, 300), "0001": np.linspace(5.0, 9.0, 100)}
+    for stem, v in values.items():
+        manifest = {"counts": {"embedded": v.size, "failed": 0},
+                    "score_sketches": {"aesthetic": QuantileSketch.of(v).to_json()}}
+        Storage().put_atomic(shard_outputs(f"s3://{bucket}/out/", stem).manifest, json.dumps(manifest).encode())
+        worker_finishes(store, stem, v.size)
+    res = rec.tick(spec, status, 1)
+    assert res.status["phase"] == "Succeeded"
+    every = np.concatenate(list(values.values()))
+    summary = res.status["scores"]["aesthetic"]
+    assert summary["count"] == 400 and summary["mean"] == round(float(every.mean()), 6)
+    for name, q in (("p1", 0.01), ("p50", 0.5), ("p99", 0.99)):
+        assert abs(np.searchsorted(np.sort(every), summary[name], side="right") / every.size - q) <= 0.01
+    job = json.loads(Storage().read_bytes(job_manifest_uri(f"s3://{bucket}/out/")))
+    assert job["scores"] == res.status["scores"]
+
+
+def test_output_report_sends_one_report_task_and_links_it_in_the_status(env):
+    from embedjob.contract import REPORT_TASK_NAME, report_task_id
+    from tests.operator.jobs import QUEUE
+
+    r, app, store, bucket = env
+    spec = raw_spec(bucket, n=1, output={"uri": f"s3://{bucket}/out/", "report": True})
+    status, rec = started(r, app, store, spec)
+    status = rec.tick(spec, status, 1).status
+    r.delete(QUEUE)  # the shard's own message: the test plays the worker
+    worker_finishes(store, "0000", 3)
+    res = rec.tick(spec, status, 1)
+    assert res.status["phase"] == "Succeeded"
+    assert res.status["report"]["uri"] == f"s3://{bucket}/out/report.html"
+    assert res.status["report"]["state"] == "Requested"
+    messages = [json.loads(m) for m in r.lrange(QUEUE, 0, -1)]
+    assert [(m["headers"]["task"], m["headers"]["id"]) for m in messages] == [
+        (REPORT_TASK_NAME, report_task_id(store.job))]
+
+
+def test_no_report_unless_asked(env):
+    r, app, store, bucket = env
+    spec = raw_spec(bucket, n=1)
+    status, rec = started(r, app, store, spec)
+    status = rec.tick(spec, status, 1).status
+    worker_finishes(store, "0000", 3)
+    res = rec.tick(spec, status, 1)
+    assert res.status["phase"] == "Succeeded" and "report" not in res.status

@@ -5,13 +5,15 @@ CONTRACT (other modules code against this; keep it stable):
     embed_shard(shard: str, output: str, model: Embedder, options: EmbedOptions, *,
                 stem: str | None = None, storage: Storage | None = None,
                 on_progress: Callable[[int], None] | None = None,
-                pool_kind: str | None = None) -> ShardResult
+                pool_kind: str | None = None, heads: ScoreHeads | None = None) -> ShardResult
 
 - ``shard``: s3:// URI or local path of the .tar; ``output``: output root URI or local folder.
 - ``stem``: output stem (default: the shard's basename without .tar).
 - ``model``: a loaded embedder (embedjob.worker.model.load.load_embedder), loaded once per process.
 - ``on_progress(n)``: called with the number of images embedded so far (cheap; may be called often).
 - ``pool_kind``: the decode pool's kind, "process" or "thread" (None: the shared pool's, "process").
+- ``heads``: score heads (embedjob.worker.model.heads.load_heads) run on each finished batch, on its rows
+  as the ``.npy`` holds them: a float32 column each in the parquet, a quantile sketch each in the manifest.
 - Always embeds: whether a shard needs doing is decided by its callers (the plans of the operator
   and of ``embedjob run`` choose what to run; the Celery task re-checks a delivery under its lease).
   An existing manifest is deleted first, so a redone shard is not "done" until its new outputs are.
@@ -64,10 +66,11 @@ from embedjob.worker.datapath.gpu_decode import JpegDecoder, nvjpeg_decoder
 from embedjob.worker.datapath.preprocess import PREPROCESSING_ID
 from embedjob.worker.datapath.write import MetadataRow, ShardWriter, shard_manifest
 from embedjob.worker.model.embedder import Embedder
+from embedjob.worker.model.heads import ScoreHeads
 
 log = logging.getLogger(__name__)
 
-STAGES = ("read", "decode", "preprocess", "inference", "write", "wait")
+STAGES = ("read", "decode", "preprocess", "inference", "scores", "write", "wait")
 
 
 class TruncatedShard(PermanentError):
@@ -105,8 +108,9 @@ class _Batches:
     into the writer, in tar order."""
 
     def __init__(self, engine: InferenceEngine, writer: ShardWriter, stream: PreparedStream,
-                 on_progress: Callable[[int], None] | None, timings: dict[str, float]) -> None:
-        self.engine, self.writer, self.stream = engine, writer, stream
+                 on_progress: Callable[[int], None] | None, timings: dict[str, float],
+                 heads: ScoreHeads | None = None) -> None:
+        self.engine, self.writer, self.stream, self.heads = engine, writer, stream, heads
         self.on_progress, self.timings = on_progress, timings
         self.embedded = 0
         self.paths: dict[str, int] = {}  # how the embedded images were preprocessed
@@ -155,7 +159,12 @@ class _Batches:
                     if i in result.paths:
                         self.paths[result.paths[i]] = self.paths.get(result.paths[i], 0) + 1
                     rows.append(row)
-            self.writer.add(result.rows, rows)
+            scores = None
+            if self.heads:  # on the rows as written, so the scores are reproducible from the .npy
+                t = time.perf_counter()
+                scores = self.heads.score(self.writer.as_written(result.rows))
+                self.timings["scores"] += time.perf_counter() - t
+            self.writer.add(result.rows, rows, scores)
             self.embedded += len(rows)
             if self.on_progress is not None:
                 self.on_progress(self.embedded)
@@ -177,6 +186,7 @@ def embed_shard(
     storage: Storage | None = None,
     on_progress: Callable[[int], None] | None = None,
     pool_kind: str | None = None,
+    heads: ScoreHeads | None = None,
 ) -> ShardResult:
     """Embed every image of ``shard`` and write its outputs under ``output`` (see the module
     docstring for the contract)."""
@@ -195,12 +205,13 @@ def embed_shard(
     pool = shared_decode_pool(decode_workers(options), pool_kind)  # None: the shared pool's kind
     created = datetime.now(UTC)
     timings = dict.fromkeys(STAGES, 0.0)
-    with ShardWriter(outputs, storage, dim=model.dim, dtype=options.dtype) as writer:
+    with ShardWriter(outputs, storage, dim=model.dim, dtype=options.dtype,
+                     scores=heads.names if heads else None) as writer:
         try:
             with InferenceEngine(model, options.batch_size, jpeg_decoder=jpeg_decoder,
                                  max_pixels=options.max_image_pixels) as engine, \
                     PreparedStream(shard, storage, pool, options, device_jpeg=jpeg_decoder is not None) as stream:
-                batches = _Batches(engine, writer, stream, on_progress, timings)
+                batches = _Batches(engine, writer, stream, on_progress, timings, heads)
                 t = time.perf_counter()
                 for batch in stream.batches():
                     timings["wait"] += time.perf_counter() - t
@@ -224,7 +235,7 @@ def embed_shard(
             options={"batch_size": options.batch_size, "batch_size_requested": requested_batch,
                      "precision": options.precision,
                      "num_threads": pool.workers, "max_image_pixels": options.max_image_pixels},
-            timings=timings, created=created,
+            timings=timings, created=created, scores=heads.describe() if heads else None,
         )
         t = time.perf_counter()
         writer.commit(manifest)

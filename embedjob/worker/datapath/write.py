@@ -6,8 +6,10 @@ this order and each through ``Storage.put_atomic`` (temporary key under the outp
 the final name):
 
 1. ``img_emb/<stem>.npy``        ``[N, D]`` in the output dtype (a valid ``[0, D]`` array when empty)
-2. ``metadata/<stem>.parquet``   one row per ``.npy`` row, same order, fixed schema (even when empty)
-3. ``_manifests/<stem>.json``    LAST: counts, failures, model, checksums — "this shard is done"
+2. ``metadata/<stem>.parquet``   one row per ``.npy`` row, same order, fixed schema (even when empty),
+                                 then a float32 column per score head (``aesthetic``, ``nsfw``)
+3. ``_manifests/<stem>.json``    LAST: counts, failures, model, score heads and the quantile sketch
+                                 of each score, checksums — "this shard is done"
 
 If any step fails, what this attempt already wrote is deleted again (best effort) and the error is
 raised: the manifest never exists without both data files, and no half-written file ever appears.
@@ -29,6 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from embedjob.layout import ShardOutputs
+from embedjob.sketch import QuantileSketch
 from embedjob.storage import Storage
 from embedjob.worker.datapath.read import TarStats
 
@@ -48,6 +51,13 @@ METADATA_SCHEMA = pa.schema(
         pa.field("json", pa.string()),
     ]
 )
+
+
+
+
+def metadata_schema(scores: list[str]) -> pa.Schema:
+    """The parquet schema: the fixed columns, then one float32 column per score head, in that order."""
+    return pa.schema([*METADATA_SCHEMA, *(pa.field(name, pa.float32()) for name in scores)])
 
 
 @dataclass(frozen=True)
@@ -97,6 +107,7 @@ def shard_manifest(
     options: dict[str, Any],
     timings: dict[str, float],
     created: datetime,
+    scores: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The manifest body :meth:`ShardWriter.commit` completes and writes: counts, every failed
     sample with its reason, the tar's own error, the model, how the pixels were preprocessed
@@ -117,6 +128,8 @@ def shard_manifest(
         "failed": failures,
         "tar_error": stats.error,
         "model": model,
+        # Each score head as loaded: architecture, where its weights came from, their sha256.
+        **({"scores": scores} if scores else {}),
         "preprocessing": preprocessing,
         "preprocessing_paths": preprocessing_paths,
         "options": options,
@@ -129,7 +142,8 @@ def shard_manifest(
 class ShardWriter:
     """Collects one shard's embeddings and metadata rows, then commits the three outputs."""
 
-    def __init__(self, outputs: ShardOutputs, storage: Storage, dim: int, dtype: str = "float16") -> None:
+    def __init__(self, outputs: ShardOutputs, storage: Storage, dim: int, dtype: str = "float16",
+                 scores: list[str] | None = None) -> None:
         if dtype not in OUTPUT_DTYPES:
             raise ValueError(f"unsupported output dtype {dtype!r} (use {' or '.join(OUTPUT_DTYPES)})")
         self.outputs = outputs
@@ -137,17 +151,37 @@ class ShardWriter:
         self.dim = int(dim)
         self.dtype = np.dtype(OUTPUT_DTYPES[dtype])
         self.rows: list[MetadataRow] = []
+        self.score_names = list(scores or [])
+        self._scores: dict[str, list[np.ndarray]] = {name: [] for name in self.score_names}
         self._spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)  # noqa: SIM115 - closed in close()
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def add(self, embeddings: np.ndarray, rows: list[MetadataRow]) -> None:
-        """Append a batch: ``embeddings[i]`` belongs to ``rows[i]``."""
+    def as_written(self, embeddings: np.ndarray) -> np.ndarray:
+        """The rows exactly as the ``.npy`` will hold them (in the output dtype)."""
+        return np.ascontiguousarray(embeddings, dtype=self.dtype)
+
+    def add(self, embeddings: np.ndarray, rows: list[MetadataRow],
+            scores: dict[str, np.ndarray] | None = None) -> None:
+        """Append a batch: ``embeddings[i]`` belongs to ``rows[i]``, and so does ``scores[name][i]``."""
         if embeddings.ndim != 2 or embeddings.shape[1] != self.dim or embeddings.shape[0] != len(rows):
             raise ValueError(f"batch of {len(rows)} rows got embeddings of shape {embeddings.shape}, dim {self.dim}")
-        self._spool.write(np.ascontiguousarray(embeddings, dtype=self.dtype).tobytes())
+        scores = scores or {}
+        if sorted(scores) != sorted(self.score_names) or any(len(v) != len(rows) for v in scores.values()):
+            raise ValueError(f"batch of {len(rows)} rows got scores {sorted(scores)}, want {self.score_names}")
+        self._spool.write(self.as_written(embeddings).tobytes())
         self.rows.extend(rows)
+        for name, values in scores.items():
+            self._scores[name].append(np.asarray(values, dtype=np.float32).reshape(-1))
+
+    def score_columns(self) -> dict[str, np.ndarray]:
+        return {name: np.concatenate(parts) if parts else np.empty(0, np.float32)
+                for name, parts in self._scores.items()}
+
+    def sketches(self) -> dict[str, dict[str, Any]]:
+        """Each score's quantile sketch (embedjob.sketch), as JSON: the job's summary merges them."""
+        return {name: QuantileSketch.of(values).to_json() for name, values in self.score_columns().items()}
 
     # -- the three files ------------------------------------------------------------------------------
     def _npy_file(self) -> IO[bytes]:
@@ -164,8 +198,9 @@ class ShardWriter:
         return out
 
     def _parquet_bytes(self) -> bytes:
-        columns = {name: [getattr(r, name) for r in self.rows] for name in METADATA_SCHEMA.names}
-        table = pa.Table.from_pydict(columns, schema=METADATA_SCHEMA)
+        columns: dict[str, Any] = {name: [getattr(r, name) for r in self.rows] for name in METADATA_SCHEMA.names}
+        columns.update({name: pa.array(v, pa.float32()) for name, v in self.score_columns().items()})
+        table = pa.Table.from_pydict(columns, schema=metadata_schema(self.score_names))
         buf = io.BytesIO()
         pq.write_table(table, buf, compression="zstd")
         return buf.getvalue()
@@ -189,6 +224,7 @@ class ShardWriter:
                 "embedjob_version": embedjob_version(),
                 "dtype": self.dtype.name,
                 "dim": self.dim,
+                **({"score_sketches": self.sketches()} if self.score_names else {}),
                 "files": {
                     "embeddings": {
                         "uri": self.outputs.embeddings,

@@ -51,3 +51,30 @@ def save_random_vit_l14(path: str | Path, seed: int = 0) -> Path:
     model = CLIPModel(config).eval()
     model.save_pretrained(path, safe_serialization=True)
     return Path(path)
+
+
+RANDOM_HEADS_DIRNAME = "RANDOM-WEIGHTS-score-heads"
+
+
+def save_random_heads(path: str | Path, seed: int = 0, width: int = 768) -> dict[str, Path]:
+    """Both score heads with random weights in their real shapes, saved as their weights are
+    published: the aesthetic predictor as a ``.pth`` state dict with its original keys, the NSFW
+    detector as safetensors with the keys of its torch conversion (embedjob.worker.model.heads).
+    Returns score -> file."""
+    import torch
+    from safetensors.torch import save_file
+
+    from embedjob.worker.model.heads import AestheticMLP, NsfwDetector
+
+    torch.manual_seed(seed)
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    aesthetic = AestheticMLP(width)
+    nsfw = NsfwDetector(width)
+    with torch.no_grad():  # a Normalization layer as fitted: some mean, some spread
+        nsfw.norm.mean.normal_(0.0, 0.02)
+        nsfw.norm.variance.uniform_(0.5e-3, 2e-3)
+    files = {"aesthetic": folder / "aesthetic-vit-l14.pth", "nsfw": folder / "nsfw-vit-l14.safetensors"}
+    torch.save(aesthetic.state_dict(), files["aesthetic"])
+    save_file({k: v.contiguous() for k, v in nsfw.state_dict().items()}, str(files["nsfw"]))
+    return files

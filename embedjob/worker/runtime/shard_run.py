@@ -188,11 +188,17 @@ def embed_task(task: ShardTask, options: EmbedOptions, storage: Storage, *,
     from embedjob.worker.datapath.shard import embed_shard
 
     embedder = load_model(task, options)
+    heads = None
+    if options.scores:
+        from embedjob.worker.model.heads import load_heads
+        from embedjob.worker.model.load import default_model_dir
+
+        heads = load_heads(options.scores, embedder.dim, default_model_dir())
     if before_embed is not None:
         before_embed()
     max_batch = embedder.max_batch  # lowered by the model after a CUDA OOM
     result = embed_shard(task.shard, task.output, embedder, options, stem=task.stem, storage=storage,
-                         on_progress=on_progress)
+                         on_progress=on_progress, heads=heads)
     metrics.record_backoff(max_batch, embedder.max_batch)
     return result
 
@@ -226,8 +232,13 @@ def check_task_locations(task: ShardTask) -> None:
     if not model_path and name and (os.path.isabs(name) or name.startswith(".") or os.path.exists(name)):
         model_path = name  # a "hub id" that is really a folder loads from disk: it is a path
     endpoint = (task.storage or {}).get("endpoint") if isinstance(task.storage, dict) else None
-    AccessPolicy.from_settings(settings_module.load()).check_task(str(task.shard), str(task.output), model_path,
-                                                                  endpoint, stem=str(task.stem))
+    policy = AccessPolicy.from_settings(settings_module.load())
+    policy.check_task(str(task.shard), str(task.output), model_path, endpoint, stem=str(task.stem))
+    # A score head's weights file is checked as a model folder is (a local path only where allowed).
+    scores = task.options.get("scores") if isinstance(task.options, dict) else None
+    for head in (scores or {}).values() if isinstance(scores, dict) else ():
+        if isinstance(head, dict) and head.get("path"):
+            policy.check_task(str(task.shard), str(task.output), str(head["path"]), endpoint, stem=str(task.stem))
 
 
 def check_task_options(task: ShardTask) -> None:

@@ -17,9 +17,10 @@ import logging
 from celery.exceptions import Reject
 
 from embedjob import settings as settings_module
-from embedjob.contract import TASK_NAME, ShardTask
+from embedjob.contract import REPORT_TASK_NAME, TASK_NAME, ShardTask
 from embedjob.worker.runtime.app import app
 from embedjob.worker.runtime.heartbeat import Redeliver
+from embedjob.worker.runtime.report_run import run_report
 from embedjob.worker.runtime.shard_run import ShardRunner
 
 log = logging.getLogger("embedjob.worker")
@@ -49,4 +50,10 @@ def embed_shard_task(self, task: dict) -> dict:  # noqa: ANN001
     return result
 
 
-__all__ = ["app", "embed_shard_task", "runner"]
+@app.task(name=REPORT_TASK_NAME, acks_late=True)
+def write_report_task(task: dict) -> dict:
+    """The job's report page (spec.output.report), sent once by the operator when the job succeeded."""
+    return run_report(task, runner.client)
+
+
+__all__ = ["app", "embed_shard_task", "runner", "write_report_task"]

@@ -1,0 +1,369 @@
+"""``embedjob report``: one self-contained HTML page about a job's output, to open after the job.
+
+No server, no CDN: the CSS, the script and the data are inline, thumbnails are ``data:`` URIs. The page
+shows the totals (images, failed samples by reason, shards, model, throughput), a histogram of each score
+column (``aesthetic``, ``nsfw``, ``clip_score`` when present) with a threshold slider that shows how many
+images it keeps, and thumbnails of the samples at the lowest, median and highest values of each score,
+read back from the input shards by their ``member`` name.
+
+Reads the shards' manifests and the score columns of their metadata (never the embeddings); the
+thumbnails need Pillow (``embedjob[worker]``). Torch-free.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import tarfile
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from embedjob.layout import job_manifest_uri, report_uri, shard_outputs, tmp_root
+from embedjob.results import ManifestTooLarge, done_stems, model_provenance, read_manifest
+from embedjob.storage import Storage
+
+SCORE_COLUMNS = ("aesthetic", "nsfw", "clip_score")
+# Which side of the threshold a score keeps by default (the slider's direction can be flipped).
+KEEP_ABOVE = {"aesthetic": True, "nsfw": False, "clip_score": True}
+HIST_BINS = 40
+SLIDER_STEPS = 400  # the kept count is exact at every step of the slider
+THUMBS_PER_QUANTILE = 4
+THUMB_PX = 112
+
+
+@dataclass
+class ScoreData:
+    """One score column over the whole output, and where each value is (12 bytes a row: no per-row
+    Python objects, whatever the job's size)."""
+
+    name: str
+    stems: list[str]  # the output's stems, shared by every score
+    values: np.ndarray = field(default_factory=lambda: np.empty(0, np.float32))
+    stem_index: np.ndarray = field(default_factory=lambda: np.empty(0, np.int32))  # into ``stems``
+    rows: np.ndarray = field(default_factory=lambda: np.empty(0, np.int32))  # the row in that shard
+
+
+def _edges(lo: float, hi: float, n: int) -> np.ndarray:
+    if not np.isfinite(lo) or not np.isfinite(hi):
+        lo, hi = 0.0, 1.0
+    if hi <= lo:
+        lo, hi = lo - 0.5, hi + 0.5
+    return np.linspace(lo, hi, n + 1)
+
+
+def score_panel(values: np.ndarray) -> dict[str, Any]:
+    """What the page draws for one score: the histogram (``HIST_BINS`` equal bins between min and max)
+    and, for the slider, the number of values at or above each of ``SLIDER_STEPS + 1`` thresholds."""
+    v = values[np.isfinite(values)].astype(np.float64)
+    edges = _edges(float(v.min()) if v.size else 0.0, float(v.max()) if v.size else 1.0, HIST_BINS)
+    counts, _ = np.histogram(v, bins=edges)
+    thresholds = np.linspace(edges[0], edges[-1], SLIDER_STEPS + 1)
+    s = np.sort(v)
+    at_or_above = (s.size - np.searchsorted(s, thresholds, side="left")).tolist()
+    return {"count": int(v.size), "edges": edges.tolist(), "counts": counts.tolist(),
+            "thresholds": thresholds.tolist(), "atOrAbove": at_or_above,
+            "mean": float(v.mean()) if v.size else None,
+            "quantiles": {f"p{q}": float(np.quantile(v, q / 100)) for q in (1, 10, 50, 90, 99)} if v.size else {}}
+
+
+def _thumbnail(data: bytes) -> str | None:
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.draft("RGB", (THUMB_PX * 2, THUMB_PX * 2))
+            im = img.convert("RGB")
+            im.thumbnail((THUMB_PX, THUMB_PX))
+            buf = io.BytesIO()
+            im.save(buf, "JPEG", quality=80)
+    except Exception:  # noqa: BLE001 - a member that no longer decodes: no thumbnail
+        return None
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def read_members(storage: Storage, wanted: dict[str, set[str]],
+                 allowed: Callable[[str], bool] | None = None) -> dict[tuple[str, str], bytes]:
+    """``(shard, member) -> bytes`` of the wanted members of each input shard (one streaming pass each).
+    A shard ``allowed`` refuses is not read (its thumbnails are missing)."""
+    found: dict[tuple[str, str], bytes] = {}
+    for shard, members in sorted(wanted.items()):
+        if allowed is not None and not allowed(shard):
+            continue
+        try:
+            with storage.open_read(shard) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+                for info in tar:
+                    if info.isfile() and info.name in members:
+                        data = tar.extractfile(info)
+                        if data is not None:
+                            found[(shard, info.name)] = data.read()
+                    if all((shard, m) in found for m in members):
+                        break
+        except Exception:  # noqa: BLE001 - an input that is gone or unreadable: its thumbnails are missing
+            continue
+    return found
+
+
+def collect(output_uri: str, storage: Storage) -> dict[str, Any]:
+    """Everything the page shows, read from the output (manifests, score columns) and, for the
+    thumbnails, the input shards."""
+    import pyarrow.parquet as pq
+
+    stems = sorted(done_stems(output_uri, storage))
+    job: dict[str, Any] = {}
+    if storage.exists(job_manifest_uri(output_uri)):
+        job = json.loads(storage.read_bytes(job_manifest_uri(output_uri)))
+    reasons: Counter[str] = Counter()
+    images = failed = 0
+    models = []
+    seconds = 0.0
+    heads: dict[str, Any] = {}
+    parts: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
+    for n, stem in enumerate(stems):
+        try:
+            m = read_manifest(output_uri, stem, storage)
+        except ManifestTooLarge:
+            continue
+        counts = m.get("counts") or {}
+        images += int(counts.get("embedded") or 0)
+        failed += int(counts.get("failed") or 0)
+        for f in m.get("failed") or []:
+            reasons[_reason_kind(str(f.get("reason", "")))] += 1
+        if m.get("tar_error"):
+            reasons["truncated or unreadable tar"] += 1
+        models.append(m.get("model"))
+        heads.update(m.get("scores") or {})
+        seconds += float((m.get("timings") or {}).get("total") or 0.0)
+        meta = storage.read_bytes(shard_outputs(output_uri, stem).metadata)
+        schema = pq.read_schema(io.BytesIO(meta))
+        present = [c for c in SCORE_COLUMNS if c in schema.names]
+        if not present:
+            continue
+        table = pq.read_table(io.BytesIO(meta), columns=present)
+        rows = np.arange(table.num_rows, dtype=np.int32)
+        for c in present:
+            values = table.column(c).to_numpy(zero_copy_only=False).astype(np.float32)
+            parts.setdefault(c, []).append((values, np.full(rows.size, n, np.int32), rows))
+    scores = {c: ScoreData(c, stems, *(np.concatenate(x) for x in zip(*p, strict=True))) for c, p in parts.items()}
+    timings = job.get("timings") or {}
+    totals = job.get("totals") or {}
+    return {
+        "output": output_uri,
+        "job": job.get("job"),
+        "totals": {"images": images, "failedImages": failed, "shards": int(totals.get("shards") or len(stems)),
+                   "shardsDone": len(stems), "shardsFailed": int(totals.get("failed") or 0)},
+        "failedByReason": dict(reasons.most_common()),
+        "model": model_provenance(models),
+        "heads": heads,
+        "throughput": {"imagesPerSecond": timings.get("imagesPerSecond"), "seconds": timings.get("seconds"),
+                       "shardSeconds": round(seconds, 3)},
+        "summaries": job.get("scores") or {},
+        "scores": scores,
+    }
+
+
+def _reason_kind(reason: str) -> str:
+    """A failure reason without its per-image details (sizes, offsets), so like failures group."""
+    head = reason.split(":", 1)[0].strip()
+    return head[:80] or "unknown"
+
+
+def _locate(output_uri: str, storage: Storage, picked: set[tuple[str, int]]) -> dict[tuple[str, int], tuple]:
+    """``(stem, row) -> (key, shard, member)`` of the picked rows (only their shards' metadata is read)."""
+    import pyarrow.parquet as pq
+
+    out: dict[tuple[str, int], tuple] = {}
+    for stem in sorted({s for s, _ in picked}):
+        meta = storage.read_bytes(shard_outputs(output_uri, stem).metadata)
+        table = pq.read_table(io.BytesIO(meta), columns=["key", "shard", "member"])
+        for s, row in picked:
+            if s == stem:
+                out[(s, row)] = tuple(table.column(c)[row].as_py() for c in ("key", "shard", "member"))
+    return out
+
+
+def thumbnails(output_uri: str, storage: Storage, scores: dict[str, ScoreData],
+               allowed: Callable[[str], bool] | None = None) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """For each score: ``THUMBS_PER_QUANTILE`` samples at its lowest, median and highest values (read
+    from the input shards ``allowed`` accepts: the shard URIs come from the output's metadata)."""
+    picks: dict[str, dict[str, list[tuple[float, tuple[str, int]]]]] = {}
+    for name, d in scores.items():
+        finite = np.flatnonzero(np.isfinite(d.values))
+        order = finite[np.argsort(d.values[finite], kind="stable")]
+        if not order.size:
+            continue
+        k = min(THUMBS_PER_QUANTILE, order.size)
+        mid = max(0, order.size // 2 - k // 2)
+        groups = {"lowest": order[:k], "median": order[mid:mid + k], "highest": order[::-1][:k]}
+        picks[name] = {g: [(float(d.values[i]), (d.stems[d.stem_index[i]], int(d.rows[i]))) for i in idx]
+                       for g, idx in groups.items()}
+    where = _locate(output_uri, storage, {at for groups in picks.values() for items in groups.values()
+                                          for _, at in items})
+    wanted: dict[str, set[str]] = {}
+    for _key, shard, member in where.values():
+        wanted.setdefault(shard, set()).add(member)
+    data = read_members(storage, wanted, allowed)
+    out: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for name, groups in picks.items():
+        out[name] = {}
+        for g, items in groups.items():
+            out[name][g] = []
+            for v, (stem, row) in items:
+                key, shard, member = where[(stem, row)]
+                out[name][g].append({"value": v, "key": key, "member": member, "stem": stem,
+                                     "src": _thumbnail(data[(shard, member)]) if (shard, member) in data else None})
+    return out
+
+
+def build_report(output_uri: str, storage: Storage | None = None,
+                 allowed_shards: Callable[[str], bool] | None = None) -> str:
+    """The report page of the job output at ``output_uri``, as one HTML string. ``allowed_shards``: the
+    input shards thumbnails may be read from (None: any the storage can read)."""
+    storage = storage or Storage()
+    data = collect(output_uri, storage)
+    if not data["totals"]["shardsDone"]:
+        raise FileNotFoundError(f"no finished shards under {output_uri!r}")
+    page = {k: v for k, v in data.items() if k != "scores"}
+    page["panels"] = {name: {**score_panel(d.values), "keepAbove": KEEP_ABOVE.get(name, True)}
+                      for name, d in data["scores"].items()}
+    page["thumbnails"] = thumbnails(output_uri, storage, data["scores"], allowed_shards)
+    return render(page)
+
+
+def write_report(output_uri: str, storage: Storage, allowed_shards: Callable[[str], bool] | None = None) -> str:
+    """Build the page and write it as ``report.html`` under the output (atomically). Returns its URI."""
+    uri = report_uri(output_uri)
+    page = build_report(output_uri, storage, allowed_shards)
+    storage.put_atomic(uri, page.encode(), tmp_root=tmp_root(output_uri))
+    return uri
+
+
+def render(page: dict[str, Any]) -> str:
+    # JSON inside <script>: "</" would end the element.
+    payload = json.dumps(page).replace("</", "<\\/")
+    title = html.escape(f"embedjob report: {page.get('job') or page['output']}")
+    return _TEMPLATE.replace("__TITLE__", title).replace("__DATA__", payload)
+
+
+_TEMPLATE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy"
+ content="default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'">
+<title>__TITLE__</title>
+<style>
+body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#1d2330;background:#fafbfc}
+h1{font-size:20px;margin:0 0 4px} h2{font-size:16px;margin:24px 0 8px} .muted{color:#667}
+.cards{display:flex;flex-wrap:wrap;gap:12px}
+.card{background:#fff;border:1px solid #dde;border-radius:8px;padding:10px 14px;min-width:120px}
+.card b{display:block;font-size:20px} table{border-collapse:collapse;background:#fff}
+td,th{border:1px solid #dde;padding:3px 8px;text-align:left}
+.panel{background:#fff;border:1px solid #dde;border-radius:8px;padding:12px 16px;margin:12px 0}
+svg rect.bar{fill:#7aa6d8} svg rect.bar.kept{fill:#2b6cb0} svg line.cut{stroke:#c53030;stroke-width:2}
+.controls{display:flex;gap:12px;align-items:center;margin:6px 0} input[type=range]{width:420px}
+.thumbs{display:flex;gap:18px;flex-wrap:wrap}.group h4{margin:4px 0}.group div{display:flex;gap:6px}
+figure{margin:0;width:112px;font-size:11px;overflow:hidden}
+figure img{width:112px;height:112px;object-fit:cover;background:#eee;border-radius:4px}
+</style></head><body>
+<h1 id="title"></h1><div class="muted" id="subtitle"></div>
+<h2>Totals</h2><div class="cards" id="totals"></div>
+<div id="reasons"></div>
+<h2>Model</h2><pre id="model"></pre>
+<div id="panels"></div>
+<script type="application/json" id="report-data">__DATA__</script>
+<script>
+(function(){
+"use strict";
+const D = JSON.parse(document.getElementById("report-data").textContent);
+const el = (tag, attrs, text) => { const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) e.setAttribute(k, v);
+  if (text !== undefined) e.textContent = text; return e; };
+const SVG = "http://www.w3.org/2000/svg";
+const svgEl = (tag, attrs) => { const e = document.createElementNS(SVG, tag);
+  for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v); return e; };
+const fmt = n => n === null || n === undefined ? "-"
+  : (Number.isInteger(n) ? n.toLocaleString("en-US") : n.toFixed(3));
+document.getElementById("title").textContent = "embedjob report" + (D.job ? ": " + D.job : "");
+document.getElementById("subtitle").textContent = D.output;
+const T = D.totals, tp = D.throughput;
+const cards = [["images", T.images], ["failed samples", T.failedImages],
+  ["shards done", T.shardsDone + " / " + T.shards],
+  ["shards failed", T.shardsFailed], ["images/s", tp.imagesPerSecond === null ? "-" : fmt(tp.imagesPerSecond)],
+  ["job seconds", tp.seconds === null ? "-" : fmt(tp.seconds)]];
+const totals = document.getElementById("totals");
+for (const [label, value] of cards) {
+  const c = el("div", {class: "card", "data-total": label});
+  c.appendChild(el("b", {}, typeof value === "number" ? fmt(value) : String(value)));
+  c.appendChild(el("span", {}, label)); totals.appendChild(c); }
+const reasons = Object.entries(D.failedByReason);
+if (reasons.length) { const r = document.getElementById("reasons");
+  r.appendChild(el("h2", {}, "Failed samples by reason"));
+  const t = el("table", {id: "failed-reasons"});
+  t.appendChild(el("tr")).append(el("th", {}, "reason"), el("th", {}, "samples"));
+  for (const [k, v] of reasons) {
+    const tr = el("tr"); tr.append(el("td", {}, k), el("td", {}, String(v))); t.appendChild(tr); }
+  r.appendChild(t); }
+document.getElementById("model").textContent = JSON.stringify({model: D.model, heads: D.heads}, null, 1);
+const panels = document.getElementById("panels");
+for (const [name, P] of Object.entries(D.panels)) {
+  // as many decimals as the score's own range needs (random-weight heads spread over 0.001)
+  const span = P.edges[P.edges.length - 1] - P.edges[0];
+  const dec = Math.min(8, Math.max(2, Math.ceil(2 - Math.log10(span || 1))));
+  const fmt = n => n === null || n === undefined ? "-"
+    : (Number.isInteger(n) ? n.toLocaleString("en-US") : n.toFixed(dec));
+  const p = el("div", {class: "panel", id: "panel-" + name});
+  p.appendChild(el("h2", {}, name + " (" + fmt(P.count) + " images, mean " + fmt(P.mean) + ")"));
+  const q = Object.entries(P.quantiles).map(([k, v]) => k + " " + fmt(v)).join(" · ");
+  p.appendChild(el("div", {class: "muted"}, q));
+  const W = 640, H = 160, n = P.counts.length, max = Math.max(1, ...P.counts);
+  const svg = svgEl("svg", {width: W, height: H + 18, class: "hist", "data-score": name});
+  P.counts.forEach((c, i) => { const h = Math.round(c / max * H);
+    svg.appendChild(svgEl("rect", {class: "bar", x: i * W / n + 1, y: H - h, width: W / n - 2, height: h,
+      "data-count": c, "data-lo": P.edges[i], "data-hi": P.edges[i + 1]})); });
+  const cut = svgEl("line", {class: "cut", x1: 0, x2: 0, y1: 0, y2: H}); svg.appendChild(cut);
+  svg.appendChild(svgEl("text", {x: 0, y: H + 14, "font-size": 11})).textContent = fmt(P.edges[0]);
+  svg.appendChild(svgEl("text", {x: W, y: H + 14, "font-size": 11, "text-anchor": "end"})).textContent =
+    fmt(P.edges[n]);
+  p.appendChild(svg);
+  const controls = el("div", {class: "controls"});
+  const slider = el("input", {type: "range", min: 0, max: P.thresholds.length - 1, step: 1, value: 0,
+    id: "slider-" + name, "aria-label": name + " threshold"});
+  const dir = el("select", {id: "direction-" + name});
+  dir.append(el("option", {value: "above"}, "keep ≥"), el("option", {value: "below"}, "keep <"));
+  dir.value = P.keepAbove ? "above" : "below";
+  const thr = el("span", {class: "threshold", id: "threshold-" + name});
+  const kept = el("b", {class: "kept", id: "kept-" + name});
+  controls.append(dir, slider, thr, el("span", {}, "kept:"), kept);
+  p.appendChild(controls);
+  const update = () => { const i = Number(slider.value), t = P.thresholds[i], above = P.atOrAbove[i];
+    const k = dir.value === "above" ? above : P.count - above;
+    thr.textContent = (dir.value === "above" ? "≥ " : "< ") + fmt(t);
+    kept.textContent = fmt(k); kept.setAttribute("data-kept", k);
+    kept.parentElement.setAttribute("data-threshold", t);
+    const x = i / (P.thresholds.length - 1) * W; cut.setAttribute("x1", x); cut.setAttribute("x2", x);
+    svg.querySelectorAll("rect.bar").forEach(r => { const lo = Number(r.getAttribute("data-lo"));
+      r.classList.toggle("kept", dir.value === "above" ? lo >= t : lo < t); }); };
+  slider.addEventListener("input", update); dir.addEventListener("change", update);
+  slider.value = P.keepAbove ? 0 : P.thresholds.length - 1; update();
+  const thumbs = (D.thumbnails || {})[name];
+  if (thumbs) { const box = el("div", {class: "thumbs"});
+    for (const [group, items] of Object.entries(thumbs)) { const g = el("div", {class: "group", "data-group": group});
+      g.appendChild(el("h4", {}, group)); const row = el("div");
+      for (const it of items) { const f = el("figure");
+        const img = el("img", {alt: it.key, title: it.stem + " / " + it.member, "data-member": it.member});
+        img.addEventListener("load", () => img.setAttribute("data-loaded", "1"));
+        img.addEventListener("error", () => img.setAttribute("data-loaded", "0"));
+        if (it.src) img.src = it.src; else img.setAttribute("data-loaded", "missing");
+        f.append(img, el("figcaption", {}, fmt(it.value) + " · " + it.key)); row.appendChild(f); }
+      g.appendChild(row); box.appendChild(g); }
+    p.appendChild(box); }
+  panels.appendChild(p);
+}
+document.body.setAttribute("data-ready", "1");
+})();
+</script></body></html>
+"""

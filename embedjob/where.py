@@ -1,0 +1,224 @@
+"""``embedjob filter``: keep the rows of a job's output whose metadata satisfies a ``--where`` expression,
+and write their keys. Torch-free; needs pyarrow (``embedjob[read]``).
+
+The expression is parsed here, never evaluated as Python (no ``eval``)::
+
+    expr       := or
+    or         := and ("or" and)*
+    and        := not ("and" not)*
+    not        := "not" not | "(" expr ")" | comparison
+    comparison := operand OP operand          OP: < <= > >= == !=  ("=" is "==")
+    operand    := column | number | 'string' | "string"
+
+A column is a metadata column (``aesthetic``, ``nsfw``, ``clip_score``, ``width``, ``height``, ``key``,
+``shard``, ``member``, ...); a comparison with a missing value (null, NaN) is false.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from embedjob.layout import shard_outputs
+from embedjob.results import done_stems
+from embedjob.storage import Storage
+
+OPERATORS = {"<": np.less, "<=": np.less_equal, ">": np.greater, ">=": np.greater_equal,
+             "==": np.equal, "=": np.equal, "!=": np.not_equal}
+_TOKEN = re.compile(r"""\s*(?:
+    (?P<number>[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)
+  | (?P<string>'[^']*'|"[^"]*")
+  | (?P<op><=|>=|==|!=|<|>|=)
+  | (?P<paren>[()])
+  | (?P<name>[A-Za-z_][A-Za-z0-9_]*)
+)""", re.VERBOSE)
+KEYWORDS = {"and", "or", "not"}
+
+
+class WhereError(ValueError):
+    """A malformed ``--where`` expression, with the position of the problem."""
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+
+
+@dataclass(frozen=True)
+class Compare:
+    left: Any  # Column | float | str
+    op: str
+    right: Any
+
+
+@dataclass(frozen=True)
+class BoolOp:
+    op: str  # "and" | "or" | "not"
+    args: tuple
+
+
+def _tokens(text: str) -> list[tuple[str, str, int]]:
+    out, pos = [], 0
+    while pos < len(text):
+        if text[pos:].strip() == "":
+            break
+        m = _TOKEN.match(text, pos)
+        if not m or m.end() == pos:
+            raise WhereError(f"unexpected character {text[pos:].lstrip()[:1]!r} at position "
+                             f"{len(text) - len(text[pos:].lstrip()) + 1} of {text!r}")
+        kind = m.lastgroup or ""
+        value, start = m.group(kind), m.start(kind)
+        if kind == "name" and value.lower() in KEYWORDS:
+            kind, value = "keyword", value.lower()
+        out.append((kind, value, start + 1))
+        pos = m.end()
+    return out
+
+
+def parse_where(text: str) -> Any:
+    """The expression's tree (Compare / BoolOp). Raises :class:`WhereError` saying what is wrong where."""
+    if not isinstance(text, str) or not text.strip():
+        raise WhereError("the expression is empty (e.g. \"aesthetic >= 5.5 and nsfw < 0.1\")")
+    tokens = _tokens(text)
+    i = 0
+
+    def peek() -> tuple[str, str, int] | None:
+        return tokens[i] if i < len(tokens) else None
+
+    def where(tok: tuple[str, str, int] | None) -> str:
+        return f"at position {tok[2]}" if tok else "at the end"
+
+    def take() -> tuple[str, str, int]:
+        nonlocal i
+        tok = peek()
+        if tok is None:
+            raise WhereError(f"{text!r} ends too early: expected more after it")
+        i += 1
+        return tok
+
+    def operand() -> Any:
+        kind, value, pos = take()
+        if kind == "number":
+            return float(value)
+        if kind == "string":
+            return value[1:-1]
+        if kind == "name":
+            return Column(value)
+        raise WhereError(f"expected a column, a number or a quoted string at position {pos}, got {value!r}")
+
+    def comparison() -> Any:
+        left = operand()
+        tok = peek()
+        if tok is None or tok[0] != "op":
+            got = repr(tok[1]) if tok else "the end"
+            raise WhereError(f"expected a comparison (< <= > >= == !=) {where(tok)}, got {got}")
+        take()
+        right = operand()
+        if not isinstance(left, Column) and not isinstance(right, Column):
+            raise WhereError(f"the comparison {where(tok)} compares two constants: one side must be a column")
+        return Compare(left, tok[1], right)
+
+    def not_() -> Any:
+        tok = peek()
+        if tok and tok[:2] == ("keyword", "not"):
+            take()
+            return BoolOp("not", (not_(),))
+        if tok and tok[:2] == ("paren", "("):
+            take()
+            inner = or_()
+            close = peek()
+            if close is None or close[:2] != ("paren", ")"):
+                raise WhereError(f"missing ')' for the '(' at position {tok[2]}")
+            take()
+            return inner
+        return comparison()
+
+    def and_() -> Any:
+        args = [not_()]
+        while (tok := peek()) and tok[:2] == ("keyword", "and"):
+            take()
+            args.append(not_())
+        return args[0] if len(args) == 1 else BoolOp("and", tuple(args))
+
+    def or_() -> Any:
+        args = [and_()]
+        while (tok := peek()) and tok[:2] == ("keyword", "or"):
+            take()
+            args.append(and_())
+        return args[0] if len(args) == 1 else BoolOp("or", tuple(args))
+
+    tree = or_()
+    if (tok := peek()) is not None:
+        raise WhereError(f"unexpected {tok[1]!r} at position {tok[2]} (join conditions with 'and' / 'or')")
+    return tree
+
+
+def columns_of(tree: Any) -> set[str]:
+    if isinstance(tree, Column):
+        return {tree.name}
+    if isinstance(tree, Compare):
+        return columns_of(tree.left) | columns_of(tree.right)
+    if isinstance(tree, BoolOp):
+        return set().union(*(columns_of(a) for a in tree.args))
+    return set()
+
+
+def evaluate(tree: Any, table: Any) -> np.ndarray:
+    """The boolean mask of ``table``'s rows (a pyarrow Table) that satisfy ``tree``."""
+    n = table.num_rows
+
+    def value(x: Any) -> tuple[np.ndarray | float | str, np.ndarray]:
+        if isinstance(x, Column):
+            col = table.column(x.name)
+            valid = ~np.asarray(col.is_null().to_numpy(zero_copy_only=False), dtype=bool)
+            arr = col.to_numpy(zero_copy_only=False)
+            if arr.dtype.kind == "f":
+                valid &= ~np.isnan(arr)
+            return arr, valid
+        return x, np.ones(n, dtype=bool)
+
+    if isinstance(tree, BoolOp):
+        parts = [evaluate(a, table) for a in tree.args]
+        if tree.op == "not":
+            return ~parts[0]
+        return np.logical_and.reduce(parts) if tree.op == "and" else np.logical_or.reduce(parts)
+    left, lvalid = value(tree.left)
+    right, rvalid = value(tree.right)
+    numeric = [isinstance(v, float) or (isinstance(v, np.ndarray) and v.dtype.kind in "fiub")
+               for v in (left, right)]
+    if numeric[0] != numeric[1]:
+        names = " and ".join(str(getattr(v, "name", v)) for v in (tree.left, tree.right))
+        raise WhereError(f"cannot compare {names}: one is a number, the other text")
+    with np.errstate(invalid="ignore"):
+        result = np.asarray(OPERATORS[tree.op](left, right), dtype=bool)
+    return np.broadcast_to(result, (n,)) & lvalid & rvalid
+
+
+def select_keys(output_uri: str, where: str, storage: Storage | None = None) -> Any:
+    """Every finished shard's rows that satisfy ``where``, as a pyarrow Table (``key``, ``shard``,
+    ``member``, ``stem``, ``row``: the row in the shard's ``.npy``), in stem then row order. Raises
+    :class:`WhereError` for a malformed expression or a column the output does not have."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tree = parse_where(where)
+    needed = columns_of(tree)
+    storage = storage or Storage()
+    parts = []
+    for stem in sorted(done_stems(output_uri, storage)):
+        table = pq.read_table(io.BytesIO(storage.read_bytes(shard_outputs(output_uri, stem).metadata)))
+        missing = sorted(needed - set(table.column_names))
+        if missing:
+            raise WhereError(f"no column {missing[0]!r} in {stem}'s metadata (columns: "
+                             f"{', '.join(table.column_names)})")
+        rows = np.flatnonzero(evaluate(tree, table))
+        kept = table.select(["key", "shard", "member"]).take(pa.array(rows, pa.int64()))
+        parts.append(kept.append_column("stem", pa.array([stem] * len(rows), pa.string()))
+                     .append_column("row", pa.array(rows, pa.int64())))
+    schema = pa.schema([("key", pa.string()), ("shard", pa.string()), ("member", pa.string()),
+                        ("stem", pa.string()), ("row", pa.int64())])
+    return pa.concat_tables([p.cast(schema) for p in parts]) if parts else schema.empty_table()

@@ -79,12 +79,20 @@ def _tokens(text: str) -> list[tuple[str, str, int]]:
     return out
 
 
+MAX_LENGTH = 10_000  # characters of an expression
+MAX_DEPTH = 64  # nested '(' and 'not'
+
+
 def parse_where(text: str) -> Any:
-    """The expression's tree (Compare / BoolOp). Raises :class:`WhereError` saying what is wrong where."""
+    """The expression's tree (Compare / BoolOp). Raises :class:`WhereError` saying what is wrong where.
+    Bounded: at most MAX_LENGTH characters and MAX_DEPTH levels of '(' and 'not'."""
     if not isinstance(text, str) or not text.strip():
         raise WhereError("the expression is empty (e.g. \"aesthetic >= 5.5 and nsfw < 0.1\")")
+    if len(text) > MAX_LENGTH:
+        raise WhereError(f"the expression is {len(text)} characters long; at most {MAX_LENGTH}")
     tokens = _tokens(text)
     i = 0
+    depth = 0
 
     def peek() -> tuple[str, str, int] | None:
         return tokens[i] if i < len(tokens) else None
@@ -123,18 +131,24 @@ def parse_where(text: str) -> Any:
         return Compare(left, tok[1], right)
 
     def not_() -> Any:
+        nonlocal depth
         tok = peek()
-        if tok and tok[:2] == ("keyword", "not"):
-            take()
-            return BoolOp("not", (not_(),))
-        if tok and tok[:2] == ("paren", "("):
-            take()
-            inner = or_()
-            close = peek()
-            if close is None or close[:2] != ("paren", ")"):
-                raise WhereError(f"missing ')' for the '(' at position {tok[2]}")
-            take()
-            return inner
+        if tok and tok[:2] in (("keyword", "not"), ("paren", "(")):
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise WhereError(f"more than {MAX_DEPTH} nested '(' or 'not' at position {tok[2]}")
+            try:
+                take()
+                if tok[1] == "not":
+                    return BoolOp("not", (not_(),))
+                inner = or_()
+                close = peek()
+                if close is None or close[:2] != ("paren", ")"):
+                    raise WhereError(f"missing ')' for the '(' at position {tok[2]}")
+                take()
+                return inner
+            finally:
+                depth -= 1
         return comparison()
 
     def and_() -> Any:

@@ -30,7 +30,7 @@ from embedjob.where import WhereError, evaluate, parse_where, select_keys
         ("aesthetic >= and nsfw < 1", "expected a column, a number or a quoted string"),
         # Hostile sizes: a clear error, not a RecursionError or a long parse.
         ("(" * 5000 + "aesthetic > 1" + ")" * 5000, "at most 10000"),
-        ("(" * 65 + "aesthetic > 1" + ")" * 65, "more than 64 nested '(' or 'not' at position 64"),
+        ("(" * 65 + "aesthetic > 1" + ")" * 65, "more than 64 nested '(' or 'not' at position 65"),
         ("not " * 100 + "aesthetic > 1", "more than 64 nested '(' or 'not'"),
     ],
 )

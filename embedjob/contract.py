@@ -32,6 +32,8 @@ class EmbedOptions:
     preprocessing: str = "exact"  # "exact" (OpenAI's reference, bit for bit) | "fast" (opt-in)
     compile: str = "none"  # torch.compile mode: none | default | reduce-overhead | max-autotune
     on_truncated: str = "record"  # spec.onTruncatedShard: record (keep what was read, count the loss) | fail
+    text: bool = False  # spec.outputs has text: caption embeddings too (text_emb/, has_caption, clip_score)
+    text_json_field: str | None = None  # spec.text.jsonField: the caption is this field of the .json sidecar
 
     @classmethod
     def from_spec(cls, spec: JobSpec) -> EmbedOptions:
@@ -47,6 +49,8 @@ class EmbedOptions:
             preprocessing=i.preprocessing,
             compile=i.compile,
             on_truncated=spec.onTruncatedShard,
+            text="text" in spec.outputs,
+            text_json_field=spec.text.jsonField,
         )
 
 

@@ -31,8 +31,9 @@ The stages, one module each; the main process deals in batches, never in an imag
       │                  as it is (zero copy on the CPU, one copy per batch into pinned memory on CUDA)
     forward thread       engine.InferenceEngine: to the device, normalise there, forward, rows back
       │                  (asynchronous: decode, copy, forward and writing overlap); the slot is free again
-    calling thread       finished batches to writer.ShardWriter, in order -> commit: .npy, .parquet,
-                         then the manifest
+    calling thread       finished batches to writer.ShardWriter, in order (with text outputs, each batch's
+                         captions through the text tower first: caption.caption_of, model.text) ->
+                         commit: .npy (and text .npy), .parquet, then the manifest
 
 At most ``BATCH_SLOTS`` batches of crops exist per shard (the reader waits for a free slot), however
 large the shard.
@@ -53,6 +54,7 @@ from embedjob.layout import shard_outputs, shard_stem
 from embedjob.policy import PermanentError
 from embedjob.storage import Storage
 from embedjob.worker.datapath.batch import PreparedBatch, PreparedStream, SampleInfo, decode_workers
+from embedjob.worker.datapath.caption import caption_of, caption_source
 from embedjob.worker.datapath.crop import FAST_PREPROCESSING_ID
 from embedjob.worker.datapath.decode_pool import (
     DecodePoolBroken,
@@ -64,6 +66,7 @@ from embedjob.worker.datapath.gpu_decode import JpegDecoder, nvjpeg_decoder
 from embedjob.worker.datapath.preprocess import PREPROCESSING_ID
 from embedjob.worker.datapath.write import MetadataRow, ShardWriter, shard_manifest
 from embedjob.worker.model.embedder import Embedder
+from embedjob.worker.model.text import TextEmbedder
 
 log = logging.getLogger(__name__)
 
@@ -105,10 +108,14 @@ class _Batches:
     into the writer, in tar order."""
 
     def __init__(self, engine: InferenceEngine, writer: ShardWriter, stream: PreparedStream,
-                 on_progress: Callable[[int], None] | None, timings: dict[str, float]) -> None:
+                 on_progress: Callable[[int], None] | None, timings: dict[str, float],
+                 text: TextEmbedder | None = None, json_field: str | None = None) -> None:
         self.engine, self.writer, self.stream = engine, writer, stream
         self.on_progress, self.timings = on_progress, timings
+        self.text, self.json_field = text, json_field
         self.embedded = 0
+        self.captions = 0  # rows with a caption (text outputs)
+        self.truncated = 0  # captions cut to the context length
         self.paths: dict[str, int] = {}  # how the embedded images were preprocessed
         self._failures: list[tuple[int, dict[str, str]]] = []  # (sample number, record): kept in tar order
         self._in_flight: collections.deque[tuple[Future, PreparedBatch]] = collections.deque()
@@ -155,7 +162,15 @@ class _Batches:
                     if i in result.paths:
                         self.paths[result.paths[i]] = self.paths.get(result.paths[i], 0) + 1
                     rows.append(row)
-            self.writer.add(result.rows, rows)
+            text_rows = has_caption = None
+            if self.text is not None:  # the rows that have an image row, in the same order
+                t = time.perf_counter()
+                out = self.text.embed([caption_of(row, self.json_field) for row in rows])
+                self.timings["text"] += time.perf_counter() - t
+                text_rows, has_caption = out.rows, out.has_caption
+                self.captions += int(has_caption.sum())
+                self.truncated += out.truncated
+            self.writer.add(result.rows, rows, text_rows, has_caption)
             self.embedded += len(rows)
             if self.on_progress is not None:
                 self.on_progress(self.embedded)
@@ -189,18 +204,21 @@ def embed_shard(
         storage.delete(outputs.manifest)
 
     jpeg_decoder = device_jpeg_decoder(options, model)  # fails first: a worker that cannot, tunes nothing
+    if options.text and model.text is None:
+        raise ValueError("text outputs need the model's text tower: load_or_reuse(..., text=True)")
+    text = model.text if options.text else None
     requested_batch = options.batch_size
     options = replace(options, batch_size=model.resolve_batch_size(options.batch_size))  # 0: tuned on the device
     model.warm_up(options.batch_size)  # compiled forward only; timed and recorded in the manifest
     pool = shared_decode_pool(decode_workers(options), pool_kind)  # None: the shared pool's kind
     created = datetime.now(UTC)
-    timings = dict.fromkeys(STAGES, 0.0)
-    with ShardWriter(outputs, storage, dim=model.dim, dtype=options.dtype) as writer:
+    timings = dict.fromkeys(STAGES + (("text",) if text is not None else ()), 0.0)
+    with ShardWriter(outputs, storage, dim=model.dim, dtype=options.dtype, text=text is not None) as writer:
         try:
             with InferenceEngine(model, options.batch_size, jpeg_decoder=jpeg_decoder,
                                  max_pixels=options.max_image_pixels) as engine, \
                     PreparedStream(shard, storage, pool, options, device_jpeg=jpeg_decoder is not None) as stream:
-                batches = _Batches(engine, writer, stream, on_progress, timings)
+                batches = _Batches(engine, writer, stream, on_progress, timings, text, options.text_json_field)
                 t = time.perf_counter()
                 for batch in stream.batches():
                     timings["wait"] += time.perf_counter() - t
@@ -225,6 +243,10 @@ def embed_shard(
                      "precision": options.precision,
                      "num_threads": pool.workers, "max_image_pixels": options.max_image_pixels},
             timings=timings, created=created,
+            text=None if text is None else {
+                "tokenizer": text.tokenizer.identity(), "source": caption_source(options.text_json_field),
+                "captions": batches.captions, "missing": batches.embedded - batches.captions,
+                "truncated": batches.truncated},
         )
         t = time.perf_counter()
         writer.commit(manifest)

@@ -6,8 +6,12 @@ this order and each through ``Storage.put_atomic`` (temporary key under the outp
 the final name):
 
 1. ``img_emb/<stem>.npy``        ``[N, D]`` in the output dtype (a valid ``[0, D]`` array when empty)
-2. ``metadata/<stem>.parquet``   one row per ``.npy`` row, same order, fixed schema (even when empty)
-3. ``_manifests/<stem>.json``    LAST: counts, failures, model, checksums — "this shard is done"
+2. ``text_emb/<stem>.npy``       with text outputs: ``[N, D]``, row i = the caption of image row i (zeros
+                                 where the sample has none)
+3. ``metadata/<stem>.parquet``   one row per ``.npy`` row, same order, fixed schema (even when empty); with
+                                 text outputs two more columns: ``has_caption`` and ``clip_score`` (the
+                                 cosine of the two rows as written, null without a caption)
+4. ``_manifests/<stem>.json``    LAST: counts, failures, model, checksums — "this shard is done"
 
 If any step fails, what this attempt already wrote is deleted again (best effort) and the error is
 raised: the manifest never exists without both data files, and no half-written file ever appears.
@@ -48,6 +52,9 @@ METADATA_SCHEMA = pa.schema(
         pa.field("json", pa.string()),
     ]
 )
+# With text outputs: whether the sample had a caption (else its text row is zeros) and the image-text cosine.
+TEXT_METADATA_SCHEMA = METADATA_SCHEMA.append(pa.field("has_caption", pa.bool_(), nullable=False)).append(
+    pa.field("clip_score", pa.float32()))
 
 
 @dataclass(frozen=True)
@@ -97,10 +104,12 @@ def shard_manifest(
     options: dict[str, Any],
     timings: dict[str, float],
     created: datetime,
+    text: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The manifest body :meth:`ShardWriter.commit` completes and writes: counts, every failed
     sample with its reason, the tar's own error, the model, how the pixels were preprocessed
-    (``preprocessing`` id, and how many images took each path), options and stage timings."""
+    (``preprocessing`` id, and how many images took each path), options and stage timings; with text
+    outputs, ``text``: the tokenizer's identity and the caption counts (with one, missing, truncated)."""
     return {
         "status": "done",
         "shard": shard,
@@ -123,13 +132,15 @@ def shard_manifest(
         # The write itself is timed in ShardResult: it is not over while the manifest is written.
         "timings": {k: round(v, 4) for k, v in timings.items() if k != "write"},
         "created": created.isoformat(),
+        **({"text": text} if text is not None else {}),
     }
 
 
 class ShardWriter:
     """Collects one shard's embeddings and metadata rows, then commits the three outputs."""
 
-    def __init__(self, outputs: ShardOutputs, storage: Storage, dim: int, dtype: str = "float16") -> None:
+    def __init__(self, outputs: ShardOutputs, storage: Storage, dim: int, dtype: str = "float16",
+                 text: bool = False) -> None:
         if dtype not in OUTPUT_DTYPES:
             raise ValueError(f"unsupported output dtype {dtype!r} (use {' or '.join(OUTPUT_DTYPES)})")
         self.outputs = outputs
@@ -138,20 +149,39 @@ class ShardWriter:
         self.dtype = np.dtype(OUTPUT_DTYPES[dtype])
         self.rows: list[MetadataRow] = []
         self._spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)  # noqa: SIM115 - closed in close()
+        self.text = text
+        self._text_spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES) if text else None  # noqa: SIM115
+        self.has_caption: list[bool] = []
+        self.clip_scores: list[float | None] = []
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def add(self, embeddings: np.ndarray, rows: list[MetadataRow]) -> None:
-        """Append a batch: ``embeddings[i]`` belongs to ``rows[i]``."""
+    def add(self, embeddings: np.ndarray, rows: list[MetadataRow], text_rows: np.ndarray | None = None,
+            has_caption: np.ndarray | None = None) -> None:
+        """Append a batch: ``embeddings[i]`` belongs to ``rows[i]``; with text outputs so do
+        ``text_rows[i]`` (zeros) and ``has_caption[i]``."""
         if embeddings.ndim != 2 or embeddings.shape[1] != self.dim or embeddings.shape[0] != len(rows):
             raise ValueError(f"batch of {len(rows)} rows got embeddings of shape {embeddings.shape}, dim {self.dim}")
-        self._spool.write(np.ascontiguousarray(embeddings, dtype=self.dtype).tobytes())
+        image = np.ascontiguousarray(embeddings, dtype=self.dtype)
+        if self._text_spool is not None:
+            if text_rows is None or has_caption is None or text_rows.shape != embeddings.shape \
+                    or len(has_caption) != len(rows):
+                raise ValueError(f"batch of {len(rows)} rows needs text rows of shape {embeddings.shape}")
+            text = np.ascontiguousarray(text_rows, dtype=self.dtype)
+            # The score of the rows as written: a reader's own dot product of the two files gives it back.
+            scores = np.einsum("ij,ij->i", image.astype(np.float32), text.astype(np.float32))
+            self._text_spool.write(text.tobytes())
+            self.has_caption.extend(bool(h) for h in has_caption)
+            self.clip_scores.extend(float(x) if h else None for x, h in zip(scores, has_caption, strict=True))
+        self._spool.write(image.tobytes())
         self.rows.extend(rows)
 
     # -- the three files ------------------------------------------------------------------------------
-    def _npy_file(self) -> IO[bytes]:
-        """The spooled rows behind a ``.npy`` v1 header, as one seekable temporary file."""
+    def _npy_file(self, spool: IO[bytes] | None = None) -> IO[bytes]:
+        """The spooled rows (image rows by default) behind a ``.npy`` v1 header, as one seekable
+        temporary file."""
+        spool = spool if spool is not None else self._spool
         header = {
             "descr": np.lib.format.dtype_to_descr(self.dtype),
             "fortran_order": False,
@@ -159,13 +189,17 @@ class ShardWriter:
         }
         out = tempfile.TemporaryFile()  # noqa: SIM115 - returned to the caller, who closes it
         np.lib.format.write_array_header_1_0(out, header)
-        self._spool.seek(0)
-        shutil.copyfileobj(self._spool, out, 1 << 20)
+        spool.seek(0)
+        shutil.copyfileobj(spool, out, 1 << 20)
         return out
 
     def _parquet_bytes(self) -> bytes:
-        columns = {name: [getattr(r, name) for r in self.rows] for name in METADATA_SCHEMA.names}
-        table = pa.Table.from_pydict(columns, schema=METADATA_SCHEMA)
+        columns: dict[str, list[Any]] = {name: [getattr(r, name) for r in self.rows] for name in METADATA_SCHEMA.names}
+        schema = METADATA_SCHEMA
+        if self.text:
+            columns |= {"has_caption": self.has_caption, "clip_score": self.clip_scores}
+            schema = TEXT_METADATA_SCHEMA
+        table = pa.Table.from_pydict(columns, schema=schema)
         buf = io.BytesIO()
         pq.write_table(table, buf, compression="zstd")
         return buf.getvalue()
@@ -180,6 +214,14 @@ class ShardWriter:
                 npy_sha, npy_size = _sha256_and_size(npy)
                 self.storage.put_atomic(self.outputs.embeddings, npy, tmp_root=self.outputs.tmp_root)
                 written.append(self.outputs.embeddings)
+            files: dict[str, Any] = {}
+            if self._text_spool is not None:
+                with self._npy_file(self._text_spool) as npy:
+                    text_sha, text_size = _sha256_and_size(npy)
+                    self.storage.put_atomic(self.outputs.text_embeddings, npy, tmp_root=self.outputs.tmp_root)
+                    written.append(self.outputs.text_embeddings)
+                files["text_embeddings"] = {"uri": self.outputs.text_embeddings, "shape": [len(self.rows), self.dim],
+                                            "bytes": text_size, "sha256": text_sha}
             parquet = self._parquet_bytes()
             self.storage.put_atomic(self.outputs.metadata, parquet, tmp_root=self.outputs.tmp_root)
             written.append(self.outputs.metadata)
@@ -202,6 +244,7 @@ class ShardWriter:
                         "bytes": len(parquet),
                         "sha256": hashlib.sha256(parquet).hexdigest(),
                     },
+                    **files,
                 },
             }
             body = json.dumps(manifest, indent=2, sort_keys=True).encode()
@@ -220,6 +263,8 @@ class ShardWriter:
 
     def close(self) -> None:
         self._spool.close()
+        if self._text_spool is not None:
+            self._text_spool.close()
 
     def __enter__(self) -> ShardWriter:
         return self

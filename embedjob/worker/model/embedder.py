@@ -75,6 +75,14 @@ class Embedder:
         self.auto_batch_size: int | None = None  # what resolve_batch_size(0) chose, once
         self.auto_batch_trials: dict[int, float] = {}  # candidate -> images/s (CUDA tuning)
         self.provenance: dict[str, Any] | None = None  # set by the loader (model/provenance.py)
+        # The same checkpoint's text tower (embedjob.worker.model.text.TextEmbedder), loaded beside this one
+        # for a job with text outputs; it takes ``lock`` for each batch.
+        self.text: Any = None
+
+    @property
+    def lock(self) -> threading.Lock:
+        """Held while a batch runs on the device: one batch at a time, image or text."""
+        return self._lock
 
     def busy_seconds(self) -> float:
         """Time this embedder's device spent on batches: wall time of each batch on the CPU or with

@@ -1,6 +1,7 @@
 """Which checkpoint, loading it, and the per-process cache of loaded models.
 
-:func:`load_embedder` loads ONLY ``CLIPVisionModelWithProjection`` (the text tower is never built),
+:func:`load_embedder` loads ``CLIPVisionModelWithProjection`` (and, for a job with text outputs only,
+``CLIPTextModelWithProjection`` from the same checkpoint: :func:`_load_text`),
 from a Hugging Face id (cached under ``model_dir``) or a local folder. A full ``CLIPModel`` checkpoint
 — the hub layout of ``openai/clip-vit-large-patch14`` — loads as is: its vision config and
 projection size are taken from the checkpoint's ``config.json``, the text weights are skipped, and a
@@ -34,6 +35,8 @@ from embedjob.worker.model import ModelLoadError
 from embedjob.worker.model.embedder import Embedder
 from embedjob.worker.model.provenance import describe_source
 from embedjob.worker.model.resolve import ModelUnavailable, resolve_model
+from embedjob.worker.model.text import TextEmbedder
+from embedjob.worker.model.tokenizer import CONTEXT_LENGTH, clip_tokenizer
 from embedjob.worker.model.torch_env import PRECISION_DTYPES, configure_cpu_threads, resolve_device, torch
 
 log = logging.getLogger(__name__)
@@ -156,6 +159,7 @@ def load_or_reuse(
     precision: str = "auto",
     model_dir: str | None = None,
     compile: str = "none",  # noqa: A002 - the spec's name (spec.inference.compile)
+    text: bool = False,
 ) -> tuple[Embedder, bool]:
     """Load (or reuse, once per process) the CLIP image embedder for ``model`` — a ModelSpec, a dict
     with ``name``/``revision``/``path``, or an id/path string.
@@ -163,8 +167,9 @@ def load_or_reuse(
     ``device``: auto (CUDA if available, else CPU) | cpu | cuda[:N]. ``precision``: auto (fp16 on
     CUDA, fp32 on CPU) | fp32 | fp16 | bf16. ``model_dir``: the download cache (default
     ``$EMBEDJOB_MODEL_DIR`` or ``~/.cache/embedjob/models``). ``compile``: one of COMPILE_MODES
-    (see :meth:`Embedder.enable_compile`). Returns ``(embedder, cached)``: ``cached`` is False when this
-    call loaded it. Raises :class:`ModelLoadError`."""
+    (see :meth:`Embedder.enable_compile`). ``text``: the same checkpoint's text tower too, as
+    ``embedder.text`` (loaded once, beside a cached image embedder). Returns ``(embedder, cached)``:
+    ``cached`` is False when this call loaded something. Raises :class:`ModelLoadError`."""
     ref = ModelRef.of(model)
     dev = resolve_device(device)
     dtype = resolve_dtype(precision, dev)
@@ -175,15 +180,14 @@ def load_or_reuse(
     with _cache_lock:
         cached = _cache.get(key)
         if cached is not None:
+            if text and cached.text is None:
+                cached.text = _load_text(ref, cache_dir, cached, _where(ref, cache_dir).local_only)
+                return cached, False
             return cached, True
         _evict()  # one model per process: the previous one is freed before the next is loaded
         if dev.type == "cpu":
             configure_cpu_threads()
-        try:  # a cached model loads from the cache alone; an unreachable hub fails at once, said plainly
-            where = resolve_model({"name": None if ref.path else ref.name, "revision": ref.revision,
-                                   "path": ref.path}, cache_dir)
-        except ModelUnavailable as e:
-            raise ModelLoadError(str(e)) from e
+        where = _where(ref, cache_dir)
         module = _load_module(ref, cache_dir, dtype, where.local_only).to(dev).eval()
         module.requires_grad_(False)
 
@@ -205,8 +209,69 @@ def load_or_reuse(
         if dev.type == "cpu" and dtype != torch.float32:
             _check_runs(embedder, precision)
         embedder.enable_compile(compile)
+        if text:
+            embedder.text = _load_text(ref, cache_dir, embedder, where.local_only)
         _cache[key] = embedder
         return embedder, False
+
+
+def _where(ref: ModelRef, cache_dir: str) -> Any:
+    """A cached model loads from the cache alone; an unreachable hub fails at once, said plainly."""
+    try:
+        return resolve_model({"name": None if ref.path else ref.name, "revision": ref.revision, "path": ref.path},
+                             cache_dir)
+    except ModelUnavailable as e:
+        raise ModelLoadError(str(e)) from e
+
+
+def _load_text(ref: ModelRef, cache_dir: str, image: Embedder, local_only: bool) -> TextEmbedder:
+    """The text tower and projection of ``ref`` (a full CLIPModel checkpoint), on the image embedder's
+    device and in its precision, sharing its lock. Refused, naming the fields, when the checkpoint has
+    no text tower, or one whose vocabulary or projection does not fit OpenAI CLIP's tokenizer and the
+    image rows."""
+    from transformers import CLIPConfig, CLIPTextModelWithProjection, PretrainedConfig
+    from transformers.utils import logging as hf_logging
+
+    try:
+        config_dict, _ = PretrainedConfig.get_config_dict(ref.source, revision=ref.revision, cache_dir=cache_dir,
+                                                          local_files_only=local_only)
+    except Exception as e:
+        raise ModelLoadError(f"cannot read the model config of {ref.source!r}: {type(e).__name__}: {e}") from e
+    if config_dict.get("model_type") != "clip":
+        raise ModelLoadError(f"spec.outputs: text needs a full CLIP checkpoint (model_type 'clip', text tower "
+                             f"included); spec.model {ref.source!r} has model_type {config_dict.get('model_type')!r}")
+    full = CLIPConfig.from_dict(config_dict)
+    config = full.text_config
+    config.projection_dim = full.projection_dim
+    tokenizer = clip_tokenizer(CONTEXT_LENGTH)
+    if config.vocab_size < tokenizer.vocab_size or config.max_position_embeddings < CONTEXT_LENGTH:
+        raise ModelLoadError(
+            f"spec.outputs: text: the text tower of spec.model {ref.source!r} (vocabulary {config.vocab_size}, "
+            f"{config.max_position_embeddings} positions) was not trained with OpenAI CLIP's tokenizer "
+            f"({tokenizer.vocab_size} ids, context {CONTEXT_LENGTH})")
+    previous = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        module, info = CLIPTextModelWithProjection.from_pretrained(
+            ref.source, config=config, revision=ref.revision, cache_dir=cache_dir, local_files_only=local_only,
+            use_safetensors=True, dtype=image.dtype, attn_implementation=ATTENTION, output_loading_info=True,
+            use_kernels=False)
+    except Exception as e:
+        raise ModelLoadError(f"cannot load the CLIP text tower from {ref.source!r}: {type(e).__name__}: {e}") from e
+    finally:
+        hf_logging.set_verbosity(previous)
+    problems = {k: list(info.get(k) or []) for k in ("missing_keys", "mismatched_keys", "error_msgs")}
+    if any(problems.values()):
+        raise ModelLoadError(f"checkpoint {ref.source!r} does not hold a complete CLIP text tower: {problems}")
+    module = module.to(image.device).eval()
+    module.requires_grad_(False)
+    if int(config.projection_dim) != image.dim:
+        raise ModelLoadError(f"spec.model {ref.source!r}: text projection {config.projection_dim} != image {image.dim}")
+
+    def forward(ids: torch.Tensor) -> torch.Tensor:
+        return module(input_ids=ids).text_embeds
+
+    return TextEmbedder(forward, tokenizer=tokenizer, dim=image.dim, device=image.device, lock=image.lock)
 
 
 def load_embedder(

@@ -51,3 +51,28 @@ def save_random_vit_l14(path: str | Path, seed: int = 0) -> Path:
     model = CLIPModel(config).eval()
     model.save_pretrained(path, safe_serialization=True)
     return Path(path)
+
+
+RANDOM_TEXT_MODEL_DIRNAME = "RANDOM-WEIGHTS-tiny-clip-text"
+# The text tower's shape keys of every OpenAI/LAION CLIP (the real tokenizer's 49408 ids, 77 positions,
+# <|endoftext|> = 49407) at a tiny width.
+CLIP_TEXT_TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+                  "vocab_size": 49408, "max_position_embeddings": 77, "bos_token_id": 49406,
+                  "eos_token_id": 49407, "pad_token_id": 1, "hidden_act": "quick_gelu"}
+
+
+def save_random_text_clip(path: str | Path, seed: int = 0, projection_dim: int = 32) -> Path:
+    """A tiny CLIP whose text tower takes the real tokenizer's ids (for text outputs), random weights."""
+    import torch
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(seed)
+    config = CLIPConfig(
+        text_config=dict(CLIP_TEXT_TINY),
+        vision_config={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                       "num_attention_heads": 2, "image_size": 224, "patch_size": 14},
+        projection_dim=projection_dim,
+    )
+    model = CLIPModel(config).eval()
+    model.save_pretrained(path, safe_serialization=True)
+    return Path(path)

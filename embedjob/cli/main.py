@@ -252,6 +252,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         baseline_images=args.baseline_images, model_seconds=args.model_seconds,
         deviation_images=args.deviation_images, deviation_model=args.deviation_model, repeat=args.repeat,
         decode_scaling=args.decode_scaling, shards_in_flight=args.shards_in_flight,
+        outputs=tuple(x.strip() for x in args.outputs.split(",") if x.strip()),
     )
     try:
         # e2e gets a private Redis of the bench's own (embedjob.bench.entry), never a deployment's.
@@ -358,6 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "--compile modes)")
     b.add_argument("--decode-scaling", action="store_true",
                    help="also the exact decode limit on 1, 2, 4 ... all usable CPUs (first shard)")
+    b.add_argument("--outputs", default="image",
+                   help="image (default) or image,text: e2e also with caption embeddings (spec.outputs) on the "
+                        "same shards and model, and the text cost per image")
     b.add_argument("--json", default=None, metavar="OUT", help="also write the report as JSON")
     b.set_defaults(func=_cmd_bench)
 

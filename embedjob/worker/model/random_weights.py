@@ -33,18 +33,26 @@ VIT_L14_VISION = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_la
                   "num_attention_heads": 16, "image_size": 224, "patch_size": 14, "hidden_act": "quick_gelu"}
 
 
-def save_random_vit_l14(path: str | Path, seed: int = 0) -> Path:
+# openai/clip-vit-large-patch14's text tower (the real tokenizer's ids).
+VIT_L14_TEXT = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+                "vocab_size": 49408, "max_position_embeddings": 77, "bos_token_id": 49406, "eos_token_id": 49407,
+                "pad_token_id": 1, "hidden_act": "quick_gelu"}
+
+
+def save_random_vit_l14(path: str | Path, seed: int = 0, text: bool = False) -> Path:
     """A CLIP with ViT-L/14's vision tower (projection 768) and random weights; the text tower is
-    a tiny stand-in (embedjob never builds it). Saved like the hub checkpoint, so it loads through
-    the same code as the real model and costs the same to run (about 162 GFLOP per image)."""
+    a tiny stand-in, or with ``text`` ViT-L/14's own text tower (for caption outputs). Saved like the
+    hub checkpoint, so it loads through the same code as the real model and costs the same to run
+    (about 162 GFLOP per image)."""
     import torch
     from transformers import CLIPConfig, CLIPModel
 
     torch.manual_seed(seed)
     config = CLIPConfig(
-        text_config={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
-                     "num_attention_heads": 2, "vocab_size": 1000, "max_position_embeddings": 77,
-                     "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1},
+        text_config=dict(VIT_L14_TEXT) if text else {
+            "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 2,
+            "vocab_size": 1000, "max_position_embeddings": 77, "bos_token_id": 0, "eos_token_id": 1,
+            "pad_token_id": 1},
         vision_config=dict(VIT_L14_VISION),
         projection_dim=768,
     )

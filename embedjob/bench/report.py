@@ -115,7 +115,8 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"  text ({mode}): image only {t['image_only_images_per_s']:.1f} images/s, image+text "
                      f"{t['image_text_images_per_s']:.1f} images/s (x{t['slowdown']} the time); text costs "
                      f"{t['text_ms_per_image']} ms/image end to end, the text tower "
-                     f"{t['text_tower_ms_per_image']} ms/image, tokenizing + tower "
+                     f"{t['text_tower_ms_per_image']} ms/image, the text stage (tokenizing, waiting for the "
+                     f"device, tower) "
                      f"{t['text_stage_ms_per_image']} ms/image")
     for note in report.get("notes", []):
         lines.append(f"  note: {note}")

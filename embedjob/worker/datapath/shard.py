@@ -63,7 +63,7 @@ from embedjob.worker.datapath.decode_pool import (
 )
 from embedjob.worker.datapath.engine import InferenceEngine
 from embedjob.worker.datapath.gpu_decode import JpegDecoder, nvjpeg_decoder
-from embedjob.worker.datapath.preprocess import PREPROCESSING_ID
+from embedjob.worker.datapath.transform import DEFAULT_TRANSFORM, ImageTransform
 from embedjob.worker.datapath.write import MetadataRow, ShardWriter, shard_manifest
 from embedjob.worker.model.embedder import Embedder
 from embedjob.worker.model.text import TextEmbedder
@@ -95,10 +95,20 @@ class ShardResult:
         return asdict(self)
 
 
+def preprocessing_id(preprocessing: str, transform: ImageTransform) -> str:
+    """What a manifest records: the model's transform id (exact), or the fast path's id (with the
+    transform's when it is not OpenAI CLIP's 224 px one)."""
+    if preprocessing == "exact":
+        return transform.id
+    return FAST_PREPROCESSING_ID if transform == DEFAULT_TRANSFORM else f"{FAST_PREPROCESSING_ID}:{transform.id}"
+
+
 def device_jpeg_decoder(options: EmbedOptions, model: Embedder) -> JpegDecoder | None:
     """The GPU JPEG decoder when the fast path decodes on the device (preprocessing "fast" on CUDA),
-    else None. Raises at once, naming the field, when this worker cannot (no torchvision)."""
-    if options.preprocessing != "fast" or model.device.type != "cuda":
+    else None. Raises at once, naming the field, when this worker cannot (no torchvision). nvJPEG's
+    resize and crop reproduce only OpenAI CLIP's 224 px transform: for another model (336 px CLIP,
+    SigLIP) the fast path stays on the CPU (the DCT-domain draft for CLIP sizes, exact for SigLIP)."""
+    if options.preprocessing != "fast" or model.device.type != "cuda" or model.transform != DEFAULT_TRANSFORM:
         return None
     return nvjpeg_decoder()
 
@@ -217,7 +227,8 @@ def embed_shard(
         try:
             with InferenceEngine(model, options.batch_size, jpeg_decoder=jpeg_decoder,
                                  max_pixels=options.max_image_pixels) as engine, \
-                    PreparedStream(shard, storage, pool, options, device_jpeg=jpeg_decoder is not None) as stream:
+                    PreparedStream(shard, storage, pool, options, device_jpeg=jpeg_decoder is not None,
+                                   transform=model.transform) as stream:
                 batches = _Batches(engine, writer, stream, on_progress, timings, text, options.text_json_field)
                 t = time.perf_counter()
                 for batch in stream.batches():
@@ -237,7 +248,7 @@ def embed_shard(
         manifest = shard_manifest(
             shard=shard, stem=stem, output=output, embedded=batches.embedded, failures=batches.failures,
             stats=stream.stats, model=model.describe(),
-            preprocessing=PREPROCESSING_ID if options.preprocessing == "exact" else FAST_PREPROCESSING_ID,
+            preprocessing=preprocessing_id(options.preprocessing, model.transform),
             preprocessing_paths=batches.paths,
             options={"batch_size": options.batch_size, "batch_size_requested": requested_batch,
                      "precision": options.precision,

@@ -23,6 +23,7 @@ memory-efficient kernels on CUDA).
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import os
 import threading
@@ -31,6 +32,7 @@ from typing import Any
 
 from embedjob import settings
 from embedjob.spec import COMPILE_MODES
+from embedjob.worker.datapath.transform import ImageTransform, TransformError, transform_from_config
 from embedjob.worker.model import ModelLoadError
 from embedjob.worker.model.embedder import Embedder
 from embedjob.worker.model.provenance import describe_source
@@ -41,7 +43,10 @@ from embedjob.worker.model.torch_env import PRECISION_DTYPES, configure_cpu_thre
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_MODEL_TYPES = ("clip", "clip_vision_model")
+# model_type -> family. A family is a vision class, its output and its transform's defaults.
+FAMILIES = {"clip": "clip", "clip_vision_model": "clip", "siglip": "siglip", "siglip_vision_model": "siglip"}
+SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
+PROCESSOR_CONFIG = "preprocessor_config.json"
 ATTENTION = "sdpa"
 
 __all__ = ["ModelLoadError", "ModelRef", "clear_cache", "default_model_dir", "load_embedder", "load_or_reuse",
@@ -94,9 +99,9 @@ _cache_lock = threading.Lock()
 
 def vision_config(ref: ModelRef, cache_dir: str, local_only: bool = False) -> Any:
     """The vision config from the checkpoint's config.json, with the projection size of the full
-    model (a CLIPModel's vision_config does not carry it). Only CLIP model types are accepted.
-    ``local_only``: never ask the hub (a folder, or a model already in the cache)."""
-    from transformers import CLIPConfig, CLIPVisionConfig, PretrainedConfig
+    model (a CLIPModel's vision_config does not carry it). Only the model types of FAMILIES are
+    accepted. ``local_only``: never ask the hub (a folder, or a model already in the cache)."""
+    from transformers import CLIPConfig, CLIPVisionConfig, PretrainedConfig, SiglipConfig, SiglipVisionConfig
 
     try:
         config_dict, _ = PretrainedConfig.get_config_dict(ref.source, revision=ref.revision, cache_dir=cache_dir,
@@ -111,15 +116,48 @@ def vision_config(ref: ModelRef, cache_dir: str, local_only: bool = False) -> An
         return vision
     if model_type == "clip_vision_model":
         return CLIPVisionConfig.from_dict(config_dict)
+    if model_type == "siglip":
+        return SiglipConfig.from_dict(config_dict).vision_config
+    if model_type == "siglip_vision_model":
+        return SiglipVisionConfig.from_dict(config_dict)
+    if model_type == "siglip2":
+        raise ModelLoadError(
+            f"spec.model {ref.source!r} is a SigLIP 2 NaFlex checkpoint (model_type 'siglip2': variable "
+            "resolution, patchified input), which embedjob does not embed; the fixed-resolution SigLIP 2 "
+            "checkpoints (model_type 'siglip', e.g. google/siglip2-base-patch16-224) are supported")
     raise ModelLoadError(
-        f"{ref.source!r} has model_type {model_type!r}; embedjob loads only CLIP checkpoints "
-        f"({', '.join(SUPPORTED_MODEL_TYPES)}) with the built-in classes and never runs code from a "
+        f"spec.model {ref.source!r} has model_type {model_type!r}; embedjob loads only CLIP and SigLIP "
+        f"checkpoints ({', '.join(SUPPORTED_MODEL_TYPES)}) with the built-in classes and never runs code from a "
         "checkpoint (trust_remote_code is never enabled)"
     )
 
 
+def image_transform(ref: ModelRef, cache_dir: str, config: Any, local_only: bool = False) -> ImageTransform:
+    """The checkpoint's own preprocessing (embedjob.worker.datapath.transform) from its
+    preprocessor_config.json, or its family's defaults at the vision tower's image size when it has none.
+    Raises :class:`ModelLoadError` naming spec.model for settings that cannot be reproduced exactly."""
+    family = FAMILIES.get(config.model_type, "clip")
+    processor = None
+    try:
+        if ref.path:
+            file = os.path.join(ref.path, PROCESSOR_CONFIG)
+            processor = json.loads(open(file).read()) if os.path.isfile(file) else None  # noqa: SIM115
+        else:
+            from huggingface_hub import hf_hub_download
+
+            try:
+                file = hf_hub_download(ref.name, PROCESSOR_CONFIG, revision=ref.revision, cache_dir=cache_dir,
+                                       local_files_only=local_only)
+                processor = json.loads(open(file).read())  # noqa: SIM115
+            except Exception:  # noqa: BLE001 - no processor config: the family's defaults
+                processor = None
+        return transform_from_config(family, processor, int(config.image_size))
+    except (TransformError, ValueError) as e:
+        raise ModelLoadError(f"spec.model {ref.source!r}: {PROCESSOR_CONFIG}: {e}") from e
+
+
 def _load_module(ref: ModelRef, cache_dir: str, dtype: torch.dtype, local_only: bool = False) -> torch.nn.Module:
-    from transformers import CLIPVisionModelWithProjection
+    from transformers import CLIPVisionModelWithProjection, SiglipVisionModel
     from transformers.utils import logging as hf_logging
 
     # The loading report lists every skipped text-tower weight (we check the info ourselves), and
@@ -129,7 +167,8 @@ def _load_module(ref: ModelRef, cache_dir: str, dtype: torch.dtype, local_only: 
     hf_logging.disable_progress_bar()
     try:
         config = vision_config(ref, cache_dir, local_only)
-        module, info = CLIPVisionModelWithProjection.from_pretrained(
+        cls = SiglipVisionModel if config.model_type == "siglip_vision_model" else CLIPVisionModelWithProjection
+        module, info = cls.from_pretrained(
             ref.source,
             config=config,
             revision=ref.revision,
@@ -144,12 +183,12 @@ def _load_module(ref: ModelRef, cache_dir: str, dtype: torch.dtype, local_only: 
     except ModelLoadError:
         raise
     except Exception as e:
-        raise ModelLoadError(f"cannot load the CLIP vision tower from {ref.source!r}: {type(e).__name__}: {e}") from e
+        raise ModelLoadError(f"cannot load the vision tower from {ref.source!r}: {type(e).__name__}: {e}") from e
     finally:
         hf_logging.set_verbosity(previous)
     problems = {k: list(info.get(k) or []) for k in ("missing_keys", "mismatched_keys", "error_msgs")}
     if any(problems.values()):
-        raise ModelLoadError(f"checkpoint {ref.source!r} does not hold a complete CLIP vision tower: {problems}")
+        raise ModelLoadError(f"checkpoint {ref.source!r} does not hold a complete vision tower: {problems}")
     return module
 
 
@@ -190,22 +229,29 @@ def load_or_reuse(
         where = _where(ref, cache_dir)
         module = _load_module(ref, cache_dir, dtype, where.local_only).to(dev).eval()
         module.requires_grad_(False)
+        transform = image_transform(ref, cache_dir, module.config, where.local_only)
+        siglip = module.config.model_type == "siglip_vision_model"
 
         def forward(pixels: torch.Tensor) -> torch.Tensor:
-            return module(pixel_values=pixels).image_embeds
+            out = module(pixel_values=pixels)
+            # SigLIP's image embedding is its vision tower's pooled output (SiglipModel.get_image_features).
+            return out.pooler_output if siglip else out.image_embeds
 
         embedder = Embedder(
             forward,
             model_id=ref.name,
             revision=ref.revision,
-            dim=int(module.config.projection_dim),
+            dim=int(module.config.hidden_size if siglip else module.config.projection_dim),
             device=dev,
             dtype=dtype,
             source=ref.source,
             module=module,
         )
-        embedder.provenance = describe_source(None if ref.path else ref.name, None if ref.path else ref.revision,
-                                              ref.path, module.config, embedder.dim)
+        embedder.transform = transform
+        embedder.provenance = {
+            **describe_source(None if ref.path else ref.name, None if ref.path else ref.revision, ref.path,
+                              module.config, embedder.dim),
+            "imageSize": transform.crop, "preprocessing": transform.id}
         if dev.type == "cpu" and dtype != torch.float32:
             _check_runs(embedder, precision)
         embedder.enable_compile(compile)

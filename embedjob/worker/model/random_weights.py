@@ -84,3 +84,53 @@ def save_random_text_clip(path: str | Path, seed: int = 0, projection_dim: int =
     model = CLIPModel(config).eval()
     model.save_pretrained(path, safe_serialization=True)
     return Path(path)
+
+
+# Random-weight checkpoints in the shapes of the families embedjob loads by name (small widths, the same
+# config keys and image geometry as the hub's), each with the hub's own preprocessor_config.json.
+SHAPES: dict[str, dict] = {
+    "vit-b-32": {"family": "clip", "image_size": 224, "patch_size": 32},
+    "vit-l-14-336": {"family": "clip", "image_size": 336, "patch_size": 14},
+    "siglip-b-16": {"family": "siglip", "image_size": 224, "patch_size": 16},
+}
+SMALL_VISION = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2}
+
+
+def clip_processor_config(size: int) -> dict:
+    """openai/clip-vit-*'s preprocessor_config.json (the 336 px one differs only in its sizes)."""
+    return {"crop_size": size, "do_center_crop": True, "do_normalize": True, "do_resize": True,
+            "feature_extractor_type": "CLIPFeatureExtractor", "image_mean": [0.48145466, 0.4578275, 0.40821073],
+            "image_std": [0.26862954, 0.26130258, 0.27577711], "resample": 3, "size": size}
+
+
+def siglip_processor_config(size: int) -> dict:
+    """google/siglip-base-patch16-224's preprocessor_config.json."""
+    return {"do_normalize": True, "do_rescale": True, "do_resize": True, "image_mean": [0.5, 0.5, 0.5],
+            "image_processor_type": "SiglipImageProcessor", "image_std": [0.5, 0.5, 0.5],
+            "processor_class": "SiglipProcessor", "resample": 3, "rescale_factor": 0.00392156862745098,
+            "size": {"height": size, "width": size}}
+
+
+def save_random_shape(path: str | Path, shape: str, seed: int = 0) -> Path:
+    """A random-weight checkpoint in the shape ``shape`` (SHAPES), saved like the hub's: config.json,
+    model.safetensors and preprocessor_config.json. CLIP shapes have a text tower that takes OpenAI
+    CLIP's token ids (for text outputs)."""
+    import json
+
+    import torch
+    from transformers import CLIPConfig, CLIPModel, SiglipConfig, SiglipModel
+
+    spec = SHAPES[shape]
+    torch.manual_seed(seed)
+    vision = {**SMALL_VISION, "image_size": spec["image_size"], "patch_size": spec["patch_size"]}
+    if spec["family"] == "clip":
+        model = CLIPModel(CLIPConfig(text_config=dict(CLIP_TEXT_TINY), vision_config=vision, projection_dim=32))
+        processor = clip_processor_config(spec["image_size"])
+    else:
+        text = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 2,
+                "vocab_size": 1000, "max_position_embeddings": 64}
+        model = SiglipModel(SiglipConfig(text_config=text, vision_config=vision))
+        processor = siglip_processor_config(spec["image_size"])
+    model.eval().save_pretrained(path, safe_serialization=True)
+    (Path(path) / "preprocessor_config.json").write_text(json.dumps(processor, indent=2))
+    return Path(path)

@@ -1,12 +1,13 @@
 """Which checkpoint, loading it, and the per-process cache of loaded models.
 
-:func:`load_embedder` loads ``CLIPVisionModelWithProjection`` (and, for a job with text outputs only,
-``CLIPTextModelWithProjection`` from the same checkpoint: :func:`_load_text`),
-from a Hugging Face id (cached under ``model_dir``) or a local folder. A full ``CLIPModel`` checkpoint
+:func:`load_embedder` loads the vision tower of a CLIP checkpoint (``CLIPVisionModelWithProjection``) or of
+a SigLIP one (``SiglipVisionModel``, its pooled output), with the checkpoint's own preprocessing
+(:func:`image_transform`); for a job with text outputs, also ``CLIPTextModelWithProjection`` from the same
+CLIP checkpoint (:func:`_load_text`). Either from a Hugging Face id (cached under ``model_dir``) or a local folder. A full ``CLIPModel`` checkpoint
 — the hub layout of ``openai/clip-vit-large-patch14`` — loads as is: its vision config and
 projection size are taken from the checkpoint's ``config.json``, the text weights are skipped, and a
 missing or mis-shaped vision weight is an error (never a silently random-initialised layer).
-Checkpoints are only ever read as safetensors with the built-in CLIP classes: ``trust_remote_code``
+Checkpoints are only ever read as safetensors with the built-in CLIP and SigLIP classes: ``trust_remote_code``
 is never passed, so no code shipped with a checkpoint runs.
 
 A loaded :class:`~embedjob.worker.model.embedder.Embedder` is cached, once per process, and reused
@@ -28,6 +29,7 @@ import logging
 import os
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from embedjob import settings
@@ -137,20 +139,18 @@ def image_transform(ref: ModelRef, cache_dir: str, config: Any, local_only: bool
     preprocessor_config.json, or its family's defaults at the vision tower's image size when it has none.
     Raises :class:`ModelLoadError` naming spec.model for settings that cannot be reproduced exactly."""
     family = FAMILIES.get(config.model_type, "clip")
-    processor = None
-    try:
-        if ref.path:
-            file = os.path.join(ref.path, PROCESSOR_CONFIG)
-            processor = json.loads(open(file).read()) if os.path.isfile(file) else None  # noqa: SIM115
-        else:
-            from huggingface_hub import hf_hub_download
+    file: Path | None = Path(ref.path) / PROCESSOR_CONFIG if ref.path else None
+    if file is None:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
-            try:
-                file = hf_hub_download(ref.name, PROCESSOR_CONFIG, revision=ref.revision, cache_dir=cache_dir,
-                                       local_files_only=local_only)
-                processor = json.loads(open(file).read())  # noqa: SIM115
-            except Exception:  # noqa: BLE001 - no processor config: the family's defaults
-                processor = None
+        try:
+            file = Path(hf_hub_download(ref.name, PROCESSOR_CONFIG, revision=ref.revision, cache_dir=cache_dir,
+                                        local_files_only=local_only))
+        except (EntryNotFoundError, LocalEntryNotFoundError):  # none (or not fetched): the family's defaults
+            file = None
+    try:
+        processor = json.loads(file.read_text()) if file is not None and file.is_file() else None
         return transform_from_config(family, processor, int(config.image_size))
     except (TransformError, ValueError) as e:
         raise ModelLoadError(f"spec.model {ref.source!r}: {PROCESSOR_CONFIG}: {e}") from e

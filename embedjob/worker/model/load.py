@@ -3,7 +3,8 @@
 :func:`load_embedder` loads the vision tower of a CLIP checkpoint (``CLIPVisionModelWithProjection``) or of
 a SigLIP one (``SiglipVisionModel``, its pooled output), with the checkpoint's own preprocessing
 (:func:`image_transform`); for a job with text outputs, also ``CLIPTextModelWithProjection`` from the same
-CLIP checkpoint (:func:`_load_text`). Either from a Hugging Face id (cached under ``model_dir``) or a local folder. A full ``CLIPModel`` checkpoint
+CLIP checkpoint (:func:`_load_text`). Either from a Hugging Face id (cached under ``model_dir``) or a local
+folder. A full ``CLIPModel`` checkpoint
 — the hub layout of ``openai/clip-vit-large-patch14`` — loads as is: its vision config and
 projection size are taken from the checkpoint's ``config.json``, the text weights are skipped, and a
 missing or mis-shaped vision weight is an error (never a silently random-initialised layer).

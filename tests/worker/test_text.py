@@ -152,3 +152,18 @@ def test_spec_outputs_and_text_fields():
         with pytest.raises(SpecError) as e:
             parse_spec({**base, **bad})
         assert e.value.field == field
+
+
+def test_embedding_reader_reads_text_emb_as_it_reads_img_emb(caption_run):
+    """embedding-reader (what autofaiss and clip-retrieval read with) takes text_emb/ + metadata/ as it
+    takes img_emb/ + metadata/: the same rows, in the same order, with the new columns."""
+    from embedding_reader import EmbeddingReader
+
+    spec, out = caption_run
+    for folder in ("img_emb", "text_emb"):
+        reader = EmbeddingReader(str(out / folder), file_format="parquet_npy", meta_columns=["key", "has_caption"],
+                                 metadata_folder=str(out / "metadata"))
+        assert reader.count == len(spec.good_keys) and reader.dimension == 32
+        rows, meta = next(reader(batch_size=100, show_progress=False))
+        assert np.array_equal(rows, np.load(out / folder / "caps.npy"))
+        assert list(meta["key"]) == spec.good_keys and meta["has_caption"].sum() == 5

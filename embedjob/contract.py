@@ -37,6 +37,8 @@ class EmbedOptions:
     on_truncated: str = "record"  # spec.onTruncatedShard: record (keep what was read, count the loss) | fail
     # spec.scores: {score: {name, revision, path, file}} of the heads to run on the embeddings (None: none)
     scores: dict[str, dict[str, Any]] | None = None
+    text: bool = False  # spec.outputs has text: caption embeddings too (text_emb/, has_caption, clip_score)
+    text_json_field: str | None = None  # spec.text.jsonField: the caption is this field of the .json sidecar
 
     @classmethod
     def from_spec(cls, spec: JobSpec) -> EmbedOptions:
@@ -53,6 +55,8 @@ class EmbedOptions:
             compile=i.compile,
             on_truncated=spec.onTruncatedShard,
             scores={k: asdict(v) for k, v in spec.scores.heads().items()} or None,
+            text="text" in spec.outputs,
+            text_json_field=spec.text.jsonField,
         )
 
 

@@ -3,6 +3,7 @@
 For input shard ``<stem>.tar`` under ``output.uri``::
 
     img_emb/<stem>.npy          [N, D] L2-normalised embeddings
+    text_emb/<stem>.npy         [N, D] the captions' embeddings, row i = image row i (text outputs only)
     metadata/<stem>.parquet     one row per .npy row, same order
     _manifests/<stem>.json      written last; its presence means "this shard is done"
     _job.json                   job-level manifest, written when the whole job succeeds
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from embedjob.storage import join
 
 EMB_DIR = "img_emb"
+TEXT_EMB_DIR = "text_emb"
 META_DIR = "metadata"
 MANIFEST_DIR = "_manifests"
 TMP_DIR = "_tmp"
@@ -32,6 +34,7 @@ class ShardOutputs:
     metadata: str
     manifest: str
     tmp_root: str
+    text_embeddings: str = ""
 
 
 def shard_outputs(output_uri: str, stem: str) -> ShardOutputs:
@@ -40,6 +43,7 @@ def shard_outputs(output_uri: str, stem: str) -> ShardOutputs:
         metadata=join(output_uri, META_DIR, f"{stem}.parquet"),
         manifest=join(output_uri, MANIFEST_DIR, f"{stem}.json"),
         tmp_root=tmp_root(output_uri),
+        text_embeddings=join(output_uri, TEXT_EMB_DIR, f"{stem}.npy"),
     )
 
 

@@ -5,6 +5,7 @@ else is there.
 
 >>> keys, emb = read_embeddings("s3://embeddings/laion-subset/")      # all finished shards
 >>> keys, emb = read_embeddings("s3://embeddings/laion-subset/", shard="00007")
+>>> keys, txt = read_embeddings("s3://embeddings/laion-subset/", kind="text")  # outputs: [image, text]
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from embedjob import settings
 from embedjob.layout import job_manifest_uri, manifests_prefix, shard_outputs, stem_from_manifest, tmp_root
 from embedjob.sketch import merge_summaries
 from embedjob.storage import Storage, StorageOptions
+
+KINDS = ("image", "text")  # img_emb/ | text_emb/ (spec.outputs)
 
 
 @dataclass
@@ -140,8 +143,12 @@ def model_provenance(models: Iterable[dict[str, Any] | None]) -> dict[str, Any] 
     return seen[0] if len(seen) == 1 else seen
 
 
-def read_shard(output_uri: str, stem: str, storage: Storage | None = None) -> ShardEmbeddings:
-    """Keys (in row order) and the embedding matrix of one finished shard."""
+def read_shard(output_uri: str, stem: str, storage: Storage | None = None, kind: str = "image") -> ShardEmbeddings:
+    """Keys (in row order) and the embedding matrix of one finished shard: its image rows
+    (``img_emb/``), or with ``kind="text"`` its caption rows (``text_emb/``, same rows, zeros where a
+    sample has no caption: the metadata's ``has_caption``)."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
     try:
         import pyarrow.parquet as pq
     except ImportError as e:  # the operator's install has no parquet reader
@@ -150,7 +157,11 @@ def read_shard(output_uri: str, stem: str, storage: Storage | None = None) -> Sh
     storage = storage or Storage()
     outputs = shard_outputs(output_uri, stem)
     manifest = json.loads(storage.read_bytes(outputs.manifest))
-    emb = np.load(io.BytesIO(storage.read_bytes(outputs.embeddings)), allow_pickle=False)
+    if kind == "text" and "text_embeddings" not in manifest.get("files", {}):
+        raise FileNotFoundError(f"shard {stem} under {output_uri!r} has no text embeddings "
+                                "(its job did not have spec.outputs: [image, text])")
+    uri = outputs.text_embeddings if kind == "text" else outputs.embeddings
+    emb = np.load(io.BytesIO(storage.read_bytes(uri)), allow_pickle=False)
     table = pq.read_table(io.BytesIO(storage.read_bytes(outputs.metadata)), columns=["key"])
     keys = table.column("key").to_pylist()
     if len(keys) != emb.shape[0]:
@@ -158,25 +169,27 @@ def read_shard(output_uri: str, stem: str, storage: Storage | None = None) -> Sh
     return ShardEmbeddings(stem=stem, keys=keys, embeddings=emb, manifest=manifest)
 
 
-def iter_shards(output_uri: str, storage: Storage | None = None) -> Iterator[ShardEmbeddings]:
-    """Every finished shard, in stem order."""
+def iter_shards(output_uri: str, storage: Storage | None = None, kind: str = "image") -> Iterator[ShardEmbeddings]:
+    """Every finished shard, in stem order (``kind``: as :func:`read_shard`)."""
     storage = storage or Storage()
     for stem in sorted(done_stems(output_uri, storage)):
-        yield read_shard(output_uri, stem, storage)
+        yield read_shard(output_uri, stem, storage, kind)
 
 
 def read_embeddings(
-    uri: str, shard: str | None = None, endpoint: str | None = None, region: str | None = None
+    uri: str, shard: str | None = None, endpoint: str | None = None, region: str | None = None,
+    kind: str = "image",
 ) -> tuple[list[str], np.ndarray]:
     """Keys and the ``[N, D]`` embedding matrix of a job's output: one shard (by stem) or all
-    finished shards concatenated in stem order. Credentials come from the environment."""
+    finished shards concatenated in stem order; ``kind="text"``: the caption rows (``text_emb/``),
+    aligned with the image rows. Credentials come from the environment."""
     storage = Storage(StorageOptions(endpoint=endpoint, region=region))
     if shard is not None:
-        s = read_shard(uri, shard, storage)
+        s = read_shard(uri, shard, storage, kind)
         return s.keys, s.embeddings
     keys: list[str] = []
     mats: list[np.ndarray] = []
-    for s in iter_shards(uri, storage):
+    for s in iter_shards(uri, storage, kind):
         keys.extend(s.keys)
         mats.append(s.embeddings)
     if not mats:

@@ -37,6 +37,9 @@ ON_TRUNCATED = ("record", "fail")
 # Pillow's own decompression-bomb threshold; larger images are skipped and recorded.
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
 
+# What a job writes: image embeddings always; caption embeddings too with "text".
+OUTPUT_KINDS = ("image", "text")
+
 S3_URI = re.compile(r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?$")
 QUEUE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,62}$")
 DNS_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
@@ -119,6 +122,14 @@ class InferenceSpec:
 
 
 @dataclass(frozen=True)
+class TextSpec:
+    """Where a sample's caption is (with ``outputs: [image, text]``): its ``.txt`` member, or the field
+    ``jsonField`` of its ``.json`` sidecar when set."""
+
+    jsonField: str | None = None  # noqa: N815 - mirrors the CRD field name
+
+
+@dataclass(frozen=True)
 class StorageSpec:
     endpoint: str | None = None
     region: str | None = None
@@ -146,10 +157,13 @@ class JobSpec:
     ttlSecondsAfterFinished: int | None = None  # noqa: N815
     onTruncatedShard: str = "record"  # noqa: N815 - record | fail (ON_TRUNCATED)
     scores: ScoresSpec = field(default_factory=ScoresSpec)
+    outputs: tuple[str, ...] = ("image",)  # OUTPUT_KINDS: ("image",) | ("image", "text")
+    text: TextSpec = field(default_factory=TextSpec)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["input"]["shards"] = list(self.input.shards)
+        d["outputs"] = list(self.outputs)
         return d
 
 
@@ -233,7 +247,8 @@ def parse_spec(spec: Any, allow_local: bool = True, base_dir: Path | None = None
     _unknown(
         spec,
         {"input", "output", "model", "inference", "storage", "queue", "retries", "maxFailedShards",
-         "parallelism", "priority", "suspend", "ttlSecondsAfterFinished", "onTruncatedShard", "scores"},
+         "parallelism", "priority", "suspend", "ttlSecondsAfterFinished", "onTruncatedShard", "scores", "outputs",
+         "text"},
         "spec",
     )
 
@@ -356,6 +371,12 @@ def parse_spec(spec: Any, allow_local: bool = True, base_dir: Path | None = None
                                path=local(hpath, f"{where}.path") if hpath else None,
                                file=hfile or (None if hpath else "model.safetensors"))
     scores_spec = ScoresSpec(**heads)
+    outputs = _outputs(spec.get("outputs"))
+    t = _mapping(spec.get("text"), "spec.text")
+    _unknown(t, {"jsonField"}, "spec.text")
+    text_spec = TextSpec(jsonField=_str(t, "jsonField", "spec.text", None))
+    if t and "text" not in outputs:
+        raise SpecError("spec.text", "is only used with text in spec.outputs (outputs: [image, text])")
 
     job = JobSpec(
         input=input_spec,
@@ -372,9 +393,27 @@ def parse_spec(spec: Any, allow_local: bool = True, base_dir: Path | None = None
         ttlSecondsAfterFinished=_int(spec, "ttlSecondsAfterFinished", "spec", None, 0),
         onTruncatedShard=_str(spec, "onTruncatedShard", "spec", "record", ON_TRUNCATED),
         scores=scores_spec,
+        outputs=outputs,
+        text=text_spec,
     )
     check_semantics(job)
     return job
+
+
+def _outputs(value: Any) -> tuple[str, ...]:
+    """``[image]`` (the default) or ``[image, text]``, in that order whatever order was written."""
+    if value is None:
+        return ("image",)
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise SpecError("spec.outputs", f"must be a list of output kinds ({', '.join(OUTPUT_KINDS)}), got {value!r}")
+    for v in value:
+        if v not in OUTPUT_KINDS:
+            raise SpecError("spec.outputs", f"unknown output kind {v!r} (allowed: {', '.join(OUTPUT_KINDS)})")
+    if len(set(value)) != len(value):
+        raise SpecError("spec.outputs", f"lists an output kind twice: {value!r}")
+    if "image" not in value:
+        raise SpecError("spec.outputs", "must include image (text rows are aligned with the image rows)")
+    return tuple(k for k in OUTPUT_KINDS if k in value)
 
 
 def _norm(uri: str) -> str:

@@ -26,13 +26,16 @@ fi
 # (pyproject.toml). Only a strict editable install honours that mapping: it links every file of the package
 # into build/__editable__.*, so it is redone when pyproject.toml changes or a package file is added or removed.
 stamp=.venv/.embedjob-installed
-files_id=$(find embedjob crds examples/shards -type f \( -name '*.py' -o -name '*.yaml' -o -name '*.tar' \) \
+files_id=$(find embedjob crds examples/shards -type f \( -name '*.py' -o -name '*.yaml' -o -name '*.tar' -o -name '*.gz' \) \
              -not -path '*/__pycache__/*' | sort | sha1sum)
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ "$(cat "$stamp")" != "$files_id" ]; then
   echo "setup: pip install (torch CPU build first, so no multi-GB CUDA wheel is pulled)" >&2
   .venv/bin/pip install -q --upgrade pip
   .venv/bin/pip install -q "torch==2.13.0" || .venv/bin/pip install -q torch --index-url https://download.pytorch.org/whl/cpu
   .venv/bin/pip install -q -e ".[worker,operator,dev]" --config-settings editable_mode=strict
+  # The test reference of the caption tokenizer (tests/worker/test_tokenizer.py reads its tokenizer.py):
+  # without its dependencies (timm, torchvision), which nothing here imports.
+  .venv/bin/pip install -q --no-deps "open-clip-torch==3.3.0"
   echo "$files_id" > "$stamp"
 fi
 path_hint='setup: to put embedjob, kubectl and helm on PATH in this shell:  . scripts/env.sh'

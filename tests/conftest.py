@@ -85,6 +85,14 @@ def tiny_clip_dir(tmp_path_factory) -> Path:
     return save_random_clip(tmp_path_factory.mktemp("tiny-clip"))
 
 
+@pytest.fixture(scope="session")
+def text_clip_dir(tmp_path_factory) -> Path:
+    """A small CLIP whose text tower takes OpenAI CLIP's real token ids (49408), random weights."""
+    from embedjob.worker.model.random_weights import save_random_text_clip
+
+    return save_random_text_clip(tmp_path_factory.mktemp("text-clip"))
+
+
 def subprocess_env(extra: dict | None = None) -> dict:
     env = dict(os.environ)
     env.update(extra or {})

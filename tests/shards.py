@@ -224,3 +224,41 @@ def simple_shard(n: int, seed: int = 0, size: tuple[int, int] = (256, 192), pref
         spec.captions[key] = caption
         spec.sizes[key] = (w, h)
     return spec
+
+
+def caption_shard() -> ShardSpec:
+    """Images with every kind of caption a crawl has: HTML entities, mojibake, emoji, one longer than
+    the context, empty, whitespace, bytes that are not UTF-8, none at all, one only in the JSON, and a
+    broken image that has a caption (no row, so no text row either). ``captions`` holds the caption as
+    the tar reader decodes it."""
+    long_caption = " ".join(f"word{i}" for i in range(300))
+    cases: list[tuple[str, bytes | None, str | None]] = [  # (name, .txt bytes, .json)
+        ("entities", b"Tom &amp; Jerry &lt;3", None),
+        ("missing", None, None),
+        ("empty", b"", None),
+        ("not_utf8", b"caf\xe9 \xff\xfe au lait", None),
+        ("broken_image", b"a caption of an image that does not decode", None),
+        ("long", long_caption.encode(), None),
+        ("mojibake", "Ã©tÃ© Ã  la plage".encode(), '{"caption": "json caption of mojibake"}'),
+        ("emoji", "a 🐶 and a 🐱 🏳️‍🌈".encode(), None),
+        ("json_only", None, '{"caption": "Only in the &quot;JSON&quot;", "other": 1}'),
+        ("whitespace", b" \t\n ", '{"caption": 7}'),
+    ]
+    spec = ShardSpec()
+    broken = broken_images()["truncated_jpg"][1]
+    for i, (name, txt, sidecar) in enumerate(cases):
+        key = f"{i:04d}_{name}"
+        data = broken if name == "broken_image" else encode(rgb(160 + 8 * i, 120 + 4 * i, 900 + i), "JPEG")
+        spec.members.append((f"{key}.jpg", data))
+        if txt is not None:
+            spec.members.append((f"{key}.txt", txt))
+            spec.captions[key] = txt.decode("utf-8", errors="replace")
+        if sidecar is not None:
+            spec.members.append((f"{key}.json", sidecar.encode()))
+            spec.jsons[key] = sidecar
+        if name == "broken_image":
+            spec.failed_keys.append(key)
+        else:
+            spec.good_keys.append(key)
+            spec.sizes[key] = Image.open(io.BytesIO(data)).size
+    return spec

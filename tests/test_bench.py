@@ -113,6 +113,23 @@ def test_bench_profile_writes_the_operators_the_e2e_spent_its_time_on(tmp_path):
     assert report["measurements"]["e2e_exact"]["images"] == 12
 
 
+def test_bench_outputs_image_and_text_reports_the_text_cost(tmp_path):
+    """--outputs image,text: e2e image-only and image+text on the same shards and model (500x375 on the
+    CPU), the text cost per image, and the text outputs the second run really wrote."""
+    report, stdout = _bench(tmp_path, "--measure", "e2e", "--size", "500x375", "--count", "1",
+                            "--images-per-shard", "8", "--outputs", "image,text")
+    m = report["measurements"]
+    assert set(m) == {"e2e_exact", "e2e_exact_text"} and m["e2e_exact_text"]["images"] == 8
+    t = report["text"]["exact"]
+    assert t["image_only_images_per_s"] == m["e2e_exact"]["images_per_s"]
+    assert t["image_text_images_per_s"] == m["e2e_exact_text"]["images_per_s"]
+    assert t["text_tower_ms_per_image"] > 0 and t["text_stage_ms_per_image"] >= t["text_tower_ms_per_image"]
+    assert "outputs image+text" in stdout and "text (exact): image only" in stdout
+    work = tmp_path / "work"
+    assert np.load(work / "out-exact-text" / "text_emb" / "00000.npy").shape == (8, 32)
+    assert not (work / "out-exact" / "text_emb").exists()
+
+
 def test_limit_rule_and_timeline():
     from embedjob.bench.e2e import timeline
     from embedjob.bench.measure import limit_of

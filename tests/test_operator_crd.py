@@ -65,6 +65,8 @@ def test_defaults_enums_bounds_and_patterns_match():
     # the default only when neither name nor path is set)
     assert "default" not in s["model"]["properties"]["name"] and sp.ModelSpec().name == sp.DEFAULT_MODEL
     assert s["onTruncatedShard"]["enum"] == list(sp.ON_TRUNCATED) and s["onTruncatedShard"]["default"] == "record"
+    assert tuple(s["outputs"]["items"]["enum"]) == sp.OUTPUT_KINDS and s["outputs"]["default"] == ["image"]
+    assert set(s["text"]["properties"]) == set(sp.TextSpec.__dataclass_fields__)
     assert s["queue"]["default"] == "embedjob" and s["queue"]["pattern"] == sp.QUEUE_NAME.pattern
     assert s["input"]["properties"]["uri"]["pattern"] == sp.S3_URI.pattern
     assert s["output"]["properties"]["uri"]["pattern"] == sp.S3_URI.pattern

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -103,6 +104,38 @@ def test_run_s3_pattern_and_failure_policy(tmp_path, bucket, s3_env, tiny_clip_d
     job_manifest = json.loads(storage.read_bytes(f"s3://{bucket}/emb/_job.json"))
     assert job_manifest["totals"]["failed"] == 1
     assert [s["stem"] for s in job_manifest["shards"] if s["state"] == "failed"] == ["003"]
+
+
+def test_run_with_text_outputs_on_s3_and_read_back(tmp_path, bucket, s3_env, text_clip_dir):
+    """spec.outputs: [image, text] end to end: shards streamed from S3, text_emb/ beside img_emb/, rows
+    aligned with the metadata, read back with kind="text"."""
+    import pyarrow.parquet as pq
+
+    from tests.shards import caption_shard
+
+    client = s3_client()
+    caps, plain = caption_shard(), simple_shard(3, seed=7)
+    client.put_object(Bucket=bucket, Key="ds/000.tar", Body=caps.tar_bytes())
+    client.put_object(Bucket=bucket, Key="ds/001.tar", Body=plain.tar_bytes())
+    out = f"s3://{bucket}/emb/"
+    spec = {"input": {"uri": f"s3://{bucket}/ds/"}, "output": {"uri": out, "dtype": "float32"},
+            "model": {"path": str(text_clip_dir)}, "inference": {"device": "cpu", "batchSize": 4},
+            "outputs": ["image", "text"]}
+    r = embedjob_cli("run", str(write_job(tmp_path / "job.yaml", spec)), "--no-progress", env=s3_env)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+    keys, img = embedjob.read_embeddings(out, endpoint=s3_env["AWS_ENDPOINT_URL"])
+    tkeys, txt = embedjob.read_embeddings(out, endpoint=s3_env["AWS_ENDPOINT_URL"], kind="text")
+    assert keys == tkeys == caps.good_keys + plain.good_keys and img.shape == txt.shape == (len(keys), 32)
+    storage = Storage()
+    meta = pq.read_table(io.BytesIO(storage.read_bytes(shard_outputs(out, "000").metadata))).to_pylist()
+    assert [m["key"] for m in meta] == caps.good_keys
+    has = np.array([m["has_caption"] for m in meta])
+    assert not txt[: len(meta)][~has].any() and np.allclose(np.linalg.norm(txt[: len(meta)][has], axis=1), 1, atol=1e-5)
+    scores = np.einsum("ij,ij->i", img[: len(meta)], txt[: len(meta)])
+    assert np.allclose([m["clip_score"] for m in meta if m["has_caption"]], scores[has], atol=1e-6)
+    manifest = json.loads(storage.read_bytes(shard_outputs(out, "001").manifest))
+    assert manifest["text"]["captions"] == 3 and manifest["text"]["truncated"] == 0
 
 
 @pytest.mark.parametrize(

@@ -49,8 +49,8 @@ def batch_writes() -> Iterator[list[tuple[float, int]]]:
     lock = threading.Lock()
     original = ShardWriter.add
 
-    def add(self: ShardWriter, embeddings: Any, rows: list) -> None:
-        original(self, embeddings, rows)
+    def add(self: ShardWriter, embeddings: Any, rows: list, *args: Any, **kwargs: Any) -> None:
+        original(self, embeddings, rows, *args, **kwargs)
         with lock:
             writes.append((time.time(), len(rows)))
 
@@ -269,6 +269,8 @@ def measure_e2e(shards: list[str], stems: list[str], output: str, model: dict[st
         embedder = load_embedder(model, device=options.device, precision=options.precision, compile=options.compile)
         extra.update(timeline(start, [writes]), model_busy_seconds=round(embedder.busy_seconds(), 3),
                      gpu_memory_mib=_gpu_memory(options))
+        if embedder.text is not None and options.text:
+            extra["text_busy_seconds"] = round(embedder.text.busy_seconds, 3)
     else:
         extra.update(timeline(start, [o["writes"] for o in outcomes]),
                      model_busy_seconds=round(sum(o["model_busy_seconds"] for o in outcomes), 3),

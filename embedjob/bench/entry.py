@@ -56,6 +56,9 @@ class BenchConfig:
     shards_in_flight: int = 2  # e2e: shards at once in one worker process (embedjob worker's default)
     redis_url: str | None = None  # e2e: a Redis of the benchmark's own (bench() starts one); None: e2e skipped
     profile_dir: str | None = None  # one more e2e per mode under torch.profiler, its tables written here
+    # ("image", "text"): e2e also with caption embeddings (spec.outputs), on the same shards and model,
+    # and the text cost per image reported (report["text"]).
+    outputs: tuple[str, ...] = ("image",)
 
 
 @contextmanager
@@ -113,6 +116,8 @@ def _check(cfg: BenchConfig) -> None:
         raise ValueError(f"--measure takes some of {', '.join(MEASUREMENTS)}")
     if cfg.processes_per_gpu < 1:
         raise ValueError("--processes-per-gpu must be at least 1")
+    if cfg.outputs not in (("image",), ("image", "text")):
+        raise ValueError("--outputs must be image or image,text")
 
 
 def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -127,7 +132,8 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
     workdir = Path(cfg.workdir or tempfile.mkdtemp(prefix="embedjob-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"config": {**asdict(cfg), "preprocessing": list(cfg.preprocessing),
-                                         "measure": list(cfg.measure)}}
+                                         "measure": list(cfg.measure), "outputs": list(cfg.outputs)}}
+    text = "text" in cfg.outputs
     wants = set(cfg.measure)
     try:
         storage_options = StorageOptions(endpoint=cfg.s3_endpoint)
@@ -139,7 +145,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
             shards = make_shards(join(root, "shards"), storage, cfg.size, cfg.count, cfg.images_per_shard, cfg.seed,
                                  cfg.jpeg_quality)
         stems = [f"{i:05d}" for i in range(len(shards))]
-        model_path = _model_dir(cfg.model, workdir)
+        model_path = _model_dir(cfg.model, workdir, text=text)
         model = {"name": model_path.name, "revision": None, "path": str(model_path)}
         base = EmbedOptions(dtype="float16", batch_size=cfg.batch_size, precision=cfg.precision, device=cfg.device,
                             compile=cfg.compile, num_threads=cfg.decode_workers or EmbedOptions().num_threads,
@@ -180,8 +186,17 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
                     shards, stems, join(root, f"out-{mode}"), model, replace(base, preprocessing=mode),
                     storage_options, cfg.redis_url, cfg.shards_in_flight, processes=cfg.processes_per_gpu,
                     pool_kind=cfg.decode_pool, decode_cpus=cfg.decode_workers or available_cpus()))
+                if text:
+                    log(f"bench: embedjob e2e ({mode}, outputs image+text){round_}")
+                    runs.setdefault(f"e2e_{mode}_text", []).append(measure_e2e(
+                        shards, stems, join(root, f"out-{mode}-text"), model,
+                        replace(base, preprocessing=mode, text=True), storage_options, cfg.redis_url,
+                        cfg.shards_in_flight, processes=cfg.processes_per_gpu, pool_kind=cfg.decode_pool,
+                        decode_cpus=cfg.decode_workers or available_cpus()))
         # On a machine shared with other work, the best of several rounds is the least disturbed one.
         m = report["measurements"] = {k: measure.best(v) for k, v in runs.items()}
+        if text:
+            report["text"] = text_cost(m, modes)
         if wants >= {"decode_limit", "model_limit", "baseline", "e2e"}:
             report["limits"], report["ratios"] = measure.limits_and_ratios(m, modes, device.type)
         if config is not None:
@@ -217,6 +232,27 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
             shutil.rmtree(workdir, ignore_errors=True)
 
 
+def text_cost(m: dict[str, Any], modes: tuple[str, ...]) -> dict[str, Any]:
+    """Image-only vs image+text e2e per preprocessing mode: what the captions cost per image, measured
+    as the difference of the two runs' times per image and as the text tower's own time."""
+    out: dict[str, Any] = {}
+    for mode in modes:
+        image, both = m.get(f"e2e_{mode}") or {}, m.get(f"e2e_{mode}_text") or {}
+        if not image.get("images_per_s") or not both.get("images_per_s"):
+            continue
+        images = both["images"]
+        out[mode] = {
+            "image_only_images_per_s": image["images_per_s"],
+            "image_text_images_per_s": both["images_per_s"],
+            "text_ms_per_image": round(1000 * (1 / both["images_per_s"] - 1 / image["images_per_s"]), 3),
+            "text_tower_ms_per_image": round(1000 * both.get("text_busy_seconds", 0.0) / images, 3) if images else None,
+            "text_stage_ms_per_image": round(1000 * both["stage_seconds"].get("text", 0.0) / images, 3)
+            if images else None,
+            "slowdown": round(image["images_per_s"] / both["images_per_s"], 3),
+        }
+    return out
+
+
 def _storage_root(cfg: BenchConfig, storage_options: StorageOptions, workdir: Path) -> str:
     if not cfg.s3_endpoint:
         return str(workdir)
@@ -246,20 +282,25 @@ def _available_modes(modes: tuple[str, ...], device: Any, report: dict[str, Any]
     return modes
 
 
-def _model_dir(kind: str, workdir: Path) -> Path:
+def _model_dir(kind: str, workdir: Path, text: bool = False) -> Path:
     from transformers.utils import logging as hf_logging
 
     from embedjob.worker.model.load import default_model_dir
-    from embedjob.worker.model.random_weights import RANDOM_VIT_L14_DIRNAME, save_random_clip, save_random_vit_l14
+    from embedjob.worker.model.random_weights import (
+        RANDOM_VIT_L14_DIRNAME,
+        save_random_clip,
+        save_random_text_clip,
+        save_random_vit_l14,
+    )
 
     hf_logging.disable_progress_bar()
-    if kind == "tiny":
-        path = workdir / "models" / "tiny"
-        return path if (path / "config.json").exists() else save_random_clip(path)
+    if kind == "tiny":  # with text outputs, a text tower that takes the real tokenizer's ids
+        path = workdir / "models" / ("tiny-text" if text else "tiny")
+        return path if (path / "config.json").exists() else (save_random_text_clip if text else save_random_clip)(path)
     # 1.2 GB and a minute to make: kept in the model cache for the next run.
-    path = Path(default_model_dir()) / RANDOM_VIT_L14_DIRNAME
+    path = Path(default_model_dir()) / (RANDOM_VIT_L14_DIRNAME + ("-with-text" if text else ""))
     if not (path / "model.safetensors").exists():
         tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-        save_random_vit_l14(tmp)
+        save_random_vit_l14(tmp, text=text)
         tmp.rename(path)
     return path

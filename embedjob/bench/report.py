@@ -59,6 +59,9 @@ def format_report(report: dict[str, Any]) -> str:
             procs = e2e.get("processes", 1)
             who = f"{procs} processes x " if procs > 1 else ""
             row(f"4. embedjob e2e ({mode}, {who}ShardRunner.run x{e2e.get('shards_in_flight', 1)})", e2e)
+        e2e_text = m.get(f"e2e_{mode}_text")
+        if e2e_text is not None:
+            row(f"5. embedjob e2e ({mode}, outputs image+text)", e2e_text)
     for mode in modes:
         e2e = m.get(f"e2e_{mode}") or {}
         if "startup_seconds" in e2e:
@@ -112,6 +115,13 @@ def format_report(report: dict[str, Any]) -> str:
     if scaling:
         lines.append("  decode scaling (exact): " + ", ".join(
             f"{x['workers']} workers {x['images_per_s']:.0f}/s" for x in scaling))
+    for mode, t in (report.get("text") or {}).items():
+        lines.append(f"  text ({mode}): image only {t['image_only_images_per_s']:.1f} images/s, image+text "
+                     f"{t['image_text_images_per_s']:.1f} images/s (x{t['slowdown']} the time); text costs "
+                     f"{t['text_ms_per_image']} ms/image end to end, the text tower "
+                     f"{t['text_tower_ms_per_image']} ms/image, the text stage (tokenizing, waiting for the "
+                     f"device, tower) "
+                     f"{t['text_stage_ms_per_image']} ms/image")
     for note in report.get("notes", []):
         lines.append(f"  note: {note}")
     lines.append(f"  peak RSS of the bench process: {env.get('peak_rss_mib_main')} MiB")

@@ -264,6 +264,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         baseline_images=args.baseline_images, model_seconds=args.model_seconds,
         deviation_images=args.deviation_images, deviation_model=args.deviation_model, repeat=args.repeat,
         decode_scaling=args.decode_scaling, shards_in_flight=args.shards_in_flight, profile_dir=args.profile,
+        outputs=tuple(x.strip() for x in args.outputs.split(",") if x.strip()),
     )
     try:
         # e2e gets a private Redis of the bench's own (embedjob.bench.entry), never a deployment's.
@@ -407,6 +408,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--profile", default=None, metavar="DIR",
                    help="after the measurements, one more e2e per mode (first 2 shards) under torch.profiler: "
                         "DIR/profile-<mode>.txt, the operators and kernels by self CPU and device time")
+    b.add_argument("--outputs", default="image",
+                   help="image (default) or image,text: e2e also with caption embeddings (spec.outputs) on the "
+                        "same shards and model, and the text cost per image")
     b.add_argument("--json", default=None, metavar="OUT", help="also write the report as JSON")
     b.set_defaults(func=_cmd_bench)
 

@@ -70,7 +70,8 @@ def test_loads_from_a_full_clip_checkpoint_folder(tiny_clip_dir):
     described = e.describe()
     assert described == {"path": str(tiny_clip_dir.resolve()), "source": str(tiny_clip_dir.resolve()), "name": None,
                          "family": "clip ViT width 64, 2 layers, patch 14", "dim": 32,
-                         "weightsSha256": described["weightsSha256"], "device": "cpu", "precision": "fp32",
+                         "weightsSha256": described["weightsSha256"], "imageSize": 224,
+                         "preprocessing": "openai-clip-reference-v1", "device": "cpu", "precision": "fp32",
                          "attention": "sdpa", "compile": "none", "compileWarmupSeconds": 0.0}
     assert len(described["weightsSha256"]) == 64
     # Loaded once per process: the same object comes back.

@@ -22,7 +22,7 @@ import numpy as np
 
 from embedjob.contract import EmbedOptions
 from embedjob.storage import Storage, is_s3
-from embedjob.worker.datapath.batch_slots import CROP_SHAPE, BatchSlots
+from embedjob.worker.datapath.batch_slots import BatchSlots
 from embedjob.worker.datapath.crop import Crop, EncodedJpeg, Prepared, Rejected
 from embedjob.worker.datapath.decode_pool import (
     CHUNK_BYTES,
@@ -30,6 +30,7 @@ from embedjob.worker.datapath.decode_pool import (
 )
 from embedjob.worker.datapath.decode_worker import JPEG, REJECTED, file_identity
 from embedjob.worker.datapath.read import SkippedMember, TarStats, iter_tar
+from embedjob.worker.datapath.transform import DEFAULT_TRANSFORM, ImageTransform
 from embedjob.worker.datapath.write import MetadataRow
 from embedjob.worker.host import available_cpus
 
@@ -103,15 +104,17 @@ class PreparedStream:
     manager: leaving it stops the reader and cancels the chunks not started yet."""
 
     def __init__(self, shard: str, storage: Storage, pool: DecodePool, options: EmbedOptions,
-                 device_jpeg: bool = False, slots: int = BATCH_SLOTS) -> None:
+                 device_jpeg: bool = False, slots: int = BATCH_SLOTS,
+                 transform: ImageTransform = DEFAULT_TRANSFORM) -> None:
         self.shard, self.storage, self.pool = shard, storage, pool
         self.max_pixels = options.max_image_pixels
         self.preprocessing = options.preprocessing
         self.device_jpeg = device_jpeg
+        self.transform = transform  # the model's (embedjob.worker.datapath.transform)
         self.batch_size = options.batch_size if options.batch_size > 0 else DEFAULT_SLOT_ROWS
         self.stats = TarStats()
         self.read_seconds = 0.0  # reading/parsing the tar, including waiting for the source
-        self.slots = BatchSlots(self.batch_size, slots)
+        self.slots = BatchSlots(self.batch_size, slots, transform.crop)
         self._queue: queue.Queue = queue.Queue()  # bounded by the slots
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._read, name="embedjob-tar-reader", daemon=True)
@@ -186,7 +189,8 @@ class PreparedStream:
             seqs.append(sent.seqs[i])
         failures.sort(key=lambda f: f[0])
         if sent.slot is None:
-            crops = self.slots.array[:0, 0] if self.slots.slots else np.empty((0, *CROP_SHAPE), np.uint8)
+            crops = self.slots.array[:0, 0] if self.slots.slots else np.empty(
+                (0, self.transform.crop, self.transform.crop, 3), np.uint8)
         else:
             slot = self.slots.array[sent.slot]
             if len(keep) < len(records):  # close the rejected images' gaps (rare: one copy of the rest)
@@ -235,7 +239,8 @@ class PreparedStream:
                 return
             header = {"op": "chunk", "max_pixels": self.max_pixels, "preprocessing": self.preprocessing,
                       "device_jpeg": self.device_jpeg, "src": None if datas else src, "src_id": src_id, "items": items,
-                      "slots": self.slots.id, "slot": batch.slot, "rows": rows}
+                      "slots": self.slots.id, "slot": batch.slot, "rows": rows,
+                      "transform": self.transform.to_dict()}
             batch.chunks.append(self.pool.submit_chunk(header, b"".join(datas)))
             items, rows, datas, size = [], [], [], 0  # the image bytes now belong to the pool only
             chunk = min(2 * chunk, self.pool.chunk_images)

@@ -29,22 +29,23 @@ CROP_BYTES = IMAGE_SIZE * IMAGE_SIZE * 3
 _ids = itertools.count(1)
 
 
-def map_slots(fd: int, slots: int, batch_size: int) -> tuple[mmap.mmap, np.ndarray]:
-    """Map a slots file: the mapping and its ``[slots, batch_size, 224, 224, 3]`` uint8 view."""
-    mm = mmap.mmap(fd, slots * batch_size * CROP_BYTES)
-    return mm, np.frombuffer(mm, dtype=np.uint8).reshape(slots, batch_size, *CROP_SHAPE)
+def map_slots(fd: int, slots: int, batch_size: int, crop: int = IMAGE_SIZE) -> tuple[mmap.mmap, np.ndarray]:
+    """Map a slots file: the mapping and its ``[slots, batch_size, crop, crop, 3]`` uint8 view (224 px
+    by default; the model's own crop size otherwise)."""
+    mm = mmap.mmap(fd, slots * batch_size * crop * crop * 3)
+    return mm, np.frombuffer(mm, dtype=np.uint8).reshape(slots, batch_size, crop, crop, 3)
 
 
 class BatchSlots:
     """``slots`` batch slots in an anonymous shared-memory file (see the module docstring)."""
 
-    def __init__(self, batch_size: int, slots: int) -> None:
+    def __init__(self, batch_size: int, slots: int, crop: int = IMAGE_SIZE) -> None:
         self.id = next(_ids)
-        self.batch_size, self.slots = int(batch_size), int(slots)
+        self.batch_size, self.slots, self.crop = int(batch_size), int(slots), int(crop)
         self.fd = os.memfd_create(f"embedjob-batch-slots-{os.getpid()}-{self.id}", os.MFD_CLOEXEC)
         try:
-            os.ftruncate(self.fd, self.slots * self.batch_size * CROP_BYTES)
-            self._mm, self.array = map_slots(self.fd, self.slots, self.batch_size)
+            os.ftruncate(self.fd, self.slots * self.batch_size * self.crop * self.crop * 3)
+            self._mm, self.array = map_slots(self.fd, self.slots, self.batch_size, self.crop)
         except BaseException:
             os.close(self.fd)
             raise
@@ -74,7 +75,7 @@ class BatchSlots:
                 return
             self.closed = True
             os.close(self.fd)
-            self.array = np.empty((0, 0, *CROP_SHAPE), dtype=np.uint8)
+            self.array = np.empty((0, 0, self.crop, self.crop, 3), dtype=np.uint8)
             try:
                 self._mm.close()
             except BufferError:  # a batch view is still referenced: freed with it

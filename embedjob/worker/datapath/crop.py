@@ -18,6 +18,7 @@ import numpy as np
 
 from embedjob.worker.datapath.decode import DecodeError, load_image, open_image
 from embedjob.worker.datapath.preprocess import IMAGE_SIZE, PreprocessError, reference_crop
+from embedjob.worker.datapath.transform import DEFAULT_TRANSFORM, ImageTransform
 
 # What a manifest records for preprocessing "fast" ("exact" records preprocess.PREPROCESSING_ID).
 FAST_PREPROCESSING_ID = "embedjob-fast-v1"
@@ -70,8 +71,11 @@ def _device_jpeg_ok(img: object, data: bytes) -> bool:
         data.rstrip(b"\0")[-2:] == b"\xff\xd9")
 
 
-def prepare_image(data: bytes, max_pixels: int, preprocessing: str = "exact", device_jpeg: bool = False) -> Prepared:
-    """Decode + preprocess one image. Never raises: every problem is a :class:`Rejected` reason."""
+def prepare_image(data: bytes, max_pixels: int, preprocessing: str = "exact", device_jpeg: bool = False,
+                  transform: ImageTransform = DEFAULT_TRANSFORM) -> Prepared:
+    """Decode + preprocess one image with ``transform`` (the model's). Never raises: every problem is a
+    :class:`Rejected` reason. The fast CPU path (DCT-domain draft) applies to the ``clip`` resize rule
+    (any size); a ``squash`` transform (SigLIP) always takes the exact path."""
     t0 = time.perf_counter()
     try:
         img = open_image(data, max_pixels)
@@ -80,8 +84,8 @@ def prepare_image(data: bytes, max_pixels: int, preprocessing: str = "exact", de
             img.close()
             return EncodedJpeg(data, width, height, time.perf_counter() - t0)
         path = "exact"
-        if preprocessing == "fast" and img.format == "JPEG":
-            req = draft_request(width, height)
+        if preprocessing == "fast" and img.format == "JPEG" and transform.rule == "clip":
+            req = draft_request(width, height, DRAFT_FACTOR * transform.resize)
             if min(width // req[0], height // req[1]) >= 2 and img.draft(None, req) is not None:
                 path = "cpu-draft"
         img = load_image(img)
@@ -91,7 +95,7 @@ def prepare_image(data: bytes, max_pixels: int, preprocessing: str = "exact", de
         return Rejected(f"decode: {type(e).__name__}: {e}", decode_s=time.perf_counter() - t0)
     t1 = time.perf_counter()
     try:
-        crop = reference_crop(img, source_size=(width, height))
+        crop = reference_crop(img, source_size=(width, height), transform=transform)
     except PreprocessError as e:
         return Rejected(e.reason, t1 - t0, time.perf_counter() - t1)
     except Exception as e:  # noqa: BLE001
@@ -102,6 +106,6 @@ def prepare_image(data: bytes, max_pixels: int, preprocessing: str = "exact", de
 
 
 def prepare_images(datas: list[bytes], max_pixels: int, preprocessing: str = "exact",
-                   device_jpeg: bool = False) -> list[Prepared]:
+                   device_jpeg: bool = False, transform: ImageTransform = DEFAULT_TRANSFORM) -> list[Prepared]:
     """:func:`prepare_image` on each of ``datas``, in order (in this process)."""
-    return [prepare_image(d, max_pixels, preprocessing, device_jpeg) for d in datas]
+    return [prepare_image(d, max_pixels, preprocessing, device_jpeg, transform) for d in datas]

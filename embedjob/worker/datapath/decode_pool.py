@@ -38,6 +38,7 @@ from embedjob.worker.datapath.decode_worker import (
     unpack_prepared,
     write_frame,
 )
+from embedjob.worker.datapath.transform import DEFAULT_TRANSFORM, ImageTransform
 
 # Images per pool task, and the bytes after which a chunk is sent even if not full: a task costs the
 # worker process ~0.3 ms of its own CPU (queues, pickling, futures), so it carries several images;
@@ -105,7 +106,7 @@ class _DecodeProcess:
                             continue
                         socket.send_fds(self._fds, [b"s"], [slots.fd])
                     write_frame(pipe, {"op": ATTACH, "slots": slots.id, "count": slots.slots,
-                                        "batch_size": slots.batch_size})
+                                        "batch_size": slots.batch_size, "crop": slots.crop})
                     continue
                 if item[0] == DETACH:
                     write_frame(pipe, {"op": DETACH, "slots": item[1].id})
@@ -223,14 +224,15 @@ class DecodePool:
         return future
 
     def submit(self, datas: list[bytes], max_pixels: int, preprocessing: str = "exact",
-               device_jpeg: bool = False) -> Future:
+               device_jpeg: bool = False, transform: ImageTransform = DEFAULT_TRANSFORM) -> Future:
         """Prepare ``datas``; the Future gives their :class:`Prepared` items, in order."""
         items, pos = [], 0
         for d in datas:
             items.append([pos, len(d)])
             pos += len(d)
         header = {"op": "chunk", "max_pixels": max_pixels, "preprocessing": preprocessing,
-                  "device_jpeg": device_jpeg, "src": None, "items": items, "slots": None}
+                  "device_jpeg": device_jpeg, "src": None, "items": items, "slots": None,
+                  "transform": transform.to_dict()}
         future: Future = Future()
         inner = self.submit_chunk(header, b"".join(datas))
 

@@ -20,11 +20,12 @@ import numpy as np
 
 from embedjob.worker.datapath.batch_slots import map_slots
 from embedjob.worker.datapath.crop import Crop, EncodedJpeg, Prepared, Rejected, prepare_image
-from embedjob.worker.datapath.preprocess import IMAGE_SIZE
+from embedjob.worker.datapath.transform import ImageTransform
 
 # -- one pool task: a chunk of images ---------------------------------------------------------------
 # A task is a small JSON header plus a raw payload, both ways; no pickles. The header of a chunk:
 #   {"op": "chunk", "max_pixels", "preprocessing", "device_jpeg",
+#    "transform": the model's ImageTransform as a dict (absent: OpenAI CLIP's 224 px transform),
 #    "src": a local tar file the decoder reads the images from (by offset), or null: from the payload,
 #    "src_id": [st_dev, st_ino, st_size, st_mtime_ns] of the file the reader indexed (a file put in
 #              its place since is refused, never read),
@@ -85,12 +86,13 @@ def run_chunk(header: dict, payload: bytes | memoryview, slots: dict[int, np.nda
     blobs: list[bytes] = []
     paths: dict[str, int] = {}
     decode_s = preprocess_s = 0.0
+    transform = ImageTransform.from_dict(header.get("transform"))
     for k, (offset, size) in enumerate(header["items"]):
         data = sources.read(src, header.get("src_id"), offset, size) if src else bytes(view[offset:offset + size])
         if src and len(data) != size:
             item: Prepared = Rejected(f"decode: short read ({len(data)} of {size} bytes)")
         else:
-            item = prepare_image(data, header["max_pixels"], header["preprocessing"], header["device_jpeg"])
+            item = prepare_image(data, header["max_pixels"], header["preprocessing"], header["device_jpeg"], transform)
         decode_s += item.decode_s
         if isinstance(item, Crop):
             preprocess_s += item.preprocess_s
@@ -107,7 +109,8 @@ def run_chunk(header: dict, payload: bytes | memoryview, slots: dict[int, np.nda
         else:
             preprocess_s += item.preprocess_s
             records.append([REJECTED, 0, 0, item.reason, 0])
-    return {"records": records, "decode_s": decode_s, "preprocess_s": preprocess_s, "paths": paths}, blobs
+    return {"records": records, "decode_s": decode_s, "preprocess_s": preprocess_s, "paths": paths,
+            "crop": transform.crop}, blobs
 
 
 def unpack_prepared(reply: dict, payload: bytes) -> list[Prepared]:
@@ -117,7 +120,7 @@ def unpack_prepared(reply: dict, payload: bytes) -> list[Prepared]:
     for status, width, height, text, size in reply["records"]:
         blob, pos = payload[pos:pos + size], pos + size
         if status == CROP:
-            pixels = np.frombuffer(blob, dtype=np.uint8).reshape(IMAGE_SIZE, IMAGE_SIZE, 3)
+            pixels = np.frombuffer(blob, dtype=np.uint8).reshape(reply.get("crop", 224), reply.get("crop", 224), 3)
             out.append(Crop(pixels, width, height, 0.0, 0.0, text))
         elif status == JPEG:
             out.append(EncodedJpeg(blob, width, height, 0.0))
@@ -173,7 +176,7 @@ def serve(stdin: IO[bytes], stdout: IO[bytes], fds: socket.socket | None = None)
             assert fds is not None
             _, received, _, _ = socket.recv_fds(fds, 1, 1)  # one byte: exactly one sendmsg's fd
             try:
-                mm, array = map_slots(received[0], header["count"], header["batch_size"])
+                mm, array = map_slots(received[0], header["count"], header["batch_size"], header.get("crop", 224))
             finally:
                 for fd in received:
                     os.close(fd)

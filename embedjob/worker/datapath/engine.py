@@ -70,7 +70,8 @@ def _take_buffers(embedder: Embedder, batch_size: int, slots: int) -> tuple[list
         if free:
             return free.pop()
     pinned = embedder.device.type == "cuda"
-    return ([torch.empty((batch_size, 224, 224, 3), dtype=torch.uint8, pin_memory=pinned) for _ in range(slots)],
+    side = embedder.transform.crop
+    return ([torch.empty((batch_size, side, side, 3), dtype=torch.uint8, pin_memory=pinned) for _ in range(slots)],
             [torch.empty((batch_size, embedder.dim), dtype=torch.float32, pin_memory=pinned) for _ in range(slots)])
 
 

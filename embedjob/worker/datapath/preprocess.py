@@ -38,13 +38,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
+from embedjob.worker.datapath.transform import CLIP_ID, DEFAULT_TRANSFORM, OPENAI_MEAN, OPENAI_STD, ImageTransform
+
 if TYPE_CHECKING:
     import torch
 
-PREPROCESSING_ID = "openai-clip-reference-v1"
-IMAGE_SIZE = 224
-MEAN = (0.48145466, 0.4578275, 0.40821073)
-STD = (0.26862954, 0.26130258, 0.27577711)
+PREPROCESSING_ID = CLIP_ID  # the default (224 px, OpenAI's mean/std); other sizes: ImageTransform.id
+IMAGE_SIZE = DEFAULT_TRANSFORM.crop
+MEAN = OPENAI_MEAN
+STD = OPENAI_STD
 
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 
@@ -109,30 +111,49 @@ def to_reference_mode(img: Image.Image) -> Image.Image:
     return img
 
 
-def _reference(img: Image.Image, source_size: tuple[int, int] | None = None) -> np.ndarray:
-    new_size = resized_size(*(source_size or img.size))
+def _reference(img: Image.Image, source_size: tuple[int, int] | None = None,
+               transform: ImageTransform = DEFAULT_TRANSFORM) -> np.ndarray:
+    if transform.rule == "squash":
+        return _squash(img, transform.crop)
+    new_size = resized_size(*(source_size or img.size), size=transform.resize)
     if new_size != img.size:
         img = img.resize(new_size, Image.Resampling.BICUBIC)
-    box = center_crop_box(*img.size)
+    box = center_crop_box(*img.size, size=transform.crop)
     if box != (0, 0, *img.size):
         img = img.crop(box)
     rgb = img.convert("RGB")
     return np.array(rgb, dtype=np.uint8)  # a writable copy (torch.as_tensor warns on read-only)
 
 
-def _fallback(img: Image.Image, first: Exception, source_size: tuple[int, int] | None) -> np.ndarray:
+def _squash(img: Image.Image, size: int) -> np.ndarray:
+    """Hugging Face's PIL image processor (SigLIP): RGB first, transparency composited on white, then a
+    bicubic resize to ``size`` x ``size`` whatever the aspect ratio."""
+    if "A" in img.getbands() or img.info.get("transparency") is not None:
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, img.convert("RGBA")).convert("RGB")
+    else:
+        img = img.convert("RGB")
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.Resampling.BICUBIC)
+    return np.array(img, dtype=np.uint8)
+
+
+def _fallback(img: Image.Image, first: Exception, source_size: tuple[int, int] | None,
+              transform: ImageTransform = DEFAULT_TRANSFORM) -> np.ndarray:
     """A mode Pillow cannot resize or convert to RGB directly (e.g. premultiplied "La", which
     converts only to "LA"): go through the nearest mode that works."""
     for mode in ("RGBA", "LA", "RGB", "L"):
         try:
-            return _reference(img.convert(mode), source_size)
+            return _reference(img.convert(mode), source_size, transform)
         except Exception:  # noqa: BLE001, S112 - try the next mode
             continue
     raise PreprocessError(f"cannot preprocess mode {img.mode}: {type(first).__name__}: {first}") from first
 
 
-def reference_crop(img: Image.Image, source_size: tuple[int, int] | None = None) -> np.ndarray:
-    """Resize + center crop + RGB: a ``[224, 224, 3]`` uint8 array. Raises :class:`PreprocessError`.
+def reference_crop(img: Image.Image, source_size: tuple[int, int] | None = None,
+                   transform: ImageTransform = DEFAULT_TRANSFORM) -> np.ndarray:
+    """Resize + center crop + RGB: a ``[224, 224, 3]`` uint8 array (``[crop, crop, 3]`` for another
+    ``transform``: embedjob.worker.datapath.transform). Raises :class:`PreprocessError`.
 
     ``source_size``: the size of the image as encoded, when ``img`` was decoded at a reduced scale
     (the fast path's DCT-domain downscale): the resize target follows the original geometry."""
@@ -143,15 +164,16 @@ def reference_crop(img: Image.Image, source_size: tuple[int, int] | None = None)
     except Exception as e:
         raise PreprocessError(f"cannot convert mode {img.mode}: {type(e).__name__}: {e}") from e
     try:
-        out = _reference(prepared, source_size)
+        out = _reference(prepared, source_size, transform)
     except Exception as first:
-        out = _fallback(prepared, first, source_size)
-    if out.shape != (IMAGE_SIZE, IMAGE_SIZE, 3):
+        out = _fallback(prepared, first, source_size, transform)
+    if out.shape != (transform.crop, transform.crop, 3):
         raise PreprocessError(f"unexpected preprocessed shape {out.shape} for mode {img.mode} size {img.size}")
     return out
 
 
-def normalize(crops: np.ndarray | torch.Tensor, contiguous: bool = True) -> torch.Tensor:
+def normalize(crops: np.ndarray | torch.Tensor, contiguous: bool = True, mean: tuple[float, ...] = MEAN,
+              std: tuple[float, ...] = STD) -> torch.Tensor:
     """ToTensor + Normalize for a batch: uint8 ``[B, H, W, 3]`` -> float32 ``[B, 3, H, W]``, on the
     tensor's own device (the engine calls it on the GPU). Each element is ``(u8 / 255 - mean) / std``
     in float32, as in the reference; the arithmetic runs on the channel-last layout (several times
@@ -162,11 +184,11 @@ def normalize(crops: np.ndarray | torch.Tensor, contiguous: bool = True) -> torc
     t = torch.as_tensor(crops)
     if t.dtype != torch.uint8 or t.ndim != 4 or t.shape[-1] != 3:
         raise ValueError(f"expected uint8 [B, H, W, 3], got {t.dtype} {tuple(t.shape)}")
-    key = (t.device.type, t.device.index)
+    key = (t.device.type, t.device.index, tuple(mean), tuple(std))
     constants = _constants.get(key)
     if constants is None:
-        constants = _constants[key] = (torch.tensor(MEAN, dtype=torch.float32, device=t.device),
-                                       torch.tensor(STD, dtype=torch.float32, device=t.device))
+        constants = _constants[key] = (torch.tensor(mean, dtype=torch.float32, device=t.device),
+                                       torch.tensor(std, dtype=torch.float32, device=t.device))
     x = t.to(torch.float32).div_(255).sub_(constants[0]).div_(constants[1]).permute(0, 3, 1, 2)
     return x.contiguous() if contiguous else x
 
@@ -174,6 +196,6 @@ def normalize(crops: np.ndarray | torch.Tensor, contiguous: bool = True) -> torc
 _constants: dict[tuple, tuple] = {}
 
 
-def preprocess(img: Image.Image) -> torch.Tensor:
-    """The whole reference transform on one image: float32 ``[3, 224, 224]``."""
-    return normalize(reference_crop(img)[None])[0]
+def preprocess(img: Image.Image, transform: ImageTransform = DEFAULT_TRANSFORM) -> torch.Tensor:
+    """The whole reference transform on one image: float32 ``[3, 224, 224]`` (``[3, crop, crop]``)."""
+    return normalize(reference_crop(img, transform=transform)[None], mean=transform.mean, std=transform.std)[0]

@@ -33,8 +33,9 @@ The stages, one module each; the main process deals in batches, never in an imag
       │                  as it is (zero copy on the CPU, one copy per batch into pinned memory on CUDA)
     forward thread       engine.InferenceEngine: to the device, normalise there, forward, rows back
       │                  (asynchronous: decode, copy, forward and writing overlap); the slot is free again
-    calling thread       finished batches to writer.ShardWriter, in order -> commit: .npy, .parquet,
-                         then the manifest
+    calling thread       finished batches to writer.ShardWriter, in order (with text outputs, each batch's
+                         captions through the text tower first: caption.caption_of, model.text) ->
+                         commit: .npy (and text .npy), .parquet, then the manifest
 
 At most ``BATCH_SLOTS`` batches of crops exist per shard (the reader waits for a free slot), however
 large the shard.
@@ -55,6 +56,7 @@ from embedjob.layout import shard_outputs, shard_stem
 from embedjob.policy import PermanentError
 from embedjob.storage import Storage
 from embedjob.worker.datapath.batch import PreparedBatch, PreparedStream, SampleInfo, decode_workers
+from embedjob.worker.datapath.caption import caption_of, caption_source
 from embedjob.worker.datapath.crop import FAST_PREPROCESSING_ID
 from embedjob.worker.datapath.decode_pool import (
     DecodePoolBroken,
@@ -63,10 +65,11 @@ from embedjob.worker.datapath.decode_pool import (
 )
 from embedjob.worker.datapath.engine import InferenceEngine
 from embedjob.worker.datapath.gpu_decode import JpegDecoder, nvjpeg_decoder
-from embedjob.worker.datapath.preprocess import PREPROCESSING_ID
+from embedjob.worker.datapath.transform import DEFAULT_TRANSFORM, ImageTransform
 from embedjob.worker.datapath.write import MetadataRow, ShardWriter, shard_manifest
 from embedjob.worker.model.embedder import Embedder
 from embedjob.worker.model.heads import ScoreHeads
+from embedjob.worker.model.text import TextEmbedder
 
 log = logging.getLogger(__name__)
 
@@ -95,10 +98,20 @@ class ShardResult:
         return asdict(self)
 
 
+def preprocessing_id(preprocessing: str, transform: ImageTransform) -> str:
+    """What a manifest records: the model's transform id (exact), or the fast path's id (with the
+    transform's when it is not OpenAI CLIP's 224 px one)."""
+    if preprocessing == "exact":
+        return transform.id
+    return FAST_PREPROCESSING_ID if transform == DEFAULT_TRANSFORM else f"{FAST_PREPROCESSING_ID}:{transform.id}"
+
+
 def device_jpeg_decoder(options: EmbedOptions, model: Embedder) -> JpegDecoder | None:
     """The GPU JPEG decoder when the fast path decodes on the device (preprocessing "fast" on CUDA),
-    else None. Raises at once, naming the field, when this worker cannot (no torchvision)."""
-    if options.preprocessing != "fast" or model.device.type != "cuda":
+    else None. Raises at once, naming the field, when this worker cannot (no torchvision). nvJPEG's
+    resize and crop reproduce only OpenAI CLIP's 224 px transform: for another model (336 px CLIP,
+    SigLIP) the fast path stays on the CPU (the DCT-domain draft for CLIP sizes, exact for SigLIP)."""
+    if options.preprocessing != "fast" or model.device.type != "cuda" or model.transform != DEFAULT_TRANSFORM:
         return None
     return nvjpeg_decoder()
 
@@ -109,10 +122,14 @@ class _Batches:
 
     def __init__(self, engine: InferenceEngine, writer: ShardWriter, stream: PreparedStream,
                  on_progress: Callable[[int], None] | None, timings: dict[str, float],
-                 heads: ScoreHeads | None = None) -> None:
+                 heads: ScoreHeads | None = None, text: TextEmbedder | None = None,
+                 json_field: str | None = None) -> None:
         self.engine, self.writer, self.stream, self.heads = engine, writer, stream, heads
         self.on_progress, self.timings = on_progress, timings
+        self.text, self.json_field = text, json_field
         self.embedded = 0
+        self.captions = 0  # rows with a caption (text outputs)
+        self.truncated = 0  # captions cut to the context length
         self.paths: dict[str, int] = {}  # how the embedded images were preprocessed
         self._failures: list[tuple[int, dict[str, str]]] = []  # (sample number, record): kept in tar order
         self._in_flight: collections.deque[tuple[Future, PreparedBatch]] = collections.deque()
@@ -164,7 +181,15 @@ class _Batches:
                 t = time.perf_counter()
                 scores = self.heads.score(self.writer.as_written(result.rows))
                 self.timings["scores"] += time.perf_counter() - t
-            self.writer.add(result.rows, rows, scores)
+            text_rows = has_caption = None
+            if self.text is not None:  # the rows that have an image row, in the same order
+                t = time.perf_counter()
+                out = self.text.embed([caption_of(row, self.json_field) for row in rows])
+                self.timings["text"] += time.perf_counter() - t
+                text_rows, has_caption = out.rows, out.has_caption
+                self.captions += int(has_caption.sum())
+                self.truncated += out.truncated
+            self.writer.add(result.rows, rows, scores, text_rows, has_caption)
             self.embedded += len(rows)
             if self.on_progress is not None:
                 self.on_progress(self.embedded)
@@ -199,19 +224,24 @@ def embed_shard(
         storage.delete(outputs.manifest)
 
     jpeg_decoder = device_jpeg_decoder(options, model)  # fails first: a worker that cannot, tunes nothing
+    if options.text and model.text is None:
+        raise ValueError("text outputs need the model's text tower: load_or_reuse(..., text=True)")
+    text = model.text if options.text else None
     requested_batch = options.batch_size
     options = replace(options, batch_size=model.resolve_batch_size(options.batch_size))  # 0: tuned on the device
     model.warm_up(options.batch_size)  # compiled forward only; timed and recorded in the manifest
     pool = shared_decode_pool(decode_workers(options), pool_kind)  # None: the shared pool's kind
     created = datetime.now(UTC)
-    timings = dict.fromkeys(STAGES, 0.0)
+    timings = dict.fromkeys(STAGES + (("text",) if text is not None else ()), 0.0)
     with ShardWriter(outputs, storage, dim=model.dim, dtype=options.dtype,
-                     scores=heads.names if heads else None) as writer:
+                     scores=heads.names if heads else None, text=text is not None) as writer:
         try:
             with InferenceEngine(model, options.batch_size, jpeg_decoder=jpeg_decoder,
                                  max_pixels=options.max_image_pixels) as engine, \
-                    PreparedStream(shard, storage, pool, options, device_jpeg=jpeg_decoder is not None) as stream:
-                batches = _Batches(engine, writer, stream, on_progress, timings, heads)
+                    PreparedStream(shard, storage, pool, options, device_jpeg=jpeg_decoder is not None,
+                                   transform=model.transform) as stream:
+                batches = _Batches(engine, writer, stream, on_progress, timings, heads, text,
+                                   options.text_json_field)
                 t = time.perf_counter()
                 for batch in stream.batches():
                     timings["wait"] += time.perf_counter() - t
@@ -230,12 +260,16 @@ def embed_shard(
         manifest = shard_manifest(
             shard=shard, stem=stem, output=output, embedded=batches.embedded, failures=batches.failures,
             stats=stream.stats, model=model.describe(),
-            preprocessing=PREPROCESSING_ID if options.preprocessing == "exact" else FAST_PREPROCESSING_ID,
+            preprocessing=preprocessing_id(options.preprocessing, model.transform),
             preprocessing_paths=batches.paths,
             options={"batch_size": options.batch_size, "batch_size_requested": requested_batch,
                      "precision": options.precision,
                      "num_threads": pool.workers, "max_image_pixels": options.max_image_pixels},
             timings=timings, created=created, scores=heads.describe() if heads else None,
+            text=None if text is None else {
+                "tokenizer": text.tokenizer.identity(), "source": caption_source(options.text_json_field),
+                "captions": batches.captions, "missing": batches.embedded - batches.captions,
+                "truncated": batches.truncated},
         )
         t = time.perf_counter()
         writer.commit(manifest)

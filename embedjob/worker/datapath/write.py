@@ -6,9 +6,13 @@ this order and each through ``Storage.put_atomic`` (temporary key under the outp
 the final name):
 
 1. ``img_emb/<stem>.npy``        ``[N, D]`` in the output dtype (a valid ``[0, D]`` array when empty)
-2. ``metadata/<stem>.parquet``   one row per ``.npy`` row, same order, fixed schema (even when empty),
-                                 then a float32 column per score head (``aesthetic``, ``nsfw``)
-3. ``_manifests/<stem>.json``    LAST: counts, failures, model, score heads and the quantile sketch
+2. ``text_emb/<stem>.npy``       with text outputs: ``[N, D]``, row i = the caption of image row i (zeros
+                                 where the sample has none)
+3. ``metadata/<stem>.parquet``   one row per ``.npy`` row, same order, fixed schema (even when empty); with
+                                 text outputs two more columns: ``has_caption`` and ``clip_score`` (the
+                                 cosine of the two rows as written, null without a caption); then a
+                                 float32 column per score head (``aesthetic``, ``nsfw``)
+4. ``_manifests/<stem>.json``    LAST: counts, failures, model, score heads and the quantile sketch
                                  of each score, checksums — "this shard is done"
 
 If any step fails, what this attempt already wrote is deleted again (best effort) and the error is
@@ -51,13 +55,16 @@ METADATA_SCHEMA = pa.schema(
         pa.field("json", pa.string()),
     ]
 )
+# With text outputs: whether the sample had a caption (else its text row is zeros) and the image-text cosine.
+TEXT_METADATA_SCHEMA = METADATA_SCHEMA.append(pa.field("has_caption", pa.bool_(), nullable=False)).append(
+    pa.field("clip_score", pa.float32()))
 
 
-
-
-def metadata_schema(scores: list[str]) -> pa.Schema:
-    """The parquet schema: the fixed columns, then one float32 column per score head, in that order."""
-    return pa.schema([*METADATA_SCHEMA, *(pa.field(name, pa.float32()) for name in scores)])
+def metadata_schema(scores: list[str], text: bool = False) -> pa.Schema:
+    """The parquet schema: the fixed columns, with text outputs ``has_caption`` and ``clip_score``, then
+    one float32 column per score head, in that order."""
+    base = TEXT_METADATA_SCHEMA if text else METADATA_SCHEMA
+    return pa.schema([*base, *(pa.field(name, pa.float32()) for name in scores)])
 
 
 @dataclass(frozen=True)
@@ -108,10 +115,12 @@ def shard_manifest(
     timings: dict[str, float],
     created: datetime,
     scores: dict[str, dict[str, Any]] | None = None,
+    text: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The manifest body :meth:`ShardWriter.commit` completes and writes: counts, every failed
     sample with its reason, the tar's own error, the model, how the pixels were preprocessed
-    (``preprocessing`` id, and how many images took each path), options and stage timings."""
+    (``preprocessing`` id, and how many images took each path), options and stage timings; with text
+    outputs, ``text``: the tokenizer's identity and the caption counts (with one, missing, truncated)."""
     return {
         "status": "done",
         "shard": shard,
@@ -136,6 +145,7 @@ def shard_manifest(
         # The write itself is timed in ShardResult: it is not over while the manifest is written.
         "timings": {k: round(v, 4) for k, v in timings.items() if k != "write"},
         "created": created.isoformat(),
+        **({"text": text} if text is not None else {}),
     }
 
 
@@ -143,7 +153,7 @@ class ShardWriter:
     """Collects one shard's embeddings and metadata rows, then commits the three outputs."""
 
     def __init__(self, outputs: ShardOutputs, storage: Storage, dim: int, dtype: str = "float16",
-                 scores: list[str] | None = None) -> None:
+                 scores: list[str] | None = None, text: bool = False) -> None:
         if dtype not in OUTPUT_DTYPES:
             raise ValueError(f"unsupported output dtype {dtype!r} (use {' or '.join(OUTPUT_DTYPES)})")
         self.outputs = outputs
@@ -154,6 +164,10 @@ class ShardWriter:
         self.score_names = list(scores or [])
         self._scores: dict[str, list[np.ndarray]] = {name: [] for name in self.score_names}
         self._spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)  # noqa: SIM115 - closed in close()
+        self.text = text
+        self._text_spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES) if text else None  # noqa: SIM115
+        self.has_caption: list[bool] = []
+        self.clip_scores: list[float | None] = []
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -162,15 +176,27 @@ class ShardWriter:
         """The rows exactly as the ``.npy`` will hold them (in the output dtype)."""
         return np.ascontiguousarray(embeddings, dtype=self.dtype)
 
-    def add(self, embeddings: np.ndarray, rows: list[MetadataRow],
-            scores: dict[str, np.ndarray] | None = None) -> None:
-        """Append a batch: ``embeddings[i]`` belongs to ``rows[i]``, and so does ``scores[name][i]``."""
+    def add(self, embeddings: np.ndarray, rows: list[MetadataRow], scores: dict[str, np.ndarray] | None = None,
+            text_rows: np.ndarray | None = None, has_caption: np.ndarray | None = None) -> None:
+        """Append a batch: ``embeddings[i]`` belongs to ``rows[i]``, and so does ``scores[name][i]``; with
+        text outputs so do ``text_rows[i]`` (zeros without a caption) and ``has_caption[i]``."""
         if embeddings.ndim != 2 or embeddings.shape[1] != self.dim or embeddings.shape[0] != len(rows):
             raise ValueError(f"batch of {len(rows)} rows got embeddings of shape {embeddings.shape}, dim {self.dim}")
         scores = scores or {}
         if sorted(scores) != sorted(self.score_names) or any(len(v) != len(rows) for v in scores.values()):
             raise ValueError(f"batch of {len(rows)} rows got scores {sorted(scores)}, want {self.score_names}")
-        self._spool.write(self.as_written(embeddings).tobytes())
+        image = self.as_written(embeddings)
+        if self._text_spool is not None:
+            if text_rows is None or has_caption is None or text_rows.shape != embeddings.shape \
+                    or len(has_caption) != len(rows):
+                raise ValueError(f"batch of {len(rows)} rows needs text rows of shape {embeddings.shape}")
+            text = self.as_written(text_rows)
+            # The score of the rows as written: a reader's own dot product of the two files gives it back.
+            clip = np.einsum("ij,ij->i", image.astype(np.float32), text.astype(np.float32))
+            self._text_spool.write(text.tobytes())
+            self.has_caption.extend(bool(h) for h in has_caption)
+            self.clip_scores.extend(float(x) if h else None for x, h in zip(clip, has_caption, strict=True))
+        self._spool.write(image.tobytes())
         self.rows.extend(rows)
         for name, values in scores.items():
             self._scores[name].append(np.asarray(values, dtype=np.float32).reshape(-1))
@@ -184,8 +210,10 @@ class ShardWriter:
         return {name: QuantileSketch.of(values).to_json() for name, values in self.score_columns().items()}
 
     # -- the three files ------------------------------------------------------------------------------
-    def _npy_file(self) -> IO[bytes]:
-        """The spooled rows behind a ``.npy`` v1 header, as one seekable temporary file."""
+    def _npy_file(self, spool: IO[bytes] | None = None) -> IO[bytes]:
+        """The spooled rows (image rows by default) behind a ``.npy`` v1 header, as one seekable
+        temporary file."""
+        spool = spool if spool is not None else self._spool
         header = {
             "descr": np.lib.format.dtype_to_descr(self.dtype),
             "fortran_order": False,
@@ -193,14 +221,16 @@ class ShardWriter:
         }
         out = tempfile.TemporaryFile()  # noqa: SIM115 - returned to the caller, who closes it
         np.lib.format.write_array_header_1_0(out, header)
-        self._spool.seek(0)
-        shutil.copyfileobj(self._spool, out, 1 << 20)
+        spool.seek(0)
+        shutil.copyfileobj(spool, out, 1 << 20)
         return out
 
     def _parquet_bytes(self) -> bytes:
         columns: dict[str, Any] = {name: [getattr(r, name) for r in self.rows] for name in METADATA_SCHEMA.names}
+        if self.text:
+            columns |= {"has_caption": self.has_caption, "clip_score": self.clip_scores}
         columns.update({name: pa.array(v, pa.float32()) for name, v in self.score_columns().items()})
-        table = pa.Table.from_pydict(columns, schema=metadata_schema(self.score_names))
+        table = pa.Table.from_pydict(columns, schema=metadata_schema(self.score_names, self.text))
         buf = io.BytesIO()
         pq.write_table(table, buf, compression="zstd")
         return buf.getvalue()
@@ -215,6 +245,14 @@ class ShardWriter:
                 npy_sha, npy_size = _sha256_and_size(npy)
                 self.storage.put_atomic(self.outputs.embeddings, npy, tmp_root=self.outputs.tmp_root)
                 written.append(self.outputs.embeddings)
+            files: dict[str, Any] = {}
+            if self._text_spool is not None:
+                with self._npy_file(self._text_spool) as npy:
+                    text_sha, text_size = _sha256_and_size(npy)
+                    self.storage.put_atomic(self.outputs.text_embeddings, npy, tmp_root=self.outputs.tmp_root)
+                    written.append(self.outputs.text_embeddings)
+                files["text_embeddings"] = {"uri": self.outputs.text_embeddings, "shape": [len(self.rows), self.dim],
+                                            "bytes": text_size, "sha256": text_sha}
             parquet = self._parquet_bytes()
             self.storage.put_atomic(self.outputs.metadata, parquet, tmp_root=self.outputs.tmp_root)
             written.append(self.outputs.metadata)
@@ -238,6 +276,7 @@ class ShardWriter:
                         "bytes": len(parquet),
                         "sha256": hashlib.sha256(parquet).hexdigest(),
                     },
+                    **files,
                 },
             }
             body = json.dumps(manifest, indent=2, sort_keys=True).encode()
@@ -256,6 +295,8 @@ class ShardWriter:
 
     def close(self) -> None:
         self._spool.close()
+        if self._text_spool is not None:
+            self._text_spool.close()
 
     def __enter__(self) -> ShardWriter:
         return self

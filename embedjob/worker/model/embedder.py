@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from embedjob.spec import COMPILE_MODES
+from embedjob.worker.datapath.transform import DEFAULT_TRANSFORM, ImageTransform
 from embedjob.worker.model import ModelLoadError
 from embedjob.worker.model.torch_env import PRECISION_DTYPES, OutOfMemoryError, torch
 
@@ -75,6 +76,16 @@ class Embedder:
         self.auto_batch_size: int | None = None  # what resolve_batch_size(0) chose, once
         self.auto_batch_trials: dict[int, float] = {}  # candidate -> images/s (CUDA tuning)
         self.provenance: dict[str, Any] | None = None  # set by the loader (model/provenance.py)
+        # The same checkpoint's text tower (embedjob.worker.model.text.TextEmbedder), loaded beside this one
+        # for a job with text outputs; it takes ``lock`` for each batch.
+        self.text: Any = None
+        # The pixels this model wants (size, resize rule, mean/std), from its processor config.
+        self.transform: ImageTransform = DEFAULT_TRANSFORM
+
+    @property
+    def lock(self) -> threading.Lock:
+        """Held while a batch runs on the device: one batch at a time, image or text."""
+        return self._lock
 
     def busy_seconds(self) -> float:
         """Time this embedder's device spent on batches: wall time of each batch on the CPU or with
@@ -124,7 +135,8 @@ class Embedder:
         best, best_rate = candidates[0], 0.0
         rng = np.random.default_rng(0)
         for size in candidates:
-            crops = torch.from_numpy(rng.integers(0, 256, (size, 224, 224, 3), dtype=np.uint8))
+            side = self.transform.crop
+            crops = torch.from_numpy(rng.integers(0, 256, (size, side, side, 3), dtype=np.uint8))
             try:
                 self._embed_static(crops, eager=True)  # warm-up; timed eager (compiling each would cost minutes)
                 if self.device.type == "cuda":
@@ -188,7 +200,7 @@ class Embedder:
         if self.compile_mode == "none" or batch_size in self._warm_sizes:
             return 0.0
         t = time.perf_counter()
-        crops = torch.zeros((batch_size, 224, 224, 3), dtype=torch.uint8)
+        crops = torch.zeros((batch_size, self.transform.crop, self.transform.crop, 3), dtype=torch.uint8)
         for _ in range(3 if self.compile_mode == "reduce-overhead" else 1):  # graphs record on the 2nd+ run
             self._embed_static(crops)
         if self.device.type == "cuda":
@@ -256,7 +268,7 @@ class Embedder:
 
     def _run_uint8(self, chunk: torch.Tensor) -> np.ndarray:
         with torch.inference_mode():
-            x = normalize_on_device(chunk.to(self.device, non_blocking=True), self.dtype)
+            x = normalize_on_device(chunk.to(self.device, non_blocking=True), self.dtype, self.transform)
             return self._finish(self._forward(x))
 
     # -- asynchronous launches (the engine's forward thread) -----------------------------------------
@@ -289,7 +301,7 @@ class Embedder:
             compute.wait_stream(self._copy_stream)
             x.record_stream(compute)  # allocated on the copy stream, used on the compute stream
             start.record(compute)
-            emb = self._forward(normalize_on_device(x, self.dtype))
+            emb = self._forward(normalize_on_device(x, self.dtype, self.transform))
             emb = torch.nn.functional.normalize(emb.to(torch.float32), dim=-1)
             out[:n].copy_(emb, non_blocking=True)
             end.record(compute)
@@ -345,10 +357,11 @@ class Launched:
         return self.rows
 
 
-def normalize_on_device(crops: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def normalize_on_device(crops: torch.Tensor, dtype: torch.dtype = torch.float32,
+                        transform: ImageTransform = DEFAULT_TRANSFORM) -> torch.Tensor:
     """ToTensor + Normalize of uint8 ``[B, H, W, 3]`` crops where they are (the model's device), in
     float32 exactly as the reference does (:func:`embedjob.worker.datapath.preprocess.normalize`), then cast to
     the compute ``dtype``."""
     from embedjob.worker.datapath.preprocess import normalize
 
-    return normalize(crops, contiguous=False).to(dtype)
+    return normalize(crops, contiguous=False, mean=transform.mean, std=transform.std).to(dtype)

@@ -1,11 +1,14 @@
 """Which checkpoint, loading it, and the per-process cache of loaded models.
 
-:func:`load_embedder` loads ONLY ``CLIPVisionModelWithProjection`` (the text tower is never built),
-from a Hugging Face id (cached under ``model_dir``) or a local folder. A full ``CLIPModel`` checkpoint
+:func:`load_embedder` loads the vision tower of a CLIP checkpoint (``CLIPVisionModelWithProjection``) or of
+a SigLIP one (``SiglipVisionModel``, its pooled output), with the checkpoint's own preprocessing
+(:func:`image_transform`); for a job with text outputs, also ``CLIPTextModelWithProjection`` from the same
+CLIP checkpoint (:func:`_load_text`). Either from a Hugging Face id (cached under ``model_dir``) or a local
+folder. A full ``CLIPModel`` checkpoint
 — the hub layout of ``openai/clip-vit-large-patch14`` — loads as is: its vision config and
 projection size are taken from the checkpoint's ``config.json``, the text weights are skipped, and a
 missing or mis-shaped vision weight is an error (never a silently random-initialised layer).
-Checkpoints are only ever read as safetensors with the built-in CLIP classes: ``trust_remote_code``
+Checkpoints are only ever read as safetensors with the built-in CLIP and SigLIP classes: ``trust_remote_code``
 is never passed, so no code shipped with a checkpoint runs.
 
 A loaded :class:`~embedjob.worker.model.embedder.Embedder` is cached, once per process, and reused
@@ -22,23 +25,31 @@ memory-efficient kernels on CUDA).
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import os
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from embedjob import settings
 from embedjob.spec import COMPILE_MODES
+from embedjob.worker.datapath.transform import ImageTransform, TransformError, transform_from_config
 from embedjob.worker.model import ModelLoadError
 from embedjob.worker.model.embedder import Embedder
 from embedjob.worker.model.provenance import describe_source
 from embedjob.worker.model.resolve import ModelUnavailable, resolve_model
+from embedjob.worker.model.text import TextEmbedder
+from embedjob.worker.model.tokenizer import CONTEXT_LENGTH, clip_tokenizer
 from embedjob.worker.model.torch_env import PRECISION_DTYPES, configure_cpu_threads, resolve_device, torch
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_MODEL_TYPES = ("clip", "clip_vision_model")
+# model_type -> family. A family is a vision class, its output and its transform's defaults.
+FAMILIES = {"clip": "clip", "clip_vision_model": "clip", "siglip": "siglip", "siglip_vision_model": "siglip"}
+SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
+PROCESSOR_CONFIG = "preprocessor_config.json"
 ATTENTION = "sdpa"
 
 __all__ = ["ModelLoadError", "ModelRef", "clear_cache", "default_model_dir", "load_embedder", "load_or_reuse",
@@ -91,9 +102,9 @@ _cache_lock = threading.Lock()
 
 def vision_config(ref: ModelRef, cache_dir: str, local_only: bool = False) -> Any:
     """The vision config from the checkpoint's config.json, with the projection size of the full
-    model (a CLIPModel's vision_config does not carry it). Only CLIP model types are accepted.
-    ``local_only``: never ask the hub (a folder, or a model already in the cache)."""
-    from transformers import CLIPConfig, CLIPVisionConfig, PretrainedConfig
+    model (a CLIPModel's vision_config does not carry it). Only the model types of FAMILIES are
+    accepted. ``local_only``: never ask the hub (a folder, or a model already in the cache)."""
+    from transformers import CLIPConfig, CLIPVisionConfig, PretrainedConfig, SiglipConfig, SiglipVisionConfig
 
     try:
         config_dict, _ = PretrainedConfig.get_config_dict(ref.source, revision=ref.revision, cache_dir=cache_dir,
@@ -108,15 +119,46 @@ def vision_config(ref: ModelRef, cache_dir: str, local_only: bool = False) -> An
         return vision
     if model_type == "clip_vision_model":
         return CLIPVisionConfig.from_dict(config_dict)
+    if model_type == "siglip":
+        return SiglipConfig.from_dict(config_dict).vision_config
+    if model_type == "siglip_vision_model":
+        return SiglipVisionConfig.from_dict(config_dict)
+    if model_type == "siglip2":
+        raise ModelLoadError(
+            f"spec.model {ref.source!r} is a SigLIP 2 NaFlex checkpoint (model_type 'siglip2': variable "
+            "resolution, patchified input), which embedjob does not embed; the fixed-resolution SigLIP 2 "
+            "checkpoints (model_type 'siglip', e.g. google/siglip2-base-patch16-224) are supported")
     raise ModelLoadError(
-        f"{ref.source!r} has model_type {model_type!r}; embedjob loads only CLIP checkpoints "
-        f"({', '.join(SUPPORTED_MODEL_TYPES)}) with the built-in classes and never runs code from a "
+        f"spec.model {ref.source!r} has model_type {model_type!r}; embedjob loads only CLIP and SigLIP "
+        f"checkpoints ({', '.join(SUPPORTED_MODEL_TYPES)}) with the built-in classes and never runs code from a "
         "checkpoint (trust_remote_code is never enabled)"
     )
 
 
+def image_transform(ref: ModelRef, cache_dir: str, config: Any, local_only: bool = False) -> ImageTransform:
+    """The checkpoint's own preprocessing (embedjob.worker.datapath.transform) from its
+    preprocessor_config.json, or its family's defaults at the vision tower's image size when it has none.
+    Raises :class:`ModelLoadError` naming spec.model for settings that cannot be reproduced exactly."""
+    family = FAMILIES.get(config.model_type, "clip")
+    file: Path | None = Path(ref.path) / PROCESSOR_CONFIG if ref.path else None
+    if file is None:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+        try:
+            file = Path(hf_hub_download(ref.name, PROCESSOR_CONFIG, revision=ref.revision, cache_dir=cache_dir,
+                                        local_files_only=local_only))
+        except (EntryNotFoundError, LocalEntryNotFoundError):  # none (or not fetched): the family's defaults
+            file = None
+    try:
+        processor = json.loads(file.read_text()) if file is not None and file.is_file() else None
+        return transform_from_config(family, processor, int(config.image_size))
+    except (TransformError, ValueError) as e:
+        raise ModelLoadError(f"spec.model {ref.source!r}: {PROCESSOR_CONFIG}: {e}") from e
+
+
 def _load_module(ref: ModelRef, cache_dir: str, dtype: torch.dtype, local_only: bool = False) -> torch.nn.Module:
-    from transformers import CLIPVisionModelWithProjection
+    from transformers import CLIPVisionModelWithProjection, SiglipVisionModel
     from transformers.utils import logging as hf_logging
 
     # The loading report lists every skipped text-tower weight (we check the info ourselves), and
@@ -126,7 +168,8 @@ def _load_module(ref: ModelRef, cache_dir: str, dtype: torch.dtype, local_only: 
     hf_logging.disable_progress_bar()
     try:
         config = vision_config(ref, cache_dir, local_only)
-        module, info = CLIPVisionModelWithProjection.from_pretrained(
+        cls = SiglipVisionModel if config.model_type == "siglip_vision_model" else CLIPVisionModelWithProjection
+        module, info = cls.from_pretrained(
             ref.source,
             config=config,
             revision=ref.revision,
@@ -141,12 +184,12 @@ def _load_module(ref: ModelRef, cache_dir: str, dtype: torch.dtype, local_only: 
     except ModelLoadError:
         raise
     except Exception as e:
-        raise ModelLoadError(f"cannot load the CLIP vision tower from {ref.source!r}: {type(e).__name__}: {e}") from e
+        raise ModelLoadError(f"cannot load the vision tower from {ref.source!r}: {type(e).__name__}: {e}") from e
     finally:
         hf_logging.set_verbosity(previous)
     problems = {k: list(info.get(k) or []) for k in ("missing_keys", "mismatched_keys", "error_msgs")}
     if any(problems.values()):
-        raise ModelLoadError(f"checkpoint {ref.source!r} does not hold a complete CLIP vision tower: {problems}")
+        raise ModelLoadError(f"checkpoint {ref.source!r} does not hold a complete vision tower: {problems}")
     return module
 
 
@@ -156,6 +199,7 @@ def load_or_reuse(
     precision: str = "auto",
     model_dir: str | None = None,
     compile: str = "none",  # noqa: A002 - the spec's name (spec.inference.compile)
+    text: bool = False,
 ) -> tuple[Embedder, bool]:
     """Load (or reuse, once per process) the CLIP image embedder for ``model`` — a ModelSpec, a dict
     with ``name``/``revision``/``path``, or an id/path string.
@@ -163,8 +207,9 @@ def load_or_reuse(
     ``device``: auto (CUDA if available, else CPU) | cpu | cuda[:N]. ``precision``: auto (fp16 on
     CUDA, fp32 on CPU) | fp32 | fp16 | bf16. ``model_dir``: the download cache (default
     ``$EMBEDJOB_MODEL_DIR`` or ``~/.cache/embedjob/models``). ``compile``: one of COMPILE_MODES
-    (see :meth:`Embedder.enable_compile`). Returns ``(embedder, cached)``: ``cached`` is False when this
-    call loaded it. Raises :class:`ModelLoadError`."""
+    (see :meth:`Embedder.enable_compile`). ``text``: the same checkpoint's text tower too, as
+    ``embedder.text`` (loaded once, beside a cached image embedder). Returns ``(embedder, cached)``:
+    ``cached`` is False when this call loaded something. Raises :class:`ModelLoadError`."""
     ref = ModelRef.of(model)
     dev = resolve_device(device)
     dtype = resolve_dtype(precision, dev)
@@ -175,38 +220,105 @@ def load_or_reuse(
     with _cache_lock:
         cached = _cache.get(key)
         if cached is not None:
+            if text and cached.text is None:
+                cached.text = _load_text(ref, cache_dir, cached, _where(ref, cache_dir).local_only)
+                return cached, False
             return cached, True
         _evict()  # one model per process: the previous one is freed before the next is loaded
         if dev.type == "cpu":
             configure_cpu_threads()
-        try:  # a cached model loads from the cache alone; an unreachable hub fails at once, said plainly
-            where = resolve_model({"name": None if ref.path else ref.name, "revision": ref.revision,
-                                   "path": ref.path}, cache_dir)
-        except ModelUnavailable as e:
-            raise ModelLoadError(str(e)) from e
+        where = _where(ref, cache_dir)
         module = _load_module(ref, cache_dir, dtype, where.local_only).to(dev).eval()
         module.requires_grad_(False)
+        transform = image_transform(ref, cache_dir, module.config, where.local_only)
+        siglip = module.config.model_type == "siglip_vision_model"
 
         def forward(pixels: torch.Tensor) -> torch.Tensor:
-            return module(pixel_values=pixels).image_embeds
+            out = module(pixel_values=pixels)
+            # SigLIP's image embedding is its vision tower's pooled output (SiglipModel.get_image_features).
+            return out.pooler_output if siglip else out.image_embeds
 
         embedder = Embedder(
             forward,
             model_id=ref.name,
             revision=ref.revision,
-            dim=int(module.config.projection_dim),
+            dim=int(module.config.hidden_size if siglip else module.config.projection_dim),
             device=dev,
             dtype=dtype,
             source=ref.source,
             module=module,
         )
-        embedder.provenance = describe_source(None if ref.path else ref.name, None if ref.path else ref.revision,
-                                              ref.path, module.config, embedder.dim)
+        embedder.transform = transform
+        embedder.provenance = {
+            **describe_source(None if ref.path else ref.name, None if ref.path else ref.revision, ref.path,
+                              module.config, embedder.dim),
+            "imageSize": transform.crop, "preprocessing": transform.id}
         if dev.type == "cpu" and dtype != torch.float32:
             _check_runs(embedder, precision)
         embedder.enable_compile(compile)
+        if text:
+            embedder.text = _load_text(ref, cache_dir, embedder, where.local_only)
         _cache[key] = embedder
         return embedder, False
+
+
+def _where(ref: ModelRef, cache_dir: str) -> Any:
+    """A cached model loads from the cache alone; an unreachable hub fails at once, said plainly."""
+    try:
+        return resolve_model({"name": None if ref.path else ref.name, "revision": ref.revision, "path": ref.path},
+                             cache_dir)
+    except ModelUnavailable as e:
+        raise ModelLoadError(str(e)) from e
+
+
+def _load_text(ref: ModelRef, cache_dir: str, image: Embedder, local_only: bool) -> TextEmbedder:
+    """The text tower and projection of ``ref`` (a full CLIPModel checkpoint), on the image embedder's
+    device and in its precision, sharing its lock. Refused, naming the fields, when the checkpoint has
+    no text tower, or one whose vocabulary or projection does not fit OpenAI CLIP's tokenizer and the
+    image rows."""
+    from transformers import CLIPConfig, CLIPTextModelWithProjection, PretrainedConfig
+    from transformers.utils import logging as hf_logging
+
+    try:
+        config_dict, _ = PretrainedConfig.get_config_dict(ref.source, revision=ref.revision, cache_dir=cache_dir,
+                                                          local_files_only=local_only)
+    except Exception as e:
+        raise ModelLoadError(f"cannot read the model config of {ref.source!r}: {type(e).__name__}: {e}") from e
+    if config_dict.get("model_type") != "clip":
+        raise ModelLoadError(f"spec.outputs: text needs a full CLIP checkpoint (model_type 'clip', text tower "
+                             f"included); spec.model {ref.source!r} has model_type {config_dict.get('model_type')!r}")
+    full = CLIPConfig.from_dict(config_dict)
+    config = full.text_config
+    config.projection_dim = full.projection_dim
+    tokenizer = clip_tokenizer(CONTEXT_LENGTH)
+    if config.vocab_size < tokenizer.vocab_size or config.max_position_embeddings < CONTEXT_LENGTH:
+        raise ModelLoadError(
+            f"spec.outputs: text: the text tower of spec.model {ref.source!r} (vocabulary {config.vocab_size}, "
+            f"{config.max_position_embeddings} positions) was not trained with OpenAI CLIP's tokenizer "
+            f"({tokenizer.vocab_size} ids, context {CONTEXT_LENGTH})")
+    previous = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        module, info = CLIPTextModelWithProjection.from_pretrained(
+            ref.source, config=config, revision=ref.revision, cache_dir=cache_dir, local_files_only=local_only,
+            use_safetensors=True, dtype=image.dtype, attn_implementation=ATTENTION, output_loading_info=True,
+            use_kernels=False)
+    except Exception as e:
+        raise ModelLoadError(f"cannot load the CLIP text tower from {ref.source!r}: {type(e).__name__}: {e}") from e
+    finally:
+        hf_logging.set_verbosity(previous)
+    problems = {k: list(info.get(k) or []) for k in ("missing_keys", "mismatched_keys", "error_msgs")}
+    if any(problems.values()):
+        raise ModelLoadError(f"checkpoint {ref.source!r} does not hold a complete CLIP text tower: {problems}")
+    module = module.to(image.device).eval()
+    module.requires_grad_(False)
+    if int(config.projection_dim) != image.dim:
+        raise ModelLoadError(f"spec.model {ref.source!r}: text projection {config.projection_dim} != image {image.dim}")
+
+    def forward(ids: torch.Tensor) -> torch.Tensor:
+        return module(input_ids=ids).text_embeds
+
+    return TextEmbedder(forward, tokenizer=tokenizer, dim=image.dim, device=image.device, lock=image.lock)
 
 
 def load_embedder(

@@ -63,9 +63,10 @@ def family(model_type: str | None, vision: Any) -> str:
 def describe_source(name: str | None, revision: str | None, path: str | None, vision: Any,
                     dim: int) -> dict[str, Any]:
     """The identifying part of a manifest's ``model`` block."""
+    model_type = str(getattr(vision, "model_type", "clip")).removesuffix("_vision_model")
     if not path:
         return {"id": name, "revision": revision, "source": name, "dim": dim,
-                "family": family("clip", vision)}
+                "family": family(model_type, vision)}
     folder = Path(path).resolve()
     config: dict[str, Any] = {}
     try:

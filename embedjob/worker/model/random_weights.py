@@ -33,18 +33,26 @@ VIT_L14_VISION = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_la
                   "num_attention_heads": 16, "image_size": 224, "patch_size": 14, "hidden_act": "quick_gelu"}
 
 
-def save_random_vit_l14(path: str | Path, seed: int = 0) -> Path:
+# openai/clip-vit-large-patch14's text tower (the real tokenizer's ids).
+VIT_L14_TEXT = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+                "vocab_size": 49408, "max_position_embeddings": 77, "bos_token_id": 49406, "eos_token_id": 49407,
+                "pad_token_id": 1, "hidden_act": "quick_gelu"}
+
+
+def save_random_vit_l14(path: str | Path, seed: int = 0, text: bool = False) -> Path:
     """A CLIP with ViT-L/14's vision tower (projection 768) and random weights; the text tower is
-    a tiny stand-in (embedjob never builds it). Saved like the hub checkpoint, so it loads through
-    the same code as the real model and costs the same to run (about 162 GFLOP per image)."""
+    a tiny stand-in, or with ``text`` ViT-L/14's own text tower (for caption outputs). Saved like the
+    hub checkpoint, so it loads through the same code as the real model and costs the same to run
+    (about 162 GFLOP per image)."""
     import torch
     from transformers import CLIPConfig, CLIPModel
 
     torch.manual_seed(seed)
     config = CLIPConfig(
-        text_config={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
-                     "num_attention_heads": 2, "vocab_size": 1000, "max_position_embeddings": 77,
-                     "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1},
+        text_config=dict(VIT_L14_TEXT) if text else {
+            "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 2,
+            "vocab_size": 1000, "max_position_embeddings": 77, "bos_token_id": 0, "eos_token_id": 1,
+            "pad_token_id": 1},
         vision_config=dict(VIT_L14_VISION),
         projection_dim=768,
     )
@@ -78,3 +86,78 @@ def save_random_heads(path: str | Path, seed: int = 0, width: int = 768) -> dict
     torch.save(aesthetic.state_dict(), files["aesthetic"])
     save_file({k: v.contiguous() for k, v in nsfw.state_dict().items()}, str(files["nsfw"]))
     return files
+
+
+RANDOM_TEXT_MODEL_DIRNAME = "RANDOM-WEIGHTS-tiny-clip-text"
+# The text tower's shape keys of every OpenAI/LAION CLIP (the real tokenizer's 49408 ids, 77 positions,
+# <|endoftext|> = 49407) at a tiny width.
+CLIP_TEXT_TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+                  "vocab_size": 49408, "max_position_embeddings": 77, "bos_token_id": 49406,
+                  "eos_token_id": 49407, "pad_token_id": 1, "hidden_act": "quick_gelu"}
+
+
+def save_random_text_clip(path: str | Path, seed: int = 0, projection_dim: int = 32) -> Path:
+    """A tiny CLIP whose text tower takes the real tokenizer's ids (for text outputs), random weights."""
+    import torch
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(seed)
+    config = CLIPConfig(
+        text_config=dict(CLIP_TEXT_TINY),
+        vision_config={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                       "num_attention_heads": 2, "image_size": 224, "patch_size": 14},
+        projection_dim=projection_dim,
+    )
+    model = CLIPModel(config).eval()
+    model.save_pretrained(path, safe_serialization=True)
+    return Path(path)
+
+
+# Random-weight checkpoints in the shapes of the families embedjob loads by name (small widths, the same
+# config keys and image geometry as the hub's), each with the hub's own preprocessor_config.json.
+SHAPES: dict[str, dict] = {
+    "vit-b-32": {"family": "clip", "image_size": 224, "patch_size": 32},
+    "vit-l-14-336": {"family": "clip", "image_size": 336, "patch_size": 14},
+    "siglip-b-16": {"family": "siglip", "image_size": 224, "patch_size": 16},
+}
+SMALL_VISION = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2}
+
+
+def clip_processor_config(size: int) -> dict:
+    """openai/clip-vit-*'s preprocessor_config.json (the 336 px one differs only in its sizes)."""
+    return {"crop_size": size, "do_center_crop": True, "do_normalize": True, "do_resize": True,
+            "feature_extractor_type": "CLIPFeatureExtractor", "image_mean": [0.48145466, 0.4578275, 0.40821073],
+            "image_std": [0.26862954, 0.26130258, 0.27577711], "resample": 3, "size": size}
+
+
+def siglip_processor_config(size: int) -> dict:
+    """google/siglip-base-patch16-224's preprocessor_config.json."""
+    return {"do_normalize": True, "do_rescale": True, "do_resize": True, "image_mean": [0.5, 0.5, 0.5],
+            "image_processor_type": "SiglipImageProcessor", "image_std": [0.5, 0.5, 0.5],
+            "processor_class": "SiglipProcessor", "resample": 3, "rescale_factor": 0.00392156862745098,
+            "size": {"height": size, "width": size}}
+
+
+def save_random_shape(path: str | Path, shape: str, seed: int = 0) -> Path:
+    """A random-weight checkpoint in the shape ``shape`` (SHAPES), saved like the hub's: config.json,
+    model.safetensors and preprocessor_config.json. CLIP shapes have a text tower that takes OpenAI
+    CLIP's token ids (for text outputs)."""
+    import json
+
+    import torch
+    from transformers import CLIPConfig, CLIPModel, SiglipConfig, SiglipModel
+
+    spec = SHAPES[shape]
+    torch.manual_seed(seed)
+    vision = {**SMALL_VISION, "image_size": spec["image_size"], "patch_size": spec["patch_size"]}
+    if spec["family"] == "clip":
+        model = CLIPModel(CLIPConfig(text_config=dict(CLIP_TEXT_TINY), vision_config=vision, projection_dim=32))
+        processor = clip_processor_config(spec["image_size"])
+    else:
+        text = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 2,
+                "vocab_size": 1000, "max_position_embeddings": 64}
+        model = SiglipModel(SiglipConfig(text_config=text, vision_config=vision))
+        processor = siglip_processor_config(spec["image_size"])
+    model.eval().save_pretrained(path, safe_serialization=True)
+    (Path(path) / "preprocessor_config.json").write_text(json.dumps(processor, indent=2))
+    return Path(path)

@@ -17,7 +17,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 # What a job needs from a checkpoint: the config and the safetensors weights (never pickles or code).
-FETCH_PATTERNS = ["config.json", "*.safetensors", "*.safetensors.index.json"]
+FETCH_PATTERNS = ["config.json", "preprocessor_config.json", "*.safetensors", "*.safetensors.index.json"]
 HUB_PROBE_SECONDS = 3.0
 
 

@@ -174,7 +174,7 @@ def load_model(task: ShardTask, options: EmbedOptions) -> Embedder:
 
     t0 = time.perf_counter()
     embedder, cached = load_or_reuse(task.model, device=options.device, precision=options.precision,
-                                     compile=options.compile)
+                                     compile=options.compile, text=options.text)
     if not cached:
         metrics.MODEL_LOAD_SECONDS.observe(time.perf_counter() - t0)
     return embedder

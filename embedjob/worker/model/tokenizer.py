@@ -1,0 +1,125 @@
+"""OpenAI CLIP's caption tokenizer, as the CLIP text towers were trained with it. Torch-free.
+
+The same steps as OpenAI's ``clip/simple_tokenizer.py`` (and open_clip's ``SimpleTokenizer``, the test
+reference): ``ftfy.fix_text``, HTML unescaped twice, whitespace collapsed and stripped, lower-cased, split
+by the CLIP pattern, byte-level BPE with the real merges (``bpe_simple_vocab_16e6.txt.gz``, vendored as
+package data: see LICENSE-clip-bpe-vocab.txt), then ``<|startoftext|>`` … ``<|endoftext|>`` cut to the
+context length with the last token ``<|endoftext|>``. Hugging Face's ``CLIPTokenizer`` and
+``CLIPTokenizerFast`` differ on HTML entities and mojibake, which web captions are full of.
+
+A caption that spells a special token (``<|endoftext|>``) is tokenized as text, as open_clip does: a
+caption must never move the end-of-text position the text tower pools at.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import hashlib
+import html
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import ftfy
+import regex
+
+BPE_VOCAB = "bpe_simple_vocab_16e6.txt.gz"
+CONTEXT_LENGTH = 77
+SOT, EOT = "<|startoftext|>", "<|endoftext|>"
+TOKENIZER_ID = "openai-clip-bpe-49408"
+# Distinct pieces (words) whose BPE is kept: a long-lived worker sees an unbounded number of them.
+BPE_CACHE_SIZE = 1 << 16
+_PATTERN = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""", regex.IGNORECASE)
+
+
+@functools.cache
+def _bytes_to_unicode() -> dict[int, str]:
+    """OpenAI's reversible map of the 256 bytes to printable characters (the BPE works on those)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs), strict=True))
+
+
+def clean_caption(text: str) -> str:
+    """ftfy, HTML unescaped twice, whitespace collapsed, lower-cased (OpenAI's basic + whitespace clean)."""
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    return " ".join(text.split()).lower()
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """One caption's ids, ``<|startoftext|>`` first and ``<|endoftext|>`` last (no padding)."""
+
+    ids: list[int]
+    truncated: bool  # the caption had more tokens than the context length holds
+
+
+class ClipTokenizer:
+    """OpenAI CLIP's tokenizer: ``tokenize(caption)`` -> :class:`Tokens` of at most ``context_length`` ids."""
+
+    def __init__(self, context_length: int = CONTEXT_LENGTH) -> None:
+        raw = resources.files("embedjob.worker.model").joinpath(BPE_VOCAB).read_bytes()
+        self.vocab_sha256 = hashlib.sha256(raw).hexdigest()
+        lines = gzip.decompress(raw).decode("utf-8").split("\n")
+        merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
+        byte_chars = list(_bytes_to_unicode().values())
+        vocab = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m) for m in merges] + [SOT, EOT]
+        self.encoder = {piece: i for i, piece in enumerate(vocab)}
+        self.vocab_size = len(vocab)
+        self.sot_id, self.eot_id = self.encoder[SOT], self.encoder[EOT]
+        self._ranks = {m: i for i, m in enumerate(merges)}
+        self._byte_chars = _bytes_to_unicode()
+        self.context_length = context_length
+        self._bpe = functools.lru_cache(maxsize=BPE_CACHE_SIZE)(self._bpe_uncached)
+
+    def identity(self) -> dict[str, Any]:
+        """What a manifest records: which tokenizer, which merges, how it cleans and cuts."""
+        return {"id": TOKENIZER_ID, "implementation": "embedjob.worker.model.tokenizer (OpenAI CLIP simple_tokenizer)",
+                "vocab": BPE_VOCAB, "vocabSha256": self.vocab_sha256, "vocabSize": self.vocab_size,
+                "contextLength": self.context_length, "ftfy": ftfy.__version__,
+                "clean": "ftfy.fix_text, html.unescape x2, whitespace collapsed, lower-cased"}
+
+    def _bpe_uncached(self, piece: str) -> tuple[int, ...]:
+        word = tuple(piece[:-1]) + (piece[-1] + "</w>",)
+        while len(word) > 1:
+            pairs = set(zip(word, word[1:], strict=False))
+            bigram = min(pairs, key=lambda p: self._ranks.get(p, float("inf")))
+            if bigram not in self._ranks:
+                break
+            first, second = bigram
+            merged: list[str] = []
+            i = 0
+            while i < len(word):
+                if i < len(word) - 1 and word[i] == first and word[i + 1] == second:
+                    merged.append(first + second)
+                    i += 2
+                else:
+                    merged.append(word[i])
+                    i += 1
+            word = tuple(merged)
+        return tuple(self.encoder[w] for w in word)
+
+    def tokenize(self, caption: str) -> Tokens:
+        """``<|startoftext|>`` + BPE of the cleaned caption + ``<|endoftext|>``, cut to the context length
+        with ``<|endoftext|>`` last. Stops reading a long caption once it is known to be cut."""
+        body_max = self.context_length - 2
+        ids: list[int] = [self.sot_id]
+        for match in _PATTERN.finditer(clean_caption(caption)):
+            piece = "".join(self._byte_chars[b] for b in match.group().encode("utf-8"))
+            ids.extend(self._bpe(piece))
+            if len(ids) - 1 > body_max:
+                return Tokens(ids[: self.context_length - 1] + [self.eot_id], truncated=True)
+        return Tokens(ids + [self.eot_id], truncated=False)
+
+
+@functools.cache
+def clip_tokenizer(context_length: int = CONTEXT_LENGTH) -> ClipTokenizer:
+    """The tokenizer, built once per process (reading the merges takes ~0.2 s)."""
+    return ClipTokenizer(context_length)

@@ -1,0 +1,127 @@
+"""Models by name: CLIP at 224 and 336 px and SigLIP, embedded end to end from random-weight checkpoints in
+the hub's shapes (their preprocessing against the references: tests/worker/datapath/test_transform.py),
+the embeddings against each checkpoint's own get_image_features; anything else refused naming spec.model."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from embedjob.contract import EmbedOptions
+from embedjob.worker.datapath.shard import embed_shard
+from embedjob.worker.model import ModelLoadError
+from embedjob.worker.model.load import clear_cache, load_or_reuse
+from embedjob.worker.model.random_weights import save_random_shape, siglip_processor_config
+from tests import shards
+from tests.worker.datapath.test_transform import SIGLIP, _openai_reference
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("families")
+    return {shape: save_random_shape(root / shape, shape) for shape in ("vit-b-32", "vit-l-14-336", "siglip-b-16")}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_cache():
+    clear_cache()
+    yield
+    clear_cache()
+
+
+def _reference_features(shape: str, folder, datas: list[bytes]) -> np.ndarray:
+    """The checkpoint's own get_image_features in fp32, on the family's reference pixels."""
+    from transformers import CLIPModel, SiglipModel
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    images = [Image.open(io.BytesIO(d)) for d in datas]
+    if shape.startswith("siglip"):
+        model = SiglipModel.from_pretrained(folder).eval()
+        pixels = torch.from_numpy(SiglipImageProcessorPil(**siglip_processor_config(224))(
+            images=images, return_tensors="np")["pixel_values"])
+    else:
+        model = CLIPModel.from_pretrained(folder).eval()
+        n = model.config.vision_config.image_size
+        pixels = torch.from_numpy(np.stack([_openai_reference(i.convert("RGB"), n) for i in images]))
+    with torch.inference_mode():
+        out = model.get_image_features(pixel_values=pixels)
+    feats = getattr(out, "pooler_output", out).numpy().astype(np.float64)
+    return feats / np.linalg.norm(feats, axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("shape, dim, size, family", [
+    ("vit-b-32", 32, 224, "clip ViT width 64, 2 layers, patch 32"),
+    ("vit-l-14-336", 32, 336, "clip ViT width 64, 2 layers, patch 14"),
+    ("siglip-b-16", 64, 224, "siglip ViT width 64, 2 layers, patch 16"),
+])
+def test_each_family_end_to_end(tmp_path, checkpoints, shape, dim, size, family):
+    spec = shards.simple_shard(5, seed=3)
+    spec.members.insert(2, ("broken.jpg", b"\xff\xd8\xff not a jpeg"))
+    tar = spec.write(tmp_path / "s.tar")
+    embedder, _ = load_or_reuse(str(checkpoints[shape]), device="cpu", precision="fp32")
+    assert embedder.dim == dim and embedder.transform.crop == size
+    embed_shard(str(tar), str(tmp_path / "out"), embedder, EmbedOptions(dtype="float32", batch_size=4, num_threads=1))
+    emb = np.load(tmp_path / "out" / "img_emb" / "s.npy")
+    keys = pq.read_table(tmp_path / "out" / "metadata" / "s.parquet").column("key").to_pylist()
+    assert emb.shape == (5, dim) and keys == spec.good_keys
+    manifest = json.loads((tmp_path / "out" / "_manifests" / "s.json").read_text())
+    assert manifest["model"]["family"] == family and manifest["model"]["imageSize"] == size
+    assert manifest["preprocessing"] == manifest["model"]["preprocessing"] == embedder.transform.id
+    assert [f["key"] for f in manifest["failed"]] == ["broken"]
+    data = spec.members_by_key()
+    ref = _reference_features(shape, checkpoints[shape], [data[k] for k in keys])
+    cos = (emb.astype(np.float64) * ref).sum(1)
+    assert cos.min() >= 0.99999, cos
+
+
+def test_fast_path_is_exact_for_siglip_and_drafts_for_clip_336(tmp_path, checkpoints):
+    """The CPU fast path (DCT draft) serves every CLIP size; SigLIP's squash takes the exact path."""
+    spec = shards.simple_shard(3, seed=5, size=(2100, 1500))  # >= 2x 2x336 on the short side
+    tar = spec.write(tmp_path / "big.tar")
+    for shape, path, pre in [("vit-l-14-336", "cpu-draft", "embedjob-fast-v1:openai-clip-reference-v1@336"),
+                             ("siglip-b-16", "exact", "embedjob-fast-v1:" + SIGLIP.id)]:
+        clear_cache()
+        embedder, _ = load_or_reuse(str(checkpoints[shape]), device="cpu", precision="fp32")
+        out = tmp_path / shape
+        embed_shard(str(tar), str(out), embedder, EmbedOptions(batch_size=4, num_threads=1, preprocessing="fast"))
+        manifest = json.loads((out / "_manifests" / "big.json").read_text())
+        assert manifest["preprocessing_paths"] == {path: 3} and manifest["preprocessing"] == pre
+
+
+def test_text_outputs_with_clip_shapes_and_refused_for_siglip(tmp_path, checkpoints):
+    embedder, _ = load_or_reuse(str(checkpoints["vit-l-14-336"]), device="cpu", precision="fp32", text=True)
+    assert embedder.text is not None and embedder.text.dim == embedder.dim
+    clear_cache()
+    with pytest.raises(ModelLoadError, match="spec.outputs: text needs a full CLIP checkpoint.*siglip"):
+        load_or_reuse(str(checkpoints["siglip-b-16"]), device="cpu", precision="fp32", text=True)
+
+
+@pytest.mark.parametrize("model_type, message", [
+    ("vit", "spec.model .* has model_type 'vit'; embedjob loads only CLIP and SigLIP"),
+    ("siglip2", "spec.model .* SigLIP 2 NaFlex"),
+])
+def test_other_model_types_are_refused_naming_spec_model(tmp_path, model_type, message):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type}))
+    with pytest.raises(ModelLoadError, match=message):
+        load_or_reuse(str(tmp_path), device="cpu", precision="fp32")
+
+
+def test_embedjob_run_with_a_siglip_checkpoint(tmp_path, checkpoints):
+    from tests.test_run import embedjob_cli, write_job
+
+    spec = shards.simple_shard(4, seed=9)
+    spec.write(tmp_path / "in" / "000.tar")
+    job = write_job(tmp_path / "job.yaml", {"input": {"uri": "in/"}, "output": {"uri": "out/", "dtype": "float32"},
+                                             "model": {"path": str(checkpoints["siglip-b-16"])},
+                                             "inference": {"device": "cpu", "batchSize": 4}})
+    r = embedjob_cli("run", str(job), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert np.load(tmp_path / "out" / "img_emb" / "000.npy").shape == (4, 64)
+    manifest = json.loads((tmp_path / "out" / "_manifests" / "000.json").read_text())
+    assert manifest["model"]["family"].startswith("siglip") and manifest["preprocessing"] == SIGLIP.id

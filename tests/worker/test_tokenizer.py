@@ -1,0 +1,86 @@
+"""The caption tokenizer against open_clip's SimpleTokenizer (OpenAI's, with the same merges file) on
+hostile web captions: ids equal, cut to the context length with <|endoftext|> last."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from embedjob.worker.model.tokenizer import CONTEXT_LENGTH, ClipTokenizer, clean_caption, clip_tokenizer
+
+HOSTILE = [
+    "Tom &amp; Jerry",
+    "Tom &amp;amp; Jerry &lt;b&gt;bold&lt;/b&gt; &#39;quoted&#39; &nbsp;nbsp",
+    "Ã©tÃ© Ã  Paris â€” cafÃ©",  # mojibake: UTF-8 read as cp1252
+    "Caf\u00e9 na\u00efve \u00c9T\u00c9 \u0130stanbul \u00df \ufb01 ligature",
+    "a photo of a 🐶 with 👩‍👩‍👧 and 🏳️‍🌈 flags 🇫🇷",
+    "日本語のキャプション、中文标题，한국어 캡션",
+    "  lots\t\tof \n\n whitespace\u00a0and\u2003em spaces  ",
+    "",
+    "   ",
+    "<|endoftext|> spelled out <|startoftext|>",
+    "it's we're they've I'm you'll he'd DON'T",
+    "price: $1,299.99 (-20%) #sale @shop https://example.com/a?b=c&d=e",
+    "x" * 500,
+    "\ufffd\ufffd bytes that were not UTF-8 \ufffd",
+    " ".join(f"word{i} and more" for i in range(300)),  # a 300-word caption (900 words): cut
+    "a " * 75,  # exactly fills the context: 75 tokens + sot + eot
+    "a " * 76,  # one too many
+]
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return open_clip_reference()
+
+
+def open_clip_reference():
+    """open_clip's SimpleTokenizer, its module loaded from its file: open_clip/__init__ would import timm
+    and torchvision, which the worker does not install (setup.sh installs open-clip-torch --no-deps)."""
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.fail("open-clip-torch (the reference tokenizer) is not installed: run scripts/setup.sh")
+    path = Path(next(iter(spec.submodule_search_locations))) / "tokenizer.py"
+    module_spec = importlib.util.spec_from_file_location("open_clip_reference_tokenizer", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.SimpleTokenizer()
+
+
+@pytest.mark.parametrize("caption", HOSTILE, ids=range(len(HOSTILE)))
+def test_ids_match_open_clip(reference, caption):
+    ours = clip_tokenizer().tokenize(caption)
+    ref = reference([caption])[0].tolist()
+    n = len(ours.ids)
+    assert ours.ids == ref[:n] and all(t == 0 for t in ref[n:])
+    assert ours.ids[0] == 49406 and ours.ids[-1] == 49407 and n <= CONTEXT_LENGTH
+    body = len(reference.encode(caption))
+    assert ours.truncated == (body + 2 > CONTEXT_LENGTH)
+
+
+def test_non_utf8_caption_bytes_as_the_tar_reader_decodes_them(reference):
+    raw = b"caf\xe9 \xff\xfe broken \xc3\x28 utf8"
+    caption = raw.decode("utf-8", errors="replace")  # embedjob.worker.datapath.read._decode_text
+    assert clip_tokenizer().tokenize(caption).ids == [t for t in reference([caption])[0].tolist() if t]
+
+
+def test_cleaning_fixes_entities_and_mojibake():
+    assert clean_caption("Tom &amp;amp; Jerry") == "tom & jerry"
+    assert clean_caption("Ã©tÃ©") == "été"
+    assert clean_caption(" A\t B \n") == "a b"
+
+
+def test_cut_keeps_endoftext_last_and_counts_truncation():
+    tok = ClipTokenizer(context_length=8)
+    cut = tok.tokenize("one two three four five six seven")
+    assert len(cut.ids) == 8 and cut.ids[-1] == tok.eot_id and cut.truncated
+    fits = tok.tokenize("one two three four five six")
+    assert len(fits.ids) == 8 and not fits.truncated
+
+
+def test_identity_names_the_merges():
+    ident = clip_tokenizer().identity()
+    assert ident["vocabSha256"] == "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a"
+    assert ident["contextLength"] == 77 and ident["vocabSize"] == 49408

@@ -435,25 +435,77 @@ def model_dim(model: ModelSpec) -> int | None:
     return KNOWN_MODEL_DIMS.get(model.name or "")
 
 
+_WIDTH_KEYS = ("layers.0.weight", "linear_1.weight", "norm.mean")  # the first layer of each head
+
+
 def head_width(head: HeadSpec) -> int | None:
-    """The input width of a head's weights, read from a local safetensors file's header (no tensor is
-    loaded); None when it cannot be known here (a hub file, a .pth: checked when the worker loads it)."""
-    if not head.path or not head.path.lower().endswith(".safetensors"):
+    """The input width of a head's weights, read from a local file without loading a tensor and
+    without torch: a safetensors file's header, or a ``.pth`` (torch's zip format) whose pickle is
+    walked opcode by opcode, never run. None when it cannot be known here (a hub file, another
+    format): the worker checks it when it loads the head."""
+    if not head.path:
         return None
+    path = head.path.lower()
+    if path.endswith(".safetensors"):
+        return _safetensors_width(head.path)
+    if path.endswith((".pth", ".pt")):
+        return _pth_width(head.path)
+    return None
+
+
+def _safetensors_width(path: str) -> int | None:
     import json
     import struct
 
     try:
-        with open(head.path, "rb") as f:
+        with open(path, "rb") as f:
             (n,) = struct.unpack("<Q", f.read(8))
             header = json.loads(f.read(min(n, 1 << 24)))
     except (OSError, ValueError, struct.error):
         return None
-    for key in ("layers.0.weight", "linear_1.weight", "norm.mean"):
+    for key in _WIDTH_KEYS:
         shape = (header.get(key) or {}).get("shape") if isinstance(header, dict) else None
         if shape:
             return int(shape[-1])
     return None
+
+
+def _pth_width(path: str) -> int | None:
+    """In torch's zip format each tensor of the state dict is pickled as its key, then the storage's
+    persistent id (..., numel), the offset, the sizes and the strides: the ints after the key are
+    ``numel, offset, *sizes, *strides``. The width is the last size of the first layer."""
+    import pickletools
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            name = next((n for n in z.namelist() if n.endswith("/data.pkl") or n == "data.pkl"), None)
+            if name is None or z.getinfo(name).file_size > 1 << 20:
+                return None
+            data = z.read(name)
+        ops = list(pickletools.genops(data))
+    except (OSError, ValueError, zipfile.BadZipFile, KeyError):
+        return None
+    for i, (op, arg, _) in enumerate(ops):
+        if not (op.name in ("BINUNICODE", "SHORT_BINUNICODE", "UNICODE") and arg in _WIDTH_KEYS):
+            continue
+        ints = [a for o, a, _ in ops[i + 1:i + 40] if o.name in ("BININT", "BININT1", "BININT2", "LONG1")]
+        if len(ints) < 3:
+            return None
+        numel, sizes = ints[0], ints[2:]
+        for ndim in (2, 1):  # a weight [out, in], or a 1-D normalisation mean [in]
+            shape = sizes[:ndim]
+            if len(shape) == ndim and _product(shape) == numel:
+                return int(shape[-1])
+        return None
+    return None
+
+
+def _product(values: list[int]) -> int:
+    out = 1
+    for v in values:
+        out *= int(v)
+    return out
 
 
 def check_head_width(field_name: str, width: int, dim: int) -> None:
@@ -468,8 +520,10 @@ def check_semantics(spec: JobSpec) -> None:
     """Rules a schema cannot express."""
     dim = model_dim(spec.model)
     for head_name, head in spec.scores.heads().items():
-        width = head_width(head) or HEAD_WIDTH
-        if dim is not None:
+        # A local safetensors file says its width; a hub head is the published one (768 wide); a local
+        # .pth cannot be read without torch here: the worker checks it when it loads it.
+        width = head_width(head) or (HEAD_WIDTH if head.name else None)
+        if dim is not None and width is not None:
             check_head_width(f"spec.scores.{head_name}", width, dim)
     out = _norm(spec.output.uri)
     inputs = [spec.input.uri] if spec.input.uri else list(spec.input.shards)

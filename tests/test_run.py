@@ -138,6 +138,50 @@ def test_run_with_text_outputs_on_s3_and_read_back(tmp_path, bucket, s3_env, tex
     assert manifest["text"]["captions"] == 3 and manifest["text"]["truncated"] == 0
 
 
+def test_run_with_text_outputs_and_score_heads_in_one_pass(tmp_path, text_clip_dir):
+    """outputs: [image, text] and spec.scores together: one pass writes both embeddings, the parquet
+    holds the fixed columns, has_caption and clip_score, then the scores; each score is the head run
+    by plain torch on the .npy rows; the report shows all three histograms."""
+    import pyarrow.parquet as pq
+    import torch
+
+    from embedjob.worker.model.heads import AestheticMLP
+    from embedjob.worker.model.random_weights import save_random_heads
+    from tests.shards import caption_shard
+
+    heads = save_random_heads(tmp_path / "heads", width=32)
+    (tmp_path / "ds").mkdir()
+    caps = caption_shard()
+    (tmp_path / "ds" / "000.tar").write_bytes(caps.tar_bytes())
+    out = tmp_path / "emb"
+    spec = {"input": {"uri": str(tmp_path / "ds")}, "output": {"uri": str(out), "dtype": "float32"},
+            "model": {"path": str(text_clip_dir)}, "inference": {"device": "cpu", "batchSize": 4},
+            "outputs": ["image", "text"], "scores": {"aesthetic": {"path": str(heads["aesthetic"])},
+                                                     "nsfw": {"path": str(heads["nsfw"])}}}
+    r = embedjob_cli("run", str(write_job(tmp_path / "job.yaml", spec)), "--no-progress")
+    assert r.returncode == 0, r.stdout + r.stderr
+
+    table = pq.read_table(out / "metadata" / "000.parquet")
+    assert table.column_names == ["key", "shard", "member", "width", "height", "caption", "json", "has_caption",
+                                  "clip_score", "aesthetic", "nsfw"]
+    img, txt = np.load(out / "img_emb" / "000.npy"), np.load(out / "text_emb" / "000.npy")
+    assert table.column("key").to_pylist() == caps.good_keys and img.shape == txt.shape == (len(caps.good_keys), 32)
+    has = np.array(table.column("has_caption").to_pylist())
+    clip = np.array([x for x in table.column("clip_score").to_pylist() if x is not None])
+    np.testing.assert_allclose(clip, np.einsum("ij,ij->i", img, txt)[has], atol=1e-6)
+    mlp = AestheticMLP(32).eval()
+    mlp.load_state_dict(torch.load(heads["aesthetic"], weights_only=True))
+    with torch.no_grad():
+        want = mlp(torch.from_numpy(img)).squeeze(1).numpy()
+    np.testing.assert_allclose(table.column("aesthetic").to_numpy(), want, atol=1e-6)
+
+    html = tmp_path / "report.html"
+    r = embedjob_cli("report", str(out), "--html", str(html))
+    assert r.returncode == 0, r.stdout + r.stderr
+    page = html.read_text()
+    assert all(name in page for name in ("clip_score", "aesthetic", "nsfw"))
+
+
 @pytest.mark.parametrize(
     "spec, field",
     [

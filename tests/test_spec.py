@@ -179,6 +179,13 @@ def test_a_head_whose_width_is_not_the_models_is_refused_naming_the_field(tmp_pa
         assert "768-wide" in e.value.message and "32-wide" in e.value.message
     # The default model (ViT-L/14, 768) takes them.
     assert parse_job(job(scores={"nsfw": {"path": str(heads["nsfw"])}})).spec.scores.nsfw
+    # Heads made for the 32-wide model: both files' widths are read (the .pth's pickle walked, never run).
+    narrow = save_random_heads(tmp_path / "heads32", width=32)
+    both = {score: {"path": str(narrow[score])} for score in ("aesthetic", "nsfw")}
+    assert set(parse_job(job(model={"path": str(model)}, scores=both)).spec.scores.heads()) == {"aesthetic", "nsfw"}
+    with pytest.raises(SpecError) as e:
+        parse_job(job(scores={"aesthetic": {"path": str(narrow["aesthetic"])}}))
+    assert e.value.field == "spec.scores.aesthetic" and "32-wide" in e.value.message
 
 
 def test_output_report_is_off_by_default():

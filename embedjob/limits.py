@@ -97,7 +97,8 @@ def check_task(options: Any, model: Any, settings: Settings, cpus: int | None = 
     known = set(EmbedOptions.__dataclass_fields__)
     unknown = sorted(set(options) - known)
     if unknown:
-        raise OptionsNotAllowed(f"task options.{unknown[0]}", "unknown option")
+        raise OptionsNotAllowed(f"task options.{unknown[0]}", "unknown option (a message from a newer operator? "
+                                                              "upgrade the workers before the operator)")
     cpus = cpus or os.cpu_count() or 1
     _choice(options, "dtype", DTYPES)
     _choice(options, "precision", PRECISIONS)
@@ -108,8 +109,14 @@ def check_task(options: Any, model: Any, settings: Settings, cpus: int | None = 
     _int(options, "num_threads", 0, min(settings.max_num_threads, cpus),
          f"EMBEDJOB_MAX_NUM_THREADS and its {cpus} CPUs")
     _int(options, "max_image_pixels", 1, settings.max_image_pixels, "EMBEDJOB_MAX_IMAGE_PIXELS")
-    if "overwrite" in options and not isinstance(options["overwrite"], bool):
-        raise OptionsNotAllowed("task options.overwrite", f"must be true or false, got {options['overwrite']!r}")
+    for flag in ("overwrite", "text"):
+        if flag in options and not isinstance(options[flag], bool):
+            raise OptionsNotAllowed(f"task options.{flag}", f"must be true or false, got {options[flag]!r}")
+    field = options.get("text_json_field")
+    if field is not None and (not isinstance(field, str) or not 0 < len(field) <= 256):
+        raise OptionsNotAllowed("task options.text_json_field", f"must be a name of 1-256 characters, got {field!r}")
+    if options.get("scores") is not None and not isinstance(options["scores"], Mapping):
+        raise OptionsNotAllowed("task options.scores", f"must be a mapping, got {type(options['scores']).__name__}")
     if not isinstance(model, Mapping):
         raise OptionsNotAllowed("task model", f"must be a mapping, got {type(model).__name__}")
     name, revision, path = model.get("name"), model.get("revision"), model.get("path")

@@ -63,6 +63,9 @@ def test_the_worker_revalidates_every_message_against_its_own_ceilings():
                            ({**good, "batch_size": -1}, "options.batch_size"),
                            ({**good, "num_threads": "8"}, "options.num_threads"),
                            ({**good, "device": "tpu"}, "options.device"),
+                           ({**good, "text": "yes"}, "options.text"),
+                           ({**good, "text_json_field": "x" * 1000}, "options.text_json_field"),
+                           ({**good, "scores": ["aesthetic"]}, "options.scores"),
                            ({**good, "evil": 1}, "options.evil")):
         with pytest.raises(OptionsNotAllowed) as e:
             check_task(options, model, SETTINGS, cpus=4)

@@ -187,10 +187,15 @@ def _load_module(ref: ModelRef, cache_dir: str, dtype: torch.dtype, local_only: 
         raise ModelLoadError(f"cannot load the vision tower from {ref.source!r}: {type(e).__name__}: {e}") from e
     finally:
         hf_logging.set_verbosity(previous)
+    _check_complete(info, ref.source, "vision tower")
+    return module
+
+
+def _check_complete(info: dict, source: str, what: str) -> None:
+    """A checkpoint loaded with ``output_loading_info``: every weight of the tower was in it."""
     problems = {k: list(info.get(k) or []) for k in ("missing_keys", "mismatched_keys", "error_msgs")}
     if any(problems.values()):
-        raise ModelLoadError(f"checkpoint {ref.source!r} does not hold a complete vision tower: {problems}")
-    return module
+        raise ModelLoadError(f"checkpoint {source!r} does not hold a complete {what}: {problems}")
 
 
 def load_or_reuse(
@@ -307,9 +312,7 @@ def _load_text(ref: ModelRef, cache_dir: str, image: Embedder, local_only: bool)
         raise ModelLoadError(f"cannot load the CLIP text tower from {ref.source!r}: {type(e).__name__}: {e}") from e
     finally:
         hf_logging.set_verbosity(previous)
-    problems = {k: list(info.get(k) or []) for k in ("missing_keys", "mismatched_keys", "error_msgs")}
-    if any(problems.values()):
-        raise ModelLoadError(f"checkpoint {ref.source!r} does not hold a complete CLIP text tower: {problems}")
+    _check_complete(info, ref.source, "CLIP text tower")
     module = module.to(image.device).eval()
     module.requires_grad_(False)
     if int(config.projection_dim) != image.dim:

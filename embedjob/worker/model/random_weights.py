@@ -10,14 +10,19 @@ RANDOM_MODEL_DIRNAME = "RANDOM-WEIGHTS-tiny-clip"
 
 
 def save_random_clip(path: str | Path, seed: int = 0, projection_dim: int = 32) -> Path:
+    """The tiny CLIP of the tests and the demo (its text tower a toy one of 1,000 ids)."""
+    return _save_tiny_clip(path, seed, projection_dim, {
+        "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+        "vocab_size": 1000, "max_position_embeddings": 77, "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1})
+
+
+def _save_tiny_clip(path: str | Path, seed: int, projection_dim: int, text_config: dict) -> Path:
     import torch
     from transformers import CLIPConfig, CLIPModel
 
     torch.manual_seed(seed)
     config = CLIPConfig(
-        text_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                     "num_attention_heads": 2, "vocab_size": 1000, "max_position_embeddings": 77,
-                     "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1},
+        text_config=text_config,
         vision_config={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
                        "num_attention_heads": 2, "image_size": 224, "patch_size": 14},
         projection_dim=projection_dim,
@@ -98,19 +103,7 @@ CLIP_TEXT_TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers
 
 def save_random_text_clip(path: str | Path, seed: int = 0, projection_dim: int = 32) -> Path:
     """A tiny CLIP whose text tower takes the real tokenizer's ids (for text outputs), random weights."""
-    import torch
-    from transformers import CLIPConfig, CLIPModel
-
-    torch.manual_seed(seed)
-    config = CLIPConfig(
-        text_config=dict(CLIP_TEXT_TINY),
-        vision_config={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-                       "num_attention_heads": 2, "image_size": 224, "patch_size": 14},
-        projection_dim=projection_dim,
-    )
-    model = CLIPModel(config).eval()
-    model.save_pretrained(path, safe_serialization=True)
-    return Path(path)
+    return _save_tiny_clip(path, seed, projection_dim, dict(CLIP_TEXT_TINY))
 
 
 # Random-weight checkpoints in the shapes of the families embedjob loads by name (small widths, the same

@@ -99,3 +99,23 @@ def test_the_checker_sees_a_crossing():
     assert "operator" in layers("from ..operator import status\n", PACKAGE / "worker" / "host.py")
     assert "entry" in layers("import embedjob.cli.main\n", PACKAGE / "bench" / "run.py")
     assert "worker" not in ALLOWED["core"] and "operator" not in ALLOWED["worker"] and "entry" not in ALLOWED["tools"]
+
+
+# Inside the worker, by role, from the top down: runtime (the Celery task and the process's life), then the
+# data path (one shard's stages), then the model (checkpoint, towers, its preprocessing), then host.
+WORKER_ROOMS = ["runtime", "datapath", "model", "host"]
+
+
+def test_worker_rooms_import_only_downwards():
+    worker = PACKAGE / "worker"
+    bad = []
+    for path in sorted(worker.rglob("*.py")):
+        room = path.relative_to(worker).parts[0].removesuffix(".py")
+        if room not in WORKER_ROOMS:
+            continue
+        below = set(WORKER_ROOMS[WORKER_ROOMS.index(room):])
+        for name in imported_modules(path):
+            parts = name.split(".")
+            if parts[:2] == ["embedjob", "worker"] and len(parts) > 2 and parts[2] not in below:
+                bad.append(f"{path.relative_to(REPO)} imports {name}")
+    assert not bad, "\n".join(bad)

@@ -1,5 +1,5 @@
 """Models by name: CLIP at 224 and 336 px and SigLIP, embedded end to end from random-weight checkpoints in
-the hub's shapes (their preprocessing against the references: tests/worker/datapath/test_transform.py),
+the hub's shapes (their preprocessing against the references: tests/worker/test_transform.py),
 the embeddings against each checkpoint's own get_image_features; anything else refused naming spec.model."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from embedjob.worker.model import ModelLoadError
 from embedjob.worker.model.load import clear_cache, load_or_reuse
 from embedjob.worker.model.random_weights import save_random_shape, siglip_processor_config
 from tests import shards
-from tests.worker.datapath.test_transform import SIGLIP, _openai_reference
+from tests.worker.test_transform import SIGLIP, _openai_reference
 
 
 @pytest.fixture(scope="module")

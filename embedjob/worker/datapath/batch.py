@@ -30,9 +30,9 @@ from embedjob.worker.datapath.decode_pool import (
 )
 from embedjob.worker.datapath.decode_worker import JPEG, REJECTED, file_identity
 from embedjob.worker.datapath.read import SkippedMember, TarStats, iter_tar
-from embedjob.worker.datapath.transform import DEFAULT_TRANSFORM, ImageTransform
 from embedjob.worker.datapath.write import MetadataRow
 from embedjob.worker.host import available_cpus
+from embedjob.worker.model.transform import DEFAULT_TRANSFORM, ImageTransform
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ class PreparedStream:
         self.max_pixels = options.max_image_pixels
         self.preprocessing = options.preprocessing
         self.device_jpeg = device_jpeg
-        self.transform = transform  # the model's (embedjob.worker.datapath.transform)
+        self.transform = transform  # the model's (embedjob.worker.model.transform)
         self.batch_size = options.batch_size if options.batch_size > 0 else DEFAULT_SLOT_ROWS
         self.stats = TarStats()
         self.read_seconds = 0.0  # reading/parsing the tar, including waiting for the source

@@ -18,7 +18,7 @@ import numpy as np
 
 from embedjob.worker.datapath.decode import DecodeError, load_image, open_image
 from embedjob.worker.datapath.preprocess import IMAGE_SIZE, PreprocessError, reference_crop
-from embedjob.worker.datapath.transform import DEFAULT_TRANSFORM, ImageTransform
+from embedjob.worker.model.transform import DEFAULT_TRANSFORM, ImageTransform
 
 # What a manifest records for preprocessing "fast" ("exact" records preprocess.PREPROCESSING_ID).
 FAST_PREPROCESSING_ID = "embedjob-fast-v1"

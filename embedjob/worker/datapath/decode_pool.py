@@ -38,7 +38,7 @@ from embedjob.worker.datapath.decode_worker import (
     unpack_prepared,
     write_frame,
 )
-from embedjob.worker.datapath.transform import DEFAULT_TRANSFORM, ImageTransform
+from embedjob.worker.model.transform import DEFAULT_TRANSFORM, ImageTransform
 
 # Images per pool task, and the bytes after which a chunk is sent even if not full: a task costs the
 # worker process ~0.3 ms of its own CPU (queues, pickling, futures), so it carries several images;

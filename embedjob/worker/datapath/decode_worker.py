@@ -20,7 +20,7 @@ import numpy as np
 
 from embedjob.worker.datapath.batch_slots import map_slots
 from embedjob.worker.datapath.crop import Crop, EncodedJpeg, Prepared, Rejected, prepare_image
-from embedjob.worker.datapath.transform import ImageTransform
+from embedjob.worker.model.transform import ImageTransform
 
 # -- one pool task: a chunk of images ---------------------------------------------------------------
 # A task is a small JSON header plus a raw payload, both ways; no pickles. The header of a chunk:

@@ -38,7 +38,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
-from embedjob.worker.datapath.transform import CLIP_ID, DEFAULT_TRANSFORM, OPENAI_MEAN, OPENAI_STD, ImageTransform
+from embedjob.worker.model.transform import (
+    CLIP_ID,
+    DEFAULT_TRANSFORM,
+    OPENAI_MEAN,
+    OPENAI_STD,
+    ImageTransform,
+    normalize,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -153,7 +160,7 @@ def _fallback(img: Image.Image, first: Exception, source_size: tuple[int, int] |
 def reference_crop(img: Image.Image, source_size: tuple[int, int] | None = None,
                    transform: ImageTransform = DEFAULT_TRANSFORM) -> np.ndarray:
     """Resize + center crop + RGB: a ``[224, 224, 3]`` uint8 array (``[crop, crop, 3]`` for another
-    ``transform``: embedjob.worker.datapath.transform). Raises :class:`PreprocessError`.
+    ``transform``: embedjob.worker.model.transform). Raises :class:`PreprocessError`.
 
     ``source_size``: the size of the image as encoded, when ``img`` was decoded at a reduced scale
     (the fast path's DCT-domain downscale): the resize target follows the original geometry."""
@@ -172,28 +179,6 @@ def reference_crop(img: Image.Image, source_size: tuple[int, int] | None = None,
     return out
 
 
-def normalize(crops: np.ndarray | torch.Tensor, contiguous: bool = True, mean: tuple[float, ...] = MEAN,
-              std: tuple[float, ...] = STD) -> torch.Tensor:
-    """ToTensor + Normalize for a batch: uint8 ``[B, H, W, 3]`` -> float32 ``[B, 3, H, W]``, on the
-    tensor's own device (the engine calls it on the GPU). Each element is ``(u8 / 255 - mean) / std``
-    in float32, as in the reference; the arithmetic runs on the channel-last layout (several times
-    faster than on the permuted view) and gives the same numbers. ``contiguous=False`` returns the
-    channel-last view, which a convolution takes as it is."""
-    import torch
-
-    t = torch.as_tensor(crops)
-    if t.dtype != torch.uint8 or t.ndim != 4 or t.shape[-1] != 3:
-        raise ValueError(f"expected uint8 [B, H, W, 3], got {t.dtype} {tuple(t.shape)}")
-    key = (t.device.type, t.device.index, tuple(mean), tuple(std))
-    constants = _constants.get(key)
-    if constants is None:
-        constants = _constants[key] = (torch.tensor(mean, dtype=torch.float32, device=t.device),
-                                       torch.tensor(std, dtype=torch.float32, device=t.device))
-    x = t.to(torch.float32).div_(255).sub_(constants[0]).div_(constants[1]).permute(0, 3, 1, 2)
-    return x.contiguous() if contiguous else x
-
-
-_constants: dict[tuple, tuple] = {}
 
 
 def preprocess(img: Image.Image, transform: ImageTransform = DEFAULT_TRANSFORM) -> torch.Tensor:

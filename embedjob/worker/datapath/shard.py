@@ -65,11 +65,11 @@ from embedjob.worker.datapath.decode_pool import (
 )
 from embedjob.worker.datapath.engine import InferenceEngine
 from embedjob.worker.datapath.gpu_decode import JpegDecoder, nvjpeg_decoder
-from embedjob.worker.datapath.transform import DEFAULT_TRANSFORM, ImageTransform
 from embedjob.worker.datapath.write import MetadataRow, ShardWriter, shard_manifest
 from embedjob.worker.model.embedder import Embedder
 from embedjob.worker.model.heads import ScoreHeads
 from embedjob.worker.model.text import TextEmbedder
+from embedjob.worker.model.transform import DEFAULT_TRANSFORM, ImageTransform
 
 log = logging.getLogger(__name__)
 

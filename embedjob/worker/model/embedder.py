@@ -25,9 +25,9 @@ from typing import Any
 import numpy as np
 
 from embedjob.spec import COMPILE_MODES
-from embedjob.worker.datapath.transform import DEFAULT_TRANSFORM, ImageTransform
 from embedjob.worker.model import ModelLoadError
 from embedjob.worker.model.torch_env import PRECISION_DTYPES, OutOfMemoryError, torch
+from embedjob.worker.model.transform import DEFAULT_TRANSFORM, ImageTransform, normalize
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +223,7 @@ class Embedder:
     def embed_uint8(self, crops: torch.Tensor | np.ndarray) -> np.ndarray:
         """Embed uint8 crops ``[B, H, W, 3]`` (what the decode workers produce): they go to the device
         as uint8 (4x fewer bytes than float32) and are normalised there, with the same arithmetic
-        as :func:`embedjob.worker.datapath.preprocess.normalize`. Same result and OOM back-off as :meth:`embed`."""
+        as :func:`embedjob.worker.model.transform.normalize`. Same result and OOM back-off as :meth:`embed`."""
         crops = torch.as_tensor(crops)
         if crops.dtype != torch.uint8 or crops.ndim != 4 or crops.shape[-1] != 3:
             raise ValueError(f"expected uint8 [B, H, W, 3] crops, got {crops.dtype} {tuple(crops.shape)}")
@@ -360,8 +360,6 @@ class Launched:
 def normalize_on_device(crops: torch.Tensor, dtype: torch.dtype = torch.float32,
                         transform: ImageTransform = DEFAULT_TRANSFORM) -> torch.Tensor:
     """ToTensor + Normalize of uint8 ``[B, H, W, 3]`` crops where they are (the model's device), in
-    float32 exactly as the reference does (:func:`embedjob.worker.datapath.preprocess.normalize`), then cast to
+    float32 exactly as the reference does (:func:`embedjob.worker.model.transform.normalize`), then cast to
     the compute ``dtype``."""
-    from embedjob.worker.datapath.preprocess import normalize
-
     return normalize(crops, contiguous=False, mean=transform.mean, std=transform.std).to(dtype)

@@ -35,7 +35,6 @@ from typing import Any
 
 from embedjob import settings
 from embedjob.spec import COMPILE_MODES
-from embedjob.worker.datapath.transform import ImageTransform, TransformError, transform_from_config
 from embedjob.worker.model import ModelLoadError
 from embedjob.worker.model.embedder import Embedder
 from embedjob.worker.model.provenance import describe_source
@@ -43,6 +42,7 @@ from embedjob.worker.model.resolve import ModelUnavailable, resolve_model
 from embedjob.worker.model.text import TextEmbedder
 from embedjob.worker.model.tokenizer import CONTEXT_LENGTH, clip_tokenizer
 from embedjob.worker.model.torch_env import PRECISION_DTYPES, configure_cpu_threads, resolve_device, torch
+from embedjob.worker.model.transform import ImageTransform, TransformError, transform_from_config
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ def vision_config(ref: ModelRef, cache_dir: str, local_only: bool = False) -> An
 
 
 def image_transform(ref: ModelRef, cache_dir: str, config: Any, local_only: bool = False) -> ImageTransform:
-    """The checkpoint's own preprocessing (embedjob.worker.datapath.transform) from its
+    """The checkpoint's own preprocessing (embedjob.worker.model.transform) from its
     preprocessor_config.json, or its family's defaults at the vision tower's image size when it has none.
     Raises :class:`ModelLoadError` naming spec.model for settings that cannot be reproduced exactly."""
     family = FAMILIES.get(config.model_type, "clip")

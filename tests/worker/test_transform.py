@@ -1,4 +1,4 @@
-"""The model's own preprocessing (embedjob.worker.datapath.transform) from its processor config, against
+"""The model's own preprocessing (embedjob.worker.model.transform) from its processor config, against
 each family's reference: OpenAI's transform at 336 px and Hugging Face's PIL SigLIP image processor, bit for
 bit on real and hostile images (every varied image the reference itself handles)."""
 
@@ -12,13 +12,13 @@ from PIL import Image
 
 from embedjob.worker.datapath.crop import Crop, prepare_image
 from embedjob.worker.datapath.preprocess import normalize
-from embedjob.worker.datapath.transform import (
+from embedjob.worker.model.random_weights import clip_processor_config, siglip_processor_config
+from embedjob.worker.model.transform import (
     DEFAULT_TRANSFORM,
     ImageTransform,
     TransformError,
     transform_from_config,
 )
-from embedjob.worker.model.random_weights import clip_processor_config, siglip_processor_config
 from tests import shards
 
 SIGLIP = transform_from_config("siglip", siglip_processor_config(224), 224)

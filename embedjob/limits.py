@@ -12,6 +12,7 @@ inference.numThreads         ``EMBEDJOB_MAX_NUM_THREADS``    decode processes pe
 retries.perShard             ``EMBEDJOB_MAX_RETRIES``        work redone for one bad shard
 priority                     ``EMBEDJOB_MAX_PRIORITY``       the share of a queue other jobs lose
 model.name / model.revision  ``EMBEDJOB_MODEL_ALLOW_LIST``   what the workers download and load
+scores.<head>.name           ``EMBEDJOB_MODEL_ALLOW_LIST``   the same, for a score head's weights
 ===========================  ==============================  ===================================
 
 The operator enforces them at admission (:func:`check_spec`: the job fails with ``InvalidSpec``
@@ -71,6 +72,11 @@ def check_spec(spec: JobSpec, settings: Settings) -> None:
             else "spec.model.name"
         raise LimitExceeded(field, f"{spec.model.name}@{spec.model.revision or 'main'} is not on this cluster's "
                                f"model allow-list (EMBEDJOB_MODEL_ALLOW_LIST: {_listed(settings)})")
+    for head_name, head in spec.scores.heads().items():  # a score head from the hub is a download too
+        if head.name and not model_allowed(settings, head.name, head.revision):
+            raise LimitExceeded(f"spec.scores.{head_name}.name",
+                                f"{head.name}@{head.revision or 'main'} is not on this cluster's model allow-list "
+                                f"(EMBEDJOB_MODEL_ALLOW_LIST: {_listed(settings)})")
 
 
 def _choice(options: Mapping[str, Any], key: str, choices: tuple[str, ...]) -> None:
@@ -117,6 +123,13 @@ def check_task(options: Any, model: Any, settings: Settings, cpus: int | None = 
         raise OptionsNotAllowed("task options.text_json_field", f"must be a name of 1-256 characters, got {field!r}")
     if options.get("scores") is not None and not isinstance(options["scores"], Mapping):
         raise OptionsNotAllowed("task options.scores", f"must be a mapping, got {type(options['scores']).__name__}")
+    for head_name, head in (options.get("scores") or {}).items():
+        if not isinstance(head, Mapping):
+            raise OptionsNotAllowed(f"task options.scores.{head_name}", "must be a mapping")
+        if head.get("name") and not model_allowed(settings, str(head["name"]), head.get("revision")):
+            raise OptionsNotAllowed(f"task options.scores.{head_name}",
+                                    f"{head['name']}@{head.get('revision') or 'main'} is not on this worker's model "
+                                    f"allow-list ({_listed(settings)})")
     if not isinstance(model, Mapping):
         raise OptionsNotAllowed("task model", f"must be a mapping, got {type(model).__name__}")
     name, revision, path = model.get("name"), model.get("revision"), model.get("path")

@@ -30,6 +30,7 @@ BASE = {"input": {"uri": "s3://bkt/in/"}, "output": {"uri": "s3://bkt/out/"}}
     ({"priority": 10}, "spec.priority"),
     ({"model": {"name": "evil/model"}}, "spec.model.name"),
     ({"model": {"name": DEFAULT_MODEL, "revision": "main"}}, "spec.model.revision"),
+    ({"scores": {"nsfw": {"name": "evil/heads", "revision": "v1"}}}, "spec.scores.nsfw.name"),
 ])
 def test_admission_refuses_what_is_beyond_the_ceilings_naming_the_field(extra, field):
     with pytest.raises(SpecError) as e:
@@ -40,7 +41,8 @@ def test_admission_refuses_what_is_beyond_the_ceilings_naming_the_field(extra, f
 def test_within_the_ceilings_passes_and_a_model_folder_is_not_a_hub_model():
     for extra in ({}, {"inference": {"maxImagePixels": 50_000_000, "numThreads": 8}, "priority": 2},
                   {"model": {"name": "org/any-revision", "revision": "abc"}},
-                  {"model": {"path": "/models/mine"}}):
+                  {"model": {"path": "/models/mine"}},
+                  {"scores": {"nsfw": {"name": "org/any-revision", "revision": "abc"}}}):
         check_spec(parse_spec({**BASE, **extra}), SETTINGS)
     check_spec(parse_spec({**BASE, "model": {"name": "anything/at-all"}}), Settings())  # no list: any
 
@@ -66,6 +68,8 @@ def test_the_worker_revalidates_every_message_against_its_own_ceilings():
                            ({**good, "text": "yes"}, "options.text"),
                            ({**good, "text_json_field": "x" * 1000}, "options.text_json_field"),
                            ({**good, "scores": ["aesthetic"]}, "options.scores"),
+                           ({**good, "scores": {"nsfw": {"name": "evil/heads", "revision": "v1", "path": None,
+                                                         "file": "model.safetensors"}}}, "options.scores.nsfw"),
                            ({**good, "evil": 1}, "options.evil")):
         with pytest.raises(OptionsNotAllowed) as e:
             check_task(options, model, SETTINGS, cpus=4)

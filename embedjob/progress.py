@@ -51,6 +51,7 @@ SPEC = "spec"
 PLAN = "plan"
 TOTALS = "totals"
 ACCESS_ERRORS = "accessErrors"
+REPORT = "report"  # the report task's outcome (spec.output.report): {"state", "uri" | "error", "at"}
 TOTAL_NAMES = ("failures", "transientFailures", "leaseExpiries", "messagesLost")
 
 
@@ -228,6 +229,16 @@ class ProgressStore:
     def accepted_spec(self) -> dict[str, Any] | None:
         """The accepted spec as recorded, None when Redis has none."""
         raw = self.r.get(self.key(SPEC))
+        return None if raw is None else json.loads(raw)
+
+    # -- the report task (worker writes, operator reads) ----------------------------------------------
+    def record_report(self, state: str, **fields: Any) -> None:
+        """The report task's outcome: ``Written`` (with ``uri``) or ``Failed`` (with ``error``)."""
+        assert state in ("Written", "Failed"), state
+        self.r.set(self.key(REPORT), json.dumps({"state": state, **fields, "at": time.time()}))
+
+    def report_outcome(self) -> dict[str, Any] | None:
+        raw = self.r.get(self.key(REPORT))
         return None if raw is None else json.loads(raw)
 
     # -- totals and the fail-fast check (operator) ---------------------------------------------------

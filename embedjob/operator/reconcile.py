@@ -76,7 +76,8 @@ class Reconciler:
         job_status = dict(job_status or {})
         self.events = []
         if job_status.get("phase") in status.TERMINAL:
-            return TickResult(job_status, [], delete=_ttl_elapsed(raw_spec, job_status, now))
+            job_status = self._report_outcome(job_status)
+            return TickResult(job_status, self.events, delete=_ttl_elapsed(raw_spec, job_status, now))
         if not is_planned(job_status):
             return TickResult(job_status, [])
         with self.mem.lock:
@@ -101,6 +102,23 @@ class Reconciler:
             return self._run(accepted, raw_spec, job_status, generation, now)
         except StorageNotAllowed as e:  # a message outside the policy was about to be sent
             return self._refused(raw_spec, job_status, e, generation, now)
+
+    def _report_outcome(self, job_status: dict[str, Any]) -> dict[str, Any]:
+        """A finished job whose report was requested: the worker's outcome, once it is in Redis."""
+        report = job_status.get("report") or {}
+        if report.get("state") != "Requested":
+            return job_status
+        outcome = self.store.report_outcome()
+        if outcome is None:
+            return job_status
+        if outcome.get("state") == "Written":
+            report = {"uri": outcome.get("uri") or report.get("uri"), "state": "Written",
+                      "message": "open it in a browser (one self-contained file)"}
+            self.events.append(Event("Normal", "ReportWritten", f"report written to {report['uri']}"))
+        else:
+            report = {**report, "state": "Failed", "message": str(outcome.get("error") or "")[:200]}
+            self.events.append(Event("Warning", "ReportFailed", report["message"]))
+        return {**job_status, "report": report}
 
     def _refused(self, raw_spec: Mapping[str, Any], job_status: dict[str, Any], e: StorageNotAllowed,
                  generation: int | None, now: dt.datetime) -> TickResult:

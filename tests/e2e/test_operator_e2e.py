@@ -101,19 +101,30 @@ def test_apply_job_succeeds_with_exact_counters_and_verified_outputs(stack, buck
 
 def test_text_outputs_through_the_operator(stack, bucket, text_clip_dir):
     """spec.outputs: [image, text] through kubectl apply, the operator and the Celery workers: text_emb/
-    aligned with img_emb/ and the metadata, and the manifest's caption counts."""
+    aligned with img_emb/ and the metadata, and the manifest's caption counts. With output.report, a
+    worker writes report.html (with the clip_score histogram) and the status says it is written."""
+    import time
+
     from tests.shards import caption_shard
 
     caps = caption_shard()
     s3_client().put_object(Bucket=bucket, Key="in/0000.tar", Body=caps.tar_bytes())
     stack.apply(stack.job_doc("text", {"input": {"uri": f"s3://{bucket}/in/0000.tar"},
-                                       "output": {"uri": f"s3://{bucket}/out/"},
+                                       "output": {"uri": f"s3://{bucket}/out/", "report": True},
                                        "model": {"path": str(text_clip_dir)}, "outputs": ["image", "text"]}))
     obj = stack.wait_phase("text", "Succeeded", timeout=180)
     assert obj["spec"]["outputs"] == ["image", "text"]  # kept by the apiserver (in the CRD schema)
     image, text = read_shard(f"s3://{bucket}/out", "0000"), read_shard(f"s3://{bucket}/out", "0000", kind="text")
     assert image.keys == text.keys == caps.good_keys and text.embeddings.shape == image.embeddings.shape
     assert (text.manifest["text"]["captions"], text.manifest["text"]["truncated"]) == (5, 1)
+    deadline = time.monotonic() + 90
+    while (report := (stack.get("text") or {}).get("status", {}).get("report", {})).get("state") == "Requested" \
+            and time.monotonic() < deadline:
+        time.sleep(1)
+    assert report == {"uri": f"s3://{bucket}/out/report.html", "state": "Written",
+                      "message": "open it in a browser (one self-contained file)"}, report
+    page = s3_client().get_object(Bucket=bucket, Key="out/report.html")["Body"].read().decode()
+    assert "clip_score" in page and "<script src=" not in page
     stack.delete("text")
 
 

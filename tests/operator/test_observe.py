@@ -99,6 +99,18 @@ def test_output_report_sends_one_report_task_and_links_it_in_the_status(env):
     assert [(m["headers"]["task"], m["headers"]["id"]) for m in messages] == [
         (REPORT_TASK_NAME, report_task_id(store.job))]
 
+    # The job is finished; its status follows the report task's outcome once a worker records it.
+    finished = res.status
+    assert rec.tick(spec, finished, 1).status["report"]["state"] == "Requested"  # not yet written
+    store.record_report("Written", uri=f"s3://{bucket}/out/report.html")
+    done = rec.tick(spec, finished, 1)
+    assert done.status["report"]["state"] == "Written" and done.status["phase"] == "Succeeded"
+    assert [e.reason for e in done.events] == ["ReportWritten"]
+    assert rec.tick(spec, done.status, 1).events == []  # said once
+    store.record_report("Failed", error="OSError: no space left")
+    failed = rec.tick(spec, finished, 1).status["report"]
+    assert failed["state"] == "Failed" and "no space left" in failed["message"]
+
 
 def test_no_report_unless_asked(env):
     r, app, store, bucket = env

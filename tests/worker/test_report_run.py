@@ -25,6 +25,7 @@ def test_report_task_writes_report_html_with_thumbnails_from_planned_shards_only
     try:
         result = run_report({"job": store.job, "output": out, "storage": {}}, store.r)
         assert result == {"status": "done", "uri": f"{out}/report.html"}
+        assert store.report_outcome()["state"] == "Written" and store.report_outcome()["uri"] == result["uri"]
         data = _page_data(page.read_text())
     finally:
         if kept is not None:
@@ -45,6 +46,7 @@ def test_report_task_for_another_output_is_refused(redis_url, scored_output, tmp
         store.save_plan({"output": {"uri": str(tmp_path / "elsewhere")}}, [], {})
         result = run_report({"job": store.job, "output": str(scored_output["output"]), "storage": {}}, store.r)
         assert result["status"] == "failed" and "is not the job's" in result["error"]
+        assert store.report_outcome()["state"] == "Failed" and "is not the job's" in store.report_outcome()["error"]
         assert not page.exists()
     finally:
         if kept is not None:  # the fixture's page, as `embedjob run` wrote it (tests/test_report.py reads it)

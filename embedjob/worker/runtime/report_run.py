@@ -1,7 +1,9 @@
 """The report task (``spec.output.report``): `embedjob report`'s page, written as ``report.html`` under
 the job's output by a worker (it has the parquet reader and Pillow; the operator has neither).
 
-The operator sends it once, when the job succeeds (embedjob.operator.observe.finish). The worker checks
+The operator sends it once, when the job succeeds (embedjob.operator.observe.finish); the outcome goes
+to Redis (``ProgressStore.record_report``), and the operator's next tick turns ``status.report.state``
+from ``Requested`` into ``Written`` or ``Failed``. The worker checks
 the message as it checks a shard's (storage allow-list, endpoint) and reads thumbnails only from the
 job's own planned input shards, as recorded in Redis when the operator accepted the job: the shard
 URIs in the metadata are the output's, and the output is the job owner's to write.
@@ -40,6 +42,19 @@ def run_report(task: dict[str, Any], client: redis.Redis) -> dict[str, Any]:
         uri = write_report(output, Storage(StorageOptions.from_dict(storage_options)), inputs.__contains__)
     except Exception as e:  # noqa: BLE001 - a report is best effort: the job's outputs are complete
         log.error("report of job %s: %s", task.get("job"), e)
-        return {"status": "failed", "error": f"{type(e).__name__}: {e}"}
+        error = f"{type(e).__name__}: {e}"
+        _record(client, task.get("job"), "Failed", error=error[:500])
+        return {"status": "failed", "error": error}
     log.info("report of job %s written to %s", job, uri)
+    _record(client, job, "Written", uri=uri)
     return {"status": "done", "uri": uri}
+
+
+def _record(client: redis.Redis, job: Any, state: str, **fields: Any) -> None:
+    """The outcome for the operator (status.report.state); never fails the task."""
+    if not isinstance(job, str) or not job:
+        return
+    try:
+        ProgressStore(client, job).record_report(state, **fields)
+    except Exception as e:  # noqa: BLE001 - Redis down: the status keeps saying Requested
+        log.warning("report of job %s: cannot record its outcome: %s", job, e)

@@ -357,6 +357,8 @@ def _checkpoint_file(ref: ModelRef, cache_dir: str, name: str, local_only: bool)
                                     local_files_only=local_only))
     except (EntryNotFoundError, LocalEntryNotFoundError):
         return None
+    except Exception as e:
+        raise ModelLoadError(f"spec.model {ref.source!r}: cannot read {name}: {type(e).__name__}: {e}") from e
 
 
 def _load_siglip_text(ref: ModelRef, cache_dir: str, image: Embedder, local_only: bool,
@@ -379,7 +381,8 @@ def _load_siglip_text(ref: ModelRef, cache_dir: str, image: Embedder, local_only
         raise ModelLoadError(
             f"spec.outputs: text: spec.model {ref.source!r} is a SigLIP checkpoint without SigLIP's SentencePiece "
             f"tokenizer ({which}); embedjob embeds SigLIP captions only with SiglipTokenizer and the checkpoint's "
-            f"{VOCAB_FILE} (SigLIP 2 checkpoints use the Gemma tokenizer, which is not supported for text outputs)")
+            f"{VOCAB_FILE} (SigLIP 2 checkpoints use the Gemma tokenizer, which is not supported for text outputs; "
+            f"a model cache filled without the tokenizer files needs `embedjob model fetch` again)")
     context = int(config.max_position_embeddings)
     try:
         tokenizer = SiglipCaptionTokenizer.from_checkpoint(ref.source, context, revision=ref.revision,

@@ -94,12 +94,14 @@ def test_fast_path_is_exact_for_siglip_and_drafts_for_clip_336(tmp_path, checkpo
         assert manifest["preprocessing_paths"] == {path: 3} and manifest["preprocessing"] == pre
 
 
-def test_text_outputs_with_clip_shapes_and_refused_for_siglip(tmp_path, checkpoints):
-    embedder, _ = load_or_reuse(str(checkpoints["vit-l-14-336"]), device="cpu", precision="fp32", text=True)
-    assert embedder.text is not None and embedder.text.dim == embedder.dim
-    clear_cache()
-    with pytest.raises(ModelLoadError, match="spec.outputs: text needs a full CLIP checkpoint.*siglip"):
-        load_or_reuse(str(checkpoints["siglip-b-16"]), device="cpu", precision="fp32", text=True)
+def test_text_outputs_with_every_shape(tmp_path, checkpoints):
+    """CLIP shapes with OpenAI CLIP's tokenizer, SigLIP with its own SentencePiece one (tests/worker/
+    test_siglip_text.py checks its rows)."""
+    for shape, tokenizer in [("vit-l-14-336", "openai-clip-bpe-49408"), ("siglip-b-16", "siglip-sentencepiece")]:
+        clear_cache()
+        embedder, _ = load_or_reuse(str(checkpoints[shape]), device="cpu", precision="fp32", text=True)
+        assert embedder.text is not None and embedder.text.dim == embedder.dim
+        assert embedder.text.tokenizer.identity()["id"] == tokenizer
 
 
 @pytest.mark.parametrize("model_type, message", [

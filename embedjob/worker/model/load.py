@@ -2,8 +2,9 @@
 
 :func:`load_embedder` loads the vision tower of a CLIP checkpoint (``CLIPVisionModelWithProjection``) or of
 a SigLIP one (``SiglipVisionModel``, its pooled output), with the checkpoint's own preprocessing
-(:func:`image_transform`); for a job with text outputs, also ``CLIPTextModelWithProjection`` from the same
-CLIP checkpoint (:func:`_load_text`). Either from a Hugging Face id (cached under ``model_dir``) or a local
+(:func:`image_transform`); for a job with text outputs, also the same checkpoint's text tower
+(``CLIPTextModelWithProjection`` with OpenAI CLIP's tokenizer, or ``SiglipTextModel`` with the checkpoint's
+own ``SiglipTokenizer``: :func:`_load_text`). Either from a Hugging Face id (cached under ``model_dir``) or a local
 folder. A full ``CLIPModel`` checkpoint
 — the hub layout of ``openai/clip-vit-large-patch14`` — loads as is: its vision config and
 projection size are taken from the checkpoint's ``config.json``, the text weights are skipped, and a
@@ -277,21 +278,50 @@ def _where(ref: ModelRef, cache_dir: str) -> Any:
 
 
 def _load_text(ref: ModelRef, cache_dir: str, image: Embedder, local_only: bool) -> TextEmbedder:
-    """The text tower and projection of ``ref`` (a full CLIPModel checkpoint), on the image embedder's
-    device and in its precision, sharing its lock. Refused, naming the fields, when the checkpoint has
-    no text tower, or one whose vocabulary or projection does not fit OpenAI CLIP's tokenizer and the
-    image rows."""
-    from transformers import CLIPConfig, CLIPTextModelWithProjection, PretrainedConfig
-    from transformers.utils import logging as hf_logging
+    """The text tower of ``ref`` (a full CLIP or SigLIP checkpoint) with its family's tokenizer, on the
+    image embedder's device and in its precision, sharing its lock. Refused, naming spec.model, when the
+    checkpoint has no text tower, or one that does not fit its tokenizer or the image rows."""
+    from transformers import PretrainedConfig
 
     try:
         config_dict, _ = PretrainedConfig.get_config_dict(ref.source, revision=ref.revision, cache_dir=cache_dir,
                                                           local_files_only=local_only)
     except Exception as e:
         raise ModelLoadError(f"cannot read the model config of {ref.source!r}: {type(e).__name__}: {e}") from e
-    if config_dict.get("model_type") != "clip":
-        raise ModelLoadError(f"spec.outputs: text needs a full CLIP checkpoint (model_type 'clip', text tower "
-                             f"included); spec.model {ref.source!r} has model_type {config_dict.get('model_type')!r}")
+    model_type = config_dict.get("model_type")
+    if model_type == "clip":
+        return _load_clip_text(ref, cache_dir, image, local_only, config_dict)
+    if model_type == "siglip":
+        return _load_siglip_text(ref, cache_dir, image, local_only, config_dict)
+    raise ModelLoadError(f"spec.outputs: text needs a full CLIP or SigLIP checkpoint (model_type 'clip' or 'siglip', "
+                         f"text tower included); spec.model {ref.source!r} has model_type {model_type!r}")
+
+
+def _from_pretrained(cls: Any, ref: ModelRef, cache_dir: str, config: Any, dtype: torch.dtype, local_only: bool,
+                     what: str) -> torch.nn.Module:
+    """One tower of a checkpoint, safetensors only, no hub code; every weight of it present."""
+    from transformers.utils import logging as hf_logging
+
+    previous = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        module, info = cls.from_pretrained(
+            ref.source, config=config, revision=ref.revision, cache_dir=cache_dir, local_files_only=local_only,
+            use_safetensors=True, dtype=dtype, attn_implementation=ATTENTION, output_loading_info=True,
+            use_kernels=False)
+    except Exception as e:
+        raise ModelLoadError(f"cannot load the {what} from {ref.source!r}: {type(e).__name__}: {e}") from e
+    finally:
+        hf_logging.set_verbosity(previous)
+    _check_complete(info, ref.source, what)
+    return module
+
+
+def _load_clip_text(ref: ModelRef, cache_dir: str, image: Embedder, local_only: bool,
+                    config_dict: dict) -> TextEmbedder:
+    """CLIPTextModelWithProjection with OpenAI CLIP's tokenizer (the vocabulary and context must fit it)."""
+    from transformers import CLIPConfig, CLIPTextModelWithProjection
+
     full = CLIPConfig.from_dict(config_dict)
     config = full.text_config
     config.projection_dim = full.projection_dim
@@ -301,18 +331,8 @@ def _load_text(ref: ModelRef, cache_dir: str, image: Embedder, local_only: bool)
             f"spec.outputs: text: the text tower of spec.model {ref.source!r} (vocabulary {config.vocab_size}, "
             f"{config.max_position_embeddings} positions) was not trained with OpenAI CLIP's tokenizer "
             f"({tokenizer.vocab_size} ids, context {CONTEXT_LENGTH})")
-    previous = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        module, info = CLIPTextModelWithProjection.from_pretrained(
-            ref.source, config=config, revision=ref.revision, cache_dir=cache_dir, local_files_only=local_only,
-            use_safetensors=True, dtype=image.dtype, attn_implementation=ATTENTION, output_loading_info=True,
-            use_kernels=False)
-    except Exception as e:
-        raise ModelLoadError(f"cannot load the CLIP text tower from {ref.source!r}: {type(e).__name__}: {e}") from e
-    finally:
-        hf_logging.set_verbosity(previous)
-    _check_complete(info, ref.source, "CLIP text tower")
+    module = _from_pretrained(CLIPTextModelWithProjection, ref, cache_dir, config, image.dtype, local_only,
+                              "CLIP text tower")
     module = module.to(image.device).eval()
     module.requires_grad_(False)
     if int(config.projection_dim) != image.dim:
@@ -320,6 +340,71 @@ def _load_text(ref: ModelRef, cache_dir: str, image: Embedder, local_only: bool)
 
     def forward(ids: torch.Tensor) -> torch.Tensor:
         return module(input_ids=ids).text_embeds
+
+    return TextEmbedder(forward, tokenizer=tokenizer, dim=image.dim, device=image.device, lock=image.lock)
+
+
+def _checkpoint_file(ref: ModelRef, cache_dir: str, name: str, local_only: bool) -> Path | None:
+    """A small file of the checkpoint (a folder's, or the hub's / the cache's), or None without one."""
+    if ref.path:
+        file = Path(ref.path) / name
+        return file if file.is_file() else None
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    try:
+        return Path(hf_hub_download(ref.name, name, revision=ref.revision, cache_dir=cache_dir,
+                                    local_files_only=local_only))
+    except (EntryNotFoundError, LocalEntryNotFoundError):
+        return None
+    except Exception as e:
+        raise ModelLoadError(f"spec.model {ref.source!r}: cannot read {name}: {type(e).__name__}: {e}") from e
+
+
+def _load_siglip_text(ref: ModelRef, cache_dir: str, image: Embedder, local_only: bool,
+                      config_dict: dict) -> TextEmbedder:
+    """SiglipTextModel (its pooled output: SiglipModel.get_text_features) with the checkpoint's own
+    SiglipTokenizer (spiece.model), every caption padded to max_position_embeddings. A SigLIP 2
+    checkpoint (Gemma tokenizer) or one without spiece.model is refused naming spec.model."""
+    from transformers import SiglipConfig, SiglipTextModel
+
+    from embedjob.worker.model.siglip_tokenizer import VOCAB_FILE, SiglipCaptionTokenizer
+
+    config = SiglipConfig.from_dict(config_dict).text_config
+    tok_file = _checkpoint_file(ref, cache_dir, "tokenizer_config.json", local_only)
+    try:
+        tok_class = json.loads(tok_file.read_text()).get("tokenizer_class") if tok_file else None
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"spec.model {ref.source!r}: tokenizer_config.json: {e}") from e
+    if tok_class not in (None, "SiglipTokenizer") or _checkpoint_file(ref, cache_dir, VOCAB_FILE, local_only) is None:
+        which = f"tokenizer_class {tok_class!r}" if tok_class not in (None, "SiglipTokenizer") else f"no {VOCAB_FILE}"
+        raise ModelLoadError(
+            f"spec.outputs: text: spec.model {ref.source!r} is a SigLIP checkpoint without SigLIP's SentencePiece "
+            f"tokenizer ({which}); embedjob embeds SigLIP captions only with SiglipTokenizer and the checkpoint's "
+            f"{VOCAB_FILE} (SigLIP 2 checkpoints use the Gemma tokenizer, which is not supported for text outputs; "
+            f"a model cache filled without the tokenizer files needs `embedjob model fetch` again)")
+    context = int(config.max_position_embeddings)
+    try:
+        tokenizer = SiglipCaptionTokenizer.from_checkpoint(ref.source, context, revision=ref.revision,
+                                                           cache_dir=cache_dir, local_only=local_only)
+    except Exception as e:
+        raise ModelLoadError(f"spec.model {ref.source!r}: cannot build its SiglipTokenizer: "
+                             f"{type(e).__name__}: {e}") from e
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ModelLoadError(
+            f"spec.outputs: text: spec.model {ref.source!r}: {VOCAB_FILE} has {tokenizer.vocab_size} pieces, the "
+            f"text tower's vocabulary {config.vocab_size}")
+    width = int(getattr(config, "projection_size", None) or config.hidden_size)
+    if width != image.dim:
+        raise ModelLoadError(f"spec.model {ref.source!r}: SigLIP text head {width} != image {image.dim}")
+    module = _from_pretrained(SiglipTextModel, ref, cache_dir, config, image.dtype, local_only, "SigLIP text tower")
+    module = module.to(image.device).eval()
+    module.requires_grad_(False)
+
+    def forward(ids: torch.Tensor) -> torch.Tensor:
+        # No attention mask: SigLIP was trained on max_length-padded ids without one (as get_text_features
+        # is called on the processor's output), and pools the last position.
+        return module(input_ids=ids).pooler_output
 
     return TextEmbedder(forward, tokenizer=tokenizer, dim=image.dim, device=image.device, lock=image.lock)
 

@@ -134,7 +134,8 @@ def siglip_processor_config(size: int) -> dict:
 def save_random_shape(path: str | Path, shape: str, seed: int = 0) -> Path:
     """A random-weight checkpoint in the shape ``shape`` (SHAPES), saved like the hub's: config.json,
     model.safetensors and preprocessor_config.json. CLIP shapes have a text tower that takes OpenAI
-    CLIP's token ids (for text outputs)."""
+    CLIP's token ids (for text outputs); SigLIP shapes hold their own SentencePiece tokenizer
+    (:func:`save_siglip_tokenizer`, a real one trained locally) that fits their text tower."""
     import json
 
     import torch
@@ -148,9 +149,64 @@ def save_random_shape(path: str | Path, shape: str, seed: int = 0) -> Path:
         processor = clip_processor_config(spec["image_size"])
     else:
         text = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 2,
-                "vocab_size": 1000, "max_position_embeddings": 64}
+                "vocab_size": SIGLIP_TINY_VOCAB, "max_position_embeddings": 64, "pad_token_id": 1, "bos_token_id": None,
+                "eos_token_id": 1}
         model = SiglipModel(SiglipConfig(text_config=text, vision_config=vision))
         processor = siglip_processor_config(spec["image_size"])
     model.eval().save_pretrained(path, safe_serialization=True)
     (Path(path) / "preprocessor_config.json").write_text(json.dumps(processor, indent=2))
+    if spec["family"] == "siglip":
+        save_siglip_tokenizer(path, SIGLIP_TINY_VOCAB, max_length=64)
     return Path(path)
+
+
+SIGLIP_TINY_VOCAB = 1000
+_WORDS = ("a photo of the cat dog on in with and at red blue green small large old new house car tree "
+          "beach sunset city street woman man child people two three white black yellow running sitting "
+          "standing near under over by for from water sky mountain river flower garden food plate table "
+          "room window door road night day summer winter snow rain light dark painting drawing logo text "
+          "shirt dress shoes bag wedding party birthday cake coffee book phone computer game player team "
+          "été café naïve über straße 東京 写真 猫").split()
+
+
+def _tokenizer_corpus(seed: int, lines: int = 1500) -> list[str]:
+    """Caption-like lines (words and random syllables, numbers, punctuation): enough distinct pieces for
+    a SentencePiece model of SIGLIP_TINY_VOCAB pieces."""
+    import random
+
+    rng = random.Random(seed)
+    syllables = [c + v for c in "bcdfghjklmnprstvwz" for v in "aeiou"]
+    out = []
+    for _ in range(lines):
+        words = [rng.choice(_WORDS) if rng.random() < 0.6 else
+                 "".join(rng.choice(syllables) for _ in range(rng.randint(1, 4))) for _ in range(rng.randint(4, 14))]
+        if rng.random() < 0.3:
+            words.append(str(rng.randint(0, 2030)))
+        out.append(" ".join(words).capitalize() + rng.choice([".", "!", "", ","]))
+    return out
+
+
+def save_siglip_tokenizer(path: str | Path, vocab_size: int, max_length: int = 64, seed: int = 0) -> Path:
+    """A real SentencePiece unigram model of ``vocab_size`` pieces, trained here on a synthetic caption
+    corpus, saved as a SigLIP checkpoint on the hub holds its tokenizer: ``spiece.model`` (``<pad>`` 0,
+    ``</s>`` 1, ``<unk>`` 2, no BOS), ``tokenizer_config.json`` (SiglipTokenizer, lower-cased,
+    ``model_max_length``) and ``special_tokens_map.json`` (pad = eos = ``</s>``). Returns spiece.model."""
+    import io
+    import json
+
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(_tokenizer_corpus(seed)), model_writer=model, vocab_size=vocab_size,
+        model_type="unigram", character_coverage=1.0, pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+        num_threads=1, minloglevel=2, hard_vocab_limit=True)
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "spiece.model").write_bytes(model.getvalue())
+    specials = {"eos_token": "</s>", "pad_token": "</s>", "unk_token": "<unk>"}
+    (folder / "special_tokens_map.json").write_text(json.dumps(specials, indent=2))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        **specials, "additional_special_tokens": [], "do_lower_case": True, "model_max_length": max_length,
+        "sp_model_kwargs": {}, "tokenizer_class": "SiglipTokenizer"}, indent=2))
+    return folder / "spiece.model"

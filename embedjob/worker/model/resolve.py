@@ -17,7 +17,9 @@ from typing import Any
 from urllib.parse import urlparse
 
 # What a job needs from a checkpoint: the config and the safetensors weights (never pickles or code).
-FETCH_PATTERNS = ["config.json", "preprocessor_config.json", "*.safetensors", "*.safetensors.index.json"]
+# A SigLIP checkpoint's tokenizer files too (SentencePiece model and its config; for text outputs).
+FETCH_PATTERNS = ["config.json", "preprocessor_config.json", "*.safetensors", "*.safetensors.index.json",
+                  "spiece.model", "tokenizer_config.json", "special_tokens_map.json"]
 HUB_PROBE_SECONDS = 3.0
 
 

@@ -4,8 +4,10 @@ It is the text tower and projection of the same checkpoint as the image embedder
 by :func:`embedjob.worker.model.load.load_or_reuse` for a job with ``spec.outputs: [image, text]``),
 on the same device, in the same precision, and it takes the image embedder's lock for each batch: on
 one device, a text batch and an image batch never run at once (no fight for the CPU's cores or
-the GPU's memory). Captions are tokenized by OpenAI CLIP's own tokenizer
-(:mod:`embedjob.worker.model.tokenizer`).
+the GPU's memory). Captions are tokenized by the family's own tokenizer (a :class:`CaptionTokenizer`):
+OpenAI CLIP's (:mod:`embedjob.worker.model.tokenizer`; padded to the batch's longest caption, which the
+causal CLIP tower ignores) or SigLIP's SentencePiece one (:mod:`embedjob.worker.model.siglip_tokenizer`;
+padded to the full context length, since SigLIP pools the last position).
 
 A sample without a caption (``None``) gets a zero row; the caller records ``has_caption = false``.
 """
@@ -16,10 +18,11 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 
-from embedjob.worker.model.tokenizer import ClipTokenizer
+from embedjob.worker.model.tokenizer import Tokens
 from embedjob.worker.model.torch_env import torch
 
 
@@ -32,11 +35,24 @@ class TextRows:
     truncated: int  # captions cut to the context length
 
 
+class CaptionTokenizer(Protocol):
+    """What the text embedder needs of a family's tokenizer."""
+
+    context_length: int
+    vocab_size: int
+    pad_id: int  # the id that fills a row after a caption's last token
+    pad_to_context: bool  # pad every row to context_length (the tower pools a fixed position)
+
+    def tokenize(self, caption: str) -> Tokens: ...
+
+    def identity(self) -> dict[str, Any]: ...
+
+
 class TextEmbedder:
     """A loaded text tower. ``forward`` maps padded ids ``[B, L]`` (on the device) to unnormalised
     ``[B, dim]`` embeddings; rows come back float32 and L2-normalised in fp32."""
 
-    def __init__(self, forward: Callable[[torch.Tensor], torch.Tensor], *, tokenizer: ClipTokenizer, dim: int,
+    def __init__(self, forward: Callable[[torch.Tensor], torch.Tensor], *, tokenizer: CaptionTokenizer, dim: int,
                  device: torch.device, lock: threading.Lock, batch_size: int = 256) -> None:
         self._forward = forward
         self.tokenizer = tokenizer
@@ -55,9 +71,11 @@ class TextEmbedder:
         order = sorted(tokens, key=lambda i: len(tokens[i].ids))  # similar lengths pad little
         for start in range(0, len(order), self.batch_size):
             chunk = order[start : start + self.batch_size]
-            width = max(len(tokens[i].ids) for i in chunk)
-            # Padding after <|endoftext|> cannot change its row: the CLIP text tower is causal.
-            ids = np.zeros((len(chunk), width), dtype=np.int64)
+            # CLIP: padding after <|endoftext|> cannot change its row (the tower is causal), so a batch
+            # pads to its longest caption. SigLIP: every row padded to the context, as trained.
+            width = (self.tokenizer.context_length if self.tokenizer.pad_to_context
+                     else max(len(tokens[i].ids) for i in chunk))
+            ids = np.full((len(chunk), width), self.tokenizer.pad_id, dtype=np.int64)
             for j, i in enumerate(chunk):
                 ids[j, : len(tokens[i].ids)] = tokens[i].ids
             rows[chunk] = self._run(torch.from_numpy(ids))

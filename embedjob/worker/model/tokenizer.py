@@ -77,6 +77,8 @@ class ClipTokenizer:
         self._ranks = {m: i for i, m in enumerate(merges)}
         self._byte_chars = _bytes_to_unicode()
         self.context_length = context_length
+        self.pad_id = 0  # rows pad with zeros after <|endoftext|> (open_clip's tokenize)
+        self.pad_to_context = False  # the causal tower ignores what follows <|endoftext|>
         self._bpe = functools.lru_cache(maxsize=BPE_CACHE_SIZE)(self._bpe_uncached)
 
     def identity(self) -> dict[str, Any]:

@@ -109,21 +109,15 @@ def test_clip_shapes_caption_rows_match_get_text_features(tmp_path, checkpoints,
     """For each CLIP shape, a caption shard through the data path with text outputs: img_emb, text_emb
     and metadata aligned; text rows = CLIPModel.get_text_features on open_clip's tokens (fp32); clip_score
     = the dot of the rows. (SigLIP's: tests/worker/test_siglip_text.py.)"""
-    from tests.worker.test_text import _reference_text
+    from tests.worker.test_text import _reference_text, assert_caption_outputs
 
     embedder, _ = load_or_reuse(str(checkpoints[shape]), device="cpu", precision="fp32", text=True)
     spec = shards.caption_shard()
     out = tmp_path / "out"
     embed_shard(str(spec.write(tmp_path / "caps.tar")), str(out), embedder,
                 EmbedOptions(dtype="float32", batch_size=3, num_threads=1, text=True))
-    img, txt = np.load(out / "img_emb" / "caps.npy"), np.load(out / "text_emb" / "caps.npy")
-    meta = pq.read_table(out / "metadata" / "caps.parquet").to_pylist()
-    assert [r["key"] for r in meta] == spec.good_keys and img.shape == txt.shape == (len(meta), embedder.dim)
-    has = [i for i, r in enumerate(meta) if r["has_caption"]]
-    ref = _reference_text(checkpoints[shape], [spec.captions[meta[i]["key"]] for i in has])
-    assert (txt[has].astype(np.float64) * ref).sum(1).min() >= 0.99999
-    assert not txt[[i for i in range(len(meta)) if i not in has]].any()
-    np.testing.assert_allclose([meta[i]["clip_score"] for i in has], np.einsum("ij,ij->i", img, txt)[has], atol=1e-6)
+    assert_caption_outputs(spec, out, "caps", embedder.dim,
+                           lambda captions: _reference_text(checkpoints[shape], captions))
 
 
 @pytest.mark.parametrize("model_type, message", [

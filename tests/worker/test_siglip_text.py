@@ -21,6 +21,7 @@ from embedjob.worker.model import ModelLoadError
 from embedjob.worker.model.load import clear_cache, load_or_reuse
 from embedjob.worker.model.random_weights import save_random_shape
 from tests import shards
+from tests.worker.test_text import assert_caption_outputs
 
 HOSTILE = ["Tom &amp; Jerry &lt;3", "Ã©tÃ© Ã  la plage", "a 🐶 and a 🐱 🏳️‍🌈", "caf\ufffd \ufffd\ufffd au lait",
            " ".join(f"word{i}" for i in range(300)), "", "A PHOTO of THE Cat!!!", "x </s> y <unk> z",
@@ -87,25 +88,7 @@ def test_shard_rows_align_clip_score_and_manifest(tmp_path, siglip_model, siglip
     out = tmp_path / "out"
     embed_shard(str(tar), str(out), siglip_model, EmbedOptions(dtype="float32", batch_size=4, num_threads=1,
                                                                text=True))
-    img = np.load(out / "img_emb" / "caps.npy")
-    txt = np.load(out / "text_emb" / "caps.npy")
-    meta = pq.read_table(out / "metadata" / "caps.parquet").to_pylist()
-    assert img.shape == txt.shape == (len(spec.good_keys), 64) and txt.dtype == np.float32
-    assert [r["key"] for r in meta] == spec.good_keys  # the broken image has no row in any file
-
-    expected_caption = {k: c for k, c in spec.captions.items() if c.strip()}
-    has = [r["has_caption"] for r in meta]
-    assert has == [k in expected_caption for k in spec.good_keys]
-    with_caption = [i for i, h in enumerate(has) if h]
-    ref = _reference_text(siglip_dir, [expected_caption[spec.good_keys[i]] for i in with_caption])
-    assert (txt[with_caption].astype(np.float64) * ref).sum(1).min() >= 0.99999
-    assert not txt[[i for i, h in enumerate(has) if not h]].any()  # missing, empty, whitespace: zero rows
-    dots = np.einsum("ij,ij->i", img, txt)
-    for row, dot in zip(meta, dots, strict=True):
-        if row["has_caption"]:
-            assert row["clip_score"] == pytest.approx(float(dot), abs=1e-6)
-        else:
-            assert row["clip_score"] is None
+    assert_caption_outputs(spec, out, "caps", 64, lambda captions: _reference_text(siglip_dir, captions))
 
     text = json.loads((out / "_manifests" / "caps.json").read_text())["text"]
     sha = hashlib.sha256((siglip_dir / "spiece.model").read_bytes()).hexdigest()

@@ -51,36 +51,35 @@ def _reference_text(model_dir, captions: list[str]) -> np.ndarray:
     return feats / np.linalg.norm(feats, axis=1, keepdims=True)
 
 
-def test_rows_align_and_match_get_text_features(caption_run, text_clip_dir):
-    spec, out = caption_run
-    img = np.load(out / "img_emb" / "caps.npy")
-    txt = np.load(out / "text_emb" / "caps.npy")
-    meta = pq.read_table(out / "metadata" / "caps.parquet").to_pylist()
-    assert img.shape == txt.shape == (len(spec.good_keys), 32) and txt.dtype == np.float32
-    assert [r["key"] for r in meta] == spec.good_keys  # the broken image has no row in any file
-
+def assert_caption_outputs(spec: shards.ShardSpec, out, stem: str, dim: int, reference) -> None:
+    """A caption shard's outputs: img_emb, text_emb and metadata rows aligned (a broken image has no row
+    in any file); text rows = ``reference(captions)`` (the checkpoint's own get_text_features, fp32,
+    cosine >= 0.99999), unit norm; a zero row where there is no caption (missing, empty, whitespace);
+    clip_score = the dot of the two rows as written, null without a caption."""
+    img, txt = np.load(out / "img_emb" / f"{stem}.npy"), np.load(out / "text_emb" / f"{stem}.npy")
+    meta = pq.read_table(out / "metadata" / f"{stem}.parquet").to_pylist()
+    assert img.shape == txt.shape == (len(spec.good_keys), dim) and txt.dtype == np.float32
+    assert [r["key"] for r in meta] == spec.good_keys
     expected_caption = {k: c for k, c in spec.captions.items() if c.strip()}
     has = [r["has_caption"] for r in meta]
     assert has == [k in expected_caption for k in spec.good_keys]
     with_caption = [i for i, h in enumerate(has) if h]
-    ref = _reference_text(text_clip_dir, [expected_caption[spec.good_keys[i]] for i in with_caption])
+    ref = reference([expected_caption[spec.good_keys[i]] for i in with_caption])
     cos = (txt[with_caption].astype(np.float64) * ref).sum(1)
     assert cos.min() >= 0.99999, cos
     np.testing.assert_allclose(np.linalg.norm(txt[with_caption], axis=1), 1.0, atol=1e-5)
-    assert not txt[[i for i, h in enumerate(has) if not h]].any()  # missing, empty, whitespace: zero rows
-
-
-def test_clip_score_is_the_dot_of_the_rows(caption_run):
-    spec, out = caption_run
-    img = np.load(out / "img_emb" / "caps.npy")
-    txt = np.load(out / "text_emb" / "caps.npy")
-    meta = pq.read_table(out / "metadata" / "caps.parquet").to_pylist()
+    assert not txt[[i for i, h in enumerate(has) if not h]].any()
     dots = np.einsum("ij,ij->i", img, txt)
     for row, dot in zip(meta, dots, strict=True):
         if row["has_caption"]:
             assert row["clip_score"] == pytest.approx(float(dot), abs=1e-6)
         else:
             assert row["clip_score"] is None
+
+
+def test_rows_align_match_get_text_features_and_clip_score_is_their_dot(caption_run, text_clip_dir):
+    spec, out = caption_run
+    assert_caption_outputs(spec, out, "caps", 32, lambda captions: _reference_text(text_clip_dir, captions))
 
 
 def test_manifest_records_tokenizer_and_caption_counts(caption_run):

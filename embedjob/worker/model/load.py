@@ -101,17 +101,25 @@ _cache: dict[tuple, Embedder] = {}
 _cache_lock = threading.Lock()
 
 
-def vision_config(ref: ModelRef, cache_dir: str, local_only: bool = False) -> Any:
-    """The vision config from the checkpoint's config.json, with the projection size of the full
-    model (a CLIPModel's vision_config does not carry it). Only the model types of FAMILIES are
-    accepted. ``local_only``: never ask the hub (a folder, or a model already in the cache)."""
-    from transformers import CLIPConfig, CLIPVisionConfig, PretrainedConfig, SiglipConfig, SiglipVisionConfig
+def _config_dict(ref: ModelRef, cache_dir: str, local_only: bool) -> dict[str, Any]:
+    """The checkpoint's config.json as a dict (no model class is chosen from it yet)."""
+    from transformers import PretrainedConfig
 
     try:
         config_dict, _ = PretrainedConfig.get_config_dict(ref.source, revision=ref.revision, cache_dir=cache_dir,
                                                           local_files_only=local_only)
     except Exception as e:
         raise ModelLoadError(f"cannot read the model config of {ref.source!r}: {type(e).__name__}: {e}") from e
+    return config_dict
+
+
+def vision_config(ref: ModelRef, cache_dir: str, local_only: bool = False) -> Any:
+    """The vision config from the checkpoint's config.json, with the projection size of the full
+    model (a CLIPModel's vision_config does not carry it). Only the model types of FAMILIES are
+    accepted. ``local_only``: never ask the hub (a folder, or a model already in the cache)."""
+    from transformers import CLIPConfig, CLIPVisionConfig, SiglipConfig, SiglipVisionConfig
+
+    config_dict = _config_dict(ref, cache_dir, local_only)
     model_type = config_dict.get("model_type")
     if model_type == "clip":
         full = CLIPConfig.from_dict(config_dict)
@@ -281,13 +289,7 @@ def _load_text(ref: ModelRef, cache_dir: str, image: Embedder, local_only: bool)
     """The text tower of ``ref`` (a full CLIP or SigLIP checkpoint) with its family's tokenizer, on the
     image embedder's device and in its precision, sharing its lock. Refused, naming spec.model, when the
     checkpoint has no text tower, or one that does not fit its tokenizer or the image rows."""
-    from transformers import PretrainedConfig
-
-    try:
-        config_dict, _ = PretrainedConfig.get_config_dict(ref.source, revision=ref.revision, cache_dir=cache_dir,
-                                                          local_files_only=local_only)
-    except Exception as e:
-        raise ModelLoadError(f"cannot read the model config of {ref.source!r}: {type(e).__name__}: {e}") from e
+    config_dict = _config_dict(ref, cache_dir, local_only)
     model_type = config_dict.get("model_type")
     if model_type == "clip":
         return _load_clip_text(ref, cache_dir, image, local_only, config_dict)

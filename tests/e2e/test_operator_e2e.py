@@ -381,8 +381,9 @@ def test_kubectl_get_watch_prints_no_blank_rows(stack, bucket):
 
 def test_images_column_moves_within_a_shard(stack, bucket):
     """One large shard: `kubectl get ej` shows images embedded so far (the worker's heartbeat) before
-    the shard finishes, not only when it does."""
-    put_shards(bucket, "big", n=1, images=400)
+    the shard finishes, not only when it does. The shard must outlast several heartbeats (0.75 s) and
+    operator ticks (1 s) on an idle machine too: 400 thumbnails took 2 s, too short to see it move."""
+    put_shards(bucket, "big", n=1, images=1200, size=(320, 240))
     stack.apply(stack.job_doc("big", {"input": {"uri": f"s3://{bucket}/big/"}, "output": {"uri": f"s3://{bucket}/o/"},
                                       "inference": {"device": "cpu", "batchSize": 8, "numThreads": 1}}))
     obj = stack.wait(
@@ -393,5 +394,5 @@ def test_images_column_moves_within_a_shard(stack, bucket):
     assert obj["status"]["shards"]["succeeded"] == 0 and int(images) > 0 or stack.get("big")["status"]["shards"][
         "succeeded"] == 1
     done = stack.wait_phase("big", "Succeeded", timeout=180)["status"]
-    assert done["images"]["soFar"] == done["images"]["embedded"] == 400
+    assert done["images"]["soFar"] == done["images"]["embedded"] == 1200
     stack.delete("big")

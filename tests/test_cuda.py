@@ -70,6 +70,24 @@ def test_asynchronous_launches_keep_their_order(gpu):
             np.testing.assert_allclose(f.result(timeout=120).rows, e, atol=1e-5)
 
 
+def test_waiting_for_a_batch_sleeps_instead_of_spinning_a_core(gpu):
+    """The forward thread waits for every batch; CUDA's default wait spins a CPU the whole time (a core
+    the decode processes need). The engine's wait sleeps: the waiting thread's CPU time is a small
+    part of the wait."""
+    import time
+
+    crops = torch.from_numpy(np.zeros((64, 224, 224, 3), np.uint8)).pin_memory()
+    gpu.launch_uint8(crops).wait()  # warm
+    torch.cuda.synchronize()
+    torch.cuda._sleep(int(2e9))  # ~1 s of device time queued ahead of the batch (clock cycles)
+    handle = gpu.launch_uint8(crops)
+    wall, cpu = time.perf_counter(), time.thread_time()
+    handle.wait()
+    wall, cpu = time.perf_counter() - wall, time.thread_time() - cpu
+    assert wall > 0.2, f"the device finished in {wall:.3f} s: nothing to measure"
+    assert cpu < 0.2 * wall, f"the wait used {cpu:.3f} s of CPU in {wall:.3f} s"
+
+
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_half_precision_on_cuda_stays_close(tiny_clip_dir, precision):
     clear_cache()

@@ -1,6 +1,6 @@
 """Hostile shards and forged options against a REAL ``embedjob worker`` subprocess (Redis, SeaweedFS):
 a shard whose first member has a 400 MiB GNU long name, and one with four 250 MiB captions (both
-about 2 MB gzipped, read by the worker through tarfile's gzip detection) are embedded: their good
+about 2 MB gzipped, decompressed by the worker into its spool, junk dropped unstored) are embedded: their good
 samples are rows, the bad ones recorded in the manifest, and the worker's peak RSS grows by less
 than 200 MiB (``/proc/<pid>/status``: VmHWM after them minus VmHWM after a normal shard). Before
 the caps, tarfile read a long name whole (803 MiB for this one, measured in-process) and every

@@ -13,6 +13,7 @@ import pytest
 
 from embedjob import settings
 from embedjob.worker.datapath.read import Sample, SkippedMember, TarStats, iter_tar
+from embedjob.worker.datapath.spool import Spool
 
 
 @pytest.fixture()
@@ -36,37 +37,41 @@ def _tar(members: list[tuple[str, bytes]], fmt: int) -> bytes:
     return buf.getvalue()
 
 
-def _read(data: bytes, tmp_path=None) -> tuple[list[Sample | SkippedMember], TarStats]:  # noqa: ANN001
+def _read(data: bytes, tmp_path=None, mode: str = "file") -> tuple[list[Sample | SkippedMember], TarStats]:  # noqa: ANN001
     """Streamed (as from S3), or with ``tmp_path`` from a local file read in place (the decode
-    processes read its images by offset)."""
+    processes read its images by offset), or (``mode="spool"``) through the spool a worker reads a
+    stream with."""
     stats = TarStats()
     if tmp_path is None:
         return list(iter_tar(io.BytesIO(data), stats)), stats
+    if mode == "spool":
+        with Spool(io.BytesIO(data), stats, directory=str(tmp_path), step=1024) as spool:
+            return list(iter_tar(spool, stats, in_place=True)), stats
     path = tmp_path / "shard.tar"
     path.write_bytes(data)
     with open(path, "rb") as f:
         return list(iter_tar(f, stats, in_place=True)), stats
 
 
-@pytest.mark.parametrize("in_place", [False, True])
+@pytest.mark.parametrize("mode", ["stream", "file", "spool"])
 @pytest.mark.parametrize(("fmt", "kind"), [(tarfile.GNU_FORMAT, "GNU long name"), (tarfile.PAX_FORMAT, "pax header")])
-def test_an_oversized_long_name_or_pax_header_is_skipped_unread_and_recorded(caps, fmt, kind, in_place, tmp_path):
+def test_an_oversized_long_name_or_pax_header_is_skipped_unread_and_recorded(caps, fmt, kind, mode, tmp_path):
     long = "d/" + "x" * 8000 + ".jpg"
     out, stats = _read(_tar([("a.jpg", b"A"), ("a.txt", b"cap a"), (long, b"L"), ("b.jpg", b"B")], fmt),
-                       tmp_path if in_place else None)
+                       tmp_path if mode != "stream" else None, mode)
     assert [type(o).__name__ for o in out] == ["Sample", "SkippedMember", "Sample"]
     assert out[0].caption == "cap a" and out[2].member == "b.jpg" and out[2].index == 1
     assert out[1].reason.startswith(f"{kind} of ") and "skipped unread" in out[1].reason
     assert stats.error is None
 
 
-@pytest.mark.parametrize("in_place", [False, True])
-def test_oversized_sidecars_and_the_shards_metadata_cap_make_recorded_skips(caps, in_place, tmp_path):
+@pytest.mark.parametrize("mode", ["stream", "file", "spool"])
+def test_oversized_sidecars_and_the_shards_metadata_cap_make_recorded_skips(caps, mode, tmp_path):
     out, stats = _read(_tar([("a.jpg", b"A"), ("a.txt", b"c" * 2000),  # one sidecar over 1000 bytes
                              ("b.json", b"{}"), ("b.jpg", b"B"),  # fine (sidecar before the image)
                              ("c.jpg", b"C"), ("c.txt", b"t" * 900),  # 902 bytes kept so far
                              ("d.jpg", b"D"), ("d.txt", b"u" * 700)],  # past 1500 for the shard
-                            tarfile.USTAR_FORMAT), tmp_path if in_place else None)
+                            tarfile.USTAR_FORMAT), tmp_path if mode != "stream" else None, mode)
     kinds = [(type(o).__name__, o.key) for o in out]
     assert kinds == [("SkippedMember", "a"), ("Sample", "b"), ("Sample", "c"), ("SkippedMember", "d")]
     assert "sidecar a.txt too large (2000 > 1000 bytes" in out[0].reason and out[0].member == "a.jpg"

@@ -9,6 +9,7 @@ large the shard.
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import queue
@@ -29,7 +30,8 @@ from embedjob.worker.datapath.decode_pool import (
     DecodePool,
 )
 from embedjob.worker.datapath.decode_worker import JPEG, REJECTED, file_identity
-from embedjob.worker.datapath.read import SkippedMember, TarStats, iter_tar
+from embedjob.worker.datapath.read import SkippedMember, TarStats, is_plain_tar, iter_tar
+from embedjob.worker.datapath.spool import Spool
 from embedjob.worker.datapath.write import MetadataRow
 from embedjob.worker.host import available_cpus
 from embedjob.worker.model.transform import DEFAULT_TRANSFORM, ImageTransform
@@ -74,6 +76,7 @@ class _Dispatched:
     """A batch as the reader sent it out: its slot's rows, in tar order, and the chunks preparing them."""
 
     slot: int | None
+    first_offset: int = -1  # where its first image starts in the tar (a spool frees the bytes below)
     infos: list[SampleInfo] = field(default_factory=list)  # the samples given rows 0, 1, ... of the slot
     seqs: list[int] = field(default_factory=list)  # their sample numbers in the tar
     chunks: list[Future] = field(default_factory=list)  # in row order
@@ -115,6 +118,7 @@ class PreparedStream:
         self.stats = TarStats()
         self.read_seconds = 0.0  # reading/parsing the tar, including waiting for the source
         self.slots = BatchSlots(self.batch_size, slots, transform.crop)
+        self.spool: Spool | None = None  # a stream's (S3, compressed) tar, made by the reader thread
         self._queue: queue.Queue = queue.Queue()  # bounded by the slots
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._read, name="embedjob-tar-reader", daemon=True)
@@ -140,6 +144,9 @@ class PreparedStream:
         self._thread.join()
         self.pool.detach(self.slots)
         self.slots.close()
+        if self.spool is not None:  # a decoder still reading it keeps its own descriptor until detached
+            self.pool.detach(self.spool)
+            self.spool.close()
 
     def release(self, slot: int | None) -> None:
         if slot is not None:
@@ -225,25 +232,32 @@ class PreparedStream:
     def _read(self) -> None:
         src = os.path.abspath(self.shard) if not is_s3(self.shard) else None
         batch = _Dispatched(None)
+        live: collections.deque[_Dispatched] = collections.deque()  # sent, with images, maybe not decoded yet
         items: list[list[int]] = []  # the chunk's [offset, size]
         rows: list[int] = []
-        datas: list[bytes] = []  # the chunk's images, when read here (a stream, not a local tar)
+        datas: list[bytes] = []  # the chunk's images, when read here (a stream that is not a tar the spool can index)
         size = 0
         chunk = 1  # the first chunks are small, so that every worker has work at once
         seq = 0
         src_id: list[int] | None = None
+        spool: Spool | None = None
 
         def send() -> None:
             nonlocal items, rows, datas, size, chunk
             if not items:
                 return
             header = {"op": "chunk", "max_pixels": self.max_pixels, "preprocessing": self.preprocessing,
-                      "device_jpeg": self.device_jpeg, "src": None if datas else src, "src_id": src_id, "items": items,
+                      "device_jpeg": self.device_jpeg, "src": None if datas else src, "src_id": src_id,
+                      "spool": spool.id if spool is not None and not datas else None, "items": items,
                       "slots": self.slots.id, "slot": batch.slot, "rows": rows,
                       "transform": self.transform.to_dict()}
             batch.chunks.append(self.pool.submit_chunk(header, b"".join(datas)))
             items, rows, datas, size = [], [], [], 0  # the image bytes now belong to the pool only
             chunk = min(2 * chunk, self.pool.chunk_images)
+            if spool is not None:  # free the spool's bytes every decoder is done with
+                while live and live[0] is not batch and all(f.done() for f in live[0].chunks):
+                    live.popleft()
+                spool.release_below(live[0].first_offset if live else spool.tell())
 
         def emit() -> bool:
             nonlocal batch
@@ -254,11 +268,16 @@ class PreparedStream:
         try:
             t = time.perf_counter()
             with self.storage.open_read(self.shard) as raw:
+                source = raw
                 try:
                     src_id = file_identity(os.fstat(raw.fileno())) if src is not None else None
                 except (OSError, AttributeError, ValueError):
                     src, src_id = None, None  # not a file after all: streamed
-                samples = iter_tar(raw, self.stats, in_place=src is not None)
+                if src is None or not is_plain_tar(raw):  # S3, a compressed tar: through a spool
+                    src, src_id = None, None
+                    spool = self.spool = source = Spool(raw, self.stats)
+                    self.pool.attach(spool)
+                samples = iter_tar(source, self.stats, in_place=True)
                 while True:
                     item = next(samples, _END)
                     self.read_seconds += time.perf_counter() - t
@@ -273,14 +292,17 @@ class PreparedStream:
                             batch.slot = self.slots.acquire(self._stop)
                             if batch.slot is None:
                                 return
-                        rows.append(len(batch.infos))
-                        batch.infos.append(SampleInfo(item.key, item.member, item.caption, item.json))
-                        batch.seqs.append(seq)
                         if item.offset >= 0:
+                            if batch.first_offset < 0:
+                                batch.first_offset = item.offset
+                                live.append(batch)
                             items.append([item.offset, item.size])
                         else:
                             items.append([size, len(item.image)])
                             datas.append(item.image)
+                        rows.append(len(batch.infos))
+                        batch.infos.append(SampleInfo(item.key, item.member, item.caption, item.json))
+                        batch.seqs.append(seq)
                         size += item.size
                         del item
                         if len(batch.infos) >= self.batch_size:
@@ -293,5 +315,3 @@ class PreparedStream:
                 self._put(_END)
         except BaseException as e:  # noqa: BLE001 - handed to the consuming thread, which re-raises
             self._put(_ReaderError(e))
-
-

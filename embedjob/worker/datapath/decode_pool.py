@@ -38,6 +38,7 @@ from embedjob.worker.datapath.decode_worker import (
     unpack_prepared,
     write_frame,
 )
+from embedjob.worker.datapath.spool import Spool
 from embedjob.worker.model.transform import DEFAULT_TRANSFORM, ImageTransform
 
 # Images per pool task, and the bytes after which a chunk is sent even if not full: a task costs the
@@ -88,11 +89,11 @@ class _DecodeProcess:
             self.pending[task_id] = future
         self._inbox.put((task_id, future, header, payload))
 
-    def attach(self, slots: BatchSlots) -> None:
-        self._inbox.put((ATTACH, slots))
+    def attach(self, shared: BatchSlots | Spool) -> None:
+        self._inbox.put((ATTACH, shared))
 
-    def detach(self, slots: BatchSlots) -> None:
-        self._inbox.put((DETACH, slots))
+    def detach(self, shared: BatchSlots | Spool) -> None:
+        self._inbox.put((DETACH, shared))
 
     def _send(self) -> None:
         pipe = self.proc.stdin
@@ -100,16 +101,20 @@ class _DecodeProcess:
         try:
             while (item := self._inbox.get()) is not None:
                 if item[0] == ATTACH:
-                    slots = item[1]
-                    with slots._lock:  # not closed meanwhile: its fd is still ours to send
-                        if slots.closed:
+                    shared = item[1]
+                    with shared._lock:  # not closed meanwhile: its fd is still ours to send
+                        if shared.closed:
                             continue
-                        socket.send_fds(self._fds, [b"s"], [slots.fd])
-                    write_frame(pipe, {"op": ATTACH, "slots": slots.id, "count": slots.slots,
-                                        "batch_size": slots.batch_size, "crop": slots.crop})
+                        socket.send_fds(self._fds, [b"s"], [shared.fd])
+                    if isinstance(shared, Spool):
+                        write_frame(pipe, {"op": ATTACH, "spool": shared.id})
+                    else:
+                        write_frame(pipe, {"op": ATTACH, "slots": shared.id, "count": shared.slots,
+                                            "batch_size": shared.batch_size, "crop": shared.crop})
                     continue
                 if item[0] == DETACH:
-                    write_frame(pipe, {"op": DETACH, "slots": item[1].id})
+                    kind = "spool" if isinstance(item[1], Spool) else "slots"
+                    write_frame(pipe, {"op": DETACH, kind: item[1].id})
                     continue
                 task_id, future, header, payload = item
                 if not future.set_running_or_notify_cancel():  # cancelled while queued here
@@ -182,6 +187,7 @@ class DecodePool:
         self._threads: ThreadPoolExecutor | None = None
         self._procs: list[_DecodeProcess] = []
         self._slots: dict[int, np.ndarray] = {}  # the thread pool's view of the attached slots
+        self._spools: dict[int, int] = {}  # and of the attached spools (id -> file descriptor)
         self._sources = threading.local()
         if kind == "process":
             self._procs = [_DecodeProcess(i) for i in range(self.workers)]
@@ -194,22 +200,26 @@ class DecodePool:
         # thread busy on small shards.
         return CHUNK_IMAGES if self.kind == "process" else 1
 
-    def attach(self, slots: BatchSlots) -> None:
-        """Let every decode worker write into ``slots`` (before the first chunk that uses them)."""
+    def attach(self, shared: BatchSlots | Spool) -> None:
+        """Let every decode worker write into the batch slots, or read from the spool, ``shared``
+        (before the first chunk that uses them)."""
         if self._threads is not None:
-            self._slots[slots.id] = slots.array
+            if isinstance(shared, Spool):
+                self._spools[shared.id] = shared.fd
+            else:
+                self._slots[shared.id] = shared.array
         for proc in self._procs:
-            proc.attach(slots)
+            proc.attach(shared)
 
-    def detach(self, slots: BatchSlots) -> None:
-        self._slots.pop(slots.id, None)
+    def detach(self, shared: BatchSlots | Spool) -> None:
+        (self._spools if isinstance(shared, Spool) else self._slots).pop(shared.id, None)
         for proc in self._procs:
-            proc.detach(slots)
+            proc.detach(shared)
 
     def _run_in_thread(self, header: dict, payload: bytes) -> tuple[dict, bytes]:
         sources = getattr(self._sources, "files", None)
         if sources is None:
-            sources = self._sources.files = Sources()
+            sources = self._sources.files = Sources(spools=self._spools)
         reply, blobs = run_chunk(header, payload, self._slots, sources)
         return reply, b"".join(blobs)
 

@@ -29,6 +29,8 @@ from embedjob.worker.model.transform import ImageTransform
 #    "src": a local tar file the decoder reads the images from (by offset), or null: from the payload,
 #    "src_id": [st_dev, st_ino, st_size, st_mtime_ns] of the file the reader indexed (a file put in
 #              its place since is refused, never read),
+#    "spool": or the id of an attached spool (spool.py: a stream's tar, its file descriptor passed
+#             over the socket) the decoder reads the images from (by offset),
 #    "items": [[offset, size], ...]   (in the file, or in the payload),
 #    "slots": the BatchSlots id the crops go into, "slot": its slot, "rows": [row, ...]
 #             (or "slots": null: the crops come back in the reply's payload)}
@@ -45,11 +47,18 @@ def file_identity(st: os.stat_result) -> list[int]:
 
 class Sources:
     """The decode side's open tar files (a few: two shards may be in flight), each the very file the
-    reader indexed (``src_id``)."""
+    reader indexed (``src_id``), and the attached spools (``spools``: id -> file descriptor)."""
 
-    def __init__(self, keep: int = 4) -> None:
+    def __init__(self, keep: int = 4, spools: dict[int, int] | None = None) -> None:
         self.keep = keep
         self._files: dict[tuple, int] = {}
+        self.spools = spools if spools is not None else {}
+
+    def read_spool(self, spool: int, offset: int, size: int) -> bytes:
+        fd = self.spools.get(spool)
+        if fd is None:
+            raise RuntimeError(f"spool {spool} is not attached")
+        return os.pread(fd, size, offset)
 
     def read(self, path: str, identity: list[int] | None, offset: int, size: int) -> bytes:
         key = (path, *(identity or ()))
@@ -74,6 +83,7 @@ def run_chunk(header: dict, payload: bytes | memoryview, slots: dict[int, np.nda
               sources: Sources) -> tuple[dict, list[bytes]]:
     """Prepare one chunk (see above); ``slots`` maps the attached BatchSlots ids to their arrays."""
     src = header.get("src")
+    spool = header.get("spool")
     view = memoryview(payload)
     out = None
     if header.get("slots") is not None:
@@ -88,8 +98,13 @@ def run_chunk(header: dict, payload: bytes | memoryview, slots: dict[int, np.nda
     decode_s = preprocess_s = 0.0
     transform = ImageTransform.from_dict(header.get("transform"))
     for k, (offset, size) in enumerate(header["items"]):
-        data = sources.read(src, header.get("src_id"), offset, size) if src else bytes(view[offset:offset + size])
-        if src and len(data) != size:
+        if spool is not None:
+            data = sources.read_spool(spool, offset, size)
+        elif src:
+            data = sources.read(src, header.get("src_id"), offset, size)
+        else:
+            data = bytes(view[offset:offset + size])
+        if (src or spool is not None) and len(data) != size:
             item: Prepared = Rejected(f"decode: short read ({len(data)} of {size} bytes)")
         else:
             item = prepare_image(data, header["max_pixels"], header["preprocessing"], header["device_jpeg"], transform)
@@ -175,6 +190,12 @@ def serve(stdin: IO[bytes], stdout: IO[bytes], fds: socket.socket | None = None)
         if op == ATTACH:
             assert fds is not None
             _, received, _, _ = socket.recv_fds(fds, 1, 1)  # one byte: exactly one sendmsg's fd
+            if "spool" in header:  # kept open until detached: the decoder preads the images from it
+                old = sources.spools.pop(header["spool"], None)
+                if old is not None:
+                    os.close(old)
+                sources.spools[header["spool"]] = received[0]
+                continue
             try:
                 mm, array = map_slots(received[0], header["count"], header["batch_size"], header.get("crop", 224))
             finally:
@@ -184,6 +205,11 @@ def serve(stdin: IO[bytes], stdout: IO[bytes], fds: socket.socket | None = None)
             views[header["slots"]] = array
             continue
         if op == DETACH:
+            if "spool" in header:
+                fd = sources.spools.pop(header["spool"], None)
+                if fd is not None:
+                    os.close(fd)
+                continue
             views.pop(header["slots"], None)
             mm, _ = attached.pop(header["slots"], (None, None))
             del _

@@ -44,7 +44,7 @@ MAX_MEMBER_BYTES = 256 * 1024 * 1024
 # What a damaged tar raises while being parsed. Compressed tars read through "r|*" fail with the
 # decompressor's errors (bz2 raises a plain OSError); the source's own failures are wrapped in
 # SourceReadError first, so they never land here.
-_DAMAGE = (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, OSError)
+DAMAGE = (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, OSError)
 
 
 class TarOpenError(PermanentError):
@@ -118,6 +118,12 @@ class _SourceStream(io.RawIOBase):
         return n
 
 
+def source_stream(raw: BinaryIO, stats: TarStats) -> io.BufferedReader:
+    """``raw`` read in 1 MiB steps, its failures marked as :class:`SourceReadError` and its bytes
+    counted in ``stats``."""
+    return io.BufferedReader(_SourceStream(raw, stats), buffer_size=1 << 20)
+
+
 def _watching_tarinfo(seen: list[tarfile.HeaderError]) -> type[tarfile.TarInfo]:
     """A TarInfo class that remembers why header parsing stopped. tarfile ends iteration SILENTLY on
     a garbage header or on data that stops at a member boundary (no end-of-archive blocks); only a
@@ -165,7 +171,11 @@ _LONG_HEADERS = {tarfile.GNUTYPE_LONGNAME: "GNU long name", tarfile.GNUTYPE_LONG
 
 
 def _skip(fileobj: BinaryIO, n: int) -> None:
-    """Read and drop ``n`` bytes in 4 MiB chunks (a stream cannot seek)."""
+    """Move past ``n`` bytes: a seek in a file (a spool then drops them unstored), else read and drop
+    them in 4 MiB chunks (tarfile's stream cannot seek)."""
+    if getattr(fileobj, "seekable", None) is not None and fileobj.seekable():
+        fileobj.seek(n, io.SEEK_CUR)
+        return
     while n > 0:
         chunk = fileobj.read(min(n, 4 << 20))
         if not chunk:
@@ -189,19 +199,37 @@ def _decode_text(data: bytes) -> str:
     return data.decode("utf-8", errors="replace")
 
 
+def _is_tar_block(head: bytes) -> bool:
+    """Whether a file's first 512 bytes are a tar header (ustar, or an old tar's octal mode field)."""
+    return len(head) == 512 and (head[257:262] == b"ustar" or head[100:108].strip(b" \0").isdigit())
+
+
+def is_plain_tar(raw: BinaryIO) -> bool:
+    """Whether the seekable file ``raw`` starts like an uncompressed tar (its position is kept at 0)."""
+    try:
+        raw.seek(0)
+        head = raw.read(512)
+        raw.seek(0)
+    except (OSError, AttributeError, ValueError, io.UnsupportedOperation):
+        return False
+    return _is_tar_block(head)
+
+
 def _open_in_place(raw: BinaryIO, header_errors: list[tarfile.HeaderError]) -> tuple[tarfile.TarFile, int] | None:
-    """A random-access TarFile over ``raw`` (a local, uncompressed tar) and the file's size; None
-    when ``raw`` is not such a file (a stream, a compressed tar): the caller streams it instead."""
+    """A random-access TarFile over ``raw`` (a local, uncompressed tar, or a spool of a stream:
+    spool.py) and the file's size (-1 for a spool: not known before its end); None when ``raw`` is
+    not such a file (a stream, a compressed tar): the caller streams it instead."""
+    spool = hasattr(raw, "fill_to")
     try:
         if not raw.seekable():
             return None
-        size = os.fstat(raw.fileno()).st_size
+        size = -1 if spool else os.fstat(raw.fileno()).st_size
         raw.seek(0)
         head = raw.read(512)
         raw.seek(0)
     except (OSError, AttributeError, ValueError, io.UnsupportedOperation):
         return None
-    if len(head) < 512 or head[257:262] != b"ustar" and not head[100:108].strip(b" \0").isdigit():
+    if not _is_tar_block(head):
         return None  # compressed, or not a tar: the stream path reports it as before
     try:
         return tarfile.open(fileobj=raw, mode="r:", tarinfo=_watching_tarinfo(header_errors)), size
@@ -217,20 +245,23 @@ def iter_tar(raw: BinaryIO, stats: TarStats | None = None, in_place: bool = Fals
     counts and the tar error, if any. Raises :class:`TarOpenError` when not even the first header
     can be read, :class:`SourceReadError` when the source fails.
 
-    ``in_place``: when ``raw`` is a local, uncompressed tar file, images are not read: their samples
-    carry ``offset`` and ``size`` in the file instead of ``image`` (the decode processes read them)."""
+    ``in_place``: when ``raw`` is a local, uncompressed tar file, or a spool of a stream
+    (:class:`embedjob.worker.datapath.spool.Spool`), images are not read: their samples carry
+    ``offset`` and ``size`` in the file instead of ``image`` (the decode processes read them)."""
     stats = stats if stats is not None else TarStats()
     header_errors: list[tarfile.HeaderError] = []
     opened = _open_in_place(raw, header_errors) if in_place else None
     file_size = -1
+    fill_to = getattr(raw, "fill_to", None)  # a spool: its bytes come on demand, already decompressed
     if opened is not None:
         tar, file_size = opened
-        stats.bytes_read = file_size  # every byte is read: the headers here, the images by the decoders
+        if fill_to is None:
+            stats.bytes_read = file_size  # every byte is read: the headers here, the images by the decoders
     else:
-        stream = io.BufferedReader(_SourceStream(raw, stats), buffer_size=1 << 20)
+        stream = raw if fill_to is not None else source_stream(raw, stats)
         try:
             tar = tarfile.open(fileobj=stream, mode="r|*", tarinfo=_watching_tarinfo(header_errors))
-        except tarfile.TarError as e:
+        except DAMAGE as e:  # (a spool decompresses as it is read: a damaged gzip fails here)
             raise TarOpenError(f"not a readable tar: {e}") from e
 
     limits = settings.load()
@@ -298,8 +329,9 @@ def iter_tar(raw: BinaryIO, stats: TarStats | None = None, in_place: bool = Fals
                     else:
                         stats.ignored_members += 1
                     continue
-                if file_size >= 0 and ext in IMAGE_EXTENSIONS and not info.issparse():
-                    if info.offset_data + info.size > file_size:
+                if (file_size >= 0 or fill_to is not None) and ext in IMAGE_EXTENSIONS and not info.issparse():
+                    end = info.offset_data + info.size
+                    if not fill_to(end) if fill_to is not None else end > file_size:
                         raise tarfile.ReadError(f"unexpected end of data in {name}")
                     last_member = name
                     image = (name, b"", info.offset_data, info.size)
@@ -314,7 +346,8 @@ def iter_tar(raw: BinaryIO, stats: TarStats | None = None, in_place: bool = Fals
                                "(EMBEDJOB_MAX_METADATA_BYTES)")
                     if why is not None:  # not kept; the sample is recorded, not embedded without it
                         refused = refused or (name, why)
-                        _drain(tar.extractfile(info))  # in big chunks (tarfile's own skip is slow)
+                        if file_size < 0 and fill_to is None:  # a stream: in big chunks (tarfile's skip is slow)
+                            _drain(tar.extractfile(info))  # (a file: the next header is a seek away)
                         continue
                     metadata_bytes += info.size
                 f = tar.extractfile(info)
@@ -328,7 +361,7 @@ def iter_tar(raw: BinaryIO, stats: TarStats | None = None, in_place: bool = Fals
                     caption = _decode_text(data)
                 else:
                     sidecar = _decode_text(data)
-            except _DAMAGE as e:
+            except DAMAGE as e:
                 after = f" after {last_member}" if last_member else " before any member"
                 stats.error = f"tar truncated or corrupt{after}: {type(e).__name__}: {e}"
                 break

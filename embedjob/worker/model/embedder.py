@@ -295,7 +295,10 @@ class Embedder:
             compute = torch.cuda.current_stream(self.device)
             if self._copy_stream is None:
                 self._copy_stream = torch.cuda.Stream(self.device)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            # ``end`` is a blocking event: waiting for it sleeps in the driver instead of spinning a
+            # core (CUDA's default spin-wait burns one CPU per waiting thread for the whole forward,
+            # a CPU the decode processes need, and reads as main-process CPU per image).
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True, blocking=True)
             with torch.cuda.stream(self._copy_stream):
                 x = crops.to(self.device, non_blocking=True)
             compute.wait_stream(self._copy_stream)

@@ -59,7 +59,7 @@ def _tar_order(spec: shards.ShardSpec) -> list[str]:
     return [k for k in spec.members_by_key() if k in good or k in bad]
 
 
-@pytest.mark.parametrize("form", ["tar", "tar.gz"])  # by offset from the file / streamed through the pipe
+@pytest.mark.parametrize("form", ["tar", "tar.gz"])  # by offset from the file / from the spool (spool.py)
 @pytest.mark.parametrize("kind", ["process", "thread"])
 def test_batches_hold_todays_crops_in_tar_order(tmp_path, form, kind):
     spec = _mixed_shard()

@@ -25,7 +25,8 @@ The stages, one module each; the main process deals in batches, never in an imag
 
     reader thread        read.iter_tar(Storage.open_read(shard), in_place=True)   (S3 / disk stream)
       │  indexes the tar: a local .tar's images stay in the file (offset, size); a stream's (S3, a
-      │  compressed tar) are read here and go out in the chunk's payload. Each image gets a row in
+      │  compressed tar) go into the shard's spool file (spool.py) in 1 MiB steps and are read from
+      │  there by offset, never one by one in this process. Each image gets a row in
       │  a shared-memory batch slot (batch_slots); chunks of (offset, size, row) to the decode pool
     decode pool          decode_worker.run_chunk: read + decode + preprocess, the crop written straight
       │                  into its row; a small JSON record per image comes back (one process per CPU)

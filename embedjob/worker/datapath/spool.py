@@ -45,6 +45,7 @@ from embedjob.worker.datapath.read import TarStats, source_stream
 # Bytes pulled from the stream per step: large enough that the per-step Python is noise (~1 us per
 # 1 MiB), small enough that the spool runs at most this far ahead of what the parser asked for.
 STEP = 1 << 20
+BLOCK = 512
 _ids = itertools.count(1)
 
 _FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
@@ -127,7 +128,9 @@ class Spool(io.RawIOBase):
             return 0
         if self._pos < max(self.punched, self._dropped_to):  # the parser only goes forward
             raise OSError(f"spool: offset {self._pos} was skipped or released already")
-        self._pull(self._pos, store=False)  # skipped bytes before it: dropped
+        # Skipped bytes before it are dropped, all but the last block: tarfile checks that a member's
+        # data is all there by reading the byte before the next header.
+        self._pull(self._pos - BLOCK, store=False)
         self._pull(self._pos + want, store=True)
         data = os.pread(self.fd, min(want, max(0, self.pulled - self._pos)), self._pos)
         if not data and self._damage is not None:

@@ -177,10 +177,11 @@ class _Batches:
                     if i in result.paths:
                         self.paths[result.paths[i]] = self.paths.get(result.paths[i], 0) + 1
                     rows.append(row)
+            embeddings = self.writer.as_written(result.rows)  # converted once (add keeps them as they are)
             scores = None
             if self.heads:  # on the rows as written, so the scores are reproducible from the .npy
                 t = time.perf_counter()
-                scores = self.heads.score(self.writer.as_written(result.rows))
+                scores = self.heads.score(embeddings)
                 self.timings["scores"] += time.perf_counter() - t
             text_rows = has_caption = None
             if self.text is not None:  # the rows that have an image row, in the same order
@@ -190,7 +191,7 @@ class _Batches:
                 text_rows, has_caption = out.rows, out.has_caption
                 self.captions += int(has_caption.sum())
                 self.truncated += out.truncated
-            self.writer.add(result.rows, rows, scores, text_rows, has_caption)
+            self.writer.add(embeddings, rows, scores, text_rows, has_caption)
             self.embedded += len(rows)
             if self.on_progress is not None:
                 self.on_progress(self.embedded)

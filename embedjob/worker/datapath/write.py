@@ -173,7 +173,8 @@ class ShardWriter:
         return len(self.rows)
 
     def as_written(self, embeddings: np.ndarray) -> np.ndarray:
-        """The rows exactly as the ``.npy`` will hold them (in the output dtype)."""
+        """The rows exactly as the ``.npy`` will hold them (in the output dtype); rows that already are
+        come back as they are, not copied."""
         return np.ascontiguousarray(embeddings, dtype=self.dtype)
 
     def add(self, embeddings: np.ndarray, rows: list[MetadataRow], scores: dict[str, np.ndarray] | None = None,

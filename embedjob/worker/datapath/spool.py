@@ -122,6 +122,19 @@ class Spool(io.RawIOBase):
         self._pos = pos
         return pos
 
+    def read(self, size: int = -1) -> bytes:
+        """Up to ``size`` bytes at the position (the parser's reads: headers, sidecars)."""
+        if size is None or size < 0:
+            raise io.UnsupportedOperation("a spool is read in sized steps")
+        pos = self._pos
+        if pos + size <= self.pulled and pos >= self._dropped_to and pos >= self.punched:  # already here
+            data = os.pread(self.fd, size, pos)
+            self._pos = pos + len(data)
+            return data
+        buf = bytearray(size)
+        n = self.readinto(buf)
+        return bytes(buf[:n])
+
     def readinto(self, b) -> int:  # noqa: ANN001 - buffer protocol
         want = len(b)
         if want == 0:

@@ -199,8 +199,32 @@ def _shm() -> set[str]:
     return set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
 
 
-def test_a_worker_sigkilled_mid_shard_leaves_no_shared_memory(tmp_path, tiny_clip_dir):
+def _open_under(pids: list[int], folder: Path) -> set[str]:
+    """What these processes have open under ``folder``."""
+    found = set()
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith(str(folder) + "/"):
+                found.add(target)
+    return found
+
+
+@pytest.mark.parametrize("form", ["tar", "tar.gz"])  # from the file / through the spool
+def test_a_worker_sigkilled_mid_shard_leaves_no_shared_memory(tmp_path, tiny_clip_dir, form):
     tar = shards.simple_shard(400, size=(640, 480)).write(tmp_path / "s.tar")
+    if form == "tar.gz":
+        tar = tmp_path / "s.tar.gz"
+        tar.write_bytes(gzip.compress((tmp_path / "s.tar").read_bytes(), compresslevel=1))
+    spool_dir = tmp_path / "tmp"  # the worker's TMPDIR: where a spool lives, without a name
+    spool_dir.mkdir()
     script = textwrap.dedent(f"""
         import sys
         from embedjob.contract import EmbedOptions
@@ -214,7 +238,8 @@ def test_a_worker_sigkilled_mid_shard_leaves_no_shared_memory(tmp_path, tiny_cli
         print("finished", flush=True)
     """)
     before = _shm()
-    worker = subprocess.Popen([sys.executable, "-P", "-c", script], stdout=subprocess.PIPE, text=True)
+    worker = subprocess.Popen([sys.executable, "-P", "-c", script], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "TMPDIR": str(spool_dir)})
     try:
         line = worker.stdout.readline()
         assert line.startswith("progress"), line
@@ -227,6 +252,10 @@ def test_a_worker_sigkilled_mid_shard_leaves_no_shared_memory(tmp_path, tiny_cli
         assert all(_maps_slots(pid) for pid in decoders), [_maps_slots(pid) for pid in decoders]
         assert worker.poll() is None, "the shard finished before the kill: make it longer"
         assert _in_shm([worker.pid, *decoders]) == set()  # nothing named, even while it runs
+        if form == "tar.gz":  # the spool is open in the worker and its decoders, and has no name
+            spooled = _open_under([worker.pid, *decoders], spool_dir)
+            assert spooled and all(p.endswith(" (deleted)") for p in spooled), spooled
+        assert os.listdir(spool_dir) == []
         worker.send_signal(signal.SIGKILL)
         worker.wait(10)
     finally:
@@ -240,6 +269,7 @@ def test_a_worker_sigkilled_mid_shard_leaves_no_shared_memory(tmp_path, tiny_cli
     # Other processes on this machine (test sessions beside this one) may add their own
     # multiprocessing semaphores meanwhile; nothing else may appear.
     assert {n for n in _shm() - before if not n.startswith("sem.mp-")} == set()
+    assert os.listdir(spool_dir) == []
 
 
 def test_slots_are_bounded_and_reused(tmp_path):

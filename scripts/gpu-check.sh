@@ -14,8 +14,11 @@
 #   GPU_CHECK_DRY_RUN=1 scripts/gpu-check.sh OUTDIR   # the same steps on the CPU, tiny model, tiny
 #                                                      # shards, compile none only (tests/test_gpu_check.py)
 #   GPU_CHECK_PROCESSES=N                              # the second e2e's worker processes per GPU (default 2)
-#   GPU_CHECK_STEPS="cuda 500 procs profile compile 1mp"  # a subset of the steps (default all, in this order);
+#   GPU_CHECK_STEPS="cuda 500 procs profile compile 1mp"  # a subset of the steps (default these, in this order);
 #                                                      # two device calls can split the check this way
+#   GPU_CHECK_STEPS="... graphs"                       # not by default: the exact e2e at 500x375 with the forward
+#                                                      # as CUDA graphs (compile reduce-overhead: one launch per
+#                                                      # batch, so the forward thread needs the GIL once, not per op)
 #
 # Needs a Python with a CUDA build of torch and embedjob installed (the worker image, or
 # scripts/setup.sh); -P everywhere, so the checkout's embedjob/ folder never shadows the install;
@@ -37,11 +40,11 @@ STARTED=$(date +%s)
 
 if [ "${GPU_CHECK_DRY_RUN:-0}" = "1" ]; then
   DEVICE=cpu MODEL=tiny PRECISION=fp32 BATCH=16 COUNT=1 PER_SHARD=8 COUNT_1MP=1 PER_SHARD_1MP=8
-  BASELINE=8 DEV_IMAGES=2 DEV_MODEL=same MODEL_SECONDS=0.2 COMPILE_MODES="none"
+  BASELINE=8 DEV_IMAGES=2 DEV_MODEL=same MODEL_SECONDS=0.2 COMPILE_MODES="none" GRAPHS=none
 else
   DEVICE=cuda MODEL=vit-l14 PRECISION=bf16 BATCH=0 COUNT=48 PER_SHARD=1000 COUNT_1MP=8 PER_SHARD_1MP=1000
   BASELINE=256 DEV_IMAGES=32 DEV_MODEL=vit-l14 MODEL_SECONDS=3
-  COMPILE_MODES="none default reduce-overhead max-autotune"
+  COMPILE_MODES="none default reduce-overhead max-autotune" GRAPHS=reduce-overhead
   "$PY" -P -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu-check: torch sees no CUDA device')" \
     || exit 2
 fi
@@ -114,6 +117,11 @@ wants profile && bench "e2e 500x375 under torch.profiler, 2 x ${PER_SHARD}" 90 "
   --size 500x375 --count 2 --images-per-shard "$PER_SHARD" --batch-size "$TUNED" --preprocessing both \
   --measure e2e --profile "$OUT/profile"
 
+# Whether the e2e cap is the forward thread's Python: the same e2e with the forward as CUDA graphs.
+wants graphs && bench "e2e 500x375 exact, ${COUNT} x ${PER_SHARD}, compile ${GRAPHS}" 200 "bench-500x375-graphs" \
+  --size 500x375 --count "$COUNT" --images-per-shard "$PER_SHARD" --batch-size "$TUNED" --preprocessing exact \
+  --measure e2e --compile "$GRAPHS"
+
 # max-autotune last: its autotuning takes what the budget leaves.
 if wants compile; then
   for MODE in $COMPILE_MODES; do
@@ -157,6 +165,12 @@ for r in procs:
                   f"(steady {m.get('steady_images_per_s')}, start-up {m.get('startup_seconds')} s, "
                   f"main CPU {m.get('main_cpu_ms_per_image')} ms/image, model busy {busy}, "
                   f"GPU MiB per process {m.get('gpu_memory_mib_per_process')})")
+graphs = load("bench-500x375-graphs")
+for key, m in sorted(((graphs or {}).get("measurements") or {}).items()):
+    if key.startswith("e2e_"):
+        print(f"\ne2e {key[4:]} at 500x375 with compile {graphs['config'].get('compile')} (the forward as one launch per "
+              f"batch): {m.get('images_per_s')} images/s (steady {m.get('steady_images_per_s')}, start-up "
+              f"{m.get('startup_seconds')} s, main CPU {m.get('main_cpu_ms_per_image')} ms/image)")
 prof = load("bench-profile")
 for mode, pr in sorted(((prof or {}).get("profiles") or {}).items()):
     print(f"\ne2e {mode} under torch.profiler ({pr.get('images')} images, {pr.get('seconds')} s): device busy "

@@ -65,3 +65,20 @@ def test_gpu_check_runs_every_step_past_a_failure_and_exits_non_zero(tmp_path):
     for step in STEPS:
         assert f"| {step} | FAILED (exit 1) |" in proc.stdout, step
     assert "did not pass" in proc.stderr
+
+
+def test_gpu_check_graphs_step_dry_run(tmp_path):
+    """The step a GPU session adds to see whether the e2e cap is the forward thread's Python (on the CPU
+    with compile none: the script's path, not CUDA graphs)."""
+    out = tmp_path / "gpu-check"
+    env = {**os.environ, "GPU_CHECK_DRY_RUN": "1", "PYTHON": _python(), "GPU_CHECK_STEPS": "graphs"}
+    proc = subprocess.run([str(ROOT / "scripts" / "gpu-check.sh"), str(out)], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "bench-500x375-graphs.json").read_text())
+    assert set(report["measurements"]) == {"e2e_exact"} and report["measurements"]["e2e_exact"]["images"] == 8
+    steps = json.loads((out / "steps.json").read_text())
+    assert [s["step"] for s in steps] == ["environment", "e2e 500x375 exact, 1 x 8, compile none", "summary"]
+    assert {s["status"] for s in steps} == {"ok"}
+    assert "e2e exact at 500x375 with compile none (the forward as one launch per batch)" in (
+        out / "summary.md").read_text()

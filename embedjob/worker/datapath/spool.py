@@ -33,6 +33,7 @@ import ctypes.util
 import gzip
 import io
 import itertools
+import logging
 import lzma
 import os
 import tempfile
@@ -44,6 +45,8 @@ from embedjob.worker.datapath.read import TarStats, source_stream
 
 # Bytes pulled from the stream per step: large enough that the per-step Python is noise (~1 us per
 # 1 MiB), small enough that the spool runs at most this far ahead of what the parser asked for.
+log = logging.getLogger(__name__)
+
 STEP = 1 << 20
 BLOCK = 512
 _ids = itertools.count(1)
@@ -172,6 +175,9 @@ class Spool(io.RawIOBase):
                 return
             if not punch_hole(self.fd, self.punched, offset - self.punched):
                 self.punch_works = False  # a file system without holes: the spool keeps its bytes
+                log.warning("the spool's file system (TMPDIR=%s) cannot free read bytes (fallocate punch-hole: "
+                            "%s): each S3 or compressed shard in flight keeps its whole tar on disk until it "
+                            "ends", tempfile.gettempdir(), os.strerror(err) if (err := ctypes.get_errno()) else "unsupported")
                 return
             self.punched = offset
 

@@ -175,9 +175,10 @@ class Spool(io.RawIOBase):
                 return
             if not punch_hole(self.fd, self.punched, offset - self.punched):
                 self.punch_works = False  # a file system without holes: the spool keeps its bytes
+                err = ctypes.get_errno()
                 log.warning("the spool's file system (TMPDIR=%s) cannot free read bytes (fallocate punch-hole: "
                             "%s): each S3 or compressed shard in flight keeps its whole tar on disk until it "
-                            "ends", tempfile.gettempdir(), os.strerror(err) if (err := ctypes.get_errno()) else "unsupported")
+                            "ends", tempfile.gettempdir(), os.strerror(err) if err else "unsupported")
                 return
             self.punched = offset
 

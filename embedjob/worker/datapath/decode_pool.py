@@ -117,7 +117,11 @@ class _DecodeProcess:
                     write_frame(pipe, {"op": DETACH, kind: item[1].id})
                     continue
                 task_id, future, header, payload = item
-                if not future.set_running_or_notify_cancel():  # cancelled while queued here
+                try:
+                    running = future.set_running_or_notify_cancel()  # False: cancelled while queued here
+                except RuntimeError:  # already failed by _receive: the process died meanwhile
+                    running = False
+                if not running:
                     with self._lock:
                         self.pending.pop(task_id, None)
                     continue

@@ -260,12 +260,9 @@ def _open_in_place(raw: BinaryIO, header_errors: list[tarfile.HeaderError]) -> t
         if not raw.seekable():
             return None
         size = -1 if spool else os.fstat(raw.fileno()).st_size
-        raw.seek(0)
-        head = raw.read(512)
-        raw.seek(0)
     except (OSError, AttributeError, ValueError, io.UnsupportedOperation):
         return None
-    if not _is_tar_block(head):
+    if not is_plain_tar(raw):
         return None  # compressed, or not a tar: the stream path reports it as before
     try:
         return tarfile.open(fileobj=raw, mode="r:", tarinfo=_watching_tarinfo(header_errors)), size

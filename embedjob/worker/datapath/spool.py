@@ -43,10 +43,10 @@ from typing import BinaryIO
 from embedjob.worker.datapath.read import DAMAGE as _DAMAGE
 from embedjob.worker.datapath.read import TarStats, source_stream
 
-# Bytes pulled from the stream per step: large enough that the per-step Python is noise (~1 us per
-# 1 MiB), small enough that the spool runs at most this far ahead of what the parser asked for.
 log = logging.getLogger(__name__)
 
+# Bytes pulled from the stream per step: large enough that the per-step Python is noise (~1 us per
+# 1 MiB), small enough that the spool runs at most this far ahead of what the parser asked for.
 STEP = 1 << 20
 BLOCK = 512
 _ids = itertools.count(1)
@@ -100,7 +100,6 @@ class Spool(io.RawIOBase):
         self._dropped_to = 0  # the end of the last range pulled and dropped
         self._damage: BaseException | None = None  # a damaged compressed stream: raised where it is reached
         self.punch_works = True
-        self.peak_held = 0  # the most bytes the file held at once (stored, not yet punched)
         self._lock = threading.Lock()  # close() from another thread
 
     # -- io.RawIOBase ------------------------------------------------------------------------------
@@ -208,5 +207,4 @@ class Spool(io.RawIOBase):
             if store:
                 os.pwrite(self.fd, data, self.pulled)
                 self.stored += len(data)
-                self.peak_held = max(self.peak_held, self.pulled + len(data) - self.punched)
             self.pulled += len(data)

@@ -57,39 +57,35 @@ def measure_decode(shards: list[str], storage: Storage, options: EmbedOptions, d
     in batches, as the engine does, still without the model: that decode shares the device's SMs
     with the model (``shares_model_device``)."""
     from embedjob.worker.datapath.batch import PreparedStream, decode_workers
-    from embedjob.worker.datapath.crop import EncodedJpeg, Rejected
     from embedjob.worker.datapath.decode_pool import shared_decode_pool
 
     pool = shared_decode_pool(decode_workers(options), pool_kind)
     pool.warm_up()
     images = rejected = 0
-    pending: list[bytes] = []
+    if device_jpeg:  # one nvJPEG call per batch, as the engine makes
+        options = replace(options, batch_size=options.batch_size or DEVICE_DECODE_BATCH)
 
-    def decode_on_device() -> None:
-        nonlocal images
-        if pending:
-            from embedjob.worker.datapath.gpu_decode import device_crops, nvjpeg_decoder
-            from embedjob.worker.model.torch_env import torch
+    def decode_on_device(datas: list) -> int:
+        from embedjob.worker.datapath.gpu_decode import device_crops, nvjpeg_decoder
+        from embedjob.worker.model.torch_env import torch
 
-            crops = device_crops(pending, device, nvjpeg_decoder())
+        crops = device_crops(datas, device, nvjpeg_decoder())
+        if device is not None and torch.device(device).type == "cuda":
             torch.cuda.synchronize(device)
-            images += sum(1 for c in crops if not isinstance(c, BaseException))
-            pending.clear()
+        return sum(1 for c in crops if not isinstance(c, BaseException))
 
     with TreeMonitor() as mon:
         t0 = time.perf_counter()
         for shard in shards:
             with PreparedStream(shard, storage, pool, options, device_jpeg=device_jpeg) as stream:
-                for _, item in stream:
-                    if isinstance(item, Rejected):
-                        rejected += 1
-                    elif isinstance(item, EncodedJpeg):
-                        pending.append(item.data)
-                        if len(pending) >= (options.batch_size or DEVICE_DECODE_BATCH):
-                            decode_on_device()
-                    else:
-                        images += 1
-        decode_on_device()
+                for batch in stream.batches():
+                    try:
+                        rejected += len(batch.failures)
+                        images += len(batch.rows) - len(batch.jpegs)
+                        if batch.jpegs:  # their bytes are views of the slot: decoded before it goes back
+                            images += decode_on_device([j.data for j in batch.jpegs.values()])
+                    finally:
+                        stream.release(batch.slot)
         seconds = time.perf_counter() - t0
     return measurement(images, seconds, mon, rejected=rejected, workers=pool.workers, pool=pool.kind,
                        on_device=device_jpeg, shares_model_device=device_jpeg)

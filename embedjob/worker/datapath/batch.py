@@ -29,7 +29,7 @@ from embedjob.worker.datapath.decode_pool import (
     CHUNK_BYTES,
     DecodePool,
 )
-from embedjob.worker.datapath.decode_worker import JPEG, REJECTED, file_identity
+from embedjob.worker.datapath.decode_worker import JPEG, JPEG_IN_SLOT, REJECTED, file_identity
 from embedjob.worker.datapath.read import SkippedMember, TarStats, is_plain_tar, iter_tar
 from embedjob.worker.datapath.spool import Spool
 from embedjob.worker.datapath.write import MetadataRow
@@ -62,6 +62,9 @@ def decode_workers(options: EmbedOptions) -> int:
 BATCH_SLOTS = 4
 # PreparedStream's rows per slot when the caller has no batch size (the benchmark's decode limit).
 DEFAULT_SLOT_ROWS = 64
+# The fast path on CUDA: JPEG room per slot, per row (batch_slots.py). A batch's images share it, so
+# a large JPEG fits where small ones left room; what does not fit comes back through the pipe.
+JPEG_ROOM_PER_ROW = 256 * 1024
 
 _END = object()
 
@@ -80,6 +83,8 @@ class _Dispatched:
     infos: list[SampleInfo] = field(default_factory=list)  # the samples given rows 0, 1, ... of the slot
     seqs: list[int] = field(default_factory=list)  # their sample numbers in the tar
     chunks: list[Future] = field(default_factory=list)  # in row order
+    jpeg_at: list[int] = field(default_factory=list)  # per row: its place in the slot's JPEG room (-1: none)
+    jpeg_used: int = 0  # bytes of the JPEG room reserved so far
     skipped: list[tuple[int, SampleInfo, str]] = field(default_factory=list)  # (sample number, sample, reason)
 
 
@@ -117,7 +122,8 @@ class PreparedStream:
         self.batch_size = options.batch_size if options.batch_size > 0 else DEFAULT_SLOT_ROWS
         self.stats = TarStats()
         self.read_seconds = 0.0  # reading/parsing the tar, including waiting for the source
-        self.slots = BatchSlots(self.batch_size, slots, transform.crop)
+        self.slots = BatchSlots(self.batch_size, slots, transform.crop,
+                                jpeg_room=self.batch_size * JPEG_ROOM_PER_ROW if device_jpeg else 0)
         self.spool: Spool | None = None  # a stream's (S3, compressed) tar, made by the reader thread
         self._queue: queue.Queue = queue.Queue()  # bounded by the slots
         self._stop = threading.Event()
@@ -188,7 +194,10 @@ class PreparedStream:
             if status == REJECTED:
                 failures.append((sent.seqs[i], info, text))
                 continue
-            if status == JPEG:
+            if status == JPEG_IN_SLOT:  # a view of its slot's JPEG room: no copy here
+                at = sent.jpeg_at[i]
+                jpegs[len(keep)] = EncodedJpeg(self.slots.jpegs[sent.slot][at:at + size], width, height, 0.0)
+            elif status == JPEG:  # no room left for it: it came in the payload
                 jpegs[len(keep)] = EncodedJpeg(payload[pos:pos + size], width, height, 0.0)
                 pos += size
             keep.append(i)
@@ -206,8 +215,8 @@ class PreparedStream:
         return PreparedBatch(sent.slot, crops, jpegs, rows, seqs, failures, paths, decode_s, preprocess_s)
 
     def __iter__(self) -> Iterator[tuple[SampleInfo, Prepared]]:
-        """Per image, in tar order (the benchmark's decode limit, tests): ``(SampleInfo, Prepared)``;
-        a Crop's pixels are a view of its slot, valid until the next item."""
+        """Per image, in tar order (tests): ``(SampleInfo, Prepared)``; a Crop's pixels (and an
+        EncodedJpeg's bytes in the JPEG room) are a view of its slot, valid until the next item."""
         for batch in self.batches():
             items: list[tuple[int, SampleInfo, Prepared]] = [
                 (seq, info, Rejected(reason)) for seq, info, reason in batch.failures]
@@ -235,6 +244,8 @@ class PreparedStream:
         live: collections.deque[_Dispatched] = collections.deque()  # sent, with images, maybe not decoded yet
         items: list[list[int]] = []  # the chunk's [offset, size]
         rows: list[int] = []
+        jpeg_at: list[int] = []  # the chunk's places in the JPEG room (the fast path on CUDA)
+        room = self.slots.jpeg_room
         datas: list[bytes] = []  # the chunk's images, when read here (a stream that is not a tar the spool can index)
         size = 0
         chunk = 1  # the first chunks are small, so that every worker has work at once
@@ -243,7 +254,7 @@ class PreparedStream:
         spool: Spool | None = None
 
         def send() -> None:
-            nonlocal items, rows, datas, size, chunk
+            nonlocal items, rows, jpeg_at, datas, size, chunk
             if not items:
                 return
             header = {"op": "chunk", "max_pixels": self.max_pixels, "preprocessing": self.preprocessing,
@@ -251,8 +262,10 @@ class PreparedStream:
                       "spool": spool.id if spool is not None and not datas else None, "items": items,
                       "slots": self.slots.id, "slot": batch.slot, "rows": rows,
                       "transform": self.transform.to_dict()}
+            if room:
+                header["jpeg_at"] = jpeg_at
             batch.chunks.append(self.pool.submit_chunk(header, b"".join(datas)))
-            items, rows, datas, size = [], [], [], 0  # the image bytes now belong to the pool only
+            items, rows, jpeg_at, datas, size = [], [], [], [], 0  # the image bytes now belong to the pool only
             chunk = min(2 * chunk, self.pool.chunk_images)
             if spool is not None:  # free the spool's bytes every decoder is done with
                 while live and live[0] is not batch and all(f.done() for f in live[0].chunks):
@@ -301,6 +314,11 @@ class PreparedStream:
                             items.append([size, len(item.image)])
                             datas.append(item.image)
                         rows.append(len(batch.infos))
+                        if room:  # reserve the image's size in the room, if it fits
+                            fits = batch.jpeg_used + items[-1][1] <= room
+                            jpeg_at.append(batch.jpeg_used if fits else -1)
+                            batch.jpeg_at.append(jpeg_at[-1])
+                            batch.jpeg_used += items[-1][1] if fits else 0
                         batch.infos.append(SampleInfo(item.key, item.member, item.caption, item.json))
                         batch.seqs.append(seq)
                         size += item.size

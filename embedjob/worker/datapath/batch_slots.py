@@ -8,6 +8,13 @@ and write each crop into the row the reader assigned it. The main process never 
 full slot is handed to the inference engine as it is (on the CPU the forward reads it in place; on
 CUDA it is one copy per batch into the pinned buffer).
 
+On the fast path on CUDA the same file also holds each slot's JPEG room (``jpeg_room`` bytes per
+slot, after the crops): the reader reserves every image of a batch its size in the room of its
+slot, and a decode process that leaves an image for the device (nvJPEG) copies its bytes there, so
+the encoded JPEGs reach the device-decode thread as views of the room, not through the pipes and the
+main process. An image that does not fit in what is left of the room comes back in the reply
+instead. The room is sparse: only the pages the JPEGs touch take memory.
+
 A slot is taken by the reader when it starts assigning a batch's rows and given back when the
 engine has finished that batch, so at most ``slots`` batches of crops exist per shard.
 """
@@ -29,23 +36,30 @@ CROP_BYTES = IMAGE_SIZE * IMAGE_SIZE * 3
 _ids = itertools.count(1)
 
 
-def map_slots(fd: int, slots: int, batch_size: int, crop: int = IMAGE_SIZE) -> tuple[mmap.mmap, np.ndarray]:
-    """Map a slots file: the mapping and its ``[slots, batch_size, crop, crop, 3]`` uint8 view (224 px
-    by default; the model's own crop size otherwise)."""
-    mm = mmap.mmap(fd, slots * batch_size * crop * crop * 3)
-    return mm, np.frombuffer(mm, dtype=np.uint8).reshape(slots, batch_size, crop, crop, 3)
+def map_slots(fd: int, slots: int, batch_size: int, crop: int = IMAGE_SIZE,
+              jpeg_room: int = 0) -> tuple[mmap.mmap, np.ndarray, np.ndarray]:
+    """Map a slots file: the mapping, its ``[slots, batch_size, crop, crop, 3]`` uint8 view of the
+    crops (224 px by default; the model's own crop size otherwise) and its ``[slots, jpeg_room]``
+    uint8 view of the JPEG rooms."""
+    crops = slots * batch_size * crop * crop * 3
+    mm = mmap.mmap(fd, crops + slots * jpeg_room)
+    whole = np.frombuffer(mm, dtype=np.uint8)
+    return (mm, whole[:crops].reshape(slots, batch_size, crop, crop, 3),
+            whole[crops:].reshape(slots, jpeg_room))
 
 
 class BatchSlots:
     """``slots`` batch slots in an anonymous shared-memory file (see the module docstring)."""
 
-    def __init__(self, batch_size: int, slots: int, crop: int = IMAGE_SIZE) -> None:
+    def __init__(self, batch_size: int, slots: int, crop: int = IMAGE_SIZE, jpeg_room: int = 0) -> None:
         self.id = next(_ids)
         self.batch_size, self.slots, self.crop = int(batch_size), int(slots), int(crop)
+        self.jpeg_room = int(jpeg_room)  # bytes per slot for the encoded JPEGs of the device path
         self.fd = os.memfd_create(f"embedjob-batch-slots-{os.getpid()}-{self.id}", os.MFD_CLOEXEC)
         try:
-            os.ftruncate(self.fd, self.slots * self.batch_size * self.crop * self.crop * 3)
-            self._mm, self.array = map_slots(self.fd, self.slots, self.batch_size, self.crop)
+            os.ftruncate(self.fd, self.slots * (self.batch_size * self.crop * self.crop * 3 + self.jpeg_room))
+            self._mm, self.array, self.jpegs = map_slots(self.fd, self.slots, self.batch_size, self.crop,
+                                                         self.jpeg_room)
         except BaseException:
             os.close(self.fd)
             raise
@@ -76,6 +90,7 @@ class BatchSlots:
             self.closed = True
             os.close(self.fd)
             self.array = np.empty((0, 0, self.crop, self.crop, 3), dtype=np.uint8)
+            self.jpegs = np.empty((0, 0), dtype=np.uint8)
             try:
                 self._mm.close()
             except BufferError:  # a batch view is still referenced: freed with it

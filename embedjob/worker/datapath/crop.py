@@ -39,7 +39,9 @@ class Crop:
 
 @dataclass
 class EncodedJpeg:
-    data: bytes
+    # The JPEG's bytes: bytes, or in the worker a uint8 view of its batch slot's JPEG room
+    # (batch_slots.py), valid until the slot is given back.
+    data: bytes | np.ndarray
     width: int
     height: int
     decode_s: float  # header parsing only; the decode itself happens on the device

@@ -110,7 +110,8 @@ class _DecodeProcess:
                         write_frame(pipe, {"op": ATTACH, "spool": shared.id})
                     else:
                         write_frame(pipe, {"op": ATTACH, "slots": shared.id, "count": shared.slots,
-                                            "batch_size": shared.batch_size, "crop": shared.crop})
+                                            "batch_size": shared.batch_size, "crop": shared.crop,
+                                            "jpeg_room": shared.jpeg_room})
                     continue
                 if item[0] == DETACH:
                     kind = "spool" if isinstance(item[1], Spool) else "slots"
@@ -190,7 +191,8 @@ class DecodePool:
         self._lock = threading.Lock()
         self._threads: ThreadPoolExecutor | None = None
         self._procs: list[_DecodeProcess] = []
-        self._slots: dict[int, np.ndarray] = {}  # the thread pool's view of the attached slots
+        # the thread pool's view of the attached slots: id -> (crops, JPEG rooms)
+        self._slots: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._spools: dict[int, int] = {}  # and of the attached spools (id -> file descriptor)
         self._sources = threading.local()
         if kind == "process":
@@ -211,7 +213,7 @@ class DecodePool:
             if isinstance(shared, Spool):
                 self._spools[shared.id] = shared.fd
             else:
-                self._slots[shared.id] = shared.array
+                self._slots[shared.id] = (shared.array, shared.jpegs)
         for proc in self._procs:
             proc.attach(shared)
 

@@ -33,11 +33,14 @@ from embedjob.worker.model.transform import ImageTransform
 #             over the socket) the decoder reads the images from (by offset),
 #    "items": [[offset, size], ...]   (in the file, or in the payload),
 #    "slots": the BatchSlots id the crops go into, "slot": its slot, "rows": [row, ...]
-#             (or "slots": null: the crops come back in the reply's payload)}
+#             (or "slots": null: the crops come back in the reply's payload),
+#    "jpeg_at": with "device_jpeg" and slots: [offset in the slot's JPEG room, or -1, ...]: where an
+#               image left encoded for the device goes (its size is reserved there; -1: no room)}
 # The reply: {"records": [[status, width, height, text, payload bytes], ...], "decode_s",
 # "preprocess_s", "paths": {path: count}} plus a payload (the crops when not in slots, the encoded
-# JPEGs of the device path). status: CROP (text = its path), JPEG, REJECTED (text = the reason).
-CROP, JPEG, REJECTED = 0, 1, 2
+# JPEGs of the device path that have no room). status: CROP (text = its path), JPEG (in the payload),
+# JPEG_IN_SLOT (its bytes at its "jpeg_at" in the slot's JPEG room), REJECTED (text = the reason).
+CROP, JPEG, REJECTED, JPEG_IN_SLOT = 0, 1, 2, 3
 
 
 def file_identity(st: os.stat_result) -> list[int]:
@@ -79,19 +82,21 @@ class Sources:
         self._files.clear()
 
 
-def run_chunk(header: dict, payload: bytes | memoryview, slots: dict[int, np.ndarray],
+def run_chunk(header: dict, payload: bytes | memoryview, slots: dict[int, tuple[np.ndarray, np.ndarray]],
               sources: Sources) -> tuple[dict, list[bytes]]:
-    """Prepare one chunk (see above); ``slots`` maps the attached BatchSlots ids to their arrays."""
+    """Prepare one chunk (see above); ``slots`` maps the attached BatchSlots ids to their arrays
+    (crops, JPEG rooms)."""
     src = header.get("src")
     spool = header.get("spool")
     view = memoryview(payload)
-    out = None
+    out = room = None
     if header.get("slots") is not None:
-        out = slots.get(header["slots"])
-        if out is None:
+        attached = slots.get(header["slots"])
+        if attached is None:
             raise RuntimeError(f"batch slots {header['slots']} are not attached")
-        out = out[header["slot"]]
+        out, room = attached[0][header["slot"]], attached[1][header["slot"]]
     rows = header.get("rows") or []
+    jpeg_at = header.get("jpeg_at") or []
     records: list[list] = []
     blobs: list[bytes] = []
     paths: dict[str, int] = {}
@@ -119,8 +124,13 @@ def run_chunk(header: dict, payload: bytes | memoryview, slots: dict[int, np.nda
                 blobs.append(item.pixels.tobytes())
                 records.append([CROP, item.width, item.height, item.path, len(blobs[-1])])
         elif isinstance(item, EncodedJpeg):
-            blobs.append(item.data)
-            records.append([JPEG, item.width, item.height, "", len(item.data)])
+            at, n = (jpeg_at[k] if k < len(jpeg_at) else -1), len(item.data)
+            if room is not None and 0 <= at and n <= size and at + n <= room.size:  # its reserved place
+                room[at:at + n] = np.frombuffer(item.data, dtype=np.uint8)
+                records.append([JPEG_IN_SLOT, item.width, item.height, "", n])
+            else:
+                blobs.append(bytes(item.data))
+                records.append([JPEG, item.width, item.height, "", n])
         else:
             preprocess_s += item.preprocess_s
             records.append([REJECTED, 0, 0, item.reason, 0])
@@ -179,7 +189,7 @@ def read_frame(pipe: IO[bytes]) -> tuple[dict, bytes]:
 def serve(stdin: IO[bytes], stdout: IO[bytes], fds: socket.socket | None = None) -> None:
     """The decode worker's loop: read a task, prepare its images, write the results; until EOF."""
     attached: dict[int, tuple[Any, np.ndarray]] = {}
-    views: dict[int, np.ndarray] = {}
+    views: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     sources = Sources()
     while True:
         try:
@@ -197,12 +207,14 @@ def serve(stdin: IO[bytes], stdout: IO[bytes], fds: socket.socket | None = None)
                 sources.spools[header["spool"]] = received[0]
                 continue
             try:
-                mm, array = map_slots(received[0], header["count"], header["batch_size"], header.get("crop", 224))
+                mm, array, rooms = map_slots(received[0], header["count"], header["batch_size"],
+                                             header.get("crop", 224), header.get("jpeg_room", 0))
             finally:
                 for fd in received:
                     os.close(fd)
             attached[header["slots"]] = (mm, array)
-            views[header["slots"]] = array
+            views[header["slots"]] = (array, rooms)
+            del array, rooms  # only the maps above keep views: detaching can then unmap it
             continue
         if op == DETACH:
             if "spool" in header:

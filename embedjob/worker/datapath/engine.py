@@ -235,7 +235,7 @@ class InferenceEngine:
         paths = dict.fromkeys(order, DEVICE_JPEG_PATH)
         for k in refused:  # nvJPEG refused these: the CPU path, for those images only
             i = order[k]
-            fallback = prepare_image(jpegs[i].data, self.max_pixels, "fast")
+            fallback = prepare_image(bytes(jpegs[i].data), self.max_pixels, "fast")
             if not isinstance(fallback, Crop):
                 rejected[i] = fallback.reason
                 del paths[i]

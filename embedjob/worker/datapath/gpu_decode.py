@@ -9,7 +9,8 @@ grey level here and there, and the resize is computed in float32 rather than Pil
 embedding cosine); manifests record ``preprocessing: embedjob-fast-v1``.
 
 The decode workers send here only complete RGB or grey JPEGs whose header they checked (size limit
-included); every other image, and any JPEG nvJPEG refuses, takes the CPU path, per image.
+included), their bytes left in the batch slot's JPEG room (batch_slots.py) and used from there in
+place; every other image, and any JPEG nvJPEG refuses, takes the CPU path, per image.
 
 torchvision is optional: it is imported only when this path is used, and its absence is reported
 naming the field that asked for it.
@@ -27,7 +28,7 @@ from embedjob.worker.model.torch_env import torch
 
 # Decoded images in, one result per image out: a uint8 [3, H, W] tensor on the device, or the
 # exception that image raised.
-JpegDecoder = Callable[[list[bytes], Any], list[Any]]
+JpegDecoder = Callable[[list[bytes | np.ndarray], Any], list[Any]]
 
 
 class DeviceDecodeUnavailable(RuntimeError):
@@ -45,8 +46,11 @@ def nvjpeg_decoder() -> JpegDecoder:
             f"decoder, and torchvision is not installed in this worker ({e}). Install the torchvision build "
             f"that matches torch {torch.__version__}, or use preprocessing: exact") from e
 
-    def decode(datas: list[bytes], device: Any) -> list[Any]:
-        tensors = [torch.from_numpy(np.frombuffer(d, dtype=np.uint8).copy()) for d in datas]
+    def decode(datas: list[bytes | np.ndarray], device: Any) -> list[Any]:
+        # A view of a batch slot's JPEG room is used in place; bytes are copied (torch wants a
+        # writable buffer).
+        tensors = [torch.from_numpy(d if isinstance(d, np.ndarray) else np.frombuffer(d, dtype=np.uint8).copy())
+                   for d in datas]
         try:
             return list(decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device))
         except Exception:  # noqa: BLE001 - one bad image fails the batched call: find it, one by one
@@ -94,7 +98,8 @@ def resize_crop(images: list[Any]) -> list[Any]:
     return list(out.unbind(0))
 
 
-def decode_into(datas: list[bytes], out: Any, rows: list[int], decoder: JpegDecoder) -> dict[int, BaseException]:
+def decode_into(datas: list[bytes | np.ndarray], out: Any, rows: list[int],
+                decoder: JpegDecoder) -> dict[int, BaseException]:
     """Decode ``datas`` on ``out``'s device in one batched call, resize and crop them in batches, and
     write image k to ``out[rows[k]]``. Returns ``{k: exception}`` for the images the decoder refused
     (their rows are left as they were)."""
@@ -106,7 +111,7 @@ def decode_into(datas: list[bytes], out: Any, rows: list[int], decoder: JpegDeco
     return failed
 
 
-def device_crops(datas: list[bytes], device: Any, decoder: JpegDecoder) -> list[Any]:
+def device_crops(datas: list[bytes | np.ndarray], device: Any, decoder: JpegDecoder) -> list[Any]:
     """Decode + resize + crop on ``device``: per image a uint8 ``[224, 224, 3]`` device tensor, or
     the exception that made it fall back to the CPU path."""
     out = torch.empty((len(datas), IMAGE_SIZE, IMAGE_SIZE, 3), dtype=torch.uint8, device=device)

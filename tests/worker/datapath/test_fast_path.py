@@ -19,8 +19,12 @@ from PIL import Image
 
 from embedjob.bench.synth import synthetic_jpegs
 from embedjob.contract import EmbedOptions
+from embedjob.storage import Storage
+from embedjob.worker.datapath import batch as batch_module
 from embedjob.worker.datapath import shard as pipeline
+from embedjob.worker.datapath.batch import PreparedStream
 from embedjob.worker.datapath.crop import Crop, EncodedJpeg, Rejected, draft_request, prepare_image
+from embedjob.worker.datapath.decode_pool import DecodePool
 from embedjob.worker.datapath.engine import DEVICE_JPEG_PATH, InferenceEngine
 from embedjob.worker.datapath.gpu_decode import DeviceDecodeUnavailable, device_crops, nvjpeg_decoder
 from embedjob.worker.model.embedder import Embedder
@@ -172,6 +176,95 @@ def test_pipeline_fast_path_on_the_device_route(embedder, tmp_path, monkeypatch)
     fast_emb = np.load(tmp_path / "fast" / "img_emb" / "varied.npy").astype(np.float32)
     exact_emb = np.load(tmp_path / "exact" / "img_emb" / "varied.npy").astype(np.float32)
     assert (fast_emb * exact_emb).sum(1).min() > 0.99  # same images, same rows
+
+
+class _CountingPool(DecodePool):
+    """The real pool, counting the image bytes that cross the pipes: sent to it and sent back."""
+
+    sent_bytes = reply_bytes = 0
+
+    def submit_chunk(self, header, payload=b""):  # noqa: ANN001, ANN201
+        self.sent_bytes += len(payload)
+        future = super().submit_chunk(header, payload)
+
+        def count(f) -> None:  # noqa: ANN001
+            if not f.cancelled() and f.exception() is None:
+                self.reply_bytes += len(f.result()[1])
+
+        future.add_done_callback(count)
+        return future
+
+
+@pytest.mark.parametrize("kind", ["process", "thread"])
+def test_device_jpegs_reach_the_main_process_as_views_of_their_slot_not_through_the_pipes(kind, tmp_path,
+                                                                                          monkeypatch):
+    """The fast path on CUDA: a decode worker leaves each checked JPEG's bytes in its batch slot's
+    JPEG room, so the main process gets them without a byte through a pipe or a copy. A JPEG that
+    does not fit in what its batch left of the room comes back through the pipe, and is the same."""
+    spec = shards.varied_shard()
+    tar = spec.write(tmp_path / "varied.tar")
+    members = spec.members_by_key()
+    options = EmbedOptions(batch_size=4, num_threads=2, preprocessing="fast")
+    pool = _CountingPool(2, kind)
+
+    def jpegs() -> dict[str, tuple[type, bytes]]:
+        out = {}
+        with PreparedStream(str(tar), Storage(), pool, options, device_jpeg=True) as stream:
+            for b in stream.batches():
+                out.update({b.rows[i].key: (type(j.data), bytes(j.data)) for i, j in b.jpegs.items()})
+                stream.release(b.slot)
+        return out
+
+    try:
+        roomy = jpegs()
+        assert pool.sent_bytes == pool.reply_bytes == 0
+        assert len(roomy) >= 5 and {t for t, _ in roomy.values()} == {np.ndarray}
+        assert {k: data for k, (_, data) in roomy.items()} == {k: members[k] for k in roomy}
+        # A room of about one of these JPEGs per batch of 4: the others come back in the replies.
+        sizes = sorted(len(data) for _, data in roomy.values())
+        monkeypatch.setattr(batch_module, "JPEG_ROOM_PER_ROW", sizes[len(sizes) // 2] // 4)
+        tight = jpegs()
+        assert {k: data for k, (_, data) in tight.items()} == {k: data for k, (_, data) in roomy.items()}
+        assert {t for t, _ in tight.values()} == {np.ndarray, bytes}
+        assert pool.sent_bytes == 0
+        assert pool.reply_bytes == sum(len(data) for t, data in tight.values() if t is bytes)
+    finally:
+        pool.shutdown()
+
+
+def test_device_route_rows_do_not_depend_on_the_jpeg_room(embedder, tmp_path, monkeypatch):
+    """Whether a JPEG reached the device-decode stage in its slot or through the pipe, the shard's
+    rows are the same, bit for bit."""
+    monkeypatch.setattr(pipeline, "device_jpeg_decoder", lambda options, model: pil_decoder)
+    tar = shards.varied_shard().write(tmp_path / "varied.tar")
+    options = EmbedOptions(batch_size=4, num_threads=2, preprocessing="fast")
+    roomy = pipeline.embed_shard(str(tar), str(tmp_path / "roomy"), embedder, options)
+    monkeypatch.setattr(batch_module, "JPEG_ROOM_PER_ROW", 2000)  # most do not fit
+    tight = pipeline.embed_shard(str(tar), str(tmp_path / "tight"), embedder, options)
+    assert (roomy.images, roomy.failed) == (tight.images, tight.failed) == (22, 4)
+    for part in ("img_emb/varied.npy",):
+        np.testing.assert_array_equal(np.load(tmp_path / "roomy" / part), np.load(tmp_path / "tight" / part))
+
+
+def test_bench_decode_limit_on_the_device_route_counts_every_image_once(tmp_path, monkeypatch):
+    """The benchmark's fast decode limit on CUDA decodes each batch's JPEGs in one device call before
+    the slot (and the JPEG room) goes back: every image counted once, refused ones not at all."""
+    from embedjob.bench import measure
+    from embedjob.worker.datapath import gpu_decode
+
+    calls: list[int] = []
+
+    def counting(datas, device):  # noqa: ANN001, ANN202
+        calls.append(len(datas))
+        return pil_decoder([bytes(d) for d in datas], device)
+
+    monkeypatch.setattr(gpu_decode, "nvjpeg_decoder", lambda: counting)
+    tar = shards.varied_shard().write(tmp_path / "varied.tar")
+    options = EmbedOptions(batch_size=4, num_threads=2, preprocessing="fast")
+    fast = measure.measure_decode([str(tar)] * 2, Storage(), options, torch.device("cpu"), device_jpeg=True)
+    exact = measure.measure_decode([str(tar)] * 2, Storage(), EmbedOptions(batch_size=4, num_threads=2))
+    assert (fast["images"], fast["rejected"]) == (exact["images"], exact["rejected"]) == (44, 8)
+    assert sum(calls) >= 10 and max(calls) <= 4  # the device JPEGs, a batch per call
 
 
 def test_fast_path_on_cuda_without_torchvision_names_the_field(tmp_path):

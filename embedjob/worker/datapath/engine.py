@@ -83,6 +83,18 @@ def _give_back_buffers(embedder: Embedder, batch_size: int, slots: int, buffers:
         per_size.setdefault((batch_size, slots), []).append(buffers)
 
 
+def _runs_without(n: int, skip: dict[int, object]) -> list[tuple[int, int]]:
+    """The runs ``[start, stop)`` of ``range(n)`` that hold no index of ``skip``."""
+    runs, start = [], 0
+    for i in sorted(skip):
+        if i > start:
+            runs.append((start, i))
+        start = i + 1
+    if start < n:
+        runs.append((start, n))
+    return runs
+
+
 class InferenceEngine:
     """Runs ``embedder`` on a thread of its own; see the module docstring."""
 
@@ -156,7 +168,11 @@ class InferenceEngine:
         slot = self._free.get()
         external = None
         if self.embedder.device.type == "cuda":
-            self._crops[slot][:n].copy_(torch.from_numpy(crops))  # one copy per batch, the GIL released
+            # One copy per batch, the GIL released; the rows left for device JPEGs hold no crop (on
+            # the fast path most rows are those): only the runs of host crops are copied.
+            host, source = self._crops[slot], torch.from_numpy(crops)
+            for start, stop in _runs_without(n, jpegs):
+                host[start:stop].copy_(source[start:stop])
         else:
             external = torch.from_numpy(crops)
         future: Future = Future()
@@ -228,7 +244,10 @@ class InferenceEngine:
         if not jpegs:
             return crops, {}, {}
         device = self.embedder.device
-        batch = crops.to(device, non_blocking=True)
+        if len(jpegs) == n:  # nothing from the host: every row is decoded on the device
+            batch = torch.empty((n, *crops.shape[1:]), dtype=crops.dtype, device=device)
+        else:
+            batch = crops.to(device, non_blocking=True)
         order = sorted(jpegs)
         refused = decode_into([jpegs[i].data for i in order], batch, order, self.jpeg_decoder)
         rejected: dict[int, str] = {}

@@ -110,3 +110,19 @@ def test_a_failing_batch_fails_its_future_and_the_engine_goes_on():
         with pytest.raises(RuntimeError, match="fell off the bus"):
             futures[1].result()
         assert futures[2].result().rows.shape == (4, 8)
+
+
+def test_only_the_host_crops_runs_of_a_batch_are_copied_to_the_pinned_buffer():
+    """On CUDA a batch slot is copied into the pinned buffer by runs of rows that hold a host crop:
+    the rows left for device JPEGs (most rows on the fast path) are not copied."""
+    from embedjob.worker.datapath.engine import _runs_without
+
+    assert _runs_without(6, {}) == [(0, 6)]
+    assert _runs_without(6, dict.fromkeys(range(6))) == []
+    assert _runs_without(6, dict.fromkeys([0, 2, 3])) == [(1, 2), (4, 6)]
+    assert _runs_without(6, dict.fromkeys([5, 1])) == [(0, 1), (2, 5)]
+    for n in range(1, 9):  # every row is in exactly one run or skipped, in order
+        for mask in range(2**n):
+            skip = {i: None for i in range(n) if mask >> i & 1}
+            rows = [i for start, stop in _runs_without(n, skip) for i in range(start, stop)]
+            assert rows == [i for i in range(n) if i not in skip]

@@ -85,8 +85,11 @@ def resize_crop_into(images: list[Any], out: Any, index: Any = None) -> None:
             x = x.round_().clamp_(0, 255)
         left, top, right, bottom = center_crop_box(new_w, new_h)
         crops = x[:, :, top:bottom, left:right].to(torch.uint8).permute(0, 2, 3, 1)
-        target = torch.tensor([rows[k] for k in members], dtype=torch.long, device=out.device)
-        out.index_copy_(0, target, crops)
+        targets = [rows[k] for k in members]
+        if targets == list(range(targets[0], targets[0] + len(targets))):
+            out[targets[0]:targets[-1] + 1].copy_(crops)  # consecutive rows (a batch of one size): no index
+        else:  # an index from pageable memory: a copy the host waits for
+            out.index_copy_(0, torch.tensor(targets, dtype=torch.long, device=out.device), crops)
 
 
 def resize_crop(images: list[Any]) -> list[Any]:

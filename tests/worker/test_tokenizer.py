@@ -84,3 +84,40 @@ def test_identity_names_the_merges():
     ident = clip_tokenizer().identity()
     assert ident["vocabSha256"] == "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a"
     assert ident["contextLength"] == 77 and ident["vocabSize"] == 49408
+
+
+def _random_ascii(rng, n: int, alphabet: str) -> list[str]:
+    return ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 60))) for _ in range(n)]
+
+
+def test_ftfy_and_unescaping_leave_printable_ascii_without_entities_as_it_is():
+    """What lets clean_caption skip ftfy and unescaping for most captions: on printable ASCII without
+    '&' both are the identity. Random strings over every such character, and words."""
+    import html
+    import random
+    import string
+
+    import ftfy
+
+    rng = random.Random(7)
+    alphabet = "".join(c for c in string.printable if c.isprintable() and c != "&")
+    words = ["it's", "DON'T", "<b>", "a--b", "x;y", "#39", "lt;", "\\u00e9", "\\x1b[31m", "''", "``", "..."]
+    captions = _random_ascii(rng, 5000, alphabet) + [
+        " ".join(rng.choice(words) for _ in range(rng.randint(1, 12))) for _ in range(2000)]
+    for caption in captions:
+        assert ftfy.fix_text(caption) == caption and html.unescape(caption) == caption, caption
+
+
+def test_random_captions_match_open_clip(reference):
+    """Plain ASCII captions (the fast path), and ones with entities, whitespace, control and non-ASCII
+    characters (the full path): ids equal open_clip's."""
+    import random
+    import string
+
+    rng = random.Random(11)
+    captions = _random_ascii(rng, 400, string.printable) + _random_ascii(rng, 400, string.ascii_letters + " .,'!&;#")
+    captions += [c + rng.choice(["é", "\u2019", "\x00", "\r\n", "&amp;", "\u00a0"]) + c for c in captions[:200]]
+    tok = clip_tokenizer()
+    for caption in captions:
+        ref, ids = reference([caption])[0].tolist(), tok.tokenize(caption).ids
+        assert ids == ref[: len(ids)] and not any(ref[len(ids):]), repr(caption)

@@ -47,9 +47,18 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, (chr(c) for c in cs), strict=True))
 
 
+def _plain(text: str) -> bool:
+    """Printable ASCII (spaces included, no other whitespace or control character)."""
+    return text.isascii() and text.isprintable()
+
+
 def clean_caption(text: str) -> str:
-    """ftfy, HTML unescaped twice, whitespace collapsed, lower-cased (OpenAI's basic + whitespace clean)."""
-    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    """ftfy, HTML unescaped twice, whitespace collapsed, lower-cased (OpenAI's basic + whitespace clean).
+    Printable ASCII without ``&`` is left as it is by ftfy (its fixes need non-ASCII characters, control
+    characters, line breaks or an entity) and by unescaping: the common caption skips both (tested
+    against ftfy)."""
+    if not (_plain(text) and "&" not in text):
+        text = html.unescape(html.unescape(ftfy.fix_text(text)))
     return " ".join(text.split()).lower()
 
 
@@ -113,8 +122,12 @@ class ClipTokenizer:
         with ``<|endoftext|>`` last. Stops reading a long caption once it is known to be cut."""
         body_max = self.context_length - 2
         ids: list[int] = [self.sot_id]
-        for match in _PATTERN.finditer(clean_caption(caption)):
-            piece = "".join(self._byte_chars[b] for b in match.group().encode("utf-8"))
+        text = clean_caption(caption)
+        plain = _plain(text)  # its pieces ('!'..'~') are their own byte characters
+        for match in _PATTERN.finditer(text):
+            piece = match.group()
+            if not plain:
+                piece = "".join(self._byte_chars[b] for b in piece.encode("utf-8"))
             ids.extend(self._bpe(piece))
             if len(ids) - 1 > body_max:
                 return Tokens(ids[: self.context_length - 1] + [self.eot_id], truncated=True)

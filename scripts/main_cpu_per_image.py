@@ -2,9 +2,17 @@
 
     .venv/bin/python scripts/main_cpu_per_image.py [--size 500x375] [--shards 4] [--per-shard 1000]
         [--preprocessing exact] [--profile out.html]
+    .venv/bin/python scripts/main_cpu_per_image.py --device-route [--jpeg-room BYTES] [--rounds 3]
 
 A tiny random-weight CLIP keeps the model's cost small; the forward thread's (and torch's own
 threads') CPU is reported apart, since on a GPU the forward is a launch, not a computation.
+
+``--device-route``: the fast path on CUDA up to the device, which this machine lacks. The decode
+processes check each JPEG's header and leave it encoded; the main process gets every batch and makes
+the tensors nvJPEG is given, exactly as the engine's device-decode thread does, then stops. It prints
+the main process's CPU per JPEG with the JPEG room of the batch slots (``--jpeg-room``: bytes per row,
+default the worker's; the JPEGs stay in shared memory) and with none (0: they come back through the
+pipes, as before the room), alternated ``--rounds`` times.
 """
 
 from __future__ import annotations
@@ -59,7 +67,13 @@ def main() -> None:
     ap.add_argument("--preprocessing", default="exact")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--profile", default="")
+    ap.add_argument("--device-route", action="store_true")
+    ap.add_argument("--jpeg-room", type=int, default=-1)
+    ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
+    if args.device_route:
+        device_route(args)
+        return
 
     try:
         from embedjob.bench.synth import make_shards
@@ -133,6 +147,48 @@ def main() -> None:
     if profiler:
         Path(args.profile).write_text(profiler.output_html())
         print(profiler.output_text(unicode=False, color=False, show_all=False))
+
+
+def device_route(args: argparse.Namespace) -> None:
+    import numpy as np
+
+    from embedjob.bench.synth import make_shards
+    from embedjob.contract import EmbedOptions
+    from embedjob.storage import Storage
+    from embedjob.worker.datapath import batch as batch_module
+    from embedjob.worker.datapath.decode_pool import DecodePool
+    from embedjob.worker.model.torch_env import torch
+
+    work = Path(tempfile.mkdtemp(prefix="embedjob-devroute-"))
+    shards = make_shards(str(work), Storage(), args.size, args.shards, args.per_shard)
+    pool = DecodePool(os.cpu_count() or 1)
+    pool.warm_up()
+    options = EmbedOptions(batch_size=args.batch_size, preprocessing="fast")
+    room = batch_module.JPEG_ROOM_PER_ROW if args.jpeg_room < 0 else args.jpeg_room
+
+    def run(per_row: int) -> tuple[int, float, float]:
+        batch_module.JPEG_ROOM_PER_ROW = per_row
+        jpegs = 0
+        r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+        for shard in shards:
+            with batch_module.PreparedStream(shard, Storage(), pool, options, device_jpeg=True) as stream:
+                for b in stream.batches():
+                    tensors = [torch.from_numpy(d if isinstance(d, np.ndarray) else np.frombuffer(d, np.uint8).copy())
+                               for d in (j.data for j in b.jpegs.values())]  # what nvjpeg_decoder hands nvJPEG
+                    jpegs += len(tensors)
+                    stream.release(b.slot)
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
+        cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+        return jpegs, 1000 * cpu / max(jpegs, 1), jpegs / (time.perf_counter() - t0)
+
+    try:
+        for _ in range(args.rounds):
+            for per_row in (0, room):
+                n, ms, rate = run(per_row)
+                label = "through the pipes (room 0)" if per_row == 0 else f"JPEG room {per_row} B/row"
+                print(f"{label:30s} {n} JPEGs  main process {ms:.4f} ms/JPEG  {rate:,.0f} JPEGs/s", flush=True)
+    finally:
+        pool.shutdown()
 
 
 if __name__ == "__main__":

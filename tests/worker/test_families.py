@@ -94,6 +94,36 @@ def test_fast_path_is_exact_for_siglip_and_drafts_for_clip_336(tmp_path, checkpo
         assert manifest["preprocessing_paths"] == {path: 3} and manifest["preprocessing"] == pre
 
 
+@pytest.mark.parametrize("shape", ["vit-l-14-336", "siglip-b-16"])
+def test_the_device_route_of_the_fast_path_follows_each_family(tmp_path, checkpoints, monkeypatch, shape):
+    """The fast path on CUDA for a model other than OpenAI CLIP at 224 px: its JPEGs are decoded,
+    resized and cropped "on the device" (a Pillow decoder stands in for nvJPEG here) with the model's
+    own geometry; the rows are those of the exact path, a CMYK JPEG and a PNG still take the CPU path
+    (with the model's transform), and the broken one is recorded."""
+    from embedjob.worker.datapath import shard as pipeline
+    from embedjob.worker.datapath.engine import DEVICE_JPEG_PATH
+    from tests.worker.datapath.test_fast_path import pil_decoder
+
+    monkeypatch.setattr(pipeline, "device_jpeg_decoder", lambda options, model: pil_decoder)
+    spec = shards.simple_shard(6, seed=4, size=(640, 480))
+    spec.members.insert(2, ("broken.jpg", b"\xff\xd8\xff not a jpeg"))
+    spec.members.append(("cmyk.jpg", shards.encode(shards.rgb(300, 200, 1).convert("CMYK"), "JPEG")))
+    spec.members.append(("png.png", shards.encode(shards.rgb(200, 300, 2), "PNG")))
+    tar = spec.write(tmp_path / "s.tar")
+    embedder, _ = load_or_reuse(str(checkpoints[shape]), device="cpu", precision="fp32")
+    fast = embed_shard(str(tar), str(tmp_path / "fast"), embedder, EmbedOptions(batch_size=4, num_threads=1,
+                                                                               preprocessing="fast"))
+    exact = embed_shard(str(tar), str(tmp_path / "exact"), embedder, EmbedOptions(batch_size=4, num_threads=1))
+    assert (fast.images, fast.failed) == (exact.images, exact.failed) == (8, 1)
+    manifest = json.loads((tmp_path / "fast" / "_manifests" / "s.json").read_text())
+    assert manifest["preprocessing_paths"][DEVICE_JPEG_PATH] == 6
+    assert manifest["preprocessing"] == "embedjob-fast-v1:" + embedder.transform.id
+    a = np.load(tmp_path / "fast" / "img_emb" / "s.npy").astype(np.float64)
+    b = np.load(tmp_path / "exact" / "img_emb" / "s.npy").astype(np.float64)
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cos[:6].min() > 0.99 and cos[6:].min() > 0.999999  # the CPU path's images are exact
+
+
 def test_text_outputs_with_every_shape(tmp_path, checkpoints):
     """CLIP shapes with OpenAI CLIP's tokenizer, SigLIP with its own SentencePiece one (tests/worker/
     test_siglip_text.py checks its rows)."""

@@ -249,12 +249,13 @@ class InferenceEngine:
         else:
             batch = crops.to(device, non_blocking=True)
         order = sorted(jpegs)
-        refused = decode_into([jpegs[i].data for i in order], batch, order, self.jpeg_decoder)
+        transform = self.embedder.transform
+        refused = decode_into([jpegs[i].data for i in order], batch, order, self.jpeg_decoder, transform)
         rejected: dict[int, str] = {}
         paths = dict.fromkeys(order, DEVICE_JPEG_PATH)
         for k in refused:  # nvJPEG refused these: the CPU path, for those images only
             i = order[k]
-            fallback = prepare_image(bytes(jpegs[i].data), self.max_pixels, "fast")
+            fallback = prepare_image(bytes(jpegs[i].data), self.max_pixels, "fast", transform=transform)
             if not isinstance(fallback, Crop):
                 rejected[i] = fallback.reason
                 del paths[i]

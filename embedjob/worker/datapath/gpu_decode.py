@@ -1,12 +1,14 @@
 """Stages 2 + 3 on the GPU — the opt-in fast path on CUDA (``spec.inference.preprocessing: fast``):
 JPEGs decoded by nvJPEG in batches (torchvision ``decode_jpeg`` on the device), then resized and
-center-cropped on the device with the reference geometry (short side 224 with torchvision's rounding,
-the same crop offsets) and an antialiased bicubic filter.
+cropped on the device with the model's geometry (its ImageTransform) and an antialiased bicubic
+filter: for CLIP (every size) the short side resized to ``resize`` with torchvision's rounding and the
+same center-crop offsets; for SigLIP's squash the whole image resized to ``crop`` x ``crop``.
 
 Not bit-identical to the reference: nvJPEG's IDCT and upsampling differ from libjpeg-turbo's by a
 grey level here and there, and the resize is computed in float32 rather than Pillow's fixed point.
 ``embedjob bench --preprocessing fast`` measures the deviation (PSNR, mean absolute difference,
-embedding cosine); manifests record ``preprocessing: embedjob-fast-v1``.
+embedding cosine); manifests record ``preprocessing: embedjob-fast-v1`` (with the transform's id
+after a colon for any model other than OpenAI CLIP at 224 px).
 
 The decode workers send here only complete RGB or grey JPEGs whose header they checked (size limit
 included), their bytes left in the batch slot's JPEG room (batch_slots.py) and used from there in
@@ -23,8 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from embedjob.worker.datapath.preprocess import IMAGE_SIZE, center_crop_box, resized_size
+from embedjob.worker.datapath.preprocess import center_crop_box, resized_size
 from embedjob.worker.model.torch_env import torch
+from embedjob.worker.model.transform import DEFAULT_TRANSFORM, ImageTransform
 
 # Decoded images in, one result per image out: a uint8 [3, H, W] tensor on the device, or the
 # exception that image raised.
@@ -65,12 +68,24 @@ def nvjpeg_decoder() -> JpegDecoder:
     return decode
 
 
-def resize_crop_into(images: list[Any], out: Any, index: Any = None) -> None:
-    """The reference geometry on the device, in batches: each uint8 ``[3, H, W]`` image resized
-    (antialiased bicubic, in float32, rounded) so its short side is 224, center-cropped, and written
-    to ``out[index[k]]`` (uint8 ``[N, 224, 224, 3]``; ``index``: a list of rows of ``out``, default
-    0..len-1). Images of the same size are resized in one call and scattered in one copy; the only
-    per-image work is reading their sizes."""
+def device_geometry(width: int, height: int,
+                    transform: ImageTransform) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
+    """The resized size ``(w, h)`` and the crop box ``(left, top, right, bottom)`` in it of a
+    ``width`` x ``height`` image under ``transform``: the reference's own geometry."""
+    if transform.rule == "squash":
+        return (transform.crop, transform.crop), (0, 0, transform.crop, transform.crop)
+    new = resized_size(width, height, transform.resize)
+    return new, center_crop_box(*new, size=transform.crop)
+
+
+def resize_crop_into(images: list[Any], out: Any, index: Any = None,
+                     transform: ImageTransform = DEFAULT_TRANSFORM) -> None:
+    """The reference geometry of ``transform`` on the device, in batches: each uint8 ``[3, H, W]``
+    image resized (antialiased bicubic, in float32, rounded) and cropped as the model's transform says
+    (OpenAI CLIP's by default: short side 224, center crop), and written to ``out[index[k]]`` (uint8
+    ``[N, crop, crop, 3]``; ``index``: a list of rows of ``out``, default 0..len-1). Images of the same
+    size are resized in one call and written in one copy; the only per-image work is reading their
+    sizes."""
     rows = list(range(len(images))) if index is None else list(index)
     groups: dict[tuple[int, int], list[int]] = {}
     for k, img in enumerate(images):
@@ -78,12 +93,11 @@ def resize_crop_into(images: list[Any], out: Any, index: Any = None) -> None:
     for (width, height), members in groups.items():
         x = (images[members[0]].unsqueeze(0) if len(members) == 1
              else torch.stack([images[k] for k in members])).to(torch.float32)
-        new_w, new_h = resized_size(width, height)
+        (new_w, new_h), (left, top, right, bottom) = device_geometry(width, height, transform)
         if (new_w, new_h) != (width, height):
             x = torch.nn.functional.interpolate(x, size=(new_h, new_w), mode="bicubic", antialias=True,
                                                 align_corners=False)
             x = x.round_().clamp_(0, 255)
-        left, top, right, bottom = center_crop_box(new_w, new_h)
         crops = x[:, :, top:bottom, left:right].to(torch.uint8).permute(0, 2, 3, 1)
         targets = [rows[k] for k in members]
         if targets == list(range(targets[0], targets[0] + len(targets))):
@@ -92,31 +106,34 @@ def resize_crop_into(images: list[Any], out: Any, index: Any = None) -> None:
             out.index_copy_(0, torch.tensor(targets, dtype=torch.long, device=out.device), crops)
 
 
-def resize_crop(images: list[Any]) -> list[Any]:
-    """:func:`resize_crop_into` for a list: uint8 ``[224, 224, 3]`` tensors, one per image."""
+def resize_crop(images: list[Any], transform: ImageTransform = DEFAULT_TRANSFORM) -> list[Any]:
+    """:func:`resize_crop_into` for a list: uint8 ``[crop, crop, 3]`` tensors, one per image."""
     if not images:
         return []
-    out = torch.empty((len(images), IMAGE_SIZE, IMAGE_SIZE, 3), dtype=torch.uint8, device=images[0].device)
-    resize_crop_into(images, out)
+    side = transform.crop
+    out = torch.empty((len(images), side, side, 3), dtype=torch.uint8, device=images[0].device)
+    resize_crop_into(images, out, transform=transform)
     return list(out.unbind(0))
 
 
-def decode_into(datas: list[bytes | np.ndarray], out: Any, rows: list[int],
-                decoder: JpegDecoder) -> dict[int, BaseException]:
-    """Decode ``datas`` on ``out``'s device in one batched call, resize and crop them in batches, and
-    write image k to ``out[rows[k]]``. Returns ``{k: exception}`` for the images the decoder refused
-    (their rows are left as they were)."""
+def decode_into(datas: list[bytes | np.ndarray], out: Any, rows: list[int], decoder: JpegDecoder,
+                transform: ImageTransform = DEFAULT_TRANSFORM) -> dict[int, BaseException]:
+    """Decode ``datas`` on ``out``'s device in one batched call, resize and crop them in batches
+    (``transform``: the model's), and write image k to ``out[rows[k]]``. Returns ``{k: exception}``
+    for the images the decoder refused (their rows are left as they were)."""
     decoded = decoder(datas, out.device)
     failed = {k: d for k, d in enumerate(decoded) if isinstance(d, BaseException)}
     good = [k for k in range(len(decoded)) if k not in failed]
     if good:
-        resize_crop_into([decoded[k] for k in good], out, [rows[k] for k in good])
+        resize_crop_into([decoded[k] for k in good], out, [rows[k] for k in good], transform)
     return failed
 
 
-def device_crops(datas: list[bytes | np.ndarray], device: Any, decoder: JpegDecoder) -> list[Any]:
-    """Decode + resize + crop on ``device``: per image a uint8 ``[224, 224, 3]`` device tensor, or
+def device_crops(datas: list[bytes | np.ndarray], device: Any, decoder: JpegDecoder,
+                 transform: ImageTransform = DEFAULT_TRANSFORM) -> list[Any]:
+    """Decode + resize + crop on ``device``: per image a uint8 ``[crop, crop, 3]`` device tensor, or
     the exception that made it fall back to the CPU path."""
-    out = torch.empty((len(datas), IMAGE_SIZE, IMAGE_SIZE, 3), dtype=torch.uint8, device=device)
-    failed = decode_into(datas, out, list(range(len(datas))), decoder)
+    side = transform.crop
+    out = torch.empty((len(datas), side, side, 3), dtype=torch.uint8, device=device)
+    failed = decode_into(datas, out, list(range(len(datas))), decoder, transform)
     return [failed[k] if k in failed else out[k] for k in range(len(datas))]

@@ -109,10 +109,9 @@ def preprocessing_id(preprocessing: str, transform: ImageTransform) -> str:
 
 def device_jpeg_decoder(options: EmbedOptions, model: Embedder) -> JpegDecoder | None:
     """The GPU JPEG decoder when the fast path decodes on the device (preprocessing "fast" on CUDA),
-    else None. Raises at once, naming the field, when this worker cannot (no torchvision). nvJPEG's
-    resize and crop reproduce only OpenAI CLIP's 224 px transform: for another model (336 px CLIP,
-    SigLIP) the fast path stays on the CPU (the DCT-domain draft for CLIP sizes, exact for SigLIP)."""
-    if options.preprocessing != "fast" or model.device.type != "cuda" or model.transform != DEFAULT_TRANSFORM:
+    else None. Raises at once, naming the field, when this worker cannot (no torchvision). The resize
+    and crop on the device follow the model's transform (CLIP at any size, SigLIP's squash)."""
+    if options.preprocessing != "fast" or model.device.type != "cuda":
         return None
     return nvjpeg_decoder()
 

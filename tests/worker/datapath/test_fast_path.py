@@ -118,6 +118,24 @@ def test_device_resize_and_crop_stay_within_30_db_of_exact():
         assert psnr(_crop(data, "exact").pixels, crop.numpy()) >= 30.0
 
 
+def test_device_resize_and_crop_follow_the_models_transform():
+    """CLIP at 336 px (short side 336, center crop) and SigLIP's squash at 224 and 384 px (the whole
+    image to a square): the device's crops have the model's size and stay within 30 dB of its exact
+    transform, on photo-like, progressive, grey, portrait and odd-sized JPEGs."""
+    from embedjob.worker.model.random_weights import siglip_processor_config
+    from embedjob.worker.model.transform import transform_from_config
+
+    datas = [*_realistic_jpegs(), *synthetic_jpegs("500x375", 2), shards.encode(shards.rgb(301, 517, 2), "JPEG")]
+    for transform in (transform_from_config("clip", None, 336), transform_from_config("siglip", None, 224),
+                      transform_from_config("siglip", siglip_processor_config(384), 384)):
+        crops = device_crops(datas, torch.device("cpu"), pil_decoder, transform)
+        for data, crop in zip(datas, crops, strict=True):
+            exact = prepare_image(data, MAX_PIXELS, "exact", transform=transform)
+            assert isinstance(exact, Crop) and exact.pixels.shape == (transform.crop, transform.crop, 3)
+            assert crop.dtype == torch.uint8 and tuple(crop.shape) == exact.pixels.shape
+            assert psnr(exact.pixels, crop.numpy()) >= 30.0, (transform.id, len(data))
+
+
 def test_decode_workers_leave_only_complete_rgb_or_grey_jpegs_for_the_device():
     jpeg = synthetic_jpegs("500x375", 1)[0]
     item = prepare_image(jpeg, MAX_PIXELS, "fast", device_jpeg=True)
@@ -283,6 +301,13 @@ def test_fast_path_on_cuda_without_torchvision_names_the_field(tmp_path):
     with pytest.raises(DeviceDecodeUnavailable, match="spec.inference.preprocessing"):
         pipeline.embed_shard(str(tar), str(tmp_path / "out"), gpu, EmbedOptions(preprocessing="fast"))
     assert not (tmp_path / "out").exists()
+    # Every model takes the device route, whatever its transform (SigLIP's squash here).
+    from embedjob.worker.model.transform import transform_from_config
+
+    gpu.transform = transform_from_config("siglip", None, 224)
+    with pytest.raises(DeviceDecodeUnavailable, match="spec.inference.preprocessing"):
+        pipeline.device_jpeg_decoder(EmbedOptions(preprocessing="fast"), gpu)
+    assert pipeline.device_jpeg_decoder(EmbedOptions(preprocessing="exact"), gpu) is None
 
 
 def test_device_decode_stage_keeps_batch_order_over_many_batches_and_leaves_no_thread(embedder):

@@ -262,6 +262,7 @@ h1{font-size:20px;margin:0 0 4px} h2{font-size:16px;margin:24px 0 8px} .muted{co
 .card{background:#fff;border:1px solid #dde;border-radius:8px;padding:10px 14px;min-width:120px}
 .card b{display:block;font-size:20px} table{border-collapse:collapse;background:#fff}
 td,th{border:1px solid #dde;padding:3px 8px;text-align:left}
+#model table{max-width:100%} #model td{overflow-wrap:anywhere}
 .panel{background:#fff;border:1px solid #dde;border-radius:8px;padding:12px 16px;margin:12px 0}
 svg rect.bar{fill:#7aa6d8} svg rect.bar.kept{fill:#2b6cb0} svg line.cut{stroke:#c53030;stroke-width:2}
 .controls{display:flex;gap:12px;align-items:center;margin:6px 0} input[type=range]{width:420px}
@@ -272,7 +273,7 @@ figure img{width:112px;height:112px;object-fit:cover;background:#eee;border-radi
 <h1 id="title"></h1><div class="muted" id="subtitle"></div>
 <h2>Totals</h2><div class="cards" id="totals"></div>
 <div id="reasons"></div>
-<h2>Model</h2><pre id="model"></pre>
+<h2>Model</h2><div id="model"></div>
 <div id="panels"></div>
 <script type="application/json" id="report-data">__DATA__</script>
 <script>
@@ -307,7 +308,25 @@ if (reasons.length) { const r = document.getElementById("reasons");
   for (const [k, v] of reasons) {
     const tr = el("tr"); tr.append(el("td", {}, k), el("td", {}, String(v))); t.appendChild(tr); }
   r.appendChild(t); }
-document.getElementById("model").textContent = JSON.stringify({model: D.model, heads: D.heads}, null, 1);
+// The model (one column per model when shards were embedded by different ones) and the score heads:
+// field / value tables, nested values written out as compact JSON.
+const cell = v => v === null || v === undefined ? "-" : (typeof v === "object" ? JSON.stringify(v) : String(v));
+const fieldTable = (id, columns, names) => {
+  const t = el("table", {id: id});
+  const head = el("tr"); head.appendChild(el("th", {}, "field"));
+  names.forEach(n => head.appendChild(el("th", {}, n))); t.appendChild(head);
+  const fields = [...new Set(columns.flatMap(c => Object.keys(c || {})))];
+  for (const f of fields) { const tr = el("tr", {"data-field": f}); tr.appendChild(el("th", {}, f));
+    columns.forEach(c => tr.appendChild(el("td", {}, cell((c || {})[f])))); t.appendChild(tr); }
+  return t; };
+const modelBox = document.getElementById("model");
+const models = D.model === null || D.model === undefined ? [] : (Array.isArray(D.model) ? D.model : [D.model]);
+if (models.length) modelBox.appendChild(fieldTable("model-table", models,
+  models.length === 1 ? ["value"] : models.map((_, i) => "model " + (i + 1))));
+else modelBox.appendChild(el("div", {class: "muted"}, "no finished shard records its model"));
+const heads = Object.entries(D.heads || {});
+if (heads.length) { modelBox.appendChild(el("h2", {}, "Score heads"));
+  modelBox.appendChild(fieldTable("heads-table", heads.map(([, h]) => h), heads.map(([n]) => n))); }
 const panels = document.getElementById("panels");
 for (const [name, P] of Object.entries(D.panels)) {
   // as many decimals as the score's own range needs (random-weight heads spread over 0.001)

@@ -55,6 +55,23 @@ def test_totals_and_failed_reasons(page, scored_output):
     assert len(reasons) == 2 and reasons[1] == "1"
 
 
+def test_model_and_heads_are_tables_of_what_the_manifests_record(page, scored_output):
+    """The model block a person reads: one row per field, the values the shards' manifests record
+    (the model's identity, its weights' hash), and one column per score head."""
+    import json
+
+    manifest = json.loads(next((scored_output["output"] / "_manifests").glob("*.json")).read_text())
+    model = page.js("Object.fromEntries([...document.querySelectorAll('#model-table tr[data-field]')].map("
+                    "tr => [tr.dataset.field, tr.querySelector('td').textContent]))")
+    assert model["family"] == manifest["model"]["family"] and model["dim"] == "768"
+    assert model["weightsSha256"] == manifest["model"]["weightsSha256"] and model["path"]
+    heads = page.js("[...document.querySelectorAll('#heads-table tr:first-child th')].map(th => th.textContent)")
+    assert heads == ["field", *sorted(manifest["scores"])]
+    sha = page.js("[...document.querySelectorAll('#heads-table tr[data-field=sha256] td')].map(td => td.textContent)")
+    assert sha == [manifest["scores"][name]["sha256"] for name in sorted(manifest["scores"])]
+    assert page.js("document.querySelectorAll('pre').length") == 0  # no raw JSON left on the page
+
+
 @pytest.mark.parametrize("score", ["aesthetic", "nsfw"])
 def test_histogram_counts_are_the_scores(page, scored_output, score):
     values = scores_of(scored_output["output"])[score].astype(np.float64)

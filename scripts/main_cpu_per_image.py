@@ -150,14 +150,12 @@ def main() -> None:
 
 
 def device_route(args: argparse.Namespace) -> None:
-    import numpy as np
-
     from embedjob.bench.synth import make_shards
     from embedjob.contract import EmbedOptions
     from embedjob.storage import Storage
     from embedjob.worker.datapath import batch as batch_module
     from embedjob.worker.datapath.decode_pool import DecodePool
-    from embedjob.worker.model.torch_env import torch
+    from embedjob.worker.datapath.gpu_decode import jpeg_tensor
 
     work = Path(tempfile.mkdtemp(prefix="embedjob-devroute-"))
     shards = make_shards(str(work), Storage(), args.size, args.shards, args.per_shard)
@@ -173,8 +171,7 @@ def device_route(args: argparse.Namespace) -> None:
         for shard in shards:
             with batch_module.PreparedStream(shard, Storage(), pool, options, device_jpeg=True) as stream:
                 for b in stream.batches():
-                    tensors = [torch.from_numpy(d if isinstance(d, np.ndarray) else np.frombuffer(d, np.uint8).copy())
-                               for d in (j.data for j in b.jpegs.values())]  # what nvjpeg_decoder hands nvJPEG
+                    tensors = [jpeg_tensor(j.data) for j in b.jpegs.values()]  # what nvjpeg_decoder hands nvJPEG
                     jpegs += len(tensors)
                     stream.release(b.slot)
         r1 = resource.getrusage(resource.RUSAGE_SELF)

@@ -38,6 +38,12 @@ class DeviceDecodeUnavailable(RuntimeError):
     """The fast path on CUDA was asked for, but this worker cannot decode on the device."""
 
 
+def jpeg_tensor(data: bytes | np.ndarray) -> Any:
+    """The uint8 CPU tensor nvJPEG is given for one JPEG: a view of a batch slot's JPEG room is used
+    in place; bytes are copied (torch wants a writable buffer)."""
+    return torch.from_numpy(data if isinstance(data, np.ndarray) else np.frombuffer(data, dtype=np.uint8).copy())
+
+
 def nvjpeg_decoder() -> JpegDecoder:
     """torchvision's batched ``decode_jpeg`` on the device; raises :class:`DeviceDecodeUnavailable`
     (naming ``spec.inference.preprocessing``) when torchvision is not installed."""
@@ -50,10 +56,7 @@ def nvjpeg_decoder() -> JpegDecoder:
             f"that matches torch {torch.__version__}, or use preprocessing: exact") from e
 
     def decode(datas: list[bytes | np.ndarray], device: Any) -> list[Any]:
-        # A view of a batch slot's JPEG room is used in place; bytes are copied (torch wants a
-        # writable buffer).
-        tensors = [torch.from_numpy(d if isinstance(d, np.ndarray) else np.frombuffer(d, dtype=np.uint8).copy())
-                   for d in datas]
+        tensors = [jpeg_tensor(d) for d in datas]
         try:
             return list(decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device))
         except Exception:  # noqa: BLE001 - one bad image fails the batched call: find it, one by one

@@ -244,8 +244,7 @@ class PreparedStream:
         live: collections.deque[_Dispatched] = collections.deque()  # sent, with images, maybe not decoded yet
         items: list[list[int]] = []  # the chunk's [offset, size]
         rows: list[int] = []
-        jpeg_at: list[int] = []  # the chunk's places in the JPEG room (the fast path on CUDA)
-        room = self.slots.jpeg_room
+        room = self.slots.jpeg_room  # the fast path on CUDA: each image's place in it (batch.jpeg_at)
         datas: list[bytes] = []  # the chunk's images, when read here (a stream that is not a tar the spool can index)
         size = 0
         chunk = 1  # the first chunks are small, so that every worker has work at once
@@ -254,7 +253,7 @@ class PreparedStream:
         spool: Spool | None = None
 
         def send() -> None:
-            nonlocal items, rows, jpeg_at, datas, size, chunk
+            nonlocal items, rows, datas, size, chunk
             if not items:
                 return
             header = {"op": "chunk", "max_pixels": self.max_pixels, "preprocessing": self.preprocessing,
@@ -262,10 +261,10 @@ class PreparedStream:
                       "spool": spool.id if spool is not None and not datas else None, "items": items,
                       "slots": self.slots.id, "slot": batch.slot, "rows": rows,
                       "transform": self.transform.to_dict()}
-            if room:
-                header["jpeg_at"] = jpeg_at
+            if room:  # the chunk's rows are consecutive rows of the batch
+                header["jpeg_at"] = batch.jpeg_at[rows[0]:rows[-1] + 1]
             batch.chunks.append(self.pool.submit_chunk(header, b"".join(datas)))
-            items, rows, jpeg_at, datas, size = [], [], [], [], 0  # the image bytes now belong to the pool only
+            items, rows, datas, size = [], [], [], 0  # the image bytes now belong to the pool only
             chunk = min(2 * chunk, self.pool.chunk_images)
             if spool is not None:  # free the spool's bytes every decoder is done with
                 while live and live[0] is not batch and all(f.done() for f in live[0].chunks):
@@ -316,8 +315,7 @@ class PreparedStream:
                         rows.append(len(batch.infos))
                         if room:  # reserve the image's size in the room, if it fits
                             fits = batch.jpeg_used + items[-1][1] <= room
-                            jpeg_at.append(batch.jpeg_used if fits else -1)
-                            batch.jpeg_at.append(jpeg_at[-1])
+                            batch.jpeg_at.append(batch.jpeg_used if fits else -1)
                             batch.jpeg_used += items[-1][1] if fits else 0
                         batch.infos.append(SampleInfo(item.key, item.member, item.caption, item.json))
                         batch.seqs.append(seq)

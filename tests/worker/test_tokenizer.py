@@ -121,3 +121,50 @@ def test_random_captions_match_open_clip(reference):
     for caption in captions:
         ref, ids = reference([caption])[0].tolist(), tok.tokenize(caption).ids
         assert ids == ref[: len(ids)] and not any(ref[len(ids):]), repr(caption)
+
+
+def test_every_merge_is_ranked_after_the_merges_that_make_its_parts():
+    """What the heap BPE's equality with OpenAI's loop rests on (see ``ClipTokenizer._bpe_uncached``): each
+    token is made by one merge, and a pair is ranked after the merges that make its parts."""
+    ranks = clip_tokenizer()._ranks
+    made: dict[str, list[int]] = {}
+    for (a, b), rank in ranks.items():
+        made.setdefault(a + b, []).append(rank)
+    assert all(len(r) == 1 for r in made.values())
+    late = [(pair, rank) for pair, rank in ranks.items() for part in pair if made.get(part, [-1])[0] >= rank]
+    assert late == []
+
+
+def test_long_words_have_open_clip_bpe(reference):
+    """Whole pieces (not only what the context keeps) of random letters, of two letters (long runs of one
+    rank), of vocabulary words glued together and of any byte: the same ids as open_clip's ``bpe``."""
+    import random
+    import string
+
+    tok = ClipTokenizer()
+    rng = random.Random(5)
+    byte_chars = list(tok._byte_chars.values())
+    glued = [w[:-4] for w in list(tok.encoder)[512:49406] if w.endswith("</w>") and w[:-4].isalpha()]
+    pieces = []
+    for _ in range(60):
+        length = rng.randint(1, 600)
+        pieces += ["".join(rng.choices(string.ascii_lowercase, k=length)), "".join(rng.choices("ab", k=length)),
+                   "".join(rng.choices(glued, k=rng.randint(1, 40))), "".join(rng.choices(byte_chars, k=length))]
+    for piece in pieces:
+        assert list(tok._bpe_uncached(piece)) == [reference.encoder[t] for t in reference.bpe(piece).split(" ")], piece
+
+
+@pytest.mark.timeout(120)
+def test_a_one_mib_caption_of_one_word_is_tokenized_and_not_cached():
+    """The sidecar limit admits a 1 MiB caption; one random word of that size took OpenAI's O(n²) loop hours
+    (100 kB: 99 s). Now seconds, and the cache keeps no piece that long (its key would be the whole text)."""
+    import random
+    import string
+
+    tok = ClipTokenizer()
+    word = "".join(random.Random(9).choices(string.ascii_lowercase, k=1 << 20))
+    out = tok.tokenize(word)
+    assert out.truncated and len(out.ids) == CONTEXT_LENGTH and out.ids[-1] == tok.eot_id
+    assert tok._bpe_cached.cache_info().currsize == 0
+    tok.tokenize("a short caption")
+    assert tok._bpe_cached.cache_info().currsize == 3

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import gzip
 import hashlib
+import heapq
 import html
 from dataclasses import dataclass
 from importlib import resources
@@ -30,6 +31,7 @@ SOT, EOT = "<|startoftext|>", "<|endoftext|>"
 TOKENIZER_ID = "openai-clip-bpe-49408"
 # Distinct pieces (words) whose BPE is kept: a long-lived worker sees an unbounded number of them.
 BPE_CACHE_SIZE = 1 << 16
+BPE_CACHED_PIECE_MAX = 64  # characters: the cache then holds at most ~8 MB of keys
 _PATTERN = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""", regex.IGNORECASE)
 
 
@@ -88,7 +90,7 @@ class ClipTokenizer:
         self.context_length = context_length
         self.pad_id = 0  # rows pad with zeros after <|endoftext|> (open_clip's tokenize)
         self.pad_to_context = False  # the causal tower ignores what follows <|endoftext|>
-        self._bpe = functools.lru_cache(maxsize=BPE_CACHE_SIZE)(self._bpe_uncached)
+        self._bpe_cached = functools.lru_cache(maxsize=BPE_CACHE_SIZE)(self._bpe_uncached)
 
     def identity(self) -> dict[str, Any]:
         """What a manifest records: which tokenizer, which merges, how it cleans and cuts."""
@@ -98,24 +100,39 @@ class ClipTokenizer:
                 "clean": "ftfy.fix_text, html.unescape x2, whitespace collapsed, lower-cased"}
 
     def _bpe_uncached(self, piece: str) -> tuple[int, ...]:
-        word = tuple(piece[:-1]) + (piece[-1] + "</w>",)
-        while len(word) > 1:
-            pairs = set(zip(word, word[1:], strict=False))
-            bigram = min(pairs, key=lambda p: self._ranks.get(p, float("inf")))
-            if bigram not in self._ranks:
-                break
-            first, second = bigram
-            merged: list[str] = []
-            i = 0
-            while i < len(word):
-                if i < len(word) - 1 and word[i] == first and word[i + 1] == second:
-                    merged.append(first + second)
-                    i += 2
-                else:
-                    merged.append(word[i])
-                    i += 1
-            word = tuple(merged)
-        return tuple(self.encoder[w] for w in word)
+        """Byte-level BPE: the lowest-ranked adjacent pair is merged, everywhere, until no pair is ranked.
+
+        OpenAI's loop rescans the whole word for every merge: O(n²) in its length, so one 100 kB caption
+        word of random letters took 99 s, and a 1 MiB one (what the sidecar limit admits) hours. Here the
+        pairs wait in a heap ordered by (rank, position) over a linked list of symbols: O(n log n), and the
+        same merges in the same order. That holds because in CLIP's merges every token is made by one merge
+        and a pair is ranked after the merges that make its parts (tested over the whole file): a merge
+        creates only pairs of higher rank, so the ranks are taken in rising order, and within one rank from
+        left to right, as OpenAI's passes take them."""
+        symbols: list[str] = list(piece[:-1]) + [piece[-1] + "</w>"]
+        n = len(symbols)
+        if n > 1:
+            ranks = self._ranks
+            nxt = list(range(1, n + 1))  # n: none
+            prev = list(range(-1, n - 1))  # -1: none
+            heap = [(r, i) for i in range(n - 1) if (r := ranks.get((symbols[i], symbols[i + 1]))) is not None]
+            heapq.heapify(heap)
+            while heap:
+                rank, i = heapq.heappop(heap)
+                j = nxt[i]
+                # a rank names one pair: the entry is stale if i was absorbed or the pair at i has changed
+                if not symbols[i] or j >= n or ranks.get((symbols[i], symbols[j])) != rank:
+                    continue
+                symbols[i] += symbols[j]
+                symbols[j] = ""
+                nxt[i] = k = nxt[j]
+                if k < n:
+                    prev[k] = i
+                for left, right in ((prev[i], i), (i, k)):
+                    if left >= 0 and right < n and (r := ranks.get((symbols[left], symbols[right]))) is not None:
+                        heapq.heappush(heap, (r, left))
+            symbols = [s for s in symbols if s]
+        return tuple(self.encoder[s] for s in symbols)
 
     def tokenize(self, caption: str) -> Tokens:
         """``<|startoftext|>`` + BPE of the cleaned caption + ``<|endoftext|>``, cut to the context length
@@ -128,7 +145,8 @@ class ClipTokenizer:
             piece = match.group()
             if not plain:
                 piece = "".join(self._byte_chars[b] for b in piece.encode("utf-8"))
-            ids.extend(self._bpe(piece))
+            # a short piece's ids are kept; a long one is rare, and as a cache key would hold its whole text
+            ids.extend(self._bpe_cached(piece) if len(piece) <= BPE_CACHED_PIECE_MAX else self._bpe_uncached(piece))
             if len(ids) - 1 > body_max:
                 return Tokens(ids[: self.context_length - 1] + [self.eot_id], truncated=True)
         return Tokens(ids + [self.eot_id], truncated=False)

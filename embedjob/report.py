@@ -16,6 +16,8 @@ import base64
 import html
 import io
 import json
+import logging
+import math
 import tarfile
 from collections import Counter
 from collections.abc import Callable
@@ -24,8 +26,17 @@ from typing import Any
 
 import numpy as np
 
+from embedjob import settings
 from embedjob.layout import job_manifest_uri, report_uri, shard_outputs, tmp_root
-from embedjob.results import ManifestTooLarge, done_stems, model_provenance, read_manifest
+from embedjob.results import (
+    MAX_MANIFEST_VALUES,
+    ManifestUnreadable,
+    done_stems,
+    model_provenance,
+    read_json_object,
+    read_manifest,
+    shard_record,
+)
 from embedjob.storage import Storage
 
 SCORE_COLUMNS = ("aesthetic", "nsfw", "clip_score")
@@ -35,6 +46,11 @@ HIST_BINS = 40
 SLIDER_STEPS = 400  # the kept count is exact at every step of the slider
 THUMBS_PER_QUANTILE = 4
 THUMB_PX = 112
+# What one shard's metadata may be for the report to read it (a worker's: its sidecars are capped at
+# EMBEDJOB_MAX_METADATA_BYTES, 64 MiB by default, plus ~100 bytes a row).
+MAX_METADATA_FILE_BYTES = 512 << 20
+MAX_METADATA_ROWS = 1 << 24
+log = logging.getLogger("embedjob.report")
 
 
 @dataclass
@@ -112,12 +128,8 @@ def read_members(storage: Storage, wanted: dict[str, set[str]],
 def collect(output_uri: str, storage: Storage) -> dict[str, Any]:
     """Everything the page shows, read from the output (manifests, score columns) and, for the
     thumbnails, the input shards."""
-    import pyarrow.parquet as pq
-
     stems = sorted(done_stems(output_uri, storage))
-    job: dict[str, Any] = {}
-    if storage.exists(job_manifest_uri(output_uri)):
-        job = json.loads(storage.read_bytes(job_manifest_uri(output_uri)))
+    job = _job_manifest(output_uri, storage)
     reasons: Counter[str] = Counter()
     images = failed = 0
     models = []
@@ -125,38 +137,39 @@ def collect(output_uri: str, storage: Storage) -> dict[str, Any]:
     heads: dict[str, Any] = {}
     parts: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
     for n, stem in enumerate(stems):
-        try:
+        try:  # the output is the job owner's to write: only what a worker writes is shown
             m = read_manifest(output_uri, stem, storage)
-        except ManifestTooLarge:
+            record = shard_record(m)
+        except ManifestUnreadable as e:
+            log.warning("report: %s: %s", stem, e)
             continue
-        counts = m.get("counts") or {}
-        images += int(counts.get("embedded") or 0)
-        failed += int(counts.get("failed") or 0)
-        for f in m.get("failed") or []:
-            reasons[_reason_kind(str(f.get("reason", "")))] += 1
-        if m.get("tar_error"):
+        images += record["images"]
+        failed += record["failedImages"]
+        for f in _list(m.get("failed")):
+            reasons[_reason_kind(str(f.get("reason", "")) if isinstance(f, dict) else "")] += 1
+        if record["tarError"]:
             reasons["truncated or unreadable tar"] += 1
-        models.append(m.get("model"))
-        heads.update(m.get("scores") or {})
-        seconds += float((m.get("timings") or {}).get("total") or 0.0)
-        meta = storage.read_bytes(shard_outputs(output_uri, stem).metadata)
-        schema = pq.read_schema(io.BytesIO(meta))
-        present = [c for c in SCORE_COLUMNS if c in schema.names]
-        if not present:
+        models.append(record["model"])
+        heads.update(_dict(m.get("scores")))
+        seconds += _number(_dict(m.get("timings")).get("total"))
+        try:
+            table = _score_columns(storage, shard_outputs(output_uri, stem).metadata)
+        except ValueError as e:  # too large, too many rows, not parquet (pyarrow's errors are ValueErrors)
+            log.warning("report: %s: scores not read: %s", stem, e)
             continue
-        table = pq.read_table(io.BytesIO(meta), columns=present)
+        if table is None:
+            continue
         rows = np.arange(table.num_rows, dtype=np.int32)
-        for c in present:
+        for c in table.column_names:
             values = table.column(c).to_numpy(zero_copy_only=False).astype(np.float32)
             parts.setdefault(c, []).append((values, np.full(rows.size, n, np.int32), rows))
     scores = {c: ScoreData(c, stems, *(np.concatenate(x) for x in zip(*p, strict=True))) for c, p in parts.items()}
-    timings = job.get("timings") or {}
-    totals = job.get("totals") or {}
+    timings, totals = _dict(job.get("timings")), _dict(job.get("totals"))
     return {
         "output": output_uri,
         "job": job.get("job"),
-        "totals": {"images": images, "failedImages": failed, "shards": int(totals.get("shards") or len(stems)),
-                   "shardsDone": len(stems), "shardsFailed": int(totals.get("failed") or 0)},
+        "totals": {"images": images, "failedImages": failed, "shards": int(_number(totals.get("shards")) or len(stems)),
+                   "shardsDone": len(stems), "shardsFailed": int(_number(totals.get("failed")))},
         "failedByReason": dict(reasons.most_common()),
         "model": model_provenance(models),
         "heads": heads,
@@ -167,6 +180,56 @@ def collect(output_uri: str, storage: Storage) -> dict[str, Any]:
     }
 
 
+def _dict(x: Any) -> dict[str, Any]:
+    return x if isinstance(x, dict) else {}
+
+
+def _list(x: Any) -> list[Any]:
+    return x if isinstance(x, list) else []
+
+
+def _number(x: Any) -> float:
+    """A finite number, else 0 (fields of files the job owner can write)."""
+    return float(x) if isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) else 0.0
+
+
+def _job_manifest(output_uri: str, storage: Storage) -> dict[str, Any]:
+    """``_job.json`` read in bounded memory ({} when it is absent or not what the operator writes): the
+    page then shows what the shards' manifests say."""
+    uri = job_manifest_uri(output_uri)
+    if not storage.exists(uri):
+        return {}
+    try:
+        limit = 4 * settings.load().max_manifest_bytes
+        return read_json_object(storage, uri, limit, max_values=16 * MAX_MANIFEST_VALUES)
+    except ManifestUnreadable as e:
+        log.warning("report: %s", e)
+        return {}
+
+
+def _metadata(storage: Storage, uri: str) -> Any:
+    """One shard's metadata as a ``pyarrow.parquet.ParquetFile``, in bounded memory: the file is at most
+    ``MAX_METADATA_FILE_BYTES`` and holds at most ``MAX_METADATA_ROWS`` rows (a small file may
+    decompress to many rows), else ValueError. The output is the job owner's to write."""
+    import pyarrow.parquet as pq
+
+    with storage.open_read(uri) as f:
+        data = f.read(MAX_METADATA_FILE_BYTES + 1)
+    if len(data) > MAX_METADATA_FILE_BYTES:
+        raise ValueError(f"{uri}: more than {MAX_METADATA_FILE_BYTES} bytes: not read")
+    parquet = pq.ParquetFile(io.BytesIO(data))
+    if parquet.metadata.num_rows > MAX_METADATA_ROWS:
+        raise ValueError(f"{uri}: more than {MAX_METADATA_ROWS} rows: not read")
+    return parquet
+
+
+def _score_columns(storage: Storage, uri: str) -> Any:
+    """The score columns of one shard's metadata (a pyarrow Table), or None when it has none."""
+    parquet = _metadata(storage, uri)
+    present = [c for c in SCORE_COLUMNS if c in parquet.schema_arrow.names]
+    return parquet.read(columns=present) if present else None
+
+
 def _reason_kind(reason: str) -> str:
     """A failure reason without its per-image details (sizes, offsets), so like failures group."""
     head = reason.split(":", 1)[0].strip()
@@ -175,14 +238,16 @@ def _reason_kind(reason: str) -> str:
 
 def _locate(output_uri: str, storage: Storage, picked: set[tuple[str, int]]) -> dict[tuple[str, int], tuple]:
     """``(stem, row) -> (key, shard, member)`` of the picked rows (only their shards' metadata is read)."""
-    import pyarrow.parquet as pq
-
     out: dict[tuple[str, int], tuple] = {}
     for stem in sorted({s for s, _ in picked}):
-        meta = storage.read_bytes(shard_outputs(output_uri, stem).metadata)
-        table = pq.read_table(io.BytesIO(meta), columns=["key", "shard", "member"])
+        try:
+            parquet = _metadata(storage, shard_outputs(output_uri, stem).metadata)
+            table = parquet.read(columns=["key", "shard", "member"])
+        except (ValueError, KeyError) as e:  # changed since its scores were read: no thumbnails from it
+            log.warning("report: %s: thumbnails not located: %s", stem, e)
+            continue
         for s, row in picked:
-            if s == stem:
+            if s == stem and row < table.num_rows:
                 out[(s, row)] = tuple(table.column(c)[row].as_py() for c in ("key", "shard", "member"))
     return out
 
@@ -214,6 +279,8 @@ def thumbnails(output_uri: str, storage: Storage, scores: dict[str, ScoreData],
         for g, items in groups.items():
             out[name][g] = []
             for v, (stem, row) in items:
+                if (stem, row) not in where:  # its metadata could not be read again
+                    continue
                 key, shard, member = where[(stem, row)]
                 out[name][g].append({"value": v, "key": key, "member": member, "stem": stem,
                                      "src": _thumbnail(data[(shard, member)]) if (shard, member) in data else None})

@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import logging
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -23,10 +24,11 @@ import numpy as np
 
 from embedjob import settings
 from embedjob.layout import job_manifest_uri, manifests_prefix, shard_outputs, stem_from_manifest, tmp_root
-from embedjob.sketch import merge_summaries
+from embedjob.sketch import QuantileSketch, merge_summaries
 from embedjob.storage import Storage, StorageOptions
 
 KINDS = ("image", "text")  # img_emb/ | text_emb/ (spec.outputs)
+log = logging.getLogger("embedjob.results")
 
 
 @dataclass
@@ -50,37 +52,110 @@ def done_stems(output_uri: str, storage: Storage | None = None, limit: int | Non
     return stems
 
 
-class ManifestTooLarge(ValueError):
+class ManifestUnreadable(ValueError):
+    """A shard manifest that is not what a worker writes, so it is not read: too large, too many JSON
+    values, not JSON (nested past the parser's depth included), not an object, or a field of another
+    type or range than the worker's. The output prefix is the job owner's to write, and the shared
+    operator reads it: whatever lies there costs bounded memory and time, and can only make that
+    shard's counts unknown (the shard is done: its manifest exists)."""
+
+
+class ManifestTooLarge(ManifestUnreadable):
     """A shard manifest above the size cap: not read (the output prefix is the job owner's to write)."""
+
+
+# What identifies the model in its records; the rest of a manifest's model block (device, precision,
+# compile warm-up) describes one run.
+_PROVENANCE_KEYS = ("id", "revision", "path", "name", "family", "dim", "weightsSha256")
+
+# JSON values (counted as separators and openers, an upper bound) a manifest may hold. A worker's holds
+# about four per failed sample and one per sketch point; parsing costs up to ~70 bytes of memory per
+# value (an empty object), so the cap bounds a parse at ~18 MB whatever the bytes are.
+MAX_MANIFEST_VALUES = 1 << 18
+# A count above this is not a shard's (a shard has at most a few million samples).
+MAX_SHARD_COUNT = 1 << 40
+# What a record keeps of a tar error (the status and _job.json show it).
+MAX_TAR_ERROR_CHARS = 500
+# A model provenance value longer than this is not a worker's (ids, paths and sha256s are short).
+MAX_PROVENANCE_CHARS = 1024
+
+
+def read_json_object(storage: Storage, uri: str, max_bytes: int, max_values: int = MAX_MANIFEST_VALUES,
+                     too_large: type[ManifestUnreadable] = ManifestTooLarge) -> dict[str, Any]:
+    """The JSON object at ``uri``, read in bounded memory and time: at most ``max_bytes`` bytes are read
+    (more raises ``too_large``) and at most ``max_values`` JSON values parsed; anything but a JSON object
+    raises :class:`ManifestUnreadable`. For what a job owner can write and a shared process reads."""
+    with storage.open_read(uri) as f:
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise too_large(f"{uri}: more than {max_bytes} bytes: not read")
+    if data.count(b",") + data.count(b"[") + data.count(b"{") >= max_values:
+        raise ManifestUnreadable(f"{uri}: more than {max_values} JSON values: not read")
+    try:
+        doc = json.loads(data)
+    except (ValueError, RecursionError) as e:  # not UTF-8, not JSON, nested past the parser's depth
+        raise ManifestUnreadable(f"{uri}: not JSON ({type(e).__name__}): not read") from None
+    if not isinstance(doc, dict):
+        raise ManifestUnreadable(f"{uri}: not a JSON object: not read")
+    return doc
 
 
 def read_manifest(output_uri: str, stem: str, storage: Storage | None = None,
                   max_bytes: int | None = None) -> dict[str, Any]:
     """A shard's manifest; at most ``max_bytes`` (default ``EMBEDJOB_MAX_MANIFEST_BYTES``) are read,
-    a larger one raises :class:`ManifestTooLarge` without being held in memory."""
-    storage = storage or Storage()
+    a larger one raises :class:`ManifestTooLarge` without being held in memory. A manifest that is
+    not a JSON object of at most :data:`MAX_MANIFEST_VALUES` values raises :class:`ManifestUnreadable`."""
     limit = settings.load().max_manifest_bytes if max_bytes is None else max_bytes
-    uri = shard_outputs(output_uri, stem).manifest
-    with storage.open_read(uri) as f:
-        data = f.read(limit + 1)
-    if len(data) > limit:
-        raise ManifestTooLarge(f"{uri}: more than {limit} bytes (EMBEDJOB_MAX_MANIFEST_BYTES): not read")
-    return json.loads(data)
+    try:
+        return read_json_object(storage or Storage(), shard_outputs(output_uri, stem).manifest, limit)
+    except ManifestTooLarge as e:
+        raise ManifestTooLarge(f"{e} (EMBEDJOB_MAX_MANIFEST_BYTES)") from None
 
 
 def shard_counts(manifest: dict[str, Any]) -> tuple[int, int]:
-    """(images embedded, samples failed) recorded in a shard manifest."""
+    """(images embedded, samples failed) recorded in a shard manifest; :class:`ManifestUnreadable` when
+    they are not counts."""
     counts = manifest.get("counts") or {}
-    return int(counts.get("embedded", 0)), int(counts.get("failed", 0))
+    if not isinstance(counts, dict):
+        raise ManifestUnreadable("manifest counts: not an object")
+    images, failed = counts.get("embedded", 0), counts.get("failed", 0)
+    for name, n in (("embedded", images), ("failed", failed)):
+        if type(n) is not int or not 0 <= n <= MAX_SHARD_COUNT:
+            raise ManifestUnreadable(f"manifest counts.{name}: not a count ({str(n)[:40]!r})")
+    return images, failed
 
 
 def shard_record(manifest: dict[str, Any]) -> dict[str, Any]:
     """What the job-level records (``_job.json``, the status, ``embedjob run``'s summary) keep of a
     finished shard, from its manifest: its counts, the tar's own error (a truncated or partly
-    unreadable shard: the samples after the damage are lost) and the model that embedded it."""
+    unreadable shard: the samples after the damage are lost) and the model that embedded it (its
+    provenance fields). :class:`ManifestUnreadable` when a field is not what a worker writes."""
     images, failed = shard_counts(manifest)
-    return {"images": images, "failedImages": failed, "tarError": manifest.get("tar_error") or None,
-            "model": manifest.get("model")}
+    tar_error = manifest.get("tar_error") or None
+    if tar_error is not None and not isinstance(tar_error, str):
+        raise ManifestUnreadable("manifest tar_error: not a string")
+    model = manifest.get("model")
+    if model is not None:
+        if not isinstance(model, dict):
+            raise ManifestUnreadable("manifest model: not an object")
+        model = {k: model[k] for k in _PROVENANCE_KEYS if model.get(k) is not None}
+        for k, v in model.items():
+            if not (type(v) is int or (isinstance(v, str) and len(v) <= MAX_PROVENANCE_CHARS)):
+                raise ManifestUnreadable(f"manifest model.{k}: not a short string or an integer")
+    return {"images": images, "failedImages": failed,
+            "tarError": tar_error[:MAX_TAR_ERROR_CHARS] if tar_error else None, "model": model}
+
+
+def read_shard_record(output_uri: str, stem: str, storage: Storage | None = None) -> dict[str, Any]:
+    """:func:`shard_record` of the shard's manifest (:class:`ManifestUnreadable` when it cannot be)."""
+    manifest = read_manifest(output_uri, stem, storage)
+    try:
+        return shard_record(manifest)
+    except ManifestUnreadable as e:
+        raise ManifestUnreadable(f"{shard_outputs(output_uri, stem).manifest}: {e}: not read") from None
+
+
+UNREAD_RECORD = {"images": 0, "failedImages": 0, "tarError": None, "model": None, "unread": True}
 
 
 def read_shard_records(output_uri: str, stems: Iterable[str], storage: Storage | None = None,
@@ -93,9 +168,10 @@ def read_shard_records(output_uri: str, stems: Iterable[str], storage: Storage |
 
     def one(stem: str) -> tuple[str, dict[str, Any]]:
         try:
-            return stem, shard_record(read_manifest(output_uri, stem, storage))
-        except ManifestTooLarge:  # done, but its counts are not read (bounded memory)
-            return stem, {"images": 0, "failedImages": 0, "tarError": None, "model": None, "unread": True}
+            return stem, read_shard_record(output_uri, stem, storage)
+        except ManifestUnreadable as e:  # done (its manifest exists), but its counts are not read
+            log.warning("%s", e)
+            return stem, dict(UNREAD_RECORD)
 
     with ThreadPoolExecutor(max_workers=min(threads, len(stems))) as pool:
         return dict(pool.map(one, stems))
@@ -109,13 +185,19 @@ def read_score_summaries(output_uri: str, stems: Iterable[str], storage: Storage
     storage = storage or Storage()
     stems = list(stems)
 
-    def one(stem: str) -> dict[str, Any] | None:
+    def one(stem: str) -> dict[str, QuantileSketch] | None:
+        """The shard's sketches, parsed here (a chunk holds sketches of bounded size, not manifests);
+        a shard whose manifest or sketches are not a worker's adds nothing."""
         try:
-            return read_manifest(output_uri, stem, storage).get("score_sketches")
-        except ManifestTooLarge:
+            raw = read_manifest(output_uri, stem, storage).get("score_sketches") or {}
+            if not isinstance(raw, dict):
+                raise ManifestUnreadable("score_sketches: not an object")
+            return {str(name): QuantileSketch.from_json(d) for name, d in raw.items()}
+        except ValueError as e:  # ManifestUnreadable included
+            log.warning("%s: score sketches not read: %s", shard_outputs(output_uri, stem).manifest, e)
             return None
 
-    def sketches() -> Iterator[dict[str, Any] | None]:
+    def sketches() -> Iterator[dict[str, QuantileSketch] | None]:
         with ThreadPoolExecutor(max_workers=max(1, min(threads, len(stems)))) as pool:
             for i in range(0, len(stems), chunk):
                 yield from pool.map(one, stems[i:i + chunk])
@@ -123,9 +205,6 @@ def read_score_summaries(output_uri: str, stems: Iterable[str], storage: Storage
     return merge_summaries(sketches()) if stems else {}
 
 
-# What identifies the model in its records; the rest of a manifest's model block (device, precision,
-# compile warm-up) describes one run.
-_PROVENANCE_KEYS = ("id", "revision", "path", "name", "family", "dim", "weightsSha256")
 
 
 def model_provenance(models: Iterable[dict[str, Any] | None]) -> dict[str, Any] | list[dict[str, Any]] | None:

@@ -19,7 +19,7 @@ merged like a binary counter, so a value goes through at most ``log2(shards / ba
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +27,9 @@ import numpy as np
 
 KIND = "embedjob.weighted-quantiles/v1"
 DEFAULT_SIZE = 1024
+# What a sketch read back may hold: the points a merge keeps in memory per shard, and its count.
+MAX_SIZE = 1 << 14
+MAX_COUNT = 1 << 40
 # The quantiles the summaries report (status, _job.json, `embedjob report`).
 SUMMARY_QUANTILES = {"p1": 0.01, "p10": 0.10, "p50": 0.50, "p90": 0.90, "p99": 0.99}
 
@@ -113,20 +116,40 @@ class QuantileSketch:
                             else self.weights.tolist())}
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> QuantileSketch:
-        """The inverse of :meth:`to_json`; raises ValueError on anything else."""
+    def from_json(cls, d: Any) -> QuantileSketch:
+        """The inverse of :meth:`to_json`; raises ValueError on anything else. A sketch comes from a
+        manifest the job owner can write, and the shared operator merges it: it is read only with at
+        most :data:`MAX_SIZE` finite points of positive weight, a count that is a count, and finite
+        bounds that hold the points."""
         if not isinstance(d, dict) or d.get("kind") != KIND:
             raise ValueError(f"not a {KIND} sketch")
-        values = np.asarray(d.get("values") or [], dtype=np.float64)
-        w = d.get("weights")
-        weights = (np.full(values.shape, float(w)) if isinstance(w, int | float)
-                   else np.asarray(w or [], dtype=np.float64))
+        size, count = d.get("size", DEFAULT_SIZE), d.get("count", 0)
+        if type(size) is not int or not 1 <= size <= MAX_SIZE:
+            raise ValueError(f"sketch size: not 1..{MAX_SIZE}")
+        if type(count) is not int or not 0 <= count <= MAX_COUNT:
+            raise ValueError("sketch count: not a count")
+        raw_values, w = d.get("values") or [], d.get("weights")
+        if not isinstance(raw_values, list) or len(raw_values) > size:
+            raise ValueError("sketch values: not a list of at most size points")
+        if not isinstance(w, int | float | list | None) or (isinstance(w, list) and len(w) != len(raw_values)):
+            raise ValueError("sketch values and weights differ in length")
+        try:
+            values = np.asarray(raw_values, dtype=np.float64)
+            weights = (np.full(values.shape, float(w)) if isinstance(w, int | float)
+                       else np.asarray(w or [], dtype=np.float64))
+            total = float(d.get("sum") or 0.0)
+            low, high = (float(d["min"]), float(d["max"])) if count else (math.inf, -math.inf)
+        except (TypeError, ValueError, KeyError):
+            raise ValueError("sketch: a field is not a number") from None
         if values.shape != weights.shape or values.ndim != 1:
             raise ValueError("sketch values and weights differ in length")
-        count = int(d.get("count") or 0)
-        return cls(size=int(d.get("size") or DEFAULT_SIZE), count=count, total=float(d.get("sum") or 0.0),
-                   min=float(d["min"]) if count else math.inf, max=float(d["max"]) if count else -math.inf,
-                   values=values, weights=weights)
+        if count and not (np.isfinite(values).all() and (weights > 0).all() and np.isfinite(weights).all()
+                          and math.isfinite(total) and low <= high and math.isfinite(low) and math.isfinite(high)
+                          and (not values.size or (low <= values.min() and values.max() <= high))):
+            raise ValueError("sketch: points, weights or bounds are not finite, positive and ordered")
+        if bool(count) != bool(values.size):
+            raise ValueError("sketch: points without a count, or a count without points")
+        return cls(size=size, count=count, total=total, min=low, max=high, values=values, weights=weights)
 
 
 def _compact(v: np.ndarray, w: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -168,11 +191,14 @@ class SketchMerger:
         return QuantileSketch.merge([*self._pending, *self._levels.values()], self.size)
 
 
-def merge_summaries(per_shard: Iterable[dict[str, dict[str, Any]] | None]) -> dict[str, dict[str, Any]]:
-    """``{score: summary}`` of the merged ``{score: sketch JSON}`` of each shard (a shard without
-    sketches is skipped). ``per_shard`` may be a generator: it is read once, in bounded memory."""
+def merge_summaries(per_shard: Iterable[Mapping[str, QuantileSketch | dict[str, Any]] | None],
+                    ) -> dict[str, dict[str, Any]]:
+    """``{score: summary}`` of the merged ``{score: sketch}`` of each shard (sketches, or their JSON; a
+    shard without sketches is skipped). ``per_shard`` may be a generator: it is read once, in bounded
+    memory."""
     mergers: dict[str, SketchMerger] = {}
     for sketches in per_shard:
         for name, d in (sketches or {}).items():
-            mergers.setdefault(name, SketchMerger()).add(QuantileSketch.from_json(d))
+            sketch = d if isinstance(d, QuantileSketch) else QuantileSketch.from_json(d)
+            mergers.setdefault(name, SketchMerger()).add(sketch)
     return {name: m.result().summary() for name, m in sorted(mergers.items())}

@@ -167,3 +167,45 @@ def test_clip_score_column_gets_its_histogram_and_thumbnails(tmp_path):
     lowest = data["thumbnails"]["clip_score"]["lowest"]
     assert [t["key"] for t in lowest] == ["000004", "000001", "000002", "000003"]
     assert all(t["src"].startswith("data:image/jpeg;base64,") for t in lowest)
+
+
+def test_planted_output_files_are_left_out_of_the_report(scored_output, tmp_path, monkeypatch):
+    """The report runs on a shared worker and reads the job owner's output. Planted there: a `_job.json`
+    nested past the parser's depth, a shard manifest that is a list, one whose model id is 3 MB, a
+    metadata file of more rows than the report reads (its cap lowered for the test) and one that is not
+    parquet. The page is still built, from the other shards: their images, their scores, no planted model."""
+    import json
+    import shutil
+
+    import pyarrow as pa
+
+    from embedjob import report
+    from embedjob.layout import job_manifest_uri, shard_outputs
+    from embedjob.storage import Storage
+
+    out = tmp_path / "out"
+    shutil.copytree(scored_output["output"], out)
+    uri = str(out)
+    outputs = {stem: shard_outputs(uri, stem) for stem in ("00000", "00001", "00002", "00003")}
+    rows = {stem: pq.read_metadata(o.metadata).num_rows for stem, o in outputs.items()}
+    (out / "_job.json").write_bytes(b"[" * 200_000)
+    assert job_manifest_uri(uri) == str(out / "_job.json")
+    with open(outputs["00000"].manifest, "wb") as f:
+        f.write(b"[1, 2]")
+    manifest = json.loads(open(outputs["00001"].manifest).read())
+    with open(outputs["00001"].manifest, "w") as f:
+        json.dump({**manifest, "model": {**manifest["model"], "id": "x" * 3_000_000}}, f)
+    table = pq.read_table(outputs["00002"].metadata)
+    pq.write_table(pa.concat_tables([table] * 20), outputs["00002"].metadata)  # 120 rows: over the cap of 60
+    monkeypatch.setattr(report, "MAX_METADATA_ROWS", 60)
+    with open(outputs["00003"].metadata, "wb") as f:
+        f.write(b"PAR1 not parquet PAR1")
+
+    data = report.collect(uri, Storage())
+    assert data["totals"]["shardsDone"] == 20
+    assert data["totals"]["images"] == scored_output["images"] - rows["00000"] - rows["00001"]
+    assert data["model"] == report.model_provenance([manifest["model"]]) and data["job"] is None
+    kept = scored_output["images"] - sum(rows.values())
+    assert all(d.values.size == kept for d in data["scores"].values())
+    page = report.build_report(uri, Storage())
+    assert "x" * 1000 not in page and len(page) < 2_000_000

@@ -72,3 +72,29 @@ def test_merger_of_2000_shards_in_small_batches_stays_within_one_percent():
     assert merged.count == values.size and merged.mean == pytest.approx(values.mean(), rel=1e-12)
     for q in (0.01, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99):
         assert _rank_error(exact, merged.quantile(q), q) <= 0.01, q
+
+
+@pytest.mark.parametrize("field, value", [
+    ("size", 10**9), ("size", 0), ("size", True), ("size", "1024"),
+    ("count", -1), ("count", 2**60), ("count", 1.5),
+    ("values", [float("nan"), 1.0, 2.0]), ("values", [1.0, "x", 2.0]), ("values", {"a": 1}),
+    ("weights", [1.0, -1.0, 1.0]), ("weights", [1.0, 1.0]), ("weights", "w"),
+    ("min", 1.5), ("max", 2.5), ("min", None), ("sum", float("inf")),
+])
+def test_from_json_refuses_a_planted_sketch(field, value):
+    """The shared operator merges the sketches a job owner's output holds: each field is checked (a size
+    of 10**9 would let one shard's sketch hold any number of points, and NaN or unordered bounds would
+    corrupt the job's quantiles)."""
+    good = {"kind": "embedjob.weighted-quantiles/v1", "size": 1024, "count": 3, "sum": 6.0, "min": 1.0,
+            "max": 3.0, "values": [1.0, 2.0, 3.0], "weights": [1.0, 1.0, 1.0]}
+    assert QuantileSketch.from_json(good).summary()["count"] == 3
+    with pytest.raises(ValueError):
+        QuantileSketch.from_json({**good, field: value})
+
+
+def test_from_json_refuses_more_points_than_its_size_and_a_count_without_points():
+    good = QuantileSketch.of(np.arange(10.0)).to_json()
+    with pytest.raises(ValueError):
+        QuantileSketch.from_json({**good, "size": 5})
+    with pytest.raises(ValueError):
+        QuantileSketch.from_json({**good, "values": [], "weights": []})

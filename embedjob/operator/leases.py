@@ -17,7 +17,7 @@ from embedjob.layout import shard_outputs
 from embedjob.operator.accept import storage_for
 from embedjob.operator.events import Event, JobMemory
 from embedjob.progress import ProgressStore
-from embedjob.results import ManifestTooLarge, read_manifest, shard_record
+from embedjob.results import ManifestUnreadable, read_shard_record
 from embedjob.settings import Settings
 from embedjob.spec import JobSpec
 
@@ -76,9 +76,9 @@ def committed(spec: JobSpec, stem: str, job: str = "") -> tuple[int, ...] | None
         storage = storage_for(spec)
         if not storage.exists(shard_outputs(spec.output.uri, stem).manifest):
             return ()
-        record = shard_record(read_manifest(spec.output.uri, stem, storage))
+        record = read_shard_record(spec.output.uri, stem, storage)
         return record["images"], record["failedImages"], record["tarError"]
-    except ManifestTooLarge as e:  # committed, but its counts are not read
+    except ManifestUnreadable as e:  # committed (it exists), but its counts are not read
         log.warning("job %s: %s", job, e)
         return (0, 0, None)
     except Exception as e:  # noqa: BLE001 - decided again on the next tick

@@ -34,7 +34,7 @@ from embedjob.contract import EmbedOptions, ShardTask
 from embedjob.layout import shard_outputs
 from embedjob.policy import describe_failure
 from embedjob.progress import ProgressStore, redis_client
-from embedjob.results import read_manifest, shard_record
+from embedjob.results import ManifestUnreadable, read_manifest, read_shard_record
 from embedjob.storage import Storage, StorageError, StorageOptions
 from embedjob.worker.host import available_cpus
 from embedjob.worker.runtime import lifecycle, metrics
@@ -216,10 +216,16 @@ def record_outcome(store: ProgressStore, stem: str, state: str, *, commit: str =
 
 
 def committed_counts(task: ShardTask, storage: Storage) -> tuple[int, int, str | None] | None:
-    """(images, failed images, tar error) of the shard's committed outputs, or None when it is not done."""
+    """(images, failed images, tar error) of the shard's committed outputs, or None when it is not done.
+    A manifest that cannot be read is committed all the same, with its counts unknown (0), as the
+    operator takes it (embedjob.operator.leases.committed)."""
     if not storage.exists(shard_outputs(task.output, task.stem).manifest):
         return None
-    record = shard_record(read_manifest(task.output, task.stem, storage))
+    try:
+        record = read_shard_record(task.output, task.stem, storage)
+    except ManifestUnreadable as e:
+        log.warning("%s", e)
+        return 0, 0, None
     return record["images"], record["failedImages"], record["tarError"]
 
 

@@ -1,0 +1,108 @@
+"""The output prefix is the job owner's to write, and the shared operator reads it: shard manifests a
+tenant planted there (not JSON, nested past the parser's depth, a list, counts that are not counts, a
+3 MB model id, a sketch of 20,000 points sized 10**9) never raise out of a step, never reach the status, and only make
+that shard's counts unknown. Real Redis and SeaweedFS (tests/operator/conftest.py)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from embedjob.contract import ShardTask
+from embedjob.layout import job_manifest_uri, shard_outputs
+from embedjob.operator.accept import accept
+from embedjob.operator.leases import committed
+from embedjob.results import MAX_MANIFEST_VALUES, ManifestUnreadable, read_shard_record, read_shard_records
+from embedjob.sketch import QuantileSketch
+from embedjob.spec import parse_spec
+from embedjob.storage import Storage
+from embedjob.worker.runtime.shard_run import committed_counts
+from tests.operator.jobs import raw_spec, started, worker_finishes
+
+
+def _doc(**fields) -> bytes:
+    return json.dumps({"counts": {"embedded": 1, "failed": 0}, **fields}).encode()
+
+
+HOSTILE = {
+    "nested": b"[" * 200_000,
+    "nested-object": b'{"counts": ' * 100_000,
+    "not-json": b"\xff\xfe not json",
+    "a-list": b"[1, 2]",
+    "count-a-string": json.dumps({"counts": {"embedded": "many"}}).encode(),
+    "count-huge": json.dumps({"counts": {"embedded": 10**30}}).encode(),
+    "count-negative": json.dumps({"counts": {"embedded": -5}}).encode(),
+    "count-a-bool": json.dumps({"counts": {"embedded": True}}).encode(),
+    "counts-a-list": json.dumps({"counts": [1]}).encode(),
+    "tar-error-an-object": _doc(tar_error={"x": 1}),
+    "model-3mb-id": _doc(model={"id": "x" * 3_000_000}),
+    "model-nested": _doc(model={"id": "m", "dim": [[[1]]]}),
+    "too-many-values": b"[" + b"0," * MAX_MANIFEST_VALUES + b"0]",
+}
+
+
+def _plant(bucket: str, stem: str, body: bytes) -> None:
+    Storage().put_atomic(shard_outputs(f"s3://{bucket}/out/", stem).manifest, body)
+
+
+@pytest.mark.parametrize("name", list(HOSTILE))
+def test_a_planted_manifest_is_unreadable_and_committed(env, name):
+    """Each one: ManifestUnreadable (no other error), read_shard_records marks it unread with zero counts,
+    and the lease check takes the shard as committed (never "cannot tell", which would hold it forever)."""
+    _r, _app, store, bucket = env
+    _plant(bucket, "0000", HOSTILE[name])
+    out = f"s3://{bucket}/out/"
+    with pytest.raises(ManifestUnreadable):
+        read_shard_record(out, "0000", Storage())
+    assert read_shard_records(out, ["0000"], Storage())["0000"] == {
+        "images": 0, "failedImages": 0, "tarError": None, "model": None, "unread": True}
+    assert committed(parse_spec(raw_spec(bucket, n=1)), "0000", store.job) == (0, 0, None)
+    task = ShardTask(job=store.job, stem="0000", shard=f"s3://{bucket}/in/0000.tar", output=out, attempt=1)
+    assert committed_counts(task, Storage()) == (0, 0, None)  # the worker's check agrees (no failed shard)
+
+
+@pytest.mark.parametrize("name", ["nested", "a-list", "count-huge", "model-3mb-id"])
+def test_a_job_planned_over_planted_manifests_is_accepted_with_true_counts(env, name):
+    """Planted before the job: the job is accepted (before: accept raised RecursionError, AttributeError,
+    or wrote 10**30 images into the status), the shard with a worker's manifest counts, the planted one
+    is done with its counts unknown, and the rest is queued."""
+    _r, _app, store, bucket = env
+    _plant(bucket, "0000", HOSTILE[name])
+    _plant(bucket, "0001", _doc(counts={"embedded": 7, "failed": 2}))
+    acc = accept(store, raw_spec(bucket, n=3), {}, 1)
+    assert acc.ok, acc.status
+    assert acc.status["shards"]["succeeded"] == 2 and acc.status["shards"]["queued"] == 1
+    assert (acc.status["images"]["embedded"], acc.status["images"]["failed"]) == (7, 2)
+    assert len(json.dumps(acc.status)) < 4096
+
+
+def test_a_job_whose_manifests_are_replaced_finishes_without_the_planted_model_or_sketches(env):
+    """Replaced while the job runs (the worker recorded its counts in Redis): the job succeeds; the
+    status's model is the worker's, not a 3 MB planted one; the planted sketches (20,000 points sized
+    10**9, NaN points) add nothing to status.scores, the worker's do; the status stays small."""
+    r, app, store, bucket = env
+    spec = raw_spec(bucket, n=4, scores={"aesthetic": {"name": "laion/aesthetic", "revision": "r1"}})
+    status, rec = started(r, app, store, spec)
+    status = rec.tick(spec, status, 1).status
+    good = QuantileSketch.of(np.linspace(1.0, 9.0, 200)).to_json()
+    model = {"id": "openai/clip-vit-base-patch32", "revision": "r1", "dim": 512}
+    planted = {
+        "0000": _doc(model=model, score_sketches={"aesthetic": good}),
+        "0001": _doc(model={"id": "x" * 3_000_000}),
+        "0002": _doc(model=model, score_sketches={"aesthetic": {
+            **good, "size": 10**9, "values": [5.0] * 20_000, "weights": 1.0, "count": 20_000}}),
+        "0003": _doc(model=model, score_sketches={"aesthetic": {**good, "values": [float("nan")] * 3,
+                                                                "weights": [1, 1, 1], "count": 3}}),
+    }
+    for stem, body in planted.items():
+        _plant(bucket, stem, body)
+        worker_finishes(store, stem, 1)
+    res = rec.tick(spec, status, 1)
+    assert res.status["phase"] == "Succeeded"
+    assert res.status["model"] == model
+    assert res.status["scores"]["aesthetic"]["count"] == 200
+    assert len(json.dumps(res.status)) < 16_384
+    job = json.loads(Storage().read_bytes(job_manifest_uri(f"s3://{bucket}/out/")))
+    assert job["scores"] == res.status["scores"] and len(json.dumps(job)) < 16_384

@@ -166,3 +166,19 @@ def test_embedding_reader_reads_text_emb_as_it_reads_img_emb(caption_run):
         rows, meta = next(reader(batch_size=100, show_progress=False))
         assert np.array_equal(rows, np.load(out / folder / "caps.npy"))
         assert list(meta["key"]) == spec.good_keys and meta["has_caption"].sum() == 5
+
+
+def test_a_json_sidecar_nested_past_the_parsers_depth_is_no_caption(tmp_path, text_model):
+    """A 200 kB `.json` of "[" (or of `{"caption": ` repeated) made json.loads raise RecursionError, which
+    failed the whole shard; it is a sample without a caption, like any JSON that does not parse."""
+    spec = shards.ShardSpec()
+    for i, sidecar in enumerate(["[" * 200_000, '{"caption": ' * 80_000, '{"caption": "a red bus"}']):
+        spec.members.append((f"{i:04d}.jpg", shards.encode(shards.rgb(64, 48, i), "JPEG")))
+        spec.members.append((f"{i:04d}.json", sidecar.encode()))
+    tar = spec.write(tmp_path / "deep.tar")
+    options = EmbedOptions(dtype="float32", batch_size=4, num_threads=1, text=True, text_json_field="caption")
+    embed_shard(str(tar), str(tmp_path / "out"), text_model, options)
+    meta = pq.read_table(tmp_path / "out" / "metadata" / "deep.parquet").to_pylist()
+    assert [(r["key"], r["has_caption"]) for r in meta] == [("0000", False), ("0001", False), ("0002", True)]
+    txt = np.load(tmp_path / "out" / "text_emb" / "deep.npy")
+    assert not txt[:2].any() and np.linalg.norm(txt[2]) == pytest.approx(1.0, abs=1e-5)

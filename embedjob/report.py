@@ -20,14 +20,13 @@ import logging
 import math
 import tarfile
 from collections import Counter
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
-
-import numpy as np
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 from embedjob import settings
 from embedjob.layout import job_manifest_uri, report_uri, shard_outputs, tmp_root
+from embedjob.report_scores import Picks, ScoreBins, ScoreStats
 from embedjob.results import (
     MAX_MANIFEST_VALUES,
     ManifestUnreadable,
@@ -42,50 +41,14 @@ from embedjob.storage import Storage
 SCORE_COLUMNS = ("aesthetic", "nsfw", "clip_score")
 # Which side of the threshold a score keeps by default (the slider's direction can be flipped).
 KEEP_ABOVE = {"aesthetic": True, "nsfw": False, "clip_score": True}
-HIST_BINS = 40
-SLIDER_STEPS = 400  # the kept count is exact at every step of the slider
 THUMBS_PER_QUANTILE = 4
+READ_THREADS = 16  # shards whose manifest and score columns are read at once (object-store latency)
 THUMB_PX = 112
 # What one shard's metadata may be for the report to read it (a worker's: its sidecars are capped at
 # EMBEDJOB_MAX_METADATA_BYTES, 64 MiB by default, plus ~100 bytes a row).
 MAX_METADATA_FILE_BYTES = 512 << 20
 MAX_METADATA_ROWS = 1 << 24
 log = logging.getLogger("embedjob.report")
-
-
-@dataclass
-class ScoreData:
-    """One score column over the whole output, and where each value is (12 bytes a row: no per-row
-    Python objects, whatever the job's size)."""
-
-    name: str
-    stems: list[str]  # the output's stems, shared by every score
-    values: np.ndarray = field(default_factory=lambda: np.empty(0, np.float32))
-    stem_index: np.ndarray = field(default_factory=lambda: np.empty(0, np.int32))  # into ``stems``
-    rows: np.ndarray = field(default_factory=lambda: np.empty(0, np.int32))  # the row in that shard
-
-
-def _edges(lo: float, hi: float, n: int) -> np.ndarray:
-    if not np.isfinite(lo) or not np.isfinite(hi):
-        lo, hi = 0.0, 1.0
-    if hi <= lo:
-        lo, hi = lo - 0.5, hi + 0.5
-    return np.linspace(lo, hi, n + 1)
-
-
-def score_panel(values: np.ndarray) -> dict[str, Any]:
-    """What the page draws for one score: the histogram (``HIST_BINS`` equal bins between min and max)
-    and, for the slider, the number of values at or above each of ``SLIDER_STEPS + 1`` thresholds."""
-    v = values[np.isfinite(values)].astype(np.float64)
-    edges = _edges(float(v.min()) if v.size else 0.0, float(v.max()) if v.size else 1.0, HIST_BINS)
-    counts, _ = np.histogram(v, bins=edges)
-    thresholds = np.linspace(edges[0], edges[-1], SLIDER_STEPS + 1)
-    s = np.sort(v)
-    at_or_above = (s.size - np.searchsorted(s, thresholds, side="left")).tolist()
-    return {"count": int(v.size), "edges": edges.tolist(), "counts": counts.tolist(),
-            "thresholds": thresholds.tolist(), "atOrAbove": at_or_above,
-            "mean": float(v.mean()) if v.size else None,
-            "quantiles": {f"p{q}": float(np.quantile(v, q / 100)) for q in (1, 10, 50, 90, 99)} if v.size else {}}
 
 
 def _thumbnail(data: bytes) -> str | None:
@@ -126,8 +89,9 @@ def read_members(storage: Storage, wanted: dict[str, set[str]],
 
 
 def collect(output_uri: str, storage: Storage) -> dict[str, Any]:
-    """Everything the page shows, read from the output (manifests, score columns) and, for the
-    thumbnails, the input shards."""
+    """Everything the page shows from the shards' manifests, and pass 1 of each score column
+    (``scores``: name -> :class:`~embedjob.report_scores.ScoreStats`; memory bounded whatever the
+    output's size)."""
     stems = sorted(done_stems(output_uri, storage))
     job = _job_manifest(output_uri, storage)
     reasons: Counter[str] = Counter()
@@ -135,14 +99,21 @@ def collect(output_uri: str, storage: Storage) -> dict[str, Any]:
     models = []
     seconds = 0.0
     heads: dict[str, Any] = {}
-    parts: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
-    for n, stem in enumerate(stems):
+    scores: dict[str, ScoreStats] = {}
+
+    def read(stem: str) -> tuple[dict[str, Any], dict[str, Any], Any] | None:
         try:  # the output is the job owner's to write: only what a worker writes is shown
             m = read_manifest(output_uri, stem, storage)
             record = shard_record(m)
         except ManifestUnreadable as e:
             log.warning("report: %s: %s", stem, e)
+            return None
+        return m, record, _score_columns_or_none(storage, output_uri, stem)
+
+    for n, shard in enumerate(_in_order(read, stems)):
+        if shard is None:
             continue
+        m, record, table = shard
         images += record["images"]
         failed += record["failedImages"]
         for f in _list(m.get("failed")):
@@ -152,18 +123,9 @@ def collect(output_uri: str, storage: Storage) -> dict[str, Any]:
         models.append(record["model"])
         heads.update(_dict(m.get("scores")))
         seconds += _number(_dict(m.get("timings")).get("total"))
-        try:
-            table = _score_columns(storage, shard_outputs(output_uri, stem).metadata)
-        except ValueError as e:  # too large, too many rows, not parquet (pyarrow's errors are ValueErrors)
-            log.warning("report: %s: scores not read: %s", stem, e)
-            continue
-        if table is None:
-            continue
-        rows = np.arange(table.num_rows, dtype=np.int32)
-        for c in table.column_names:
-            values = table.column(c).to_numpy(zero_copy_only=False).astype(np.float32)
-            parts.setdefault(c, []).append((values, np.full(rows.size, n, np.int32), rows))
-    scores = {c: ScoreData(c, stems, *(np.concatenate(x) for x in zip(*p, strict=True))) for c, p in parts.items()}
+        for c in table.column_names if table is not None else ():
+            stats = scores.setdefault(c, ScoreStats(c, THUMBS_PER_QUANTILE))
+            stats.add(table.column(c).to_numpy(zero_copy_only=False), n)
     timings, totals = _dict(job.get("timings")), _dict(job.get("totals"))
     return {
         "output": output_uri,
@@ -176,8 +138,41 @@ def collect(output_uri: str, storage: Storage) -> dict[str, Any]:
         "throughput": {"imagesPerSecond": timings.get("imagesPerSecond"), "seconds": timings.get("seconds"),
                        "shardSeconds": round(seconds, 3)},
         "summaries": job.get("scores") or {},
+        "stems": stems,
         "scores": scores,
     }
+
+
+def score_bins(output_uri: str, storage: Storage, stems: list[str], scores: dict[str, ScoreStats],
+               ) -> dict[str, ScoreBins]:
+    """Pass 2 of each score column (the histogram, the slider's counts, the median's thumbnails)."""
+    bins = {name: ScoreBins(stats) for name, stats in scores.items()}
+    for n, table in enumerate(_in_order(lambda stem: _score_columns_or_none(storage, output_uri, stem), stems)):
+        for c in table.column_names if table is not None else ():
+            if c in bins:
+                bins[c].add(table.column(c).to_numpy(zero_copy_only=False), n)
+    return bins
+
+
+T = TypeVar("T")
+
+
+def _in_order(read: Callable[[str], T], stems: list[str]) -> Iterator[T]:
+    """``read(stem)`` of each stem, in order, ``READ_THREADS`` at a time (at most twice that many
+    results are held)."""
+    if not stems:
+        return
+    with ThreadPoolExecutor(max_workers=min(READ_THREADS, len(stems))) as pool:
+        for i in range(0, len(stems), 2 * READ_THREADS):
+            yield from pool.map(read, stems[i:i + 2 * READ_THREADS])
+
+
+def _score_columns_or_none(storage: Storage, output_uri: str, stem: str) -> Any:
+    try:
+        return _score_columns(storage, shard_outputs(output_uri, stem).metadata)
+    except ValueError as e:  # too large, too many rows, not parquet (pyarrow's errors are ValueErrors)
+        log.warning("report: %s: scores not read: %s", stem, e)
+        return None
 
 
 def _dict(x: Any) -> dict[str, Any]:
@@ -252,21 +247,13 @@ def _locate(output_uri: str, storage: Storage, picked: set[tuple[str, int]]) -> 
     return out
 
 
-def thumbnails(output_uri: str, storage: Storage, scores: dict[str, ScoreData],
+def thumbnails(output_uri: str, storage: Storage, stems: list[str], picks: dict[str, Picks],
                allowed: Callable[[str], bool] | None = None) -> dict[str, dict[str, list[dict[str, Any]]]]:
-    """For each score: ``THUMBS_PER_QUANTILE`` samples at its lowest, median and highest values (read
-    from the input shards ``allowed`` accepts: the shard URIs come from the output's metadata)."""
-    picks: dict[str, dict[str, list[tuple[float, tuple[str, int]]]]] = {}
-    for name, d in scores.items():
-        finite = np.flatnonzero(np.isfinite(d.values))
-        order = finite[np.argsort(d.values[finite], kind="stable")]
-        if not order.size:
-            continue
-        k = min(THUMBS_PER_QUANTILE, order.size)
-        mid = max(0, order.size // 2 - k // 2)
-        groups = {"lowest": order[:k], "median": order[mid:mid + k], "highest": order[::-1][:k]}
-        picks[name] = {g: [(float(d.values[i]), (d.stems[d.stem_index[i]], int(d.rows[i]))) for i in idx]
-                       for g, idx in groups.items()}
+    """For each score, its picked samples (``THUMBS_PER_QUANTILE`` at its lowest, median and highest
+    values) with their thumbnails, read from the input shards ``allowed`` accepts (the shard URIs come
+    from the output's metadata)."""
+    picks = {name: {g: [(v, (stems[i], row)) for v, i, row in items] for g, items in groups.items()}
+             for name, groups in picks.items()}
     where = _locate(output_uri, storage, {at for groups in picks.values() for items in groups.values()
                                           for _, at in items})
     wanted: dict[str, set[str]] = {}
@@ -295,10 +282,11 @@ def build_report(output_uri: str, storage: Storage | None = None,
     data = collect(output_uri, storage)
     if not data["totals"]["shardsDone"]:
         raise FileNotFoundError(f"no finished shards under {output_uri!r}")
-    page = {k: v for k, v in data.items() if k != "scores"}
-    page["panels"] = {name: {**score_panel(d.values), "keepAbove": KEEP_ABOVE.get(name, True)}
-                      for name, d in data["scores"].items()}
-    page["thumbnails"] = thumbnails(output_uri, storage, data["scores"], allowed_shards)
+    bins = score_bins(output_uri, storage, data["stems"], data["scores"])
+    page = {k: v for k, v in data.items() if k not in ("scores", "stems")}
+    page["panels"] = {name: {**b.panel(), "keepAbove": KEEP_ABOVE.get(name, True)} for name, b in bins.items()}
+    page["thumbnails"] = thumbnails(output_uri, storage, data["stems"], {n: b.picks() for n, b in bins.items()},
+                                    allowed_shards)
     return render(page)
 
 
@@ -403,7 +391,8 @@ for (const [name, P] of Object.entries(D.panels)) {
     : (Number.isInteger(n) ? n.toLocaleString("en-US") : n.toFixed(dec));
   const p = el("div", {class: "panel", id: "panel-" + name});
   p.appendChild(el("h2", {}, name + " (" + fmt(P.count) + " images, mean " + fmt(P.mean) + ")"));
-  const q = Object.entries(P.quantiles).map(([k, v]) => k + " " + fmt(v)).join(" · ");
+  const q = Object.entries(P.quantiles).map(([k, v]) => k + " " + fmt(v)).join(" · ")
+    + (P.quantilesFrom ? " (quantiles of " + P.quantilesFrom + ")" : "");
   p.appendChild(el("div", {class: "muted"}, q));
   const W = 640, H = 160, n = P.counts.length, max = Math.max(1, ...P.counts);
   const svg = svgEl("svg", {width: W, height: H + 18, class: "hist", "data-score": name});

@@ -13,7 +13,8 @@ import pytest
 from PIL import Image
 
 from embedjob.dev.services import embedjob_command
-from embedjob.report import HIST_BINS, render
+from embedjob.report import render
+from embedjob.report_scores import HIST_BINS
 from tests.browser import Browser
 
 
@@ -206,6 +207,6 @@ def test_planted_output_files_are_left_out_of_the_report(scored_output, tmp_path
     assert data["totals"]["images"] == scored_output["images"] - rows["00000"] - rows["00001"]
     assert data["model"] == report.model_provenance([manifest["model"]]) and data["job"] is None
     kept = scored_output["images"] - sum(rows.values())
-    assert all(d.values.size == kept for d in data["scores"].values())
+    assert all(d.count == kept for d in data["scores"].values())
     page = report.build_report(uri, Storage())
     assert "x" * 1000 not in page and len(page) < 2_000_000

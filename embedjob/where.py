@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import io
 import re
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -212,27 +214,86 @@ def evaluate(tree: Any, table: Any) -> np.ndarray:
     return np.broadcast_to(result, (n,)) & lvalid & rvalid
 
 
-def select_keys(output_uri: str, where: str, storage: Storage | None = None) -> Any:
-    """Every finished shard's rows that satisfy ``where``, as a pyarrow Table (``key``, ``shard``,
-    ``member``, ``stem``, ``row``: the row in the shard's ``.npy``), in stem then row order. Raises
-    :class:`WhereError` for a malformed expression or a column the output does not have."""
+KEPT_COLUMNS = ("key", "shard", "member")
+READ_THREADS = 16  # shards whose metadata is read at once (object-store latency)
+
+
+def kept_schema() -> Any:
+    """The schema of the kept rows: ``key``, ``shard``, ``member``, ``stem``, ``row`` (the row in the
+    shard's ``.npy``)."""
+    import pyarrow as pa
+
+    return pa.schema([("key", pa.string()), ("shard", pa.string()), ("member", pa.string()),
+                      ("stem", pa.string()), ("row", pa.int64())])
+
+
+def iter_kept(output_uri: str, where: str, storage: Storage | None = None) -> Iterator[Any]:
+    """Each finished shard's rows that satisfy ``where`` (a pyarrow Table of :func:`kept_schema`), shard
+    by shard in stem order: memory holds a few shards' columns, never the output's. Only the columns
+    ``where`` names and the kept columns are decoded. Raises :class:`WhereError` for a malformed
+    expression (before any shard is read) or a column a shard's metadata lacks."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     tree = parse_where(where)
     needed = columns_of(tree)
     storage = storage or Storage()
-    parts = []
-    for stem in sorted(done_stems(output_uri, storage)):
-        table = pq.read_table(io.BytesIO(storage.read_bytes(shard_outputs(output_uri, stem).metadata)))
-        missing = sorted(needed - set(table.column_names))
+    schema = kept_schema()
+
+    def read(stem: str) -> Any:
+        parquet = pq.ParquetFile(io.BytesIO(storage.read_bytes(shard_outputs(output_uri, stem).metadata)))
+        names = parquet.schema_arrow.names
+        missing = sorted(needed - set(names))
         if missing:
-            raise WhereError(f"no column {missing[0]!r} in {stem}'s metadata (columns: "
-                             f"{', '.join(table.column_names)})")
+            raise WhereError(f"no column {missing[0]!r} in {stem}'s metadata (columns: {', '.join(names)})")
+        table = parquet.read(columns=sorted(needed | set(KEPT_COLUMNS)))
         rows = np.flatnonzero(evaluate(tree, table))
-        kept = table.select(["key", "shard", "member"]).take(pa.array(rows, pa.int64()))
-        parts.append(kept.append_column("stem", pa.array([stem] * len(rows), pa.string()))
-                     .append_column("row", pa.array(rows, pa.int64())))
-    schema = pa.schema([("key", pa.string()), ("shard", pa.string()), ("member", pa.string()),
-                        ("stem", pa.string()), ("row", pa.int64())])
-    return pa.concat_tables([p.cast(schema) for p in parts]) if parts else schema.empty_table()
+        kept = table.select(list(KEPT_COLUMNS)).take(pa.array(rows, pa.int64()))
+        return (kept.append_column("stem", pa.array([stem] * len(rows), pa.string()))
+                .append_column("row", pa.array(rows, pa.int64())).cast(schema))
+
+    return _in_order(read, sorted(done_stems(output_uri, storage)))
+
+
+def _in_order(read: Any, stems: list[str]) -> Iterator[Any]:
+    """``read(stem)`` of each stem, in order, ``READ_THREADS`` at a time."""
+    if not stems:
+        return
+    with ThreadPoolExecutor(max_workers=min(READ_THREADS, len(stems))) as pool:
+        for i in range(0, len(stems), 2 * READ_THREADS):
+            yield from pool.map(read, stems[i:i + 2 * READ_THREADS])
+
+
+def select_keys(output_uri: str, where: str, storage: Storage | None = None) -> Any:
+    """Every finished shard's rows that satisfy ``where``, as one pyarrow Table of :func:`kept_schema`,
+    in stem then row order (:func:`iter_kept` without holding them all: what ``embedjob filter`` writes)."""
+    import pyarrow as pa
+
+    parts = list(iter_kept(output_uri, where, storage))
+    return pa.concat_tables(parts) if parts else kept_schema().empty_table()
+
+
+def write_kept(output_uri: str, where: str, path: str, storage: Storage | None = None) -> int:
+    """Write the rows that satisfy ``where`` to the parquet file ``path``, shard by shard, and return how
+    many. The file appears under its name only complete: it is written beside it and renamed; on any
+    error nothing is left."""
+    import os
+    import tempfile
+
+    import pyarrow.parquet as pq
+
+    tables = iter_kept(output_uri, where, storage)  # a malformed expression raises here, before any file
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".kept-", suffix=".parquet", dir=folder)
+    os.close(fd)
+    rows = 0
+    try:
+        with pq.ParquetWriter(tmp, kept_schema()) as writer:
+            for table in tables:
+                writer.write_table(table)
+                rows += table.num_rows
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return rows

@@ -1,9 +1,10 @@
-"""What `embedjob report` costs on a large output: peak memory and time of building the page for a
+"""What `embedjob report` and `embedjob filter` cost on a large output: peak memory and time for a
 synthetic output of ``--shards`` x ``--rows`` rows with the aesthetic and nsfw score columns (their
-input shards are absent, so no thumbnail is read: this measures the scores' side).
+input shards are absent, so no thumbnail is read: this measures the scores' side). The filter keeps
+every row (``nsfw >= 0``): its worst case.
 
-Each size runs in a fresh process; the peak RSS over the process's baseline (Python, numpy, pyarrow
-imported) is what the report's data cost.
+Each command runs in a fresh process; the peak RSS over the process's baseline (Python, numpy, pyarrow
+imported) is what its data cost.
 
     .venv/bin/python scripts/report_scale.py [--shards 100] [--rows 10000,100000]
 """
@@ -41,41 +42,48 @@ def build(out: Path, shards: int, rows: int) -> None:
         (out / "_manifests" / f"{stem}.json").write_text(json.dumps({"counts": {"embedded": rows, "failed": 0}}))
 
 
-def measure(out: str) -> None:
-    """In a child process: the report's peak RSS over the imports, and its time."""
+def measure(out: str, command: str) -> None:
+    """In a child process: the command's peak RSS over the imports, and its time."""
     import numpy  # noqa: F401
     import pyarrow.parquet  # noqa: F401
 
-    from embedjob.report import build_report
-    from embedjob.storage import Storage
+    from embedjob.cli.main import main as cli
+    from embedjob.storage import Storage  # noqa: F401
 
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
-    page = build_report(out, Storage())
+    with tempfile.TemporaryDirectory() as tmp:
+        args = (["report", out, "--html", f"{tmp}/r.html"] if command == "report"
+                else ["filter", out, "--where", "nsfw >= 0", "--keys", f"{tmp}/k.parquet"])
+        if cli(args) not in (0, None):
+            raise SystemExit(f"embedjob {command} failed")
     took = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"seconds": took, "peak_mib": (peak - base) / 1024, "page_kib": len(page) / 1024}))
+    print(json.dumps({"seconds": took, "peak_mib": (peak - base) / 1024}))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shards", type=int, default=100)
     parser.add_argument("--rows", default="10000,100000", help="rows per shard, comma-separated")
-    parser.add_argument("--measure", help=argparse.SUPPRESS)
+    parser.add_argument("--commands", default="report,filter")
+    parser.add_argument("--measure", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
-        measure(args.measure)
+        measure(*args.measure)
         return
-    print(f"{'rows':>12} {'seconds':>9} {'peak MiB':>9} {'bytes/row':>10}")
+    print(f"{'command':>8} {'rows':>12} {'seconds':>9} {'peak MiB':>9} {'bytes/row':>10}")
     for rows in (int(x) for x in args.rows.split(",")):
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "out"
             build(out, args.shards, rows)
-            r = subprocess.run([sys.executable, __file__, "--measure", str(out)], capture_output=True, text=True,
-                               cwd=ROOT, check=True)
-            m = json.loads(r.stdout.strip().splitlines()[-1])
-            total = args.shards * rows
-            print(f"{total:>12,} {m['seconds']:>9.2f} {m['peak_mib']:>9.0f} {m['peak_mib'] * 2**20 / total:>10.1f}")
+            for command in args.commands.split(","):
+                r = subprocess.run([sys.executable, __file__, "--measure", str(out), command], capture_output=True,
+                                   text=True, cwd=ROOT, check=True)
+                m = json.loads(r.stdout.strip().splitlines()[-1])
+                total = args.shards * rows
+                print(f"{command:>8} {total:>12,} {m['seconds']:>9.2f} {m['peak_mib']:>9.0f} "
+                      f"{m['peak_mib'] * 2**20 / total:>10.1f}")
 
 
 if __name__ == "__main__":

@@ -101,3 +101,21 @@ def test_job_manifest_scores_merge_the_shards_sketches(scored_output):
             assert abs(rank - q) <= 0.01 + 1 / values.size, (score, name)
     manifest = json.loads(next((out / "_manifests").glob("*.json")).read_text())
     assert set(manifest["scores"]) == {"aesthetic", "nsfw"} and "sha256" in manifest["scores"]["nsfw"]
+
+
+def test_filter_writes_nothing_when_a_later_shard_lacks_the_column(scored_output, tmp_path):
+    """The keys are written shard by shard (memory holds a few shards, not the output's keys), and the
+    file appears only complete: a shard past the first ones without the column fails the command with
+    nothing written, no temporary file left beside it either."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(scored_output["output"], out)
+    meta = out / "metadata" / "00017.parquet"
+    pq.write_table(pq.read_table(meta).drop_columns(["nsfw"]), meta)
+    folder = tmp_path / "keys"
+    folder.mkdir()
+    r = subprocess.run([*embedjob_command("filter", str(out)), "--where", "nsfw >= 0", "--keys",
+                        str(folder / "keys.parquet")], capture_output=True, text=True)
+    assert r.returncode == 2 and "no column 'nsfw' in 00017's metadata" in r.stderr
+    assert list(folder.iterdir()) == []

@@ -298,17 +298,14 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_filter(args: argparse.Namespace) -> int:
-    import pyarrow.parquet as pq
-
-    from embedjob.where import WhereError, select_keys
+    from embedjob.where import WhereError, write_kept
 
     try:
-        kept = select_keys(args.output, args.where, _output_storage(args))
+        rows = write_kept(args.output, args.where, args.keys, _output_storage(args))
     except WhereError as e:
         print(f"error: --where: {e}", file=sys.stderr)
         return 2
-    pq.write_table(kept, args.keys)
-    print(f"{args.keys}: {kept.num_rows} keys where {args.where}")
+    print(f"{args.keys}: {rows} keys where {args.where}")
     return 0
 
 

@@ -37,6 +37,7 @@ from embedjob.results import (
     shard_record,
 )
 from embedjob.storage import Storage
+from embedjob.tar_headers import MAX_MEMBER_BYTES, bounded_tarinfo
 
 SCORE_COLUMNS = ("aesthetic", "nsfw", "clip_score")
 # Which side of the threshold a score keeps by default (the slider's direction can be flipped).
@@ -69,15 +70,20 @@ def _thumbnail(data: bytes) -> str | None:
 def read_members(storage: Storage, wanted: dict[str, set[str]],
                  allowed: Callable[[str], bool] | None = None) -> dict[tuple[str, str], bytes]:
     """``(shard, member) -> bytes`` of the wanted members of each input shard (one streaming pass each).
-    A shard ``allowed`` refuses is not read (its thumbnails are missing)."""
+    A shard ``allowed`` refuses is not read (its thumbnails are missing). The input is the job owner's:
+    long-name and pax headers over ``EMBEDJOB_MAX_TAR_HEADER_BYTES`` are skipped unread, and a member
+    over ``MAX_MEMBER_BYTES`` is not read (no thumbnail), as the worker's tar reader does."""
     found: dict[tuple[str, str], bytes] = {}
+    limit = settings.load().max_tar_header_bytes
     for shard, members in sorted(wanted.items()):
         if allowed is not None and not allowed(shard):
             continue
         try:
-            with storage.open_read(shard) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+            with (storage.open_read(shard) as f,
+                  tarfile.open(fileobj=f, mode="r|*", tarinfo=bounded_tarinfo(limit, [])) as tar):
                 for info in tar:
-                    if info.isfile() and info.name in members:
+                    if (info.isfile() and info.name in members and not getattr(info, "refused", None)
+                            and info.size <= MAX_MEMBER_BYTES):
                         data = tar.extractfile(info)
                         if data is not None:
                             found[(shard, info.name)] = data.read()

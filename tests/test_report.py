@@ -210,3 +210,32 @@ def test_planted_output_files_are_left_out_of_the_report(scored_output, tmp_path
     assert all(d.count == kept for d in data["scores"].values())
     page = report.build_report(uri, Storage())
     assert "x" * 1000 not in page and len(page) < 2_000_000
+
+
+def test_thumbnails_read_a_hostile_input_in_bounded_memory(tmp_path, monkeypatch):
+    """The report runs on a shared worker and reads the job owner's input shards for thumbnails: a 32 MiB
+    GNU long name before the wanted member is skipped unread (tarfile alone reads it whole), as the
+    worker's tar reader skips it; a member over the size cap is not read."""
+    import tarfile
+    import tracemalloc
+
+    from embedjob import report
+    from embedjob.storage import Storage
+    from tests.shards import encode, rgb
+
+    jpeg = encode(rgb(64, 48, 1), "JPEG")
+    shard = tmp_path / "hostile.tar"
+    with tarfile.open(shard, "w", format=tarfile.GNU_FORMAT) as tar:
+        for name, data in (("x" * (32 << 20) + ".jpg", b"\xff"), ("0001.jpg", jpeg), ("0002.jpg", jpeg * 4)):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    monkeypatch.setattr(report, "MAX_MEMBER_BYTES", 2 * len(jpeg))
+    tracemalloc.start()
+    try:
+        found = report.read_members(Storage(), {str(shard): {"0001.jpg", "0002.jpg"}})
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert found == {(str(shard), "0001.jpg"): jpeg}  # 0002.jpg is over the (lowered) member cap
+    assert peak < 24 << 20, peak  # the 32 MiB name was never held (skipped in 4 MiB chunks)

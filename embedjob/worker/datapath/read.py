@@ -34,13 +34,11 @@ from typing import BinaryIO
 
 from embedjob import settings
 from embedjob.policy import PermanentError
+from embedjob.tar_headers import MAX_MEMBER_BYTES, bounded_tarinfo
 
 IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff"})
 CAPTION_EXTENSION = "txt"
 JSON_EXTENSION = "json"
-# A single member larger than this is skipped (and recorded when it is an image) instead of being
-# read into memory: no real image in a web dataset comes near it.
-MAX_MEMBER_BYTES = 256 * 1024 * 1024
 # What a damaged tar raises while being parsed. Compressed tars read through "r|*" fail with the
 # decompressor's errors (bz2 raises a plain OSError); the source's own failures are wrapped in
 # SourceReadError first, so they never land here.
@@ -125,62 +123,14 @@ def source_stream(raw: BinaryIO, stats: TarStats) -> io.BufferedReader:
 
 
 def _watching_tarinfo(seen: list[tarfile.HeaderError]) -> type[tarfile.TarInfo]:
-    """A TarInfo class that remembers why header parsing stopped. tarfile ends iteration SILENTLY on
-    a garbage header or on data that stops at a member boundary (no end-of-archive blocks); only a
-    zero block (EOFHeaderError) is a proper end."""
-
-    limit = settings.load().max_tar_header_bytes
-
-    class WatchingTarInfo(tarfile.TarInfo):
-        refused: str | None = None  # why this member's header was skipped unread (see _proc_member)
-
-        def _proc_member(self, tar: tarfile.TarFile) -> tarfile.TarInfo:
-            kind = _LONG_HEADERS.get(self.type)
-            if kind is None or self.size <= limit:
-                return super()._proc_member(tar)
-            _skip(tar.fileobj, self._block(self.size))  # bounded chunks, never one 400 MiB read
-            try:
-                nxt = self.fromtarfile(tar)
-            except tarfile.HeaderError as e:
-                raise tarfile.SubsequentHeaderError(str(e)) from None
-            nxt.offset = self.offset
-            nxt.refused = (f"{kind} of {self.size} bytes (more than {limit}, EMBEDJOB_MAX_TAR_HEADER_BYTES): "
-                           "skipped unread")
-            return nxt
-
-        @classmethod
-        def fromtarfile(cls, tar: tarfile.TarFile) -> tarfile.TarInfo:
-            try:
-                return super().fromtarfile(tar)
-            except tarfile.HeaderError as e:
-                seen.append(e)
-                raise
-
-    return WatchingTarInfo
+    """:func:`embedjob.tar_headers.bounded_tarinfo` at ``EMBEDJOB_MAX_TAR_HEADER_BYTES``."""
+    return bounded_tarinfo(settings.load().max_tar_header_bytes, seen)
 
 
 def _drain(f: BinaryIO | None) -> None:
     """Read a member's data to its end, 4 MiB at a time, keeping none of it."""
     while f is not None and f.read(4 << 20):
         pass
-
-
-_LONG_HEADERS = {tarfile.GNUTYPE_LONGNAME: "GNU long name", tarfile.GNUTYPE_LONGLINK: "GNU long link",
-                 tarfile.XHDTYPE: "pax header", tarfile.XGLTYPE: "pax global header",
-                 tarfile.SOLARIS_XHDTYPE: "pax header"}
-
-
-def _skip(fileobj: BinaryIO, n: int) -> None:
-    """Move past ``n`` bytes: a seek in a file (a spool then drops them unstored), else read and drop
-    them in 4 MiB chunks (tarfile's stream cannot seek)."""
-    if getattr(fileobj, "seekable", None) is not None and fileobj.seekable():
-        fileobj.seek(n, io.SEEK_CUR)
-        return
-    while n > 0:
-        chunk = fileobj.read(min(n, 4 << 20))
-        if not chunk:
-            raise tarfile.TruncatedHeaderError("unexpected end of data in a skipped header")
-        n -= len(chunk)
 
 
 def _end_error(seen: list[tarfile.HeaderError]) -> str | None:

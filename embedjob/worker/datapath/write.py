@@ -21,6 +21,7 @@ raised: the manifest never exists without both data files, and no half-written f
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -91,7 +92,9 @@ def _sha256_and_size(f: IO[bytes]) -> tuple[str, int]:
     return h.hexdigest(), size
 
 
+@functools.cache
 def embedjob_version() -> str:
+    """The installed embedjob's version (read once per process: the metadata lookup costs ~1 ms)."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:

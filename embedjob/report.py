@@ -20,9 +20,8 @@ import logging
 import math
 import tarfile
 from collections import Counter
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from collections.abc import Callable
+from typing import Any
 
 from embedjob import settings
 from embedjob.layout import job_manifest_uri, report_uri, shard_outputs, tmp_root
@@ -31,6 +30,7 @@ from embedjob.results import (
     MAX_MANIFEST_VALUES,
     ManifestUnreadable,
     done_stems,
+    in_order,
     model_provenance,
     read_json_object,
     read_manifest,
@@ -116,7 +116,7 @@ def collect(output_uri: str, storage: Storage) -> dict[str, Any]:
             return None
         return m, record, _score_columns_or_none(storage, output_uri, stem)
 
-    for n, shard in enumerate(_in_order(read, stems)):
+    for n, shard in enumerate(in_order(read, stems, READ_THREADS)):
         if shard is None:
             continue
         m, record, table = shard
@@ -153,24 +153,14 @@ def score_bins(output_uri: str, storage: Storage, stems: list[str], scores: dict
                ) -> dict[str, ScoreBins]:
     """Pass 2 of each score column (the histogram, the slider's counts, the median's thumbnails)."""
     bins = {name: ScoreBins(stats) for name, stats in scores.items()}
-    for n, table in enumerate(_in_order(lambda stem: _score_columns_or_none(storage, output_uri, stem), stems)):
+    def read(stem: str) -> Any:
+        return _score_columns_or_none(storage, output_uri, stem)
+
+    for n, table in enumerate(in_order(read, stems, READ_THREADS)):
         for c in table.column_names if table is not None else ():
             if c in bins:
                 bins[c].add(table.column(c).to_numpy(zero_copy_only=False), n)
     return bins
-
-
-T = TypeVar("T")
-
-
-def _in_order(read: Callable[[str], T], stems: list[str]) -> Iterator[T]:
-    """``read(stem)`` of each stem, in order, ``READ_THREADS`` at a time (at most twice that many
-    results are held)."""
-    if not stems:
-        return
-    with ThreadPoolExecutor(max_workers=min(READ_THREADS, len(stems))) as pool:
-        for i in range(0, len(stems), 2 * READ_THREADS):
-            yield from pool.map(read, stems[i:i + 2 * READ_THREADS])
 
 
 def _score_columns_or_none(storage: Storage, output_uri: str, stem: str) -> Any:

@@ -15,10 +15,10 @@ import itertools
 import json
 import logging
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -197,12 +197,22 @@ def read_score_summaries(output_uri: str, stems: Iterable[str], storage: Storage
             log.warning("%s: score sketches not read: %s", shard_outputs(output_uri, stem).manifest, e)
             return None
 
-    def sketches() -> Iterator[dict[str, QuantileSketch] | None]:
-        with ThreadPoolExecutor(max_workers=max(1, min(threads, len(stems)))) as pool:
-            for i in range(0, len(stems), chunk):
-                yield from pool.map(one, stems[i:i + chunk])
+    return merge_summaries(in_order(one, stems, threads, chunk)) if stems else {}
 
-    return merge_summaries(sketches()) if stems else {}
+
+T = TypeVar("T")
+
+
+def in_order(read: Callable[[str], T], stems: list[str], threads: int = 16, chunk: int | None = None) -> Iterator[T]:
+    """``read(stem)`` of each stem, in order, ``threads`` at a time (object-store latency); at most
+    ``chunk`` (default ``2 * threads``) results are held, so a consumer that merges them as they come
+    runs in bounded memory however many shards there are."""
+    chunk = chunk or 2 * threads
+    if not stems:
+        return
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(stems)))) as pool:
+        for i in range(0, len(stems), chunk):
+            yield from pool.map(read, stems[i:i + chunk])
 
 
 

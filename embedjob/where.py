@@ -19,14 +19,13 @@ from __future__ import annotations
 import io
 import re
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from embedjob.layout import shard_outputs
-from embedjob.results import done_stems
+from embedjob.results import done_stems, in_order
 from embedjob.storage import Storage
 
 OPERATORS = {"<": np.less, "<=": np.less_equal, ">": np.greater, ">=": np.greater_equal,
@@ -252,16 +251,7 @@ def iter_kept(output_uri: str, where: str, storage: Storage | None = None) -> It
         return (kept.append_column("stem", pa.array([stem] * len(rows), pa.string()))
                 .append_column("row", pa.array(rows, pa.int64())).cast(schema))
 
-    return _in_order(read, sorted(done_stems(output_uri, storage)))
-
-
-def _in_order(read: Any, stems: list[str]) -> Iterator[Any]:
-    """``read(stem)`` of each stem, in order, ``READ_THREADS`` at a time."""
-    if not stems:
-        return
-    with ThreadPoolExecutor(max_workers=min(READ_THREADS, len(stems))) as pool:
-        for i in range(0, len(stems), 2 * READ_THREADS):
-            yield from pool.map(read, stems[i:i + 2 * READ_THREADS])
+    return in_order(read, sorted(done_stems(output_uri, storage)), READ_THREADS)
 
 
 def select_keys(output_uri: str, where: str, storage: Storage | None = None) -> Any:

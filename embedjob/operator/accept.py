@@ -48,7 +48,8 @@ def _manifest_counts(storage: Storage, output: str, stems: list[str]) -> dict[st
     by the status step)."""
     records = read_shard_records(output, stems, storage)
     return {stem: {"images": r["images"], "failedImages": r["failedImages"], "tarError": r["tarError"],
-                   "fromManifest": True, "doneBefore": True} for stem, r in records.items()}
+                   "fromManifest": True, "doneBefore": True, **({"manifestUnread": True} if r.get("unread") else {})}
+            for stem, r in records.items()}
 
 
 def record_plan(store: ProgressStore, spec: JobSpec, raw_spec: Mapping[str, Any], shards: list[Shard],
@@ -130,4 +131,11 @@ def accept(store: ProgressStore, raw_spec: Mapping[str, Any], previous_status: M
     if generation is not None:
         accepted["observedGeneration"] = generation
     msg = f"planned {len(shards)} shards ({done} already done)"
-    return Accepted(accepted, [Event("Normal", "Planned", msg)], ok=True)
+    events = [Event("Normal", "Planned", msg)]
+    unread = sorted(stem for stem, c in counts.items() if c.get("manifestUnread"))
+    if unread:  # someone wrote there what a worker does not write: say so, the counts leave them out
+        events.append(Event("Warning", "ManifestUnreadable",
+                            f"{len(unread)} shard manifest(s) under spec.output.uri are not what a worker writes "
+                            f"(e.g. {unread[0]}): those shards count as done with 0 images; delete their "
+                            "manifests to redo them"))
+    return Accepted(accepted, events, ok=True)

@@ -76,6 +76,8 @@ def test_a_job_planned_over_planted_manifests_is_accepted_with_true_counts(env, 
     assert acc.status["shards"]["succeeded"] == 2 and acc.status["shards"]["queued"] == 1
     assert (acc.status["images"]["embedded"], acc.status["images"]["failed"]) == (7, 2)
     assert len(json.dumps(acc.status)) < 4096
+    warned = [e for e in acc.events if e.reason == "ManifestUnreadable"]
+    assert len(warned) == 1 and "1 shard manifest(s)" in warned[0].message and "0000" in warned[0].message
 
 
 def test_a_job_whose_manifests_are_replaced_finishes_without_the_planted_model_or_sketches(env):

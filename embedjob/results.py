@@ -10,10 +10,12 @@ else is there.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import itertools
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -80,21 +82,57 @@ MAX_TAR_ERROR_CHARS = 500
 MAX_PROVENANCE_CHARS = 1024
 
 
+class _ParseBudget:
+    """Bytes of owner-written JSON being read and parsed at once in this process, shared by every
+    thread (the operator reads 16 manifests at a time per job, and several jobs plan at once). A read
+    holds ``PARSE_COST`` × its size until parsed; one larger than the whole budget holds all of it. One
+    hold per read, never nested: no deadlock."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.free = total, total
+        self._cond = threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, n: int) -> Iterator[None]:
+        n = min(n, self.total)
+        with self._cond:
+            self._cond.wait_for(lambda: self.free >= n)
+            self.free -= n
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.free += n
+                self._cond.notify_all()
+
+
+# Parsing costs about the bytes, their decoded text and the objects (values capped above): 3 x the size.
+PARSE_COST = 3
+PARSE_BUDGET = _ParseBudget(96 << 20)  # two 16 MiB manifests at once; small ones are not held back
+
+
 def read_json_object(storage: Storage, uri: str, max_bytes: int, max_values: int = MAX_MANIFEST_VALUES,
                      too_large: type[ManifestUnreadable] = ManifestTooLarge) -> dict[str, Any]:
-    """The JSON object at ``uri``, read in bounded memory and time: at most ``max_bytes`` bytes are read
-    (more raises ``too_large``) and at most ``max_values`` JSON values parsed; anything but a JSON object
-    raises :class:`ManifestUnreadable`. For what a job owner can write and a shared process reads."""
+    """The JSON object at ``uri``, read in bounded memory and time: one over ``max_bytes`` bytes raises
+    ``too_large`` (unread when the store says its size), at most ``max_values`` JSON values are parsed,
+    anything but a JSON object raises :class:`ManifestUnreadable`, and the reads and parses of every
+    thread together hold at most :data:`PARSE_BUDGET`. For what a job owner can write and a shared
+    process reads."""
     with storage.open_read(uri) as f:
-        data = f.read(max_bytes + 1)
-    if len(data) > max_bytes:
-        raise too_large(f"{uri}: more than {max_bytes} bytes: not read")
-    if data.count(b",") + data.count(b"[") + data.count(b"{") >= max_values:
-        raise ManifestUnreadable(f"{uri}: more than {max_values} JSON values: not read")
-    try:
-        doc = json.loads(data)
-    except (ValueError, RecursionError) as e:  # not UTF-8, not JSON, nested past the parser's depth
-        raise ManifestUnreadable(f"{uri}: not JSON ({type(e).__name__}): not read") from None
+        size = Storage.size_of(f)
+        if size is not None and size > max_bytes:
+            raise too_large(f"{uri}: more than {max_bytes} bytes: not read")
+        with PARSE_BUDGET.hold(PARSE_COST * (max_bytes if size is None else size)):
+            data = f.read(max_bytes + 1)
+            if len(data) > max_bytes:
+                raise too_large(f"{uri}: more than {max_bytes} bytes: not read")
+            if data.count(b",") + data.count(b"[") + data.count(b"{") >= max_values:
+                raise ManifestUnreadable(f"{uri}: more than {max_values} JSON values: not read")
+            try:
+                doc = json.loads(data)
+            except (ValueError, RecursionError) as e:  # not UTF-8, not JSON, nested past the parser's depth
+                raise ManifestUnreadable(f"{uri}: not JSON ({type(e).__name__}): not read") from None
+            del data
     if not isinstance(doc, dict):
         raise ManifestUnreadable(f"{uri}: not a JSON object: not read")
     return doc

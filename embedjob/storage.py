@@ -192,6 +192,18 @@ class Storage:
                 raise storage_error("GetObject", uri, e) from e
         return open(local_path(uri), "rb")  # noqa: SIM115 - caller closes
 
+    @staticmethod
+    def size_of(f: BinaryIO) -> int | None:
+        """The size of what ``f`` (from :meth:`open_read`) reads, when the store said it (S3's
+        ContentLength, a local file's size); None when unknown."""
+        size = getattr(f, "size", None)
+        if isinstance(size, int) and size >= 0:
+            return size
+        try:
+            return os.fstat(f.fileno()).st_size
+        except (OSError, AttributeError, ValueError, io.UnsupportedOperation):
+            return None
+
     def read_bytes(self, uri: str) -> bytes:
         with self.open_read(uri) as f:
             return f.read()
@@ -309,6 +321,11 @@ class _S3Reader(io.RawIOBase):
 
     def readable(self) -> bool:
         return True
+
+    @property
+    def size(self) -> int:
+        """The object's size (ContentLength), -1 when the response had none."""
+        return self._size
 
     def _resume(self) -> None:
         try:

@@ -108,3 +108,44 @@ def test_a_job_whose_manifests_are_replaced_finishes_without_the_planted_model_o
     assert len(json.dumps(res.status)) < 16_384
     job = json.loads(Storage().read_bytes(job_manifest_uri(f"s3://{bucket}/out/")))
     assert job["scores"] == res.status["scores"] and len(json.dumps(job)) < 16_384
+
+
+def test_an_oversized_manifest_is_refused_by_its_size_before_any_byte_is_read(env):
+    """S3 says the object's size (ContentLength): a manifest over the cap is refused from it."""
+    from embedjob.results import ManifestTooLarge, read_manifest
+
+    _r, _app, _store, bucket = env
+    _plant(bucket, "0000", _doc(pad="x" * (2 << 20)))
+    storage = Storage()
+    with storage.open_read(shard_outputs(f"s3://{bucket}/out/", "0000").manifest) as f:
+        assert Storage.size_of(f) == len(_doc(pad="x" * (2 << 20)))
+    with pytest.raises(ManifestTooLarge):
+        read_manifest(f"s3://{bucket}/out/", "0000", storage, max_bytes=1 << 20)
+
+
+def test_many_large_manifests_are_parsed_within_one_budget_for_the_process(tmp_path):
+    """24 manifests of 16 MiB (the cap) read 16 at a time, as planning a job over them does: every
+    thread's reads and parses together stay within PARSE_BUDGET (96 MiB). Without it this peaked at
+    ~300 MiB of Python memory per job planning, several jobs plan at once, and the operator's limit is
+    1 GiB."""
+    import tracemalloc
+
+    from embedjob import results
+
+    out = str(tmp_path / "out")
+    body = _doc(pad="x" * ((16 << 20) - 200))
+    stems = [f"{i:04d}" for i in range(24)]
+    for stem in stems:
+        path = tmp_path / "out" / "_manifests" / f"{stem}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(body)
+    assert shard_outputs(out, stems[0]).manifest.endswith("_manifests/0000.json")
+    tracemalloc.start()
+    try:
+        records = read_shard_records(out, stems, Storage())
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert all(r["images"] == 1 and not r.get("unread") for r in records.values())
+    assert peak < 128 << 20, peak >> 20
+    assert results.PARSE_BUDGET.free == results.PARSE_BUDGET.total  # every hold given back

@@ -112,20 +112,20 @@ PARSE_BUDGET = _ParseBudget(96 << 20)  # two 16 MiB manifests at once; small one
 
 
 def read_json_object(storage: Storage, uri: str, max_bytes: int, max_values: int = MAX_MANIFEST_VALUES,
-                     too_large: type[ManifestUnreadable] = ManifestTooLarge) -> dict[str, Any]:
+                     ) -> dict[str, Any]:
     """The JSON object at ``uri``, read in bounded memory and time: one over ``max_bytes`` bytes raises
-    ``too_large`` (unread when the store says its size), at most ``max_values`` JSON values are parsed,
+    :class:`ManifestTooLarge` (unread when the store says its size), at most ``max_values`` JSON values are parsed,
     anything but a JSON object raises :class:`ManifestUnreadable`, and the reads and parses of every
     thread together hold at most :data:`PARSE_BUDGET`. For what a job owner can write and a shared
     process reads."""
     with storage.open_read(uri) as f:
         size = Storage.size_of(f)
         if size is not None and size > max_bytes:
-            raise too_large(f"{uri}: more than {max_bytes} bytes: not read")
+            raise ManifestTooLarge(f"{uri}: more than {max_bytes} bytes: not read")
         with PARSE_BUDGET.hold(PARSE_COST * (max_bytes if size is None else size)):
             data = f.read(max_bytes + 1)
             if len(data) > max_bytes:
-                raise too_large(f"{uri}: more than {max_bytes} bytes: not read")
+                raise ManifestTooLarge(f"{uri}: more than {max_bytes} bytes: not read")
             if data.count(b",") + data.count(b"[") + data.count(b"{") >= max_values:
                 raise ManifestUnreadable(f"{uri}: more than {max_values} JSON values: not read")
             try:

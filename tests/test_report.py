@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from embedjob.dev.services import embedjob_command
-from embedjob.report import render
+from embedjob.report_page import render
 from embedjob.report_scores import HIST_BINS
 from tests.browser import Browser
 

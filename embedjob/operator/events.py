@@ -35,6 +35,7 @@ class JobMemory:
     finished: deque = field(default_factory=lambda: deque(maxlen=24))  # (monotonic, shards finished): pace
     share: Any = None  # the job's latest fair share of its queue (embedjob.fairness.Share)
     model: dict[str, Any] | None = None  # the model a finished shard's manifest records (status.model)
+    model_unknown: set[str] = field(default_factory=set)  # finished stems whose manifest names no model
 
     def forget_sightings(self) -> None:
         """After an outage, what was seen missing before says nothing about after (leases are re-taken,

@@ -4,6 +4,7 @@ on failure."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -19,6 +20,8 @@ from embedjob.results import model_provenance, read_score_summaries, read_shard_
 from embedjob.spec import JobSpec
 
 log = logging.getLogger("embedjob.operator")
+# Finished shards' manifests read per tick for the model, while none has named it.
+MODEL_READS_PER_TICK = 4
 
 
 def observe(store: ProgressStore, mem: JobMemory, plan: list[tuple[str, str]], states: Mapping[str, str],
@@ -60,17 +63,22 @@ def observe(store: ProgressStore, mem: JobMemory, plan: list[tuple[str, str]], s
 
 def observe_model(mem: JobMemory, spec: JobSpec, states: Mapping[str, str]) -> dict[str, Any] | None:
     """The model the job's outputs were embedded with, as a finished shard's manifest records it (read
-    once per operator process): never the spec's name for a model loaded from a path."""
+    once per operator process): never the spec's name for a model loaded from a path. A manifest that
+    cannot be read or names no model (the output is the job owner's to write) is passed over for the
+    next finished shard's, a few per tick."""
     if mem.model is None:
-        stem = next((s for s, v in states.items() if v == "succeeded"), None)
-        if stem is not None:
+        candidates = (s for s, v in states.items() if v == "succeeded" and s not in mem.model_unknown)
+        for stem in itertools.islice(candidates, MODEL_READS_PER_TICK):
             try:
                 record = read_shard_records(spec.output.uri, [stem], storage_for(spec))[stem]
             except Exception as e:  # noqa: BLE001 - the status goes on without it; read again next tick
                 log.warning("job %s: cannot read the manifest of %s for the model: %s", spec.output.uri, stem, e)
                 return None
             provenance = model_provenance([record.get("model")])
-            mem.model = provenance if isinstance(provenance, dict) else None
+            if isinstance(provenance, dict):
+                mem.model = provenance
+                break
+            mem.model_unknown.add(stem)
     return mem.model
 
 

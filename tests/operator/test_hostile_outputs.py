@@ -82,7 +82,8 @@ def test_a_job_planned_over_planted_manifests_is_accepted_with_true_counts(env, 
 
 def test_a_job_whose_manifests_are_replaced_finishes_without_the_planted_model_or_sketches(env):
     """Replaced while the job runs (the worker recorded its counts in Redis): the job succeeds; the
-    status's model is the worker's, not a 3 MB planted one; the planted sketches (20,000 points sized
+    status's model is the worker's, not a 3 MB planted one (from the next finished shard's manifest when
+    the first one's is planted); the planted sketches (20,000 points sized
     10**9, NaN points) add nothing to status.scores, the worker's do; the status stays small."""
     r, app, store, bucket = env
     spec = raw_spec(bucket, n=4, scores={"aesthetic": {"name": "laion/aesthetic", "revision": "r1"}})
@@ -91,8 +92,8 @@ def test_a_job_whose_manifests_are_replaced_finishes_without_the_planted_model_o
     good = QuantileSketch.of(np.linspace(1.0, 9.0, 200)).to_json()
     model = {"id": "openai/clip-vit-base-patch32", "revision": "r1", "dim": 512}
     planted = {
-        "0000": _doc(model=model, score_sketches={"aesthetic": good}),
-        "0001": _doc(model={"id": "x" * 3_000_000}),
+        "0000": _doc(model={"id": "x" * 3_000_000}),
+        "0001": _doc(model=model, score_sketches={"aesthetic": good}),
         "0002": _doc(model=model, score_sketches={"aesthetic": {
             **good, "size": 10**9, "values": [5.0] * 20_000, "weights": 1.0, "count": 20_000}}),
         "0003": _doc(model=model, score_sketches={"aesthetic": {**good, "values": [float("nan")] * 3,
@@ -103,7 +104,7 @@ def test_a_job_whose_manifests_are_replaced_finishes_without_the_planted_model_o
         worker_finishes(store, stem, 1)
     res = rec.tick(spec, status, 1)
     assert res.status["phase"] == "Succeeded"
-    assert res.status["model"] == model
+    assert res.status["model"] == model  # the first finished shard's manifest names none: the next one's
     assert res.status["scores"]["aesthetic"]["count"] == 200
     assert len(json.dumps(res.status)) < 16_384
     job = json.loads(Storage().read_bytes(job_manifest_uri(f"s3://{bucket}/out/")))

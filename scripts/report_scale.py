@@ -7,6 +7,9 @@ Each command runs in a fresh process; the peak RSS over the process's baseline (
 imported) is what its data cost.
 
     .venv/bin/python scripts/report_scale.py [--shards 100] [--rows 10000,100000]
+
+It measures the installed embedjob; to measure another checkout (a baseline in a git worktree), run it
+there with ``PYTHONPATH=$PWD``.
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # this checkout's embedjob (a worktree's too), not the installed one
 
 
 def build(out: Path, shards: int, rows: int) -> None:

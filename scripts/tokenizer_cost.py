@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # for tests/ (embedjob: the installed one)
 
 from embedjob.worker.model.tokenizer import ClipTokenizer  # noqa: E402
 from tests.worker.test_tokenizer import open_clip_reference  # noqa: E402

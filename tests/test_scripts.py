@@ -4,6 +4,7 @@ importing after a move, unnoticed): each at its smallest size, with what it prin
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,15 +12,20 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _run(*args: str, timeout: int = 240) -> str:
-    r = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+def _run(*args: str, timeout: int = 240, env: dict[str, str] | None = None) -> str:
+    r = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                       env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     return r.stdout
 
 
 def test_operator_scale_bench_plans_fresh_and_finished_jobs():
-    rows = [json.loads(line) for line in _run("scripts/bench_operator_scale.py", "--sizes", "20,40", "--ticks",
-                                              "1", "--done").splitlines() if line.startswith("{")]
+    """With AWS credentials in the caller's environment too: weed turned S3 auth on with them and the
+    bench's private SeaweedFS never became ready (the clean-clone run failed so, after a test had left
+    credentials in the environment)."""
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": "from-the-shell", "AWS_SECRET_ACCESS_KEY": "from-the-shell"}
+    out = _run("scripts/bench_operator_scale.py", "--sizes", "20,40", "--ticks", "1", "--done", env=env)
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     assert [(r["shards"], r["progress"], r["phase"]) for r in rows] == [(20, "20/20", "Succeeded"),
                                                                         (40, "40/40", "Succeeded")]
 

@@ -192,7 +192,10 @@ class SeaweedS3:
         (self.dir / "data").mkdir(parents=True, exist_ok=True)
         if self.config is not None:
             (self.dir / "s3.json").write_text(json.dumps(self.config))
-        self.proc = spawn(self.command(), self.log_path, self.dir)
+        # weed turns S3 auth on with the AWS_* credentials it finds in its environment: its auth must be
+        # -s3.config's alone, not whatever the caller's shell (or a test that set them) holds.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+        self.proc = spawn(self.command(), self.log_path, self.dir, env=env)
         wait_for_port(self.s3_port, timeout, self.proc, "weed s3")
         wait_for_s3(self.endpoint, timeout, authenticated=self.config is not None)
         return self

@@ -153,6 +153,7 @@ def score_bins(output_uri: str, storage: Storage, stems: list[str], scores: dict
                ) -> dict[str, ScoreBins]:
     """Pass 2 of each score column (the histogram, the slider's counts, the median's thumbnails)."""
     bins = {name: ScoreBins(stats) for name, stats in scores.items()}
+
     def read(stem: str) -> Any:
         return _score_columns_or_none(storage, output_uri, stem)
 

@@ -200,9 +200,6 @@ def read_shard_records(output_uri: str, stems: Iterable[str], storage: Storage |
                        threads: int = 16) -> dict[str, dict[str, Any]]:
     """:func:`shard_record` of each finished shard in ``stems`` (manifests read in parallel)."""
     storage = storage or Storage()
-    stems = list(stems)
-    if not stems:
-        return {}
 
     def one(stem: str) -> tuple[str, dict[str, Any]]:
         try:
@@ -211,8 +208,7 @@ def read_shard_records(output_uri: str, stems: Iterable[str], storage: Storage |
             log.warning("%s", e)
             return stem, dict(UNREAD_RECORD)
 
-    with ThreadPoolExecutor(max_workers=min(threads, len(stems))) as pool:
-        return dict(pool.map(one, stems))
+    return dict(in_order(one, list(stems), threads))
 
 
 def read_score_summaries(output_uri: str, stems: Iterable[str], storage: Storage | None = None,

@@ -256,7 +256,8 @@ def iter_kept(output_uri: str, where: str, storage: Storage | None = None) -> It
 
 def select_keys(output_uri: str, where: str, storage: Storage | None = None) -> Any:
     """Every finished shard's rows that satisfy ``where``, as one pyarrow Table of :func:`kept_schema`,
-    in stem then row order (:func:`iter_kept` without holding them all: what ``embedjob filter`` writes)."""
+    in stem then row order: :func:`iter_kept`'s tables joined, so all in memory at once
+    (``embedjob filter`` writes them shard by shard instead: :func:`write_kept`)."""
     import pyarrow as pa
 
     parts = list(iter_kept(output_uri, where, storage))

@@ -21,7 +21,7 @@ def samples(metrics: OperatorMetrics) -> dict[tuple[str, tuple], float]:
 def status(phase: str, queued: int, running: int, succeeded: int = 0, failed: int = 0, **extra) -> dict:
     return {"phase": phase, "shards": {"total": queued + running + succeeded + failed, "queued": queued,
                                        "running": running, "succeeded": succeeded, "failed": failed},
-            "images": {"embedded": 10 * succeeded, "failed": 1},
+            "images": {"embedded": 10 * succeeded + 7, "embeddedThisRun": 10 * succeeded, "failed": 1},
             "attempts": {"failures": 2, "transientFailures": 3, "leaseExpiries": 4, "messagesLost": 5}, **extra}
 
 

@@ -4,7 +4,8 @@ and record the plan in Redis before anything is enqueued.
 Redis keys written here, under ``embedjob:<uid>:``: ``spec`` (the accepted spec, JSON) and ``plan``
 (``[[stem, uri], ...]``, written LAST: a resource whose status says "planned" while ``plan`` is
 missing means Redis lost the job, see embedjob.operator.recovery). Shards whose manifest already
-exists are recorded ``succeeded`` with their counts: a rerun redoes nothing.
+exists are recorded ``succeeded``, their counts pending (the ticks read them a slice at a time,
+embedjob.operator.done_before): a rerun redoes nothing, and starts at once however many are done.
 """
 
 from __future__ import annotations
@@ -21,10 +22,14 @@ from embedjob.operator.changes import spec_hash
 from embedjob.operator.events import Event
 from embedjob.planning import PlanError, Shard, plan_shards
 from embedjob.progress import ProgressStore
-from embedjob.results import done_stems, read_shard_records
+from embedjob.results import done_stems
 from embedjob.settings import Settings, load
 from embedjob.spec import JobSpec, SpecError, parse_spec
 from embedjob.storage import Storage, StorageError, StorageOptions
+
+# The info of a shard found done at planning: not this run's work (so not in its rate), its counts
+# still to be read from its manifest (embedjob.operator.done_before).
+DONE_BEFORE = {"doneBefore": True, "countsPending": True}
 
 
 def storage_for(spec: JobSpec) -> Storage:
@@ -42,35 +47,20 @@ class Accepted:
     ok: bool
 
 
-def _manifest_counts(storage: Storage, output: str, stems: list[str]) -> dict[str, dict[str, Any]]:
-    """The info of shards already done when the job is planned (``doneBefore``: not this run's work,
-    so not in its rate): their counts and tar error, from their manifests (the model is read once,
-    by the status step)."""
-    records = read_shard_records(output, stems, storage)
-    return {stem: {"images": r["images"], "failedImages": r["failedImages"], "tarError": r["tarError"],
-                   "fromManifest": True, "doneBefore": True, **({"manifestUnread": True} if r.get("unread") else {})}
-            for stem, r in records.items()}
-
-
 def record_plan(store: ProgressStore, spec: JobSpec, raw_spec: Mapping[str, Any], shards: list[Shard],
                 storage: Storage, max_manifests: int | None = None) -> int:
-    """Write the accepted spec, mark shards whose manifest exists as succeeded (with their counts),
-    then the plan itself (last). Returns how many shards were already done. The listing of the
-    output's manifests stops past ``max_manifests`` (default ``EMBEDJOB_MAX_SHARDS``)."""
-    return len(_record_plan(store, spec, raw_spec, shards, storage, max_manifests))
-
-
-def _record_plan(store: ProgressStore, spec: JobSpec, raw_spec: Mapping[str, Any], shards: list[Shard],
-                 storage: Storage, max_manifests: int | None = None) -> dict[str, dict[str, Any]]:
+    """Write the accepted spec, mark shards whose manifest exists as succeeded, their counts pending
+    (embedjob.operator.done_before reads them, a slice per tick), then the plan itself (last). Returns
+    how many shards were already done. Only the output's listing is read here, and it stops past
+    ``max_manifests`` (default ``EMBEDJOB_MAX_SHARDS``)."""
     planned = {s.stem for s in shards}
     limit = load().max_shards if max_manifests is None else max_manifests
     try:
         done = sorted(done_stems(spec.output.uri, storage, limit) & planned) if not spec.output.overwrite else []
     except ValueError as e:
         raise PlanError("spec.output.uri", str(e)) from e
-    counts = _manifest_counts(storage, spec.output.uri, done)
-    store.save_plan(raw_spec, [(s.stem, s.uri) for s in shards], {stem: counts[stem] for stem in done})
-    return counts
+    store.save_plan(raw_spec, [(s.stem, s.uri) for s in shards], dict.fromkeys(done, DONE_BEFORE))
+    return len(done)
 
 
 def accept(store: ProgressStore, raw_spec: Mapping[str, Any], previous_status: Mapping[str, Any] | None,
@@ -94,8 +84,7 @@ def accept(store: ProgressStore, raw_spec: Mapping[str, Any], previous_status: M
         where = "spec.input.uri"
         shards = plan_shards(spec.input, storage, settings.max_shards)
         where = "spec.output.uri"
-        counts = _record_plan(store, spec, raw_spec, shards, storage)
-        done = len(counts)
+        done = record_plan(store, spec, raw_spec, shards, storage)
     except SpecError as e:  # PlanError is a SpecError too
         reason = ("PlanFailed" if isinstance(e, PlanError) else
                   "StorageNotAllowed" if isinstance(e, StorageNotAllowed) else "InvalidSpec")
@@ -119,10 +108,9 @@ def accept(store: ProgressStore, raw_spec: Mapping[str, Any], previous_status: M
                  "plannedAt": status.rfc3339(now)},
         "progress": f"{done}/{len(shards)}",
         "shards": {"total": len(shards), "queued": len(shards) - done, "running": 0, "succeeded": done, "failed": 0},
-        # What the output already holds; nothing embedded by this job yet.
-        "images": {"embedded": sum(c["images"] for c in counts.values()),
-                   "failed": sum(c["failedImages"] for c in counts.values()),
-                   "soFar": sum(c["images"] for c in counts.values()), "embeddedThisRun": 0},
+        # Nothing embedded by this job yet; what the output already holds is counted by the ticks.
+        "images": {"embedded": 0, "failed": 0, "soFar": 0, "embeddedThisRun": 0,
+                   **({"countsPending": done} if done else {})},
         "imagesPerSecond": 0.0,
         "startTime": status.rfc3339(now),
         "conditions": conditions,
@@ -132,10 +120,4 @@ def accept(store: ProgressStore, raw_spec: Mapping[str, Any], previous_status: M
         accepted["observedGeneration"] = generation
     msg = f"planned {len(shards)} shards ({done} already done)"
     events = [Event("Normal", "Planned", msg)]
-    unread = sorted(stem for stem, c in counts.items() if c.get("manifestUnread"))
-    if unread:  # someone wrote there what a worker does not write: say so, the counts leave them out
-        events.append(Event("Warning", "ManifestUnreadable",
-                            f"{len(unread)} shard manifest(s) under spec.output.uri are not what a worker writes "
-                            f"(e.g. {unread[0]}): those shards count as done with 0 images; delete their "
-                            "manifests to redo them"))
     return Accepted(accepted, events, ok=True)

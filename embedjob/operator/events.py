@@ -36,6 +36,7 @@ class JobMemory:
     share: Any = None  # the job's latest fair share of its queue (embedjob.fairness.Share)
     model: dict[str, Any] | None = None  # the model a finished shard's manifest records (status.model)
     model_unknown: set[str] = field(default_factory=set)  # finished stems whose manifest names no model
+    counts_pending: set[str] = field(default_factory=set)  # done at planning, manifest not read yet
 
     def forget_sightings(self) -> None:
         """After an outage, what was seen missing before says nothing about after (leases are re-taken,

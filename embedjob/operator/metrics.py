@@ -33,8 +33,10 @@ SHARD_STATES = ("queued", "running", "succeeded", "failed")
 DEFAULT_QUEUE = "embedjob"
 # (metric, help, status path) for per-job counters taken from the status.
 _JOB_COUNTERS = (
-    ("embedjob_job_images_embedded", "Images embedded by the job's succeeded shards (status.images.embedded).",
-     ("images", "embedded")),
+    # This run's work only: shards found done when the job was planned are counted into status.images.embedded
+    # over its first ticks (embedjob.operator.done_before), which a rate() would show as a burst.
+    ("embedjob_job_images_embedded", "Images embedded by the shards this job ran "
+                                     "(status.images.embeddedThisRun).", ("images", "embeddedThisRun")),
     ("embedjob_job_images_skipped", "Images skipped and recorded in the job's shard manifests "
                                     "(status.images.failed).", ("images", "failed")),
     ("embedjob_job_shard_failures", "Failed shard attempts that consumed a retry (status.attempts.failures).",

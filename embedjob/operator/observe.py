@@ -14,6 +14,7 @@ from embedjob.layout import report_uri
 from embedjob.operator import status
 from embedjob.operator.accept import storage_for
 from embedjob.operator.dispatch import Sender
+from embedjob.operator.done_before import load_done_infos
 from embedjob.operator.events import Event, JobMemory
 from embedjob.progress import ProgressStore
 from embedjob.results import model_provenance, read_score_summaries, read_shard_records, write_job_manifest
@@ -27,9 +28,8 @@ MODEL_READS_PER_TICK = 4
 def observe(store: ProgressStore, mem: JobMemory, plan: list[tuple[str, str]], states: Mapping[str, str],
             failed_infos: Mapping[str, dict[str, Any]]) -> status.Observed:
     obs = status.Observed(total=len(plan))
-    new_done = [s for s, v in states.items() if v == "succeeded" and s not in mem.done_info]
-    if new_done:
-        mem.done_info.update(store.infos(new_done))
+    load_done_infos(store, mem, states)
+    obs.counts_pending = len(mem.counts_pending)
     running = [s for s, v in states.items() if v == "running"]
     running_info = store.infos(running) if running else {}
     for stem, uri in plan:
@@ -67,7 +67,8 @@ def observe_model(mem: JobMemory, spec: JobSpec, states: Mapping[str, str]) -> d
     cannot be read or names no model (the output is the job owner's to write) is passed over for the
     next finished shard's, a few per tick."""
     if mem.model is None:
-        candidates = (s for s, v in states.items() if v == "succeeded" and s not in mem.model_unknown)
+        candidates = (s for s, v in states.items() if v == "succeeded" and s not in mem.model_unknown
+                      and s not in mem.counts_pending)  # (those are read by embedjob.operator.done_before)
         for stem in itertools.islice(candidates, MODEL_READS_PER_TICK):
             try:
                 record = read_shard_records(spec.output.uri, [stem], storage_for(spec))[stem]

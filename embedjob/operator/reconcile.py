@@ -5,6 +5,7 @@
     control     (here)                       spec.suspend <-> the control flag workers read
     failures    embedjob.operator.failures   each failed attempt counted once (embedjob.policy decides)
     leases      embedjob.operator.leases     dead workers' shards: done (manifest) or re-enqueued
+    counts      embedjob.operator.done_before  counts of shards found done at planning, a slice a tick
     lost        embedjob.operator.lost_messages  queued shards in no queue: re-enqueued
     share       embedjob.fairness            this job's fair share of the queue it shares with other jobs
     dispatch    embedjob.operator.dispatch   pending resent, redo, retries and new shards up to the slots
@@ -33,6 +34,7 @@ from embedjob.operator import status
 from embedjob.operator.accept import is_planned
 from embedjob.operator.changes import check_spec_change, with_mutable
 from embedjob.operator.dispatch import Dispatcher, Sender
+from embedjob.operator.done_before import fill_counts
 from embedjob.operator.events import Event, JobMemory
 from embedjob.operator.failures import count_failures, fatal_error
 from embedjob.operator.leases import expire_leases
@@ -144,12 +146,13 @@ class Reconciler:
         states = store.states()
         failed_infos, retry_due = count_failures(store, spec, states, time.time(), events)
         expired = expire_leases(store, spec, states, mem, self.settings, events)
+        gone = fill_counts(store, mem, spec, states, events)  # manifests gone since planning: redo
         lost = self._lost(spec, states) if not spec.suspend and control != "suspended" else []
         dispatched = 0
         if spec.suspend:
             store.unregister_job(spec.queue)
         else:  # (while suspended, expired shards wait as "queued" for the resume)
-            redo = [s for s, v in states.items() if v == "queued"] if resumed else expired + lost
+            redo = [s for s, v in states.items() if v == "queued"] if resumed else expired + lost + gone
             dispatcher = Dispatcher(store, self.sender, spec, mem.uris, self.policy, self.namespace)
             cap = self._fair_cap(spec, states, retry_due)
             dispatched = dispatcher.top_up(states, mem.plan or [], retry_due, redo, cap)
@@ -224,7 +227,7 @@ class Reconciler:
             # been tried. A job that fails on them fails for that reason, not "too many failed shards".
             finals = [i for i in failed_infos.values() if i.get("final")]
             obs.fatal = failure_policy.common_access_error(finals, total=1, succeeded_this_run=0) or ""
-        mem.samples.append((time.monotonic(), obs.images + obs.images_in_flight))
+        mem.samples.append((time.monotonic(), obs.images_this_run + obs.images_in_flight))  # this run's work only
         desired = status.build_status(job_status, obs, status.Policy(max_failed_shards=spec.maxFailedShards,
                                                                      suspend=spec.suspend),
                                       generation=generation, now=now,

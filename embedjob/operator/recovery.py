@@ -70,6 +70,7 @@ def rebuild(store: ProgressStore, mem: JobMemory, raw_spec: Mapping[str, Any], s
     storage = storage_for(spec)
     shards = plan_shards(spec.input, storage, settings.max_shards)
     mem.done_info.clear()
+    mem.counts_pending.clear()
     mem.samples.clear()
     done = record_plan(store, spec, raw_spec, shards, storage)
     mem.spec = spec

@@ -105,6 +105,7 @@ class Observed:
     failed_images: int = 0
     images_in_flight: int = 0  # imagesSoFar of running shards (for the rate and the IMAGES column)
     images_this_run: int = 0  # embedded by shards this job ran (not found done when it was planned)
+    counts_pending: int = 0  # succeeded shards found done at planning whose manifest is not read yet
     truncated: list[tuple[str, str]] = field(default_factory=list)  # (stem, tar error) of finished shards
     model: dict[str, Any] | None = None  # what a finished shard's manifest records
     failures: int = 0  # real failures seen (each retry consumed one)
@@ -134,6 +135,10 @@ def decide_phase(obs: Observed, policy: Policy, dispatched: bool) -> tuple[str, 
     if obs.failed > policy.max_failed_shards:
         return (FAILED, "TooManyFailedShards",
                 f"{obs.failed} shard(s) failed after retries, more than maxFailedShards={policy.max_failed_shards}")
+    if obs.total > 0 and obs.finished == obs.total and obs.counts_pending:
+        # Done, but the records would misstate the totals: finish once every count is read.
+        return (RUNNING, "CountingDoneShards", f"{obs.succeeded}/{obs.total} shards done; reading the counts of "
+                f"{obs.counts_pending} shard(s) found done when the job was planned")
     if obs.total > 0 and obs.finished == obs.total:
         extra = f", {obs.failed} failed (allowed: {policy.max_failed_shards})" if obs.failed else ""
         return SUCCEEDED, "AllShardsDone", f"{obs.succeeded}/{obs.total} shards succeeded{extra}"
@@ -226,8 +231,10 @@ def build_status(
         # embedded: committed by finished shards; soFar adds what running shards have embedded so far
         # (their heartbeat), so the IMAGES column moves within a shard; embeddedThisRun does not count
         # shards found done when the job was planned.
+        # countsPending: shards found done at planning whose counts are not read yet (left out).
         "images": {"embedded": obs.images, "failed": obs.failed_images,
-                   "soFar": obs.images + obs.images_in_flight, "embeddedThisRun": obs.images_this_run},
+                   "soFar": obs.images + obs.images_in_flight, "embeddedThisRun": obs.images_this_run,
+                   **({"countsPending": obs.counts_pending} if obs.counts_pending else {})},
         "dataLoss": {"truncatedShards": len(truncated),
                      "shards": [{"stem": stem, "error": err[:MAX_ERROR_CHARS]}
                                 for stem, err in truncated[:MAX_DATA_LOSS_LISTED]]},

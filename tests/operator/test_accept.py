@@ -90,6 +90,11 @@ def test_accept_records_spec_done_shards_and_plan_in_redis(env):
     assert store.accepted_spec() == spec
     assert store.plan() == [(s, f"s3://{bucket}/in/{s}.tar") for s in ("0000", "0001", "0002")]
     assert store.states() == {"0002": "succeeded"}  # the rest are sent by the first tick, not here
-    info = store.info("0002")
-    assert (info["images"], info["failedImages"], info["fromManifest"]) == (5, 1, True)
+    # Its counts are read by the ticks (embedjob.operator.done_before), not before the plan is recorded.
+    assert store.info("0002") == {"doneBefore": True, "countsPending": True, "updated": store.info("0002")["updated"]}
+    assert acc.status["images"] == {"embedded": 0, "failed": 0, "soFar": 0, "embeddedThisRun": 0, "countsPending": 1}
     assert queued_ids(r) == []
+    Reconciler(store, app, JobMemory()).tick(spec, acc.status, 1)
+    info = store.info("0002")
+    assert (info["images"], info["failedImages"], info["fromManifest"], info["doneBefore"]) == (5, 1, True, True)
+    assert not info["countsPending"]

@@ -12,7 +12,6 @@ import pytest
 
 from embedjob.contract import ShardTask
 from embedjob.layout import job_manifest_uri, shard_outputs
-from embedjob.operator.accept import accept
 from embedjob.operator.leases import committed
 from embedjob.results import MAX_MANIFEST_VALUES, ManifestUnreadable, read_shard_record, read_shard_records
 from embedjob.sketch import QuantileSketch
@@ -66,18 +65,23 @@ def test_a_planted_manifest_is_unreadable_and_committed(env, name):
 @pytest.mark.parametrize("name", ["nested", "a-list", "count-huge", "model-3mb-id"])
 def test_a_job_planned_over_planted_manifests_is_accepted_with_true_counts(env, name):
     """Planted before the job: the job is accepted (before: accept raised RecursionError, AttributeError,
-    or wrote 10**30 images into the status), the shard with a worker's manifest counts, the planted one
-    is done with its counts unknown, and the rest is queued."""
-    _r, _app, store, bucket = env
+    or wrote 10**30 images into the status), and its first tick (which reads the counts of shards found
+    done) counts the shard with a worker's manifest, takes the planted one as done with its counts
+    unknown, warns once, and queues the rest."""
+    r, app, store, bucket = env
     _plant(bucket, "0000", HOSTILE[name])
     _plant(bucket, "0001", _doc(counts={"embedded": 7, "failed": 2}))
-    acc = accept(store, raw_spec(bucket, n=3), {}, 1)
-    assert acc.ok, acc.status
-    assert acc.status["shards"]["succeeded"] == 2 and acc.status["shards"]["queued"] == 1
-    assert (acc.status["images"]["embedded"], acc.status["images"]["failed"]) == (7, 2)
-    assert len(json.dumps(acc.status)) < 4096
-    warned = [e for e in acc.events if e.reason == "ManifestUnreadable"]
+    spec = raw_spec(bucket, n=3)
+    status, rec = started(r, app, store, spec)
+    assert status["shards"]["succeeded"] == 2 and status["shards"]["queued"] == 1
+    res = rec.tick(spec, status, 1)
+    assert res.status["shards"]["succeeded"] == 2 and res.status["shards"]["queued"] == 1
+    assert (res.status["images"]["embedded"], res.status["images"]["failed"]) == (7, 2)
+    assert "countsPending" not in res.status["images"]
+    assert len(json.dumps(res.status)) < 4096
+    warned = [e for e in res.events if e.reason == "ManifestUnreadable"]
     assert len(warned) == 1 and "1 shard manifest(s)" in warned[0].message and "0000" in warned[0].message
+    assert not [e for e in rec.tick(spec, res.status, 1).events if e.reason == "ManifestUnreadable"]  # once
 
 
 def test_a_job_whose_manifests_are_replaced_finishes_without_the_planted_model_or_sketches(env):

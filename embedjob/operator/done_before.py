@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import threading
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -31,6 +32,9 @@ log = logging.getLogger("embedjob.operator")
 
 READ_SECONDS = 2.0  # of manifest reading per tick (the tick interval is 5 s by default)
 CHUNK = 256  # manifests read at a time, 16 in parallel
+# Jobs reading at once in one operator process: many jobs planned over finished (or planted) outputs
+# must not hold every one of kopf's tick threads; a job that finds both taken reads on a later tick.
+READERS = threading.BoundedSemaphore(2)
 
 
 def load_done_infos(store: ProgressStore, mem: JobMemory, states: Mapping[str, str]) -> None:
@@ -50,11 +54,19 @@ def fill_counts(store: ProgressStore, mem: JobMemory, spec: JobSpec, states: dic
     (:data:`READ_SECONDS`) have passed (one chunk at least), and record their counts. Updates
     ``states``; returns the stems whose manifest is gone (now ``queued``: send them)."""
     load_done_infos(store, mem, states)
-    if not mem.counts_pending:
+    if not mem.counts_pending or not READERS.acquire(blocking=False):
         return []
+    try:
+        return _fill(store, mem, spec, states, events, READ_SECONDS if seconds is None else seconds,
+                     chunk or CHUNK)
+    finally:
+        READERS.release()
+
+
+def _fill(store: ProgressStore, mem: JobMemory, spec: JobSpec, states: dict[str, str], events: list[Event],
+          seconds: float, chunk: int) -> list[str]:
     storage = storage_for(spec)
-    deadline = time.monotonic() + (READ_SECONDS if seconds is None else seconds)
-    chunk = chunk or CHUNK
+    deadline = time.monotonic() + seconds
     unread: list[str] = []
     gone: list[str] = []
 

@@ -164,3 +164,24 @@ def test_a_storage_outage_while_counting_leaves_the_counts_pending_and_the_tick_
     res = rec.tick(spec, res.status, 1)
     assert res.status["phase"] == "Succeeded"
     assert res.status["images"]["embedded"] == sum(c[0] for c in counts.values()) + 1
+
+
+def test_jobs_beyond_the_readers_allowed_at_once_read_on_a_later_tick(env, reads):
+    """The operator is shared: while ``READERS`` jobs are reading, another one's tick reads nothing
+    (and still sends its work); it reads once a reader is free."""
+    r, app, store, bucket = env
+    _finished_output(bucket, ["0000", "0001"])
+    spec = raw_spec(bucket, n=3)
+    status, rec = started(r, app, store, spec)
+    held = 0
+    while done_before.READERS.acquire(blocking=False):
+        held += 1
+    try:
+        res = rec.tick(spec, status, 1)
+    finally:
+        for _ in range(held):
+            done_before.READERS.release()
+    assert held == 2 and reads == [] and res.status["images"]["countsPending"] == 2
+    assert queued_ids(r) == [task_id(store.job, "0002", 1)]
+    res = rec.tick(spec, res.status, 1)
+    assert sorted(reads) == ["0000", "0001"] and "countsPending" not in res.status["images"]

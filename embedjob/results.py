@@ -27,7 +27,7 @@ import numpy as np
 from embedjob import settings
 from embedjob.layout import job_manifest_uri, manifests_prefix, shard_outputs, stem_from_manifest, tmp_root
 from embedjob.sketch import QuantileSketch, merge_summaries
-from embedjob.storage import Storage, StorageOptions
+from embedjob.storage import Storage, StorageError, StorageOptions
 
 KINDS = ("image", "text")  # img_emb/ | text_emb/ (spec.outputs)
 log = logging.getLogger("embedjob.results")
@@ -211,6 +211,24 @@ def read_shard_records(output_uri: str, stems: Iterable[str], storage: Storage |
     return dict(in_order(one, list(stems), threads))
 
 
+def read_score_sketches(output_uri: str, stem: str, storage: Storage | None = None) -> dict[str, QuantileSketch] | None:
+    """The score sketches a finished shard's manifest carries (``{score: sketch}``, parsed here: a
+    caller holds sketches of bounded size, not manifests); None when the manifest, or its sketches,
+    are not a worker's (the output is the job owner's to write), or when it is gone."""
+    try:
+        raw = read_manifest(output_uri, stem, storage).get("score_sketches") or {}
+        if not isinstance(raw, dict):
+            raise ManifestUnreadable("score_sketches: not an object")
+        return {str(name): QuantileSketch.from_json(d) for name, d in raw.items()}
+    except ValueError as e:  # ManifestUnreadable included
+        log.warning("%s: score sketches not read: %s", shard_outputs(output_uri, stem).manifest, e)
+    except StorageError as e:
+        if not e.missing:
+            raise
+        log.warning("%s: gone: its score sketches are not merged", shard_outputs(output_uri, stem).manifest)
+    return None
+
+
 def read_score_summaries(output_uri: str, stems: Iterable[str], storage: Storage | None = None,
                          threads: int = 16, chunk: int = 256) -> dict[str, dict[str, Any]]:
     """Per score: count, mean and quantiles over the finished shards ``stems``, merged from the quantile
@@ -218,20 +236,8 @@ def read_score_summaries(output_uri: str, stems: Iterable[str], storage: Storage
     parallel, and merged as they come: memory stays bounded however many shards there are."""
     storage = storage or Storage()
     stems = list(stems)
-
-    def one(stem: str) -> dict[str, QuantileSketch] | None:
-        """The shard's sketches, parsed here (a chunk holds sketches of bounded size, not manifests);
-        a shard whose manifest or sketches are not a worker's adds nothing."""
-        try:
-            raw = read_manifest(output_uri, stem, storage).get("score_sketches") or {}
-            if not isinstance(raw, dict):
-                raise ManifestUnreadable("score_sketches: not an object")
-            return {str(name): QuantileSketch.from_json(d) for name, d in raw.items()}
-        except ValueError as e:  # ManifestUnreadable included
-            log.warning("%s: score sketches not read: %s", shard_outputs(output_uri, stem).manifest, e)
-            return None
-
-    return merge_summaries(in_order(one, stems, threads, chunk)) if stems else {}
+    return merge_summaries(in_order(lambda stem: read_score_sketches(output_uri, stem, storage), stems, threads,
+                                    chunk)) if stems else {}
 
 
 T = TypeVar("T")

@@ -3,14 +3,15 @@
 against REAL Redis and SeaweedFS (started here on free ports), no workers. The 1,000-shard job is
 the baseline: per-shard costs should stay flat as the job grows.
 
-    .venv/bin/python scripts/bench_operator_scale.py [--sizes 1000,10000,100000] [--done]
+    .venv/bin/python scripts/bench_operator_scale.py [--sizes 1000,10000,100000] [--done [--scores]]
 
 Prints, per size: seconds to accept (validate, plan, list the output's manifests, record the plan),
 seconds per tick (aggregate states, dispatch up to the backlog cap, build status), Redis memory for
 the job, and the size of the status patch (it must not grow with the job: failedShards is bounded).
-With ``--done`` it also ticks on until the counts of the shards found done are all read (each tick
-reads manifests for up to embedjob.operator.done_before.READ_SECONDS): the ticks and seconds of
-manifest reading that took, and the job's total images checked against the planted manifests.
+With ``--done`` (every shard already has its manifest) it ticks on until the job succeeds (each tick
+reads manifests for up to embedjob.operator.done_before.READ_SECONDS): how many ticks, the longest
+one and their sum, the job's total images checked against the planted manifests; ``--scores`` adds a
+score head, a sketch in each manifest, and checks the merged count.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ def main() -> int:
     ap.add_argument("--done", action="store_true",
                     help="every shard already has its manifest (a job run again over a finished output): "
                          "the ticks read them all for their counts")
+    ap.add_argument("--scores", action="store_true",
+                    help="the job has a score head and each manifest carries its sketch: the ticks merge them")
     args = ap.parse_args()
 
     from embedjob.broker import make_app
@@ -58,9 +61,10 @@ def main() -> int:
             r.flushall()
             store = ProgressStore(r, str(uuid.uuid4()))
             if args.done:
-                _plant_manifests(f"s3://bench-data/out-{n}/", n)
+                _plant_manifests(f"s3://bench-data/out-{n}/", n, args.scores)
             spec = {"input": {"uri": f"s3://bench-data/ds/{{000000..{n - 1:06d}}}.tar"},
-                    "output": {"uri": f"s3://bench-data/out-{n}/"}, "queue": "bench"}
+                    "output": {"uri": f"s3://bench-data/out-{n}/"}, "queue": "bench",
+                    **({"scores": {"aesthetic": {"name": "laion/aesthetic", "revision": "r1"}}} if args.scores else {})}
             t0 = time.perf_counter()
             acc = accept(store, spec, {}, 1)
             t_accept = time.perf_counter() - t0
@@ -73,13 +77,18 @@ def main() -> int:
                 tick_s.append(time.perf_counter() - t0)
                 status = res.status
             row: dict = {}
-            if args.done:
-                t0, ticks = time.perf_counter(), len(tick_s)
-                while "countsPending" in status["images"] and ticks < 100_000:
+            if args.done:  # every shard is done: tick on until the job succeeds
+                ticks = len(tick_s)
+                while status.get("phase") != "Succeeded" and ticks < 100_000:
+                    t0 = time.perf_counter()
                     status = rec.tick(spec, status, 1).status
+                    tick_s.append(time.perf_counter() - t0)
                     ticks += 1
-                row = {"counted_after_ticks": ticks, "counting_s": round(sum(tick_s) + time.perf_counter() - t0, 2)}
+                row = {"succeeded_after_ticks": ticks, "longest_tick_s": round(max(tick_s), 2),
+                       "ticks_total_s": round(sum(tick_s), 2)}
                 assert status["images"]["embedded"] == 1000 * n, status["images"]
+                if args.scores:
+                    assert status["scores"]["aesthetic"]["count"] == 1000 * n, status["scores"]
             mem = sum(r.memory_usage(k) or 0 for k in r.scan_iter(store.prefix + "*"))
             rows.append({"shards": n, "accept_s": round(t_accept, 3), "tick_s": [round(x, 3) for x in tick_s],
                          "queued_messages": r.llen("bench"), "redis_job_mib": round(mem / 2**20, 2),
@@ -101,11 +110,15 @@ def main() -> int:
     return 0
 
 
-def _plant_manifests(output: str, n: int) -> None:
-    """A worker-sized manifest (~2 KB: counts, model, files) for each of the ``n`` shards."""
+def _plant_manifests(output: str, n: int, scores: bool = False) -> None:
+    """A worker-sized manifest (~2 KB: counts, model, files; with ``scores``, a score's sketch of 1,000
+    values) for each of the ``n`` shards."""
     from concurrent.futures import ThreadPoolExecutor
 
+    import numpy as np
+
     from embedjob.layout import shard_outputs
+    from embedjob.sketch import QuantileSketch
     from embedjob.storage import Storage
 
     storage = Storage()
@@ -114,7 +127,10 @@ def _plant_manifests(output: str, n: int) -> None:
                                  "family": "clip", "weightsSha256": "0" * 64},
                        "failed": [{"key": "k", "member": "k.jpg", "reason": "broken image"}] * 2,
                        "files": {name: {"uri": "s3://x/" + name, "bytes": 1, "sha256": "0" * 64}
-                                 for name in ("embeddings", "metadata")}}, indent=2).encode()
+                                 for name in ("embeddings", "metadata")},
+                       **({"score_sketches": {"aesthetic": QuantileSketch.of(
+                           np.random.default_rng(0).normal(5, 1, 1000)).to_json()}} if scores else {})},
+                      indent=2).encode()
     with ThreadPoolExecutor(32) as pool:
         list(pool.map(lambda i: storage.put_atomic(shard_outputs(output, f"{i:06d}").manifest, body), range(n)))
 

@@ -24,7 +24,7 @@ def test_operator_scale_bench_plans_fresh_and_finished_jobs():
     bench's private SeaweedFS never became ready (the clean-clone run failed so, after a test had left
     credentials in the environment)."""
     env = {**os.environ, "AWS_ACCESS_KEY_ID": "from-the-shell", "AWS_SECRET_ACCESS_KEY": "from-the-shell"}
-    out = _run("scripts/bench_operator_scale.py", "--sizes", "20,40", "--ticks", "1", "--done", env=env)
+    out = _run("scripts/bench_operator_scale.py", "--sizes", "20,40", "--ticks", "1", "--done", "--scores", env=env)
     rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     assert [(r["shards"], r["progress"], r["phase"]) for r in rows] == [(20, "20/20", "Succeeded"),
                                                                         (40, "40/40", "Succeeded")]

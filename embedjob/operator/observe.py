@@ -11,13 +11,13 @@ from typing import Any
 
 from embedjob.contract import REPORT_TASK_NAME, report_task_id
 from embedjob.layout import report_uri
-from embedjob.operator import status
+from embedjob.operator import score_sketches, status
 from embedjob.operator.accept import storage_for
 from embedjob.operator.dispatch import Sender
 from embedjob.operator.done_before import load_done_infos
 from embedjob.operator.events import Event, JobMemory
 from embedjob.progress import ProgressStore
-from embedjob.results import model_provenance, read_score_summaries, read_shard_records, write_job_manifest
+from embedjob.results import model_provenance, read_shard_records, write_job_manifest
 from embedjob.spec import JobSpec
 
 log = logging.getLogger("embedjob.operator")
@@ -87,8 +87,8 @@ def finish(store: ProgressStore, mem: JobMemory, spec: JobSpec, desired: dict[st
            plan: list[tuple[str, str]], obs: status.Observed, events: list[Event],
            sender: Sender | None = None) -> None:
     """Transition to Succeeded (job manifest first, then the status) or Failed (stop the rest). With
-    score heads, the shards' sketches are read from their manifests (never the scores themselves) and
-    the merged summaries go into ``_job.json`` and ``status.scores``."""
+    score heads, the summaries of the shards' sketches (merged by the ticks,
+    embedjob.operator.score_sketches) go into ``_job.json`` and ``status.scores``."""
     if desired["phase"] == status.SUCCEEDED:
         failed = {f.stem: f for f in obs.failed_shards}
         shards = {}
@@ -101,10 +101,7 @@ def finish(store: ProgressStore, mem: JobMemory, spec: JobSpec, desired: dict[st
                                 "failedImages": int(i.get("failedImages") or 0),
                                 "tarError": i.get("tarError") or None, "model": mem.model,
                                 "previousRun": bool(i.get("doneBefore"))}
-        scores = None
-        if spec.scores.heads():
-            done = [stem for stem, s in shards.items() if s["state"] == "succeeded"]
-            scores = read_score_summaries(spec.output.uri, done, storage_for(spec))
+        scores = score_sketches.summaries(mem) if spec.scores.heads() else None
         started = status.parse_rfc3339(desired.get("startTime"))
         write_job_manifest(storage_for(spec), spec.output.uri, job=store.job, spec=spec.to_dict(), shards=shards,
                            started_at=started.timestamp() if started else None, scores=scores)

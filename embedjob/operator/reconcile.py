@@ -6,6 +6,7 @@
     failures    embedjob.operator.failures   each failed attempt counted once (embedjob.policy decides)
     leases      embedjob.operator.leases     dead workers' shards: done (manifest) or re-enqueued
     counts      embedjob.operator.done_before  counts of shards found done at planning, a slice a tick
+    sketches    embedjob.operator.score_sketches  finished shards' score sketches merged, a slice a tick
     lost        embedjob.operator.lost_messages  queued shards in no queue: re-enqueued
     share       embedjob.fairness            this job's fair share of the queue it shares with other jobs
     dispatch    embedjob.operator.dispatch   pending resent, redo, retries and new shards up to the slots
@@ -30,11 +31,10 @@ from embedjob import fairness
 from embedjob import policy as failure_policy
 from embedjob.access import AccessPolicy, StorageNotAllowed
 from embedjob.limits import LimitExceeded
-from embedjob.operator import status
+from embedjob.operator import done_before, score_sketches, status
 from embedjob.operator.accept import is_planned
 from embedjob.operator.changes import check_spec_change, with_mutable
 from embedjob.operator.dispatch import Dispatcher, Sender
-from embedjob.operator.done_before import fill_counts
 from embedjob.operator.events import Event, JobMemory
 from embedjob.operator.failures import count_failures, fatal_error
 from embedjob.operator.leases import expire_leases
@@ -146,7 +146,11 @@ class Reconciler:
         states = store.states()
         failed_infos, retry_due = count_failures(store, spec, states, time.time(), events)
         expired = expire_leases(store, spec, states, mem, self.settings, events)
-        gone = fill_counts(store, mem, spec, states, events)  # manifests gone since planning: redo
+        # Manifest reading shares one time budget a tick (each step reads one slice at least).
+        reads_until = time.monotonic() + done_before.READ_SECONDS
+        gone = done_before.fill_counts(store, mem, spec, states, events)  # manifests gone since planning: redo
+        score_sketches.merge_sketches(mem, spec, states, failed_infos,
+                                      seconds=max(0.0, reads_until - time.monotonic()))
         lost = self._lost(spec, states) if not spec.suspend and control != "suspended" else []
         dispatched = 0
         if spec.suspend:
@@ -220,6 +224,7 @@ class Reconciler:
         plan = mem.plan or []
         obs = observe(store, mem, plan, states, failed_infos)
         obs.model = observe_model(mem, spec, states)
+        obs.sketches_pending = score_sketches.pending(mem, spec)
         done_at_start = int((job_status.get("plan") or {}).get("doneAtStart") or 0)
         obs.fatal = fatal_error(store, len(plan) - done_at_start, obs.succeeded - done_at_start)
         if not obs.fatal and obs.failed > spec.maxFailedShards and obs.succeeded <= done_at_start:

@@ -106,6 +106,7 @@ class Observed:
     images_in_flight: int = 0  # imagesSoFar of running shards (for the rate and the IMAGES column)
     images_this_run: int = 0  # embedded by shards this job ran (not found done when it was planned)
     counts_pending: int = 0  # succeeded shards found done at planning whose manifest is not read yet
+    sketches_pending: int = 0  # with score heads: shards whose score sketches are not merged yet
     truncated: list[tuple[str, str]] = field(default_factory=list)  # (stem, tar error) of finished shards
     model: dict[str, Any] | None = None  # what a finished shard's manifest records
     failures: int = 0  # real failures seen (each retry consumed one)
@@ -135,10 +136,14 @@ def decide_phase(obs: Observed, policy: Policy, dispatched: bool) -> tuple[str, 
     if obs.failed > policy.max_failed_shards:
         return (FAILED, "TooManyFailedShards",
                 f"{obs.failed} shard(s) failed after retries, more than maxFailedShards={policy.max_failed_shards}")
-    if obs.total > 0 and obs.finished == obs.total and obs.counts_pending:
-        # Done, but the records would misstate the totals: finish once every count is read.
-        return (RUNNING, "CountingDoneShards", f"{obs.succeeded}/{obs.total} shards done; reading the counts of "
-                f"{obs.counts_pending} shard(s) found done when the job was planned")
+    if obs.total > 0 and obs.finished == obs.total and (obs.counts_pending or obs.sketches_pending):
+        # Done, but the records would misstate the totals or the scores: finish once all is read.
+        reading = []
+        if obs.counts_pending:
+            reading.append(f"the counts of {obs.counts_pending} shard(s) found done when the job was planned")
+        if obs.sketches_pending:
+            reading.append(f"the score sketches of {obs.sketches_pending} shard(s)")
+        return RUNNING, "ReadingManifests", f"{obs.succeeded}/{obs.total} shards done; reading {' and '.join(reading)}"
     if obs.total > 0 and obs.finished == obs.total:
         extra = f", {obs.failed} failed (allowed: {policy.max_failed_shards})" if obs.failed else ""
         return SUCCEEDED, "AllShardsDone", f"{obs.succeeded}/{obs.total} shards succeeded{extra}"

@@ -41,16 +41,22 @@ class ShardEmbeddings:
     manifest: dict[str, Any]
 
 
+class TooManyManifests(ValueError):
+    """More shard manifests under an output than one job plans (``EMBEDJOB_MAX_SHARDS``)."""
+
+
 def done_stems(output_uri: str, storage: Storage | None = None, limit: int | None = None) -> set[str]:
-    """Stems of every finished shard under ``output_uri`` (one paginated listing of _manifests/). With
-    ``limit``, the listing stops past that many and raises ValueError (bounded memory)."""
+    """Stems of every finished shard under ``output_uri`` (one paginated listing of _manifests/). The
+    listing stops past ``limit`` (default ``EMBEDJOB_MAX_SHARDS``, the most a job plans) and raises
+    :class:`TooManyManifests`: the output prefix is the job owner's to write, and what lists it (the operator, a
+    shared worker's report) holds every stem."""
     storage = storage or Storage()
-    found = storage.list(manifests_prefix(output_uri), suffix=".json")
-    if limit is not None:
-        found = itertools.islice(found, limit + 1)
+    limit = settings.load().max_shards if limit is None else limit
+    found = itertools.islice(storage.list(manifests_prefix(output_uri), suffix=".json"), limit + 1)
     stems = {stem_from_manifest(u, output_uri) for u in found}
-    if limit is not None and len(stems) > limit:
-        raise ValueError(f"more than {limit:,} shard manifests under {manifests_prefix(output_uri)!r}")
+    if len(stems) > limit:
+        raise TooManyManifests(f"more than {limit:,} shard manifests under {manifests_prefix(output_uri)!r} "
+                         "(EMBEDJOB_MAX_SHARDS)")
     return stems
 
 

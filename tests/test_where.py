@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 
@@ -119,3 +120,22 @@ def test_filter_writes_nothing_when_a_later_shard_lacks_the_column(scored_output
                         str(folder / "keys.parquet")], capture_output=True, text=True)
     assert r.returncode == 2 and "no column 'nsfw' in 00017's metadata" in r.stderr
     assert list(folder.iterdir()) == []
+
+
+def test_report_and_filter_refuse_an_output_of_more_shard_manifests_than_a_job_plans(scored_output, tmp_path):
+    """The output prefix is the job owner's to write, and the report runs on a shared worker: its listing
+    of the manifests stops past EMBEDJOB_MAX_SHARDS (the most one job plans) with a clear error, instead
+    of holding however many stems someone planted there; nothing is written."""
+    env = {**os.environ, "EMBEDJOB_MAX_SHARDS": "19"}  # the output holds 20
+    html, keys = tmp_path / "report.html", tmp_path / "keys.parquet"
+    for args in (("report", str(scored_output["output"]), "--html", str(html)),
+                 ("filter", str(scored_output["output"]), "--where", "nsfw >= 0", "--keys", str(keys))):
+        r = subprocess.run(embedjob_command(*args), capture_output=True, text=True, env=env, timeout=120)
+        assert r.returncode == 2, (args[0], r.returncode, r.stderr)
+        assert "more than 19 shard manifests under" in r.stderr and "EMBEDJOB_MAX_SHARDS" in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr
+    assert list(tmp_path.iterdir()) == []
+    env["EMBEDJOB_MAX_SHARDS"] = "20"
+    r = subprocess.run(embedjob_command("filter", str(scored_output["output"]), "--where", "nsfw >= 0", "--keys",
+                                        str(keys)), capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0 and pq.read_table(keys).num_rows > 0, r.stderr

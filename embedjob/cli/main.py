@@ -286,10 +286,11 @@ def _output_storage(args: argparse.Namespace) -> Storage:
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from embedjob.report import build_report
+    from embedjob.results import TooManyManifests
 
     try:
         page = build_report(args.output, _output_storage(args))
-    except FileNotFoundError as e:
+    except (FileNotFoundError, TooManyManifests) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     Path(args.html).write_text(page)
@@ -298,12 +299,16 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_filter(args: argparse.Namespace) -> int:
+    from embedjob.results import TooManyManifests
     from embedjob.where import WhereError, write_kept
 
     try:
         rows = write_kept(args.output, args.where, args.keys, _output_storage(args))
     except WhereError as e:
         print(f"error: --where: {e}", file=sys.stderr)
+        return 2
+    except TooManyManifests as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"{args.keys}: {rows} keys where {args.where}")
     return 0

@@ -10,7 +10,8 @@ says how many shards the counts leave out.
 
 A manifest that is not what a worker writes counts the shard as done with 0 images (a
 ``ManifestUnreadable`` warning names one); a manifest gone since the listing puts the shard back in
-the plan's work (a ``ManifestGone`` event)."""
+the plan's work (a ``ManifestGone`` event; the next tick sends it, or, should the operator restart
+first, the lost-message check does)."""
 
 from __future__ import annotations
 
@@ -52,7 +53,7 @@ def fill_counts(store: ProgressStore, mem: JobMemory, spec: JobSpec, states: dic
                 *, seconds: float | None = None, chunk: int | None = None) -> list[str]:
     """Read pending shards' manifests, ``chunk`` (:data:`CHUNK`) at a time, until ``seconds``
     (:data:`READ_SECONDS`) have passed (one chunk at least), and record their counts. Updates
-    ``states``; returns the stems whose manifest is gone (now ``queued``: send them)."""
+    ``states``; returns the stems whose manifest is gone (now ``queued``: the next tick sends them)."""
     load_done_infos(store, mem, states)
     if not mem.counts_pending or not READERS.acquire(blocking=False):
         return []

@@ -37,6 +37,7 @@ class JobMemory:
     model: dict[str, Any] | None = None  # the model a finished shard's manifest records (status.model)
     model_unknown: set[str] = field(default_factory=set)  # finished stems whose manifest names no model
     counts_pending: set[str] = field(default_factory=set)  # done at planning, manifest not read yet
+    gone: list[str] = field(default_factory=list)  # of those, manifests found gone: sent by the next tick
     sketch_cursor: int = 0  # plan shards whose score sketches are merged (embedjob.operator.score_sketches)
     sketches: dict[str, Any] = field(default_factory=dict)  # score -> SketchMerger of those shards
 

@@ -146,12 +146,8 @@ class Reconciler:
         states = store.states()
         failed_infos, retry_due = count_failures(store, spec, states, time.time(), events)
         expired = expire_leases(store, spec, states, mem, self.settings, events)
-        # Manifest reading shares one time budget a tick (each step reads one slice at least).
-        reads_until = time.monotonic() + done_before.READ_SECONDS
-        gone = done_before.fill_counts(store, mem, spec, states, events)  # manifests gone since planning: redo
-        score_sketches.merge_sketches(mem, spec, states, failed_infos,
-                                      seconds=max(0.0, reads_until - time.monotonic()))
         lost = self._lost(spec, states) if not spec.suspend and control != "suspended" else []
+        gone, mem.gone = mem.gone, []  # found by the last tick's reads (while suspended, the resume sends them)
         dispatched = 0
         if spec.suspend:
             store.unregister_job(spec.queue)
@@ -162,6 +158,12 @@ class Reconciler:
             dispatched = dispatcher.top_up(states, mem.plan or [], retry_due, redo, cap)
             if resumed:
                 events.append(Event("Normal", "Resumed", f"dispatch resumed; {len(redo)} shard(s) re-enqueued"))
+        # After dispatch (the first messages of a job over a finished output go out at once), manifest
+        # reading shares one time budget a tick; each step reads one slice at least.
+        reads_until = time.monotonic() + done_before.READ_SECONDS
+        mem.gone = done_before.fill_counts(store, mem, spec, states, events)  # manifests gone since planning
+        score_sketches.merge_sketches(mem, spec, states, failed_infos,
+                                      seconds=max(0.0, reads_until - time.monotonic()))
         if dispatched and job_status.get("phase") == status.PENDING:
             events.append(Event("Normal", "Started", f"enqueued {dispatched} shard task(s) on {spec.queue}"))
         result = self._report(spec, job_status, generation, now, states, failed_infos, conditions)

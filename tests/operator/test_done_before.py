@@ -133,11 +133,14 @@ def test_a_manifest_gone_since_planning_is_embedded_again(env, reads):
     status, rec = started(r, app, store, spec)
     Storage().delete(shard_outputs(f"s3://{bucket}/out/", "0001").manifest)
     res = rec.tick(spec, status, 1)
-    assert sorted(queued_ids(r)) == sorted(task_id(store.job, s, 1) for s in ("0001", "0002"))
+    assert queued_ids(r) == [task_id(store.job, "0002", 1)]  # sent before the manifests were read
     assert store.states() == {"0000": "succeeded", "0001": "queued", "0002": "queued"}
     assert res.status["shards"]["succeeded"] == 1 and res.status["images"]["embedded"] == 10
     gone = [e for e in res.events if e.reason == "ManifestGone"]
     assert len(gone) == 1 and "0001" in gone[0].message
+    res = rec.tick(spec, res.status, 1)  # the next tick sends it
+    assert sorted(queued_ids(r)) == sorted(task_id(store.job, s, 1) for s in ("0001", "0002"))
+    assert not [e for e in res.events if e.reason == "MessageLost"]
     worker_finishes(store, "0001", 6)
     worker_finishes(store, "0002", 3)
     res = rec.tick(spec, res.status, 1)

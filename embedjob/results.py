@@ -15,9 +15,10 @@ import io
 import itertools
 import json
 import logging
+import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -338,7 +339,7 @@ def write_job_manifest(
     *,
     job: str,
     spec: dict[str, Any],
-    shards: dict[str, dict[str, Any]],
+    shards: Mapping[str, Mapping[str, Any]],
     started_at: float | None,
     finished_at: float | None = None,
     extra: dict[str, Any] | None = None,
@@ -350,24 +351,39 @@ def write_job_manifest(
     from their manifests), so the totals describe the output whatever run wrote it. The rate counts
     only the images this run embedded (``imagesThisRun``). The model is what the shard manifests
     record (:func:`model_provenance`); the spec's model block is kept as ``modelRequested``. ``scores``:
-    the score summaries (:func:`read_score_summaries`), kept as ``scores``."""
+    the score summaries (:func:`read_score_summaries`), kept as ``scores``.
+
+    In bounded memory for any number of shards: ``shards`` may build its values on demand (the
+    operator's does), it is read twice, a value at a time (the totals, then the shards, one a line,
+    written through a spooled temporary file). Returns the document without its ``shards``."""
     finished_at = finished_at or time.time()
-    done = [s for s in shards.values() if s.get("state") == "succeeded"]
-    truncated = sorted(k for k, s in shards.items() if s.get("state") == "succeeded" and s.get("tarError"))
-    totals = {
-        "shards": len(shards),
-        "succeeded": len(done),
-        "failed": sum(1 for s in shards.values() if s.get("state") == "failed"),
-        "images": sum(int(s.get("images") or 0) for s in done),
-        "failedImages": sum(int(s.get("failedImages") or 0) for s in done),
-        "truncatedShards": len(truncated),
-        "imagesThisRun": sum(int(s.get("images") or 0) for s in done if not s.get("previousRun")),
-        "shardsThisRun": sum(1 for s in done if not s.get("previousRun")),
-    }
+    totals = dict.fromkeys(("shards", "succeeded", "failed", "images", "failedImages", "truncatedShards",
+                            "imagesThisRun", "shardsThisRun"), 0)
+    truncated: list[str] = []
+    models: list[dict[str, Any]] = []
+    for stem, s in shards.items():
+        totals["shards"] += 1
+        if s.get("state") == "failed":
+            totals["failed"] += 1
+        if s.get("state") != "succeeded":
+            continue
+        images = int(s.get("images") or 0)
+        totals["succeeded"] += 1
+        totals["images"] += images
+        totals["failedImages"] += int(s.get("failedImages") or 0)
+        if not s.get("previousRun"):
+            totals["imagesThisRun"] += images
+            totals["shardsThisRun"] += 1
+        if s.get("tarError"):
+            truncated.append(stem)
+        if s.get("model") and s["model"] not in models:
+            models.append(s["model"])
+    truncated.sort()
+    totals["truncatedShards"] = len(truncated)
     seconds = (finished_at - started_at) if started_at else None
     doc = {
         "job": job,
-        "model": model_provenance(s.get("model") for s in done),
+        "model": model_provenance(models),
         "modelRequested": spec.get("model"),
         "output": {"uri": output_uri, "dtype": spec.get("output", {}).get("dtype")},
         "input": spec.get("input"),
@@ -381,11 +397,17 @@ def write_job_manifest(
             "imagesPerSecond": (totals["imagesThisRun"] / seconds) if seconds else None,
             "rateCounts": "images embedded by this run",
         },
-        "shards": [{"stem": k, **{f: x for f, x in v.items() if f != "model"}} for k, v in sorted(shards.items())],
         **(extra or {}),
     }
     if scores:
         doc["scores"] = scores
-    storage.put_atomic(job_manifest_uri(output_uri), json.dumps(doc, indent=1).encode(),
-                       tmp_root=tmp_root(output_uri))
+    with tempfile.SpooledTemporaryFile(max_size=16 << 20) as f:
+        head = json.dumps(doc, indent=1)
+        f.write(head[:-2].encode() + b',\n "shards": [')  # (head ends with "\n}")
+        for i, stem in enumerate(sorted(shards)):
+            entry = {"stem": stem, **{k: v for k, v in shards[stem].items() if k != "model"}}
+            f.write((",\n  " if i else "\n  ").encode() + json.dumps(entry).encode())
+        f.write(b"\n ]\n}\n")
+        f.seek(0)
+        storage.put_atomic(job_manifest_uri(output_uri), f, tmp_root=tmp_root(output_uri))
     return doc

@@ -30,6 +30,13 @@ def test_operator_scale_bench_plans_fresh_and_finished_jobs():
                                                                         (40, "40/40", "Succeeded")]
 
 
+def test_operator_memory_bench_finishes_its_jobs():
+    out = _run("scripts/bench_operator_memory.py", "--sizes", "30,60")
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert [(r["shards"], r["phase"]) for r in rows] == [(30, "Succeeded"), (60, "Succeeded")]
+    assert all(r["held_mib"] > 0 and r["peak_mib"] >= r["held_mib"] for r in rows)
+
+
 def test_report_scale_measures_both_commands():
     lines = _run("scripts/report_scale.py", "--shards", "2", "--rows", "50").splitlines()
     assert [line.split()[:2] for line in lines[1:]] == [["report", "100"], ["filter", "100"]]

@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from embedjob.operator.accept import storage_for
-from embedjob.operator.events import Event, JobMemory
+from embedjob.operator.events import DoneInfo, Event, JobMemory
 from embedjob.progress import ProgressStore
 from embedjob.results import UNREAD_RECORD, ManifestUnreadable, in_order, model_provenance, read_shard_record
 from embedjob.spec import JobSpec
@@ -38,15 +38,14 @@ CHUNK = 256  # manifests read at a time, 16 in parallel
 READERS = threading.BoundedSemaphore(2)
 
 
-def load_done_infos(store: ProgressStore, mem: JobMemory, states: Mapping[str, str]) -> None:
-    """Bring the infos of newly succeeded shards into ``mem.done_info`` (once per operator process),
-    noting those whose counts are still to be read."""
+def load_done_infos(store: ProgressStore, mem: JobMemory, states: Mapping[str, str], chunk: int = 10_000) -> None:
+    """Bring the counts of newly succeeded shards into ``mem.done_info`` (once per operator process),
+    noting those whose counts are still to be read; ``chunk`` infos are parsed at a time."""
     new_done = [s for s, v in states.items() if v == "succeeded" and s not in mem.done_info]
-    if not new_done:
-        return
-    infos = store.infos(new_done)
-    mem.done_info.update(infos)
-    mem.counts_pending.update(s for s, i in infos.items() if i.get("countsPending"))
+    for i in range(0, len(new_done), chunk):
+        infos = store.infos(new_done[i:i + chunk])
+        mem.done_info.update((stem, DoneInfo.of(info)) for stem, info in infos.items())
+        mem.counts_pending.update(s for s, info in infos.items() if info.get("countsPending"))
 
 
 def fill_counts(store: ProgressStore, mem: JobMemory, spec: JobSpec, states: dict[str, str], events: list[Event],
@@ -113,7 +112,7 @@ def _fill(store: ProgressStore, mem: JobMemory, spec: JobSpec, states: dict[str,
                     mem.model = provenance
                 else:
                     mem.model_unknown.add(stem)
-        mem.done_info.update(store.update_infos(counts))
+        mem.done_info.update((stem, DoneInfo.of(info)) for stem, info in store.update_infos(counts).items())
         if time.monotonic() >= deadline:
             break
     if unread:  # someone wrote there what a worker does not write: say so, the counts leave them out

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from embedjob.contract import REPORT_TASK_NAME, report_task_id
@@ -15,7 +15,7 @@ from embedjob.operator import score_sketches, status
 from embedjob.operator.accept import storage_for
 from embedjob.operator.dispatch import Sender
 from embedjob.operator.done_before import load_done_infos
-from embedjob.operator.events import Event, JobMemory
+from embedjob.operator.events import NOT_DONE, Event, JobMemory
 from embedjob.progress import ProgressStore
 from embedjob.results import model_provenance, read_shard_records, write_job_manifest
 from embedjob.spec import JobSpec
@@ -36,13 +36,13 @@ def observe(store: ProgressStore, mem: JobMemory, plan: list[tuple[str, str]], s
         v = states.get(stem)
         if v == "succeeded":
             obs.succeeded += 1
-            info = mem.done_info.get(stem, {})
-            obs.images += int(info.get("images") or 0)
-            obs.failed_images += int(info.get("failedImages") or 0)
-            if not info.get("doneBefore"):  # embedded by this run, not found done when it was planned
-                obs.images_this_run += int(info.get("images") or 0)
-            if info.get("tarError"):
-                obs.truncated.append((stem, str(info["tarError"])))
+            info = mem.done_info.get(stem, NOT_DONE)
+            obs.images += info.images
+            obs.failed_images += info.failed_images
+            if not info.done_before:  # embedded by this run, not found done when it was planned
+                obs.images_this_run += info.images
+            if info.tar_error:
+                obs.truncated.append((stem, info.tar_error))
         elif v == "running":
             obs.running += 1
             obs.images_in_flight += int(running_info.get(stem, {}).get("imagesSoFar") or 0)
@@ -90,17 +90,7 @@ def finish(store: ProgressStore, mem: JobMemory, spec: JobSpec, desired: dict[st
     score heads, the summaries of the shards' sketches (merged by the ticks,
     embedjob.operator.score_sketches) go into ``_job.json`` and ``status.scores``."""
     if desired["phase"] == status.SUCCEEDED:
-        failed = {f.stem: f for f in obs.failed_shards}
-        shards = {}
-        for stem, _uri in plan:
-            if stem in failed:
-                shards[stem] = {"state": "failed", "error": failed[stem].error, "attempts": failed[stem].attempts}
-            else:
-                i = mem.done_info.get(stem, {})
-                shards[stem] = {"state": "succeeded", "images": int(i.get("images") or 0),
-                                "failedImages": int(i.get("failedImages") or 0),
-                                "tarError": i.get("tarError") or None, "model": mem.model,
-                                "previousRun": bool(i.get("doneBefore"))}
+        shards = _ShardRecords(plan, {f.stem: f for f in obs.failed_shards}, mem)
         scores = score_sketches.summaries(mem) if spec.scores.heads() else None
         started = status.parse_rfc3339(desired.get("startTime"))
         write_job_manifest(storage_for(spec), spec.output.uri, job=store.job, spec=spec.to_dict(), shards=shards,
@@ -136,3 +126,27 @@ def request_report(store: ProgressStore, spec: JobSpec, desired: dict[str, Any],
 def condition_message(job_status: Mapping[str, Any], ctype: str) -> str:
     c = status.get_condition(job_status.get("conditions"), ctype)
     return str(c.get("message")) if c else ""
+
+
+class _ShardRecords(Mapping[str, dict[str, Any]]):
+    """Each planned shard as ``_job.json`` lists it, built when asked for (a million shards' records
+    held at once took more than the operator's memory)."""
+
+    def __init__(self, plan: list[tuple[str, str]], failed: Mapping[str, status.FailedShard], mem: JobMemory) -> None:
+        self.plan, self.failed, self.mem = plan, failed, mem
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def __iter__(self) -> Iterator[str]:
+        return (stem for stem, _uri in self.plan)
+
+    def __getitem__(self, stem: str) -> dict[str, Any]:
+        if stem in self.failed:
+            f = self.failed[stem]
+            return {"state": "failed", "error": f.error, "attempts": f.attempts}
+        if stem not in self.mem.uris:
+            raise KeyError(stem)
+        i = self.mem.done_info.get(stem, NOT_DONE)
+        return {"state": "succeeded", "images": i.images, "failedImages": i.failed_images, "tarError": i.tar_error,
+                "model": self.mem.model, "previousRun": i.done_before}

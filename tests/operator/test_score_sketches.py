@@ -150,6 +150,6 @@ def test_a_job_over_a_finished_output_merges_after_counting(env, reads):
     status, rec = started(r, app, store, spec)
     assert status["images"]["countsPending"] == 4
     status, phases = _until_finished(rec, spec, status)
-    assert phases[-1] == "Succeeded" and len(phases) >= 3
+    assert phases[0] == "Running" and phases[-1] == "Succeeded"  # 2 or 3 ticks (which counts come first varies)
     assert status["images"]["embedded"] == sum(150 + 10 * i for i in range(4))
     assert status["scores"] == read_score_summaries(f"s3://{bucket}/out/", stems, Storage())

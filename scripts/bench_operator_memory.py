@@ -16,9 +16,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import sys
-import tempfile
 import time
 import tracemalloc
 import uuid
@@ -33,20 +31,15 @@ def main() -> int:
     args = ap.parse_args()
 
     from embedjob.broker import make_app
-    from embedjob.dev.services import RedisServer, SeaweedS3
+    from embedjob.dev.services import bench_stack
     from embedjob.operator.accept import accept
     from embedjob.operator.events import JobMemory
     from embedjob.operator.reconcile import Reconciler
     from embedjob.progress import ProgressStore, redis_client
-    from embedjob.storage import s3_client
 
-    tmp = Path(tempfile.mkdtemp(prefix="embedjob-bench-"))
-    redis_srv, s3 = RedisServer(tmp / "redis").start(), SeaweedS3(tmp / "s3").start()
-    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_ENDPOINT_URL=s3.endpoint)
-    try:
-        s3_client().create_bucket(Bucket="bench-data")
-        r = redis_client(redis_srv.url)
-        app = make_app(redis_srv.url)
+    with bench_stack() as redis_url:
+        r = redis_client(redis_url)
+        app = make_app(redis_url)
         for n in [int(x) for x in args.sizes.split(",")]:
             r.flushall()
             store = ProgressStore(r, str(uuid.uuid4()))
@@ -70,9 +63,6 @@ def main() -> int:
                               "peak_mib": round(peak / 2**20, 1), "held_bytes_per_shard": round(held / n),
                               "ticks_s": round(seconds, 2)}), flush=True)
             del rec
-    finally:
-        redis_srv.stop()
-        s3.stop(grace=3)
     return 0
 
 

@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -42,20 +40,15 @@ def main() -> int:
     args = ap.parse_args()
 
     from embedjob.broker import make_app
-    from embedjob.dev.services import RedisServer, SeaweedS3
+    from embedjob.dev.services import bench_stack
     from embedjob.operator.accept import accept
     from embedjob.operator.events import JobMemory
     from embedjob.operator.reconcile import Reconciler
     from embedjob.progress import ProgressStore, redis_client
-    from embedjob.storage import s3_client
 
-    tmp = Path(tempfile.mkdtemp(prefix="embedjob-bench-"))
-    redis_srv, s3 = RedisServer(tmp / "redis").start(), SeaweedS3(tmp / "s3").start()
-    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_ENDPOINT_URL=s3.endpoint)
-    try:
-        s3_client().create_bucket(Bucket="bench-data")
-        r = redis_client(redis_srv.url)
-        app = make_app(redis_srv.url)
+    with bench_stack() as redis_url:
+        r = redis_client(redis_url)
+        app = make_app(redis_url)
         rows = []
         for n in [int(x) for x in args.sizes.split(",")]:
             r.flushall()
@@ -104,9 +97,6 @@ def main() -> int:
             print(f"{row['shards']} shards vs {base['shards']}: accept {ratio(row['accept_s'], base['accept_s'])}, "
                   f"first tick {ratio(row['tick_s'][0], base['tick_s'][0])}, later ticks "
                   f"{ratio(row['tick_s'][-1], base['tick_s'][-1])} (size x{k:.0f})")
-    finally:
-        redis_srv.stop()
-        s3.stop(grace=3)
     return 0
 
 

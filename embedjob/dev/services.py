@@ -10,6 +10,7 @@ start the same service again later on the same ports and data folder.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -17,8 +18,9 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import boto3
@@ -225,3 +227,20 @@ def wait_for_s3(endpoint: str, timeout: float, authenticated: bool = False) -> N
             last = e
             time.sleep(0.5)
     raise TimeoutError(f"SeaweedFS S3 at {endpoint} not ready within {timeout}s: {last}")
+
+
+@contextlib.contextmanager
+def bench_stack(bucket: str = "bench-data") -> Iterator[str]:
+    """A private Redis and SeaweedFS in a temporary folder for the operator benchmarks (scripts/), with
+    this process's AWS_* variables pointing at the S3 server and ``bucket`` created. Yields the Redis
+    URL; both servers stop on exit."""
+    tmp = Path(tempfile.mkdtemp(prefix="embedjob-bench-"))
+    redis_srv, s3 = RedisServer(tmp / "redis").start(), SeaweedS3(tmp / "s3").start()
+    try:
+        os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_ENDPOINT_URL=s3.endpoint)
+        boto3.client("s3", endpoint_url=s3.endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
+        yield redis_srv.url
+    finally:
+        redis_srv.stop()
+        s3.stop(grace=3)
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -62,14 +62,20 @@ def _until_finished(rec, spec, status, ticks: int = 20) -> tuple[dict, list[str]
     return status, phases
 
 
-def test_the_sketches_are_merged_a_slice_a_tick_and_the_job_finishes_when_all_are(env, reads):
+def _six_finished(env) -> tuple[dict, dict, Reconciler]:
+    """A job of 6 shards with score heads, all finished by the workers, and the tick that saw them."""
     r, app, store, bucket = env
     spec = raw_spec(bucket, n=6, scores=SCORES)
     status, rec = started(r, app, store, spec)
     status = rec.tick(spec, status, 1).status
     for i in range(6):
         finishes(bucket, store, f"{i:04d}")
-    status = rec.tick(spec, status, 1).status
+    return spec, rec.tick(spec, status, 1).status, rec
+
+
+def test_the_sketches_are_merged_a_slice_a_tick_and_the_job_finishes_when_all_are(env, reads):
+    bucket = env[3]
+    spec, status, rec = _six_finished(env)
     assert status["phase"] == "Running" and reads == ["0000", "0001"]
     message = st.get_condition(status["conditions"], "Complete")["message"]
     assert message == "6/6 shards done; reading the score sketches of 4 shard(s)"
@@ -107,12 +113,7 @@ def test_shards_finishing_out_of_order_are_merged_in_plan_order_and_each_read_on
 
 def test_an_operator_restart_mid_merge_gives_the_same_summaries(env, reads):
     r, app, store, bucket = env
-    spec = raw_spec(bucket, n=6, scores=SCORES)
-    status, rec = started(r, app, store, spec)
-    status = rec.tick(spec, status, 1).status
-    for i in range(6):
-        finishes(bucket, store, f"{i:04d}")
-    status = rec.tick(spec, status, 1).status
+    spec, status, rec = _six_finished(env)
     status = rec.tick(spec, status, 1).status
     assert status["phase"] == "Running" and len(reads) == 4
     other = Reconciler(store, app, JobMemory(), Settings(min_queued=10_000))  # the operator restarted

@@ -15,6 +15,7 @@ never make a worker read or write outside the job's prefixes. A refusal raises
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 
@@ -36,13 +37,16 @@ class Dispatcher:
     """Sends one job's shard tasks. ``uris`` maps stem -> input shard URI."""
 
     def __init__(self, store: ProgressStore, sender: Sender, spec: JobSpec, uris: Mapping[str, str],
-                 policy: AccessPolicy | None = None, namespace: str | None = None) -> None:
+                 policy: AccessPolicy | None = None, namespace: str | None = None, first_new: int = 0) -> None:
         self.store = store
         self.sender = sender
         self.spec = spec
         self.uris = uris
         self.policy = policy or AccessPolicy()
         self.namespace = namespace
+        # Every plan entry before this index has a state (states are never removed while the job
+        # lives): the search for new shards starts there instead of walking a million-shard plan.
+        self.first_new = first_new
 
     def check(self, stems: Iterable[str]) -> None:
         """Raise StorageNotAllowed unless every message for ``stems`` is within the job's policy."""
@@ -116,7 +120,9 @@ class Dispatcher:
         slots = (parallelism - inflight) if parallelism > 0 else len(plan) + len(retry_due)
         slots = min(slots, max_queued - waiting)
         todo = retry_due[: max(slots, 0)]
-        for stem, _uri in plan:
+        while self.first_new < len(plan) and plan[self.first_new][0] in states:
+            self.first_new += 1
+        for stem, _uri in itertools.islice(plan, self.first_new, None):
             if len(todo) >= slots:
                 break
             if stem not in states:

@@ -41,6 +41,8 @@ READERS = threading.BoundedSemaphore(2)
 def load_done_infos(store: ProgressStore, mem: JobMemory, states: Mapping[str, str], chunk: int = 10_000) -> None:
     """Bring the counts of newly succeeded shards into ``mem.done_info`` (once per operator process),
     noting those whose counts are still to be read; ``chunk`` infos are parsed at a time."""
+    if list(states.values()).count("succeeded") == len(mem.done_info):  # (it holds succeeded shards only)
+        return
     new_done = [s for s, v in states.items() if v == "succeeded" and s not in mem.done_info]
     for i in range(0, len(new_done), chunk):
         infos = store.infos(new_done[i:i + chunk])
@@ -98,7 +100,7 @@ def _fill(store: ProgressStore, mem: JobMemory, spec: JobSpec, states: dict[str,
                     store.update_info(stem, doneBefore=None, countsPending=None)
                     states[stem] = "queued"
                     gone.append(stem)
-                mem.done_info.pop(stem, None)
+                mem.done_info.pop(stem)
                 continue
             info = {"images": record["images"], "failedImages": record["failedImages"],
                     "tarError": record["tarError"], "fromManifest": True, "countsPending": None}

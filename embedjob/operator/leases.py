@@ -45,7 +45,7 @@ def expire_leases(store: ProgressStore, spec: JobSpec, states: dict[str, str], m
                 store.update_info(stem, images=done[0], failedImages=done[1], tarError=done[2], fromManifest=True,
                                   error=None)
                 states[stem] = "succeeded"
-                mem.done_info.pop(stem, None)
+                mem.done_info.pop(stem)
         elif store.set_state_if(stem, "running", "queued"):
             expired.append(stem)
             states[stem] = "queued"

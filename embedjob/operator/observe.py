@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections import Counter
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -27,32 +28,28 @@ MODEL_READS_PER_TICK = 4
 
 def observe(store: ProgressStore, mem: JobMemory, plan: list[tuple[str, str]], states: Mapping[str, str],
             failed_infos: Mapping[str, dict[str, Any]]) -> status.Observed:
+    """Every planned shard in one bucket: succeeded, running, failed for good, or queued (the rest: not
+    sent yet, in the broker, waiting for a retry). Counted from the states and the succeeded shards'
+    running sums (embedjob.operator.events.DoneTable), not per shard: a tick of a million-shard job."""
     obs = status.Observed(total=len(plan))
     load_done_infos(store, mem, states)
     obs.counts_pending = len(mem.counts_pending)
-    running = [s for s, v in states.items() if v == "running"]
-    running_info = store.infos(running) if running else {}
-    for stem, uri in plan:
-        v = states.get(stem)
-        if v == "succeeded":
-            obs.succeeded += 1
-            info = mem.done_info.get(stem, NOT_DONE)
-            obs.images += info.images
-            obs.failed_images += info.failed_images
-            if not info.done_before:  # embedded by this run, not found done when it was planned
-                obs.images_this_run += info.images
-            if info.tar_error:
-                obs.truncated.append((stem, info.tar_error))
-        elif v == "running":
-            obs.running += 1
-            obs.images_in_flight += int(running_info.get(stem, {}).get("imagesSoFar") or 0)
-        elif v == "failed" and failed_infos.get(stem, {}).get("final"):
-            info = failed_infos[stem]
+    by_state = Counter(states.values())
+    obs.succeeded, obs.running = by_state["succeeded"], by_state["running"]
+    done = mem.done_info
+    obs.images, obs.failed_images, obs.images_this_run = done.images, done.failed_images, done.images_this_run
+    obs.truncated = sorted(done.truncated.items())
+    if obs.running:
+        running = [s for s, v in states.items() if v == "running"]
+        obs.images_in_flight = sum(int(i.get("imagesSoFar") or 0) for i in store.infos(running).values())
+    uris = mem.uris or dict(plan)
+    for stem, info in failed_infos.items():
+        if states.get(stem) == "failed" and info.get("final"):
             obs.failed += 1
-            obs.failed_shards.append(status.FailedShard(stem=stem, shard=uri, attempts=int(info.get("failures") or 0),
+            obs.failed_shards.append(status.FailedShard(stem=stem, shard=uris.get(stem, ""),
+                                                        attempts=int(info.get("failures") or 0),
                                                         error=str(info.get("error") or "")))
-        else:
-            obs.queued += 1
+    obs.queued = obs.total - obs.succeeded - obs.running - obs.failed
     totals = store.totals()
     obs.failures = totals["failures"]
     obs.transient_failures = totals["transientFailures"]

@@ -153,9 +153,11 @@ class Reconciler:
             store.unregister_job(spec.queue)
         else:  # (while suspended, expired shards wait as "queued" for the resume)
             redo = [s for s, v in states.items() if v == "queued"] if resumed else expired + lost + gone
-            dispatcher = Dispatcher(store, self.sender, spec, mem.uris, self.policy, self.namespace)
+            dispatcher = Dispatcher(store, self.sender, spec, mem.uris, self.policy, self.namespace,
+                                    first_new=mem.first_new)
             cap = self._fair_cap(spec, states, retry_due)
             dispatched = dispatcher.top_up(states, mem.plan or [], retry_due, redo, cap)
+            mem.first_new = dispatcher.first_new
             if resumed:
                 events.append(Event("Normal", "Resumed", f"dispatch resumed; {len(redo)} shard(s) re-enqueued"))
         # After dispatch (the first messages of a job over a finished output go out at once), manifest

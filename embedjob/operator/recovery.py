@@ -71,7 +71,7 @@ def rebuild(store: ProgressStore, mem: JobMemory, raw_spec: Mapping[str, Any], s
     shards = plan_shards(spec.input, storage, settings.max_shards)
     mem.done_info.clear()
     mem.counts_pending.clear()
-    mem.sketch_cursor, mem.sketches = 0, {}
+    mem.sketch_cursor, mem.sketches, mem.first_new = 0, {}, 0
     mem.samples.clear()
     done = record_plan(store, spec, raw_spec, shards, storage)
     mem.spec = spec

@@ -120,3 +120,20 @@ def test_no_report_unless_asked(env):
     worker_finishes(store, "0000", 3)
     res = rec.tick(spec, status, 1)
     assert res.status["phase"] == "Succeeded" and "report" not in res.status
+
+
+def test_the_done_table_keeps_its_sums_as_shards_come_go_and_are_replaced():
+    """observe() reads the sums, not the rows: they must equal a recount after any sequence of changes."""
+    from embedjob.operator.events import DoneInfo, DoneTable
+
+    table = DoneTable()
+    table.update([("a", DoneInfo(5, 1)), ("b", DoneInfo(7, 0, "truncated", True)), ("c", DoneInfo(2, 2))])
+    table["a"] = DoneInfo(6, 0, "cut")  # replaced (a lease check read its manifest)
+    table.pop("c")  # (its manifest was gone)
+    table.pop("missing")
+    rows = {"a": DoneInfo(6, 0, "cut"), "b": DoneInfo(7, 0, "truncated", True)}
+    assert len(table) == 2 and "c" not in table and table.get("c").images == 0
+    assert (table.images, table.failed_images, table.images_this_run) == (13, 0, 6)
+    assert table.truncated == {stem: i.tar_error for stem, i in rows.items()}
+    table.clear()
+    assert (len(table), table.images, table.truncated) == (0, 0, {})

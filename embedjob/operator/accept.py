@@ -109,8 +109,7 @@ def accept(store: ProgressStore, raw_spec: Mapping[str, Any], previous_status: M
         "progress": f"{done}/{len(shards)}",
         "shards": {"total": len(shards), "queued": len(shards) - done, "running": 0, "succeeded": done, "failed": 0},
         # Nothing embedded by this job yet; what the output already holds is counted by the ticks.
-        "images": {"embedded": 0, "failed": 0, "soFar": 0, "embeddedThisRun": 0,
-                   **({"countsPending": done} if done else {})},
+        "images": {"embedded": 0, "failed": 0, "soFar": 0, "embeddedThisRun": 0, "countsPending": done},
         "imagesPerSecond": 0.0,
         "startTime": status.rfc3339(now),
         "conditions": conditions,

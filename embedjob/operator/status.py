@@ -236,10 +236,11 @@ def build_status(
         # embedded: committed by finished shards; soFar adds what running shards have embedded so far
         # (their heartbeat), so the IMAGES column moves within a shard; embeddedThisRun does not count
         # shards found done when the job was planned.
-        # countsPending: shards found done at planning whose counts are not read yet (left out).
+        # countsPending: shards found done at planning whose counts are not read yet (left out). Always
+        # there: the status is merge-patched, so a key left out would keep its last value.
         "images": {"embedded": obs.images, "failed": obs.failed_images,
                    "soFar": obs.images + obs.images_in_flight, "embeddedThisRun": obs.images_this_run,
-                   **({"countsPending": obs.counts_pending} if obs.counts_pending else {})},
+                   "countsPending": obs.counts_pending},
         "dataLoss": {"truncatedShards": len(truncated),
                      "shards": [{"stem": stem, "error": err[:MAX_ERROR_CHARS]}
                                 for stem, err in truncated[:MAX_DATA_LOSS_LISTED]]},

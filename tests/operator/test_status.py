@@ -40,7 +40,7 @@ def test_build_status_counters_progress_and_conditions():
     assert s["phase"] == st.RUNNING and s["progress"] == "3/10"
     assert s["shards"] == {"total": 10, "queued": 5, "running": 2, "succeeded": 3, "failed": 0}
     # soFar (the IMAGES column) moves within a shard: the running shards' heartbeat counts
-    assert s["images"] == {"embedded": 300, "failed": 4, "soFar": 317, "embeddedThisRun": 300}
+    assert s["images"] == {"embedded": 300, "failed": 4, "soFar": 317, "embeddedThisRun": 300, "countsPending": 0}
     assert s["imagesPerSecond"] == 12.5 and s["observedGeneration"] == 3
     assert not is_true(s["conditions"], st.COMPLETE) and not is_true(s["conditions"], st.FAILED_COND)
     assert "estimatedCompletionTime" in s and "completionTime" not in s

@@ -150,11 +150,7 @@ class ProgressStore:
         return out
 
     def update_info(self, stem: str, **info: Any) -> dict[str, Any]:
-        current = self.info(stem)
-        current.update(info)
-        current["updated"] = time.time()
-        self.r.hset(self.key(INFO), stem, json.dumps(current))
-        return current
+        return self.update_infos({stem: info})[stem]
 
     def update_infos(self, updates: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
         """:meth:`update_info` of many stems (two round trips per 1000); returns their new infos."""

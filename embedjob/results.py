@@ -57,7 +57,7 @@ def done_stems(output_uri: str, storage: Storage | None = None, limit: int | Non
     stems = {stem_from_manifest(u, output_uri) for u in found}
     if len(stems) > limit:
         raise TooManyManifests(f"more than {limit:,} shard manifests under {manifests_prefix(output_uri)!r} "
-                         "(EMBEDJOB_MAX_SHARDS)")
+                               "(EMBEDJOB_MAX_SHARDS)")
     return stems
 
 
@@ -204,16 +204,21 @@ UNREAD_RECORD = {"images": 0, "failedImages": 0, "tarError": None, "model": None
 
 
 def read_shard_records(output_uri: str, stems: Iterable[str], storage: Storage | None = None,
-                       threads: int = 16) -> dict[str, dict[str, Any]]:
-    """:func:`shard_record` of each finished shard in ``stems`` (manifests read in parallel)."""
+                       threads: int = 16, *, gone_ok: bool = False) -> dict[str, dict[str, Any] | None]:
+    """:func:`shard_record` of each finished shard in ``stems`` (manifests read in parallel). With
+    ``gone_ok``, a manifest that no longer exists gives None instead of raising."""
     storage = storage or Storage()
 
-    def one(stem: str) -> tuple[str, dict[str, Any]]:
+    def one(stem: str) -> tuple[str, dict[str, Any] | None]:
         try:
             return stem, read_shard_record(output_uri, stem, storage)
         except ManifestUnreadable as e:  # done (its manifest exists), but its counts are not read
             log.warning("%s", e)
             return stem, dict(UNREAD_RECORD)
+        except StorageError as e:
+            if gone_ok and e.missing:
+                return stem, None
+            raise
 
     return dict(in_order(one, list(stems), threads))
 

@@ -25,9 +25,8 @@ from typing import Any
 from embedjob.operator.accept import storage_for
 from embedjob.operator.events import DoneInfo, Event, JobMemory
 from embedjob.progress import ProgressStore
-from embedjob.results import UNREAD_RECORD, ManifestUnreadable, in_order, model_provenance, read_shard_record
+from embedjob.results import model_provenance, read_shard_records
 from embedjob.spec import JobSpec
-from embedjob.storage import StorageError
 
 log = logging.getLogger("embedjob.operator")
 
@@ -72,26 +71,15 @@ def _fill(store: ProgressStore, mem: JobMemory, spec: JobSpec, states: dict[str,
     unread: list[str] = []
     gone: list[str] = []
 
-    def one(stem: str) -> tuple[str, dict[str, Any] | None]:
-        try:
-            return stem, read_shard_record(spec.output.uri, stem, storage)
-        except ManifestUnreadable as e:  # done (its manifest exists), but its counts are not read
-            log.warning("job %s: %s", store.job, e)
-            return stem, dict(UNREAD_RECORD)
-        except StorageError as e:
-            if e.missing:
-                return stem, None
-            raise
-
     while mem.counts_pending:
         stems = list(itertools.islice(mem.counts_pending, chunk))
         try:
-            records = list(in_order(one, stems))
+            records = read_shard_records(spec.output.uri, stems, storage, gone_ok=True)
         except Exception as e:  # noqa: BLE001 - the counts stay pending; read again next tick
             log.warning("job %s: cannot read the manifests of shards done before it yet: %s", store.job, e)
             break
         counts: dict[str, dict[str, Any]] = {}
-        for stem, record in records:
+        for stem, record in records.items():
             mem.counts_pending.discard(stem)
             if states.get(stem) != "succeeded":
                 continue

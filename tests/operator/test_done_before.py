@@ -26,17 +26,17 @@ def reads(monkeypatch):
     """The manifests read for their counts (embedjob.operator.done_before), two a tick; ``reads.all``:
     every manifest read, whoever reads it."""
     seen = Reads()
-    real_record, real_manifest = done_before.read_shard_record, results.read_manifest
+    real_records, real_manifest = done_before.read_shard_records, results.read_manifest
 
-    def record(output_uri, stem, storage=None):
-        seen.append(stem)
-        return real_record(output_uri, stem, storage)
+    def records(output_uri, stems, storage=None, threads=16, **kw):
+        seen.extend(stems)
+        return real_records(output_uri, stems, storage, threads, **kw)
 
     def manifest(output_uri, stem, storage=None, max_bytes=None):
         seen.all.append(stem)
         return real_manifest(output_uri, stem, storage, max_bytes)
 
-    monkeypatch.setattr(done_before, "read_shard_record", record)
+    monkeypatch.setattr(done_before, "read_shard_records", records)
     monkeypatch.setattr(results, "read_manifest", manifest)
     monkeypatch.setattr(done_before, "CHUNK", 2)
     monkeypatch.setattr(done_before, "READ_SECONDS", 0.0)

@@ -188,3 +188,22 @@ def test_jobs_beyond_the_readers_allowed_at_once_read_on_a_later_tick(env, reads
     assert queued_ids(r) == [task_id(store.job, "0002", 1)]
     res = rec.tick(spec, res.status, 1)
     assert sorted(reads) == ["0000", "0001"] and res.status["images"]["countsPending"] == 0
+
+
+def test_a_forged_status_neither_skips_the_counting_nor_sticks(env, reads):
+    """The status is the job owner's to patch: a forged countsPending of 0 (or of 10**12), images and
+    shards counts are replaced by the next tick's, which still reads the manifests before finishing."""
+    r, app, store, bucket = env
+    counts = _finished_output(bucket, [f"{i:04d}" for i in range(5)])
+    spec = raw_spec(bucket, n=5)
+    status, rec = started(r, app, store, spec)
+    for forged in (0, 10**12):
+        status = {**status, "images": {"embedded": 10**15, "failed": -1, "soFar": 0, "embeddedThisRun": 10**15,
+                                       "countsPending": forged},
+                  "shards": {"total": 5, "queued": 0, "running": 0, "succeeded": 5, "failed": 0}}
+        status = rec.tick(spec, status, 1).status
+        assert status["phase"] == "Running" and status["images"]["embeddedThisRun"] == 0
+        assert status["images"]["countsPending"] == 5 - len(reads) and status["images"]["embedded"] < 100
+    status = rec.tick(spec, status, 1).status
+    assert status["phase"] == "Succeeded" and status["images"]["countsPending"] == 0
+    assert status["images"]["embedded"] == sum(c[0] for c in counts.values())

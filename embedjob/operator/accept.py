@@ -84,7 +84,7 @@ def accept(store: ProgressStore, raw_spec: Mapping[str, Any], previous_status: M
         where = "spec.input.uri"
         shards = plan_shards(spec.input, storage, settings.max_shards)
         where = "spec.output.uri"
-        done = record_plan(store, spec, raw_spec, shards, storage)
+        done = record_plan(store, spec, raw_spec, shards, storage, settings.max_shards)
     except SpecError as e:  # PlanError is a SpecError too
         reason = ("PlanFailed" if isinstance(e, PlanError) else
                   "StorageNotAllowed" if isinstance(e, StorageNotAllowed) else "InvalidSpec")

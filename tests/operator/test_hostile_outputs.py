@@ -154,3 +154,20 @@ def test_many_large_manifests_are_parsed_within_one_budget_for_the_process(tmp_p
     assert all(r["images"] == 1 and not r.get("unread") for r in records.values())
     assert peak < 128 << 20, peak >> 20
     assert results.PARSE_BUDGET.free == results.PARSE_BUDGET.total  # every hold given back
+
+
+def test_more_planted_manifests_than_a_job_plans_fail_the_plan_naming_the_field(env):
+    """Listed, not read: past the most shards one job plans, accept stops the listing and fails the
+    plan (it would otherwise hold every planted stem), nothing recorded in Redis."""
+    from embedjob.operator.accept import accept
+    from embedjob.operator.status import get_condition
+    from embedjob.settings import Settings
+
+    r, _app, store, bucket = env
+    for i in range(4):
+        _plant(bucket, f"p{i:03d}", _doc())
+    acc = accept(store, raw_spec(bucket, n=2), {}, 1, settings=Settings(max_shards=3))
+    cond = get_condition(acc.status["conditions"], "Failed")
+    assert not acc.ok and cond["reason"] == "PlanFailed"
+    assert cond["message"].startswith("spec.output.uri: more than 3 shard manifests under"), cond["message"]
+    assert store.plan() is None and store.states() == {}
